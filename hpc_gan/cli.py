@@ -1,0 +1,109 @@
+"""The ``hpc-gan`` command: train | sample | info.
+
+Bad input ends in one line on stderr that names the problem and the fix (exit 2); set HPC_GAN_TRACEBACK=1 to see
+the traceback instead."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from hpc_gan.config import ConfigError, dump, load
+
+
+def _train(args: argparse.Namespace) -> int:
+    cfg = load(args.config, args.overrides)
+    if args.dry_run:
+        print(f"# resolved config of {args.config} (dry run: nothing is trained)")
+        print(dump(cfg), end="")
+        return 0
+    from hpc_gan.train.loop import train
+    train(cfg, resume=args.resume)
+    return 0
+
+
+def _sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from hpc_gan.config import from_dict
+    from hpc_gan.eval.sampling import sample_sheet
+    from hpc_gan.models import build_generator
+    from hpc_gan.train.checkpoint import load_consolidated, resolve
+    from hpc_gan.train.ema import standing_stats
+
+    ckpt = resolve(args.run)
+    state = load_consolidated(ckpt)
+    cfg = from_dict(state["config"], f"{ckpt}/config")
+    nc = cfg.data.num_classes
+    classes = args.classes if args.classes else list(range(min(nc, 10)))
+    bad = [c for c in classes if not 0 <= c < nc]
+    if bad:
+        raise ConfigError(f"--classes {bad[0]} is outside this model's {nc} classes (0..{nc - 1})")
+    G = build_generator(cfg.model, nc)
+    G.load_state_dict(state["G_ema"])
+    G.eval()
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    standing_stats(G, args.standing_stats, lambda _: (torch.randn(64, cfg.model.z_dim, generator=gen),
+                                                      torch.randint(0, nc, (64,), generator=gen)))
+    out = Path(args.out) if args.out else Path(args.run if Path(args.run).is_dir() else ckpt) / \
+        f"sample-step{state['step']}-t{args.truncation:g}.png"
+    per_class = max(1, args.n // len(classes))
+    sample_sheet(G, out, classes, per_class, cfg.model.z_dim, args.seed, args.truncation, torch.device("cpu"))
+    print(f"wrote {out} ({len(classes)} classes x {per_class} samples, step {state['step']}, "
+          f"truncation {args.truncation:g})")
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from hpc_gan.info import model_info
+    print(json.dumps(model_info(load(args.config, args.overrides)), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hpc-gan", description="BigGAN + ReACGAN training from one CPU to many GPUs.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train (or resume) a run from a YAML config")
+    t.add_argument("--config", required=True, help="YAML preset, e.g. configs/demo.yaml")
+    t.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.steps=100")
+    t.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    t.add_argument("--resume", default=None, help="'auto' (newest checkpoint of run.dir, if any) or a checkpoint path")
+    t.set_defaults(fn=_train)
+
+    s = sub.add_parser("sample", help="write a PNG sheet of G_ema samples from a run's checkpoint")
+    s.add_argument("--run", required=True, help="run dir, its checkpoints/ or one checkpoint dir")
+    s.add_argument("--n", type=int, default=80, help="number of samples (spread over the classes)")
+    s.add_argument("--truncation", type=float, default=0.0, help="resample |z| above this (0: none)")
+    s.add_argument("--classes", type=int, nargs="*", help="class indices, one row each (default: first 10)")
+    s.add_argument("--standing-stats", type=int, default=16, help="forward passes for standing statistics")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", default=None, help="PNG path (default: in the run dir)")
+    s.set_defaults(fn=_sample)
+
+    i = sub.add_parser("info", help="parameter counts and FLOPs per training iteration of a config, as JSON")
+    i.add_argument("--config", required=True)
+    i.add_argument("overrides", nargs="*")
+    i.set_defaults(fn=_info)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ConfigError, FileNotFoundError, ValueError, FloatingPointError) as e:
+        if os.environ.get("HPC_GAN_TRACEBACK"):
+            raise
+        print(f"hpc-gan {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"hpc-gan {args.command}: interrupted; completed checkpoints are kept", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

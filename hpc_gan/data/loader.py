@@ -1,0 +1,179 @@
+"""Real images for training, as a stream of global batches that does not depend on the number of ranks.
+
+Step k of a run always draws the same global batch of sample indices (an epoch-wise permutation seeded by
+``train.seed``, last partial batch dropped) and the same flips; each rank takes its contiguous slice. The stream's
+state is one integer (global batches consumed), saved in checkpoints, so a resumed run continues the exact order.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+class ArrayDataset(Dataset):
+    """Images already in memory: uint8 (N, H, W, 3) and int64 labels."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
+        self.images = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous()
+        self.labels = torch.from_numpy(labels.astype(np.int64))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def gather(self, idx: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        return self.images[idx], self.labels[idx]
+
+    def __getitem__(self, i: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        return self.images[i], self.labels[i]
+
+
+class FolderDataset(Dataset):
+    """A folder of class folders (ImageNet's train/ layout); classes are the sorted folder names. Images are
+    centre-cropped along the long edge and area-resized to the model resolution (BigGAN's preprocessing)."""
+
+    def __init__(self, root: str, resolution: int) -> None:
+        rootp = Path(root)
+        if not rootp.is_dir():
+            raise FileNotFoundError(f"data.path={root} is not a directory; point it at a folder of class folders")
+        self.classes = sorted(p.name for p in rootp.iterdir() if p.is_dir())
+        if not self.classes:
+            raise FileNotFoundError(f"data.path={root} has no class folders; expected {root}/<class>/<image>")
+        self.files: List[Tuple[Path, int]] = [
+            (f, c) for c, name in enumerate(self.classes)
+            for f in sorted((rootp / name).rglob("*")) if f.suffix.lower() in IMAGE_SUFFIXES]
+        if not self.files:
+            raise FileNotFoundError(f"data.path={root}: no images ({', '.join(IMAGE_SUFFIXES)}) in its class folders")
+        self.resolution = resolution
+        self.labels = torch.tensor([c for _, c in self.files], dtype=torch.int64)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        from PIL import Image
+        path, label = self.files[i]
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            w, h = im.size
+            side = min(w, h)
+            im = im.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
+            im = im.resize((self.resolution, self.resolution), Image.BOX if side >= self.resolution
+                           else Image.BICUBIC)
+            arr = np.asarray(im, dtype=np.uint8)
+        return torch.from_numpy(arr.copy()).permute(2, 0, 1), torch.tensor(label)
+
+
+def load_npz(path: str) -> Tuple[np.ndarray, np.ndarray]:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"data.path={path} does not exist; give an .npz with 'images' and 'labels'")
+    with np.load(path) as f:
+        missing = {"images", "labels"} - set(f.files)
+        if missing:
+            raise ValueError(f"{path} lacks arrays {sorted(missing)}; it needs images (N,H,W,3) uint8 and labels (N,)")
+        images, labels = f["images"], f["labels"]
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        raise ValueError(f"{path}: images must be uint8 (N, H, W, 3); got {images.dtype} {images.shape}")
+    return images, labels
+
+
+def build_dataset(data_cfg: Any, resolution: int, seed: int) -> Dataset:
+    if data_cfg.name == "synthetic":
+        from hpc_gan.data.synthetic import make_synthetic
+        images, labels = make_synthetic(data_cfg.synthetic_size, resolution, data_cfg.num_classes, seed=seed)
+        return ArrayDataset(images, labels)
+    if data_cfg.name == "npz":
+        images, labels = load_npz(data_cfg.path)
+        if images.shape[1] != resolution or images.shape[2] != resolution:
+            raise ValueError(f"{data_cfg.path}: images are {images.shape[1]}x{images.shape[2]} but "
+                             f"model.resolution={resolution}; resize them or change model.resolution")
+        ds = ArrayDataset(images, labels)
+    else:
+        ds = FolderDataset(data_cfg.path, resolution)
+    n_labels = int(ds.labels.max()) + 1
+    if n_labels > data_cfg.num_classes:
+        raise ValueError(f"data.path={data_cfg.path} has {n_labels} classes but data.num_classes="
+                         f"{data_cfg.num_classes}; set data.num_classes={n_labels}")
+    return ds
+
+
+def global_batch_indices(n: int, batch: int, seed: int, k: int) -> torch.Tensor:
+    """Sample indices of global batch k: batches walk an epoch-wise permutation, dropping the last partial one."""
+    per_epoch = n // batch
+    if per_epoch == 0:
+        raise ValueError(f"the data set has {n} images, fewer than one global batch of {batch}")
+    epoch, pos = divmod(k, per_epoch)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)[pos * batch:(pos + 1) * batch]
+
+
+def flip_mask(batch: int, seed: int, k: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 7_368_787 + k + 1)
+    return torch.rand(batch, generator=g) < 0.5
+
+
+class _RankSlices:
+    """batch_sampler for a DataLoader: this rank's slice of each global batch, from batch ``start`` on."""
+
+    def __init__(self, n: int, batch: int, seed: int, start: int, rank: int, world: int) -> None:
+        self.n, self.batch, self.seed, self.start, self.rank, self.world = n, batch, seed, start, rank, world
+
+    def __iter__(self) -> Iterator[List[int]]:
+        local = self.batch // self.world
+        k = self.start
+        while True:
+            idx = global_batch_indices(self.n, self.batch, self.seed, k)
+            yield idx[self.rank * local:(self.rank + 1) * local].tolist()
+            k += 1
+
+    def __len__(self) -> int:  # an endless stream; DataLoader only needs the attribute
+        return 2 ** 62
+
+
+class RealStream:
+    """Endless per-rank batches of (images in [-1, 1] float NCHW on ``device``, labels int64)."""
+
+    def __init__(self, dataset: Dataset, batch: int, seed: int, hflip: bool, device: torch.device,
+                 rank: int = 0, world: int = 1, num_workers: int = 0) -> None:
+        if batch % world:
+            raise ValueError(f"global batch {batch} does not split over {world} ranks")
+        self.dataset, self.batch, self.seed, self.hflip = dataset, batch, seed, hflip
+        self.device, self.rank, self.world, self.num_workers = device, rank, world, num_workers
+        self.consumed = 0
+        self._it: Optional[Iterator] = None
+
+    def state_dict(self) -> Dict[str, int]:
+        return {"consumed": self.consumed}
+
+    def load_state_dict(self, state: Dict[str, int]) -> None:
+        self.consumed = int(state["consumed"])
+        self._it = None
+
+    def _iterator(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        if isinstance(self.dataset, ArrayDataset):
+            local = self.batch // self.world
+            k = self.consumed
+            while True:
+                idx = global_batch_indices(len(self.dataset), self.batch, self.seed, k)
+                yield self.dataset.gather(idx[self.rank * local:(self.rank + 1) * local])
+                k += 1
+        sampler = _RankSlices(len(self.dataset), self.batch, self.seed, self.consumed, self.rank, self.world)
+        yield from DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.num_workers,
+                              pin_memory=self.device.type == "cuda", persistent_workers=self.num_workers > 0)
+
+    def next(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        if self._it is None:
+            self._it = self._iterator()
+        images, labels = next(self._it)
+        if self.hflip:
+            local = self.batch // self.world
+            flip = flip_mask(self.batch, self.seed, self.consumed)[self.rank * local:(self.rank + 1) * local]
+            images = torch.where(flip[:, None, None, None], images.flip(3), images)
+        self.consumed += 1
+        images = images.to(self.device, non_blocking=True).float().div_(127.5).sub_(1.0)
+        return images, labels.to(self.device, non_blocking=True)

@@ -1,0 +1,1 @@
+"""Sampling (truncation, sheets) and evaluation helpers."""

@@ -1,0 +1,62 @@
+"""Model size and cost of a config: parameter counts and FLOPs of one training step per sample."""
+from __future__ import annotations
+
+from typing import Any, Dict
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from hpc_gan.config import Config
+from hpc_gan.losses import cond_loss, d_adv_loss, g_adv_loss
+from hpc_gan.models import build_models
+
+
+def _count(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def model_info(cfg: Config, batch: int = 2) -> Dict[str, Any]:
+    """Parameters of G and D and the FLOPs of one training iteration per sample at the config's n_dis: per D step
+    G forward (no grad) + D forward/backward on real and fake; per G step G and D forward/backward. Counted with
+    torch.utils.flop_counter on a batch of ``batch`` (convolutions and matmuls; 2 FLOPs per multiply-add)."""
+    torch.manual_seed(0)
+    G, D = build_models(cfg)
+    nc, zd, res = cfg.data.num_classes, cfg.model.z_dim, cfg.model.resolution
+    z = torch.randn(batch, zd)
+    y = torch.arange(batch) % nc
+    real = torch.randn(batch, 3, res, res)
+    lc = cfg.loss
+
+    def d_step() -> None:
+        with torch.no_grad():
+            fake = G(z, y)
+        out = D(torch.cat([real, fake]), torch.cat([y, y]))
+        loss = d_adv_loss(lc.adv, out["adv"][:batch], out["adv"][batch:])
+        if lc.cond not in ("pd", "none"):
+            loss = loss + cond_loss(lc.cond, {k: v[:batch] for k, v in out.items()}, y, lc)
+        loss.backward()
+
+    def g_step() -> None:
+        out = D(G(z, y), y)
+        loss = g_adv_loss(lc.adv, out["adv"])
+        if lc.cond not in ("pd", "none"):
+            loss = loss + cond_loss(lc.cond, out, y, lc)
+        loss.backward()
+
+    d_flops, g_flops = _count(d_step), _count(g_step)
+    with torch.no_grad():
+        g_fwd = _count(lambda: G(z, y))
+        d_fwd = _count(lambda: D(real, y))
+    per_sample = (cfg.train.n_dis * d_flops + g_flops) / batch
+    return {
+        "arch": cfg.model.arch, "resolution": res, "g_ch": cfg.model.g_ch, "d_ch": cfg.model.d_ch,
+        "num_classes": nc, "cond": lc.cond, "n_dis": cfg.train.n_dis,
+        "g_params": sum(p.numel() for p in G.parameters()),
+        "d_params": sum(p.numel() for p in D.parameters()),
+        "g_forward_gflops_per_sample": g_fwd / batch / 1e9,
+        "d_forward_gflops_per_sample": d_fwd / batch / 1e9,
+        "gflops_per_sample_iteration": per_sample / 1e9,
+        "gflops_per_iteration": per_sample * cfg.train.batch_size / 1e9,
+    }

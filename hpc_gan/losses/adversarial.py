@@ -1,0 +1,43 @@
+"""Adversarial losses on D's ``adv`` scores: hinge (BigGAN, ReACGAN's default), non-saturating, least-squares and
+Wasserstein (with the gradient penalty of Gulrajani et al.)."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+ADV_LOSSES = ("hinge", "nonsaturating", "least_squares", "wasserstein")
+
+
+def d_adv_loss(kind: str, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    """D's loss from its scores on real and fake images (both (N,))."""
+    if kind == "hinge":
+        return F.relu(1.0 - real).mean() + F.relu(1.0 + fake).mean()
+    if kind == "nonsaturating":
+        return F.softplus(-real).mean() + F.softplus(fake).mean()
+    if kind == "least_squares":
+        return 0.5 * ((real - 1.0) ** 2).mean() + 0.5 * (fake ** 2).mean()
+    if kind == "wasserstein":
+        return fake.mean() - real.mean()
+    raise ValueError(f"adversarial loss {kind!r} is not one of {ADV_LOSSES}")
+
+
+def g_adv_loss(kind: str, fake: torch.Tensor) -> torch.Tensor:
+    """G's loss from D's scores on its fakes."""
+    if kind in ("hinge", "wasserstein"):
+        return -fake.mean()
+    if kind == "nonsaturating":
+        return F.softplus(-fake).mean()
+    if kind == "least_squares":
+        return 0.5 * ((fake - 1.0) ** 2).mean()
+    raise ValueError(f"adversarial loss {kind!r} is not one of {ADV_LOSSES}")
+
+
+def gradient_penalty(d_adv: Callable[[torch.Tensor], torch.Tensor], real: torch.Tensor, fake: torch.Tensor,
+                     generator: torch.Generator) -> torch.Tensor:
+    """E[(||grad_x D(x_hat)|| - 1)^2] on random interpolates of real and fake (WGAN-GP)."""
+    alpha = torch.rand(real.shape[0], 1, 1, 1, device=real.device, generator=generator)
+    x_hat = (alpha * real.detach() + (1.0 - alpha) * fake.detach()).requires_grad_(True)
+    (grad,) = torch.autograd.grad(d_adv(x_hat).sum(), x_hat, create_graph=True)
+    return ((grad.flatten(1).norm(dim=1) - 1.0) ** 2).mean()

@@ -1,0 +1,159 @@
+"""BigGAN generator and discriminator (Brock et al. 2019, appendix B, Tables 4-5), channel multiplier ``ch``.
+
+G: shared class embedding + hierarchical z (one chunk for the first linear layer, one per residual block, each chunk
+concatenated with the embedding and projected to that block's conditional-BN gains and biases).
+D: residual down-blocks, sum-pooled features h, adversarial head, and the conditioning head the loss needs
+(see hpc_gan.models.heads). 16 px is this project's CPU demo size, not a paper table.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from hpc_gan.models.heads import ConditioningHead
+from hpc_gan.models.layers import (ConditionalBatchNorm2d, SelfAttention, SNConv2d, SNLinear, make_bn,
+                                   orthogonal_init)
+
+# Channel multipliers per block: G blocks go in[i] -> out[i] and double the resolution, starting at 4x4.
+G_ARCH: Dict[int, Dict[str, List[int]]] = {
+    16: {"in": [4, 4], "out": [4, 4]},
+    32: {"in": [4, 4, 4], "out": [4, 4, 4]},
+    64: {"in": [16, 16, 8, 4], "out": [16, 8, 4, 2]},
+    128: {"in": [16, 16, 8, 4, 2], "out": [16, 8, 4, 2, 1]},
+    256: {"in": [16, 16, 8, 8, 4, 2], "out": [16, 8, 8, 4, 2, 1]},
+}
+# D blocks go in[i] -> out[i]; ``down`` says which of them halve the resolution.
+D_ARCH: Dict[int, Dict[str, list]] = {
+    16: {"in": [None, 4, 4], "out": [4, 4, 4], "down": [True, True, False]},
+    32: {"in": [None, 4, 4, 4], "out": [4, 4, 4, 4], "down": [True, True, False, False]},
+    64: {"in": [None, 1, 2, 4, 8], "out": [1, 2, 4, 8, 16], "down": [True] * 4 + [False]},
+    128: {"in": [None, 1, 2, 4, 8, 16], "out": [1, 2, 4, 8, 16, 16], "down": [True] * 5 + [False]},
+    256: {"in": [None, 1, 2, 4, 8, 8, 16], "out": [1, 2, 4, 8, 8, 16, 16], "down": [True] * 6 + [False]},
+}
+BOTTOM = 4  # G starts at 4x4
+
+
+class GBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, cond_dim: int, which_conv: Callable, which_linear: Callable,
+                 which_bn: Callable) -> None:
+        super().__init__()
+        self.bn1 = ConditionalBatchNorm2d(cin, cond_dim, which_linear, which_bn)
+        self.conv1 = which_conv(cin, cout)
+        self.bn2 = ConditionalBatchNorm2d(cout, cond_dim, which_linear, which_bn)
+        self.conv2 = which_conv(cout, cout)
+        self.conv_sc = which_conv(cin, cout, kernel_size=1, padding=0)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.bn1(x, cond))
+        h = F.interpolate(h, scale_factor=2.0, mode="nearest")
+        h = self.conv2(F.relu(self.bn2(self.conv1(h), cond)))
+        x = self.conv_sc(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return h + x
+
+
+class Generator(nn.Module):
+    def __init__(self, resolution: int, ch: int, n_classes: int, z_dim: int, shared_dim: int,
+                 attn_res: int = 0, sn_eps: float = 1e-6, bn_eps: float = 1e-4) -> None:
+        super().__init__()
+        if resolution not in G_ARCH:
+            raise ValueError(f"BigGAN resolution {resolution} is not one of {sorted(G_ARCH)}")
+        arch = G_ARCH[resolution]
+        n_blocks = len(arch["in"])
+        if z_dim % (n_blocks + 1):
+            raise ValueError(f"model.z_dim={z_dim} must split into {n_blocks + 1} equal chunks at {resolution} px "
+                             f"(e.g. {20 * (n_blocks + 1)})")
+        self.resolution, self.n_classes, self.z_dim = resolution, n_classes, z_dim
+        self.chunk = z_dim // (n_blocks + 1)
+        which_conv = partial(SNConv2d, kernel_size=3, padding=1, sn_eps=sn_eps)
+        which_linear = partial(SNLinear, sn_eps=sn_eps)
+        which_bn = make_bn(bn_eps)
+        cond_dim = shared_dim + self.chunk
+        self.shared = nn.Embedding(n_classes, shared_dim)
+        self.linear = which_linear(self.chunk, arch["in"][0] * ch * BOTTOM * BOTTOM)
+        self.first_ch = arch["in"][0] * ch
+        self.blocks = nn.ModuleList()
+        self.attn = nn.ModuleDict()
+        res = BOTTOM
+        for i, (cin, cout) in enumerate(zip(arch["in"], arch["out"])):
+            self.blocks.append(GBlock(cin * ch, cout * ch, cond_dim, which_conv, which_linear, which_bn))
+            res *= 2
+            if res == attn_res:
+                self.attn[str(i)] = SelfAttention(cout * ch, which_conv)
+        if attn_res and not len(self.attn):
+            raise ValueError(f"model.g_attn_res={attn_res} is not a G block resolution at {resolution} px")
+        self.out_bn = which_bn(arch["out"][-1] * ch)
+        self.out_conv = which_conv(arch["out"][-1] * ch, 3)
+        orthogonal_init(self)
+
+    def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        chunks = torch.split(z, self.chunk, dim=1)
+        shared = self.shared(y)
+        h = self.linear(chunks[0]).view(z.shape[0], self.first_ch, BOTTOM, BOTTOM)
+        for i, block in enumerate(self.blocks):
+            h = block(h, torch.cat([shared, chunks[i + 1]], dim=1))
+            if str(i) in self.attn:
+                h = self.attn[str(i)](h)
+        return torch.tanh(self.out_conv(F.relu(self.out_bn(h))))
+
+
+class DBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, which_conv: Callable, preactivation: bool, downsample: bool) -> None:
+        super().__init__()
+        self.preactivation, self.downsample = preactivation, downsample
+        self.conv1 = which_conv(cin, cout)
+        self.conv2 = which_conv(cout, cout)
+        self.conv_sc = which_conv(cin, cout, kernel_size=1, padding=0) if (cin != cout or downsample) else None
+
+    def shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        # Pooling before the 1x1 conv is cheaper and, without a preceding ReLU, equivalent.
+        if self.preactivation:
+            x = self.conv_sc(x) if self.conv_sc is not None else x
+            return F.avg_pool2d(x, 2) if self.downsample else x
+        x = F.avg_pool2d(x, 2) if self.downsample else x
+        return self.conv_sc(x) if self.conv_sc is not None else x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(x) if self.preactivation else x  # out of place: x feeds the shortcut unchanged
+        h = self.conv2(F.relu(self.conv1(h)))
+        if self.downsample:
+            h = F.avg_pool2d(h, 2)
+        return h + self.shortcut(x)
+
+
+class Discriminator(nn.Module):
+    def __init__(self, resolution: int, ch: int, n_classes: int, cond: str, embed_dim: int,
+                 attn_res: int = 0, sn_eps: float = 1e-6) -> None:
+        super().__init__()
+        if resolution not in D_ARCH:
+            raise ValueError(f"BigGAN resolution {resolution} is not one of {sorted(D_ARCH)}")
+        arch = D_ARCH[resolution]
+        which_conv = partial(SNConv2d, kernel_size=3, padding=1, sn_eps=sn_eps)
+        self.blocks = nn.ModuleList()
+        self.attn = nn.ModuleDict()
+        res = resolution
+        for i, (cin, cout, down) in enumerate(zip(arch["in"], arch["out"], arch["down"])):
+            cin = 3 if cin is None else cin * ch
+            self.blocks.append(DBlock(cin, cout * ch, which_conv, preactivation=i > 0, downsample=down))
+            res = res // 2 if down else res
+            if res == attn_res and down:
+                self.attn[str(i)] = SelfAttention(cout * ch, which_conv)
+        if attn_res and not len(self.attn):
+            raise ValueError(f"model.d_attn_res={attn_res} is not a D block resolution at {resolution} px")
+        feat = arch["out"][-1] * ch
+        self.head = ConditioningHead(feat, n_classes, cond, embed_dim, partial(SNLinear, sn_eps=sn_eps), sn_eps)
+        orthogonal_init(self)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        h = x
+        for i, block in enumerate(self.blocks):
+            h = block(h)
+            if str(i) in self.attn:
+                h = self.attn[str(i)](h)
+        return F.relu(h).sum(dim=(2, 3))
+
+    def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        return self.head(self.features(x), y)

@@ -1,0 +1,138 @@
+"""Small building blocks that BigGAN's networks are assembled from.
+
+Blocks take their conv / linear / BN constructors as arguments (``which_conv``, ``which_linear``, ``which_bn``) so
+a distributed run can swap in cross-replica BN, or a kernel build a fused spectral norm, without touching the blocks.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class SpectralNormMixin:
+    """Spectral normalization of ``self.weight`` (Miyato et al. 2018) with the semantics of
+    torch.nn.utils.parametrizations.spectral_norm: in training mode one (or n) power-iteration step(s) update the
+    u, v buffers without gradient, then sigma = u^T W v is differentiated through W only."""
+
+    weight: torch.Tensor
+
+    def _init_sn(self, n_power_iterations: int, eps: float) -> None:
+        out = self.weight.shape[0]
+        w = self.weight.detach().reshape(out, -1)
+        self.sn_iters, self.sn_eps = n_power_iterations, eps
+        u = F.normalize(w.new_empty(out).normal_(), dim=0, eps=eps)
+        v = F.normalize(w.new_empty(w.shape[1]).normal_(), dim=0, eps=eps)
+        self.register_buffer("sn_u", u)
+        self.register_buffer("sn_v", v)
+        self.register_buffer("sn_sigma", torch.ones(()))
+        self._power_iteration(w, 15)  # start near the top singular pair, as torch's spectral_norm does
+
+    @torch.no_grad()
+    def _power_iteration(self, w: torch.Tensor, n: int) -> None:
+        for _ in range(n):
+            self.sn_u.copy_(F.normalize(w @ self.sn_v, dim=0, eps=self.sn_eps))
+            self.sn_v.copy_(F.normalize(w.t() @ self.sn_u, dim=0, eps=self.sn_eps))
+
+    def sn_weight(self) -> torch.Tensor:
+        w = self.weight.reshape(self.weight.shape[0], -1)
+        if self.training:
+            self._power_iteration(w.detach(), self.sn_iters)
+        sigma = torch.dot(self.sn_u.clone(), w @ self.sn_v.clone())
+        with torch.no_grad():
+            self.sn_sigma.copy_(sigma)
+        return self.weight / sigma
+
+
+class SNConv2d(nn.Conv2d, SpectralNormMixin):
+    def __init__(self, *args, sn_iters: int = 1, sn_eps: float = 1e-6, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._init_sn(sn_iters, sn_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.sn_weight(), self.bias)
+
+
+class SNLinear(nn.Linear, SpectralNormMixin):
+    def __init__(self, *args, sn_iters: int = 1, sn_eps: float = 1e-6, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._init_sn(sn_iters, sn_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.sn_weight(), self.bias)
+
+
+class SNEmbedding(nn.Embedding, SpectralNormMixin):
+    def __init__(self, *args, sn_iters: int = 1, sn_eps: float = 1e-6, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._init_sn(sn_iters, sn_eps)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return F.embedding(y, self.sn_weight())
+
+
+def spectral_norm_layers(module: nn.Module) -> list:
+    """All spectral-normalized layers of a network, in a fixed order (for logging sigma, or a fused kernel)."""
+    return [m for m in module.modules() if isinstance(m, SpectralNormMixin)]
+
+
+class ConditionalBatchNorm2d(nn.Module):
+    """BatchNorm without affine parameters, then per-sample gains (centred at 1) and biases projected linearly
+    from the conditioning vector (shared class embedding + a chunk of z in BigGAN)."""
+
+    def __init__(self, num_features: int, cond_dim: int, which_linear: Callable[..., nn.Module],
+                 which_bn: Callable[..., nn.Module]) -> None:
+        super().__init__()
+        self.bn = which_bn(num_features, affine=False)
+        self.gain = which_linear(cond_dim, num_features, bias=False)
+        self.bias = which_linear(cond_dim, num_features, bias=False)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        gain = (1.0 + self.gain(cond))[:, :, None, None]
+        bias = self.bias(cond)[:, :, None, None]
+        return self.bn(x) * gain + bias
+
+
+class SelfAttention(nn.Module):
+    """SA-GAN's non-local block: keys and values max-pooled 2x, channels reduced 8x (query/key) and 2x (value);
+    the output is added with a learned scale that starts at 0."""
+
+    def __init__(self, ch: int, which_conv: Callable[..., nn.Module]) -> None:
+        super().__init__()
+        self.ch = ch
+        self.theta = which_conv(ch, ch // 8, kernel_size=1, padding=0, bias=False)
+        self.phi = which_conv(ch, ch // 8, kernel_size=1, padding=0, bias=False)
+        self.g = which_conv(ch, ch // 2, kernel_size=1, padding=0, bias=False)
+        self.o = which_conv(ch // 2, ch, kernel_size=1, padding=0, bias=False)
+        self.gamma = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        theta = self.theta(x).flatten(2)                                   # (n, c/8, hw)
+        phi = F.max_pool2d(self.phi(x), 2).flatten(2)                     # (n, c/8, hw/4)
+        g = F.max_pool2d(self.g(x), 2).flatten(2)                         # (n, c/2, hw/4)
+        attn = torch.softmax(theta.transpose(1, 2) @ phi, dim=-1)         # (n, hw, hw/4)
+        o = (g @ attn.transpose(1, 2)).reshape(n, c // 2, h, w)
+        return x + self.gamma * self.o(o)
+
+
+def orthogonal_init(module: nn.Module) -> None:
+    """Orthogonal initialization (Saxe et al.) of every conv, linear and embedding weight, as BigGAN does."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear, nn.Embedding)):
+            nn.init.orthogonal_(m.weight)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+            if isinstance(m, SpectralNormMixin):
+                m._power_iteration(m.weight.detach().reshape(m.weight.shape[0], -1), 15)
+
+
+def make_bn(bn_eps: float, bn_momentum: Optional[float] = 0.1) -> Callable[..., nn.Module]:
+    """Default ``which_bn``: torch's BatchNorm2d; a distributed run passes its cross-replica BN here instead."""
+
+    def which_bn(num_features: int, affine: bool = True) -> nn.Module:
+        return nn.BatchNorm2d(num_features, eps=bn_eps, momentum=bn_momentum, affine=affine)
+
+    return which_bn

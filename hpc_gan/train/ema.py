@@ -1,0 +1,53 @@
+"""Exponential moving average of G's weights (kept in fp32) and BigGAN's standing statistics."""
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+
+class EMA:
+    """G_ema = decay * G_ema + (1 - decay) * G from ``start`` on; before it G_ema copies G. Buffers (BN running
+    statistics, SN vectors) are copied, as BigGAN does."""
+
+    def __init__(self, model: nn.Module, decay: float, start: int) -> None:
+        self.decay, self.start = decay, start
+        self.model = copy.deepcopy(model).float().eval().requires_grad_(False)
+        self._src = [p for p in model.parameters()]
+        self._dst = [p for p in self.model.parameters()]
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        """Call after G's optimizer step ``step`` (1-based)."""
+        src = [p.detach().float() for p in self._src]
+        if step < self.start:
+            torch._foreach_copy_(self._dst, src)
+        else:
+            torch._foreach_lerp_(self._dst, src, 1.0 - self.decay)
+        for b_dst, b_src in zip(self.model.buffers(), model.buffers()):
+            b_dst.copy_(b_src)
+
+
+@torch.no_grad()
+def standing_stats(model: nn.Module, n_passes: int, sample_inputs: Callable[[int], tuple]) -> None:
+    """Replace every BN's running statistics by the cumulative mean over ``n_passes`` forward passes of fresh
+    inputs (BigGAN appendix C), so samples do not depend on the sampling batch. Only BN layers run in training mode;
+    spectral-norm vectors are left as they are."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns or n_passes <= 0:
+        return
+    was_training = model.training
+    model.eval()
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average
+        m.train()
+    for i in range(n_passes):
+        model(*sample_inputs(i))
+    for m, mom in zip(bns, saved):
+        m.momentum = mom
+        m.eval()
+    model.train(was_training)

@@ -1,0 +1,81 @@
+"""ReACGAN's Data-to-Data Cross-Entropy (D2D-CE), Eq. 6 of Kang et al. (NeurIPS 2021).
+
+This file holds the readable torch reference, which is the spec. A fused Triton kernel (no N x N matrix in memory)
+will sit beside it behind ``backend="triton"``; tests compare the two.
+
+    L = -1/N sum_i log( exp([s_i - m_p]_- / t) / (exp([s_i - m_p]_- / t) + sum_{j in N(i)} exp([s_ij - m_n]_+ / t)) )
+
+s_i = <f_i, v_{y_i}> is the cosine similarity of sample i's embedding to its class proxy, s_ij = <f_i, f_j> the
+similarity of two samples, and N(i) the samples of the batch whose label differs from y_i (false negatives masked).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+_MODES = ("paper", "studiogan")
+_BACKENDS = ("auto", "torch", "triton")
+
+
+def _check_inputs(embed: torch.Tensor, proxy: torch.Tensor, labels: torch.Tensor, temperature: float,
+                  mode: str, backend: str) -> None:
+    if mode not in _MODES:
+        raise ValueError(f"d2d_ce: mode={mode!r} is not one of {_MODES}")
+    if backend not in _BACKENDS:
+        raise ValueError(f"d2d_ce: backend={backend!r} is not one of {_BACKENDS}")
+    if embed.dim() != 2 or proxy.shape != embed.shape:
+        raise ValueError(f"d2d_ce: embed and proxy must both be (N, d); got {tuple(embed.shape)} and {tuple(proxy.shape)}")
+    if labels.shape != (embed.shape[0],):
+        raise ValueError(f"d2d_ce: labels must be ({embed.shape[0]},); got {tuple(labels.shape)}")
+    if not temperature > 0:
+        raise ValueError(f"d2d_ce: temperature must be > 0; got {temperature}")
+
+
+def _acc(x: torch.Tensor) -> torch.Tensor:
+    """Compute in fp32 at least (bf16/fp16 inputs are upcast; fp64 stays fp64 for gradcheck)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def d2d_ce(embed: torch.Tensor, proxy: torch.Tensor, labels: torch.Tensor, temperature: float, m_p: float,
+           m_n: Optional[float] = None, mode: str = "paper", backend: str = "torch",
+           negatives: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, row_offset: int = 0) -> torch.Tensor:
+    """Mean D2D-CE over the rows of ``embed``.
+
+    embed, proxy: raw (N, d) sample embeddings and the proxies of their labels (normalized here).
+    labels: (N,) int64. m_n defaults to 1 - m_p, as in the paper's search.
+    mode: "paper" is Eq. 6; "studiogan" reproduces PyTorch-StudioGAN, which scales the negative terms of row i by
+        exp(-max_{j != i} (s_ij - m_n) / t) with the max treated as a constant (it changes the loss, not only its
+        numerics: the positive term is not scaled).
+    negatives: optional (embed_all, labels_all), the columns (e.g. the global batch gathered over ranks); row i of
+        ``embed`` is column ``row_offset + i`` there and is excluded as its own negative. Gradients flow into embed_all.
+    backend: "torch" (this reference) or "triton"/"auto" once the fused kernel exists.
+    """
+    _check_inputs(embed, proxy, labels, temperature, mode, backend)
+    if backend == "triton":
+        raise NotImplementedError("d2d_ce: the Triton kernel is not in this build yet; use backend='torch' or 'auto'")
+    # "auto" picks the fused kernel only where it runs; until it exists that is nowhere.
+    m_n = 1.0 - m_p if m_n is None else m_n
+    f = F.normalize(_acc(embed), dim=1)
+    v = F.normalize(_acc(proxy), dim=1)
+    if negatives is None:
+        cols, col_labels = f, labels
+    else:
+        cols, col_labels = F.normalize(_acc(negatives[0]), dim=1), negatives[1]
+    n, m = f.shape[0], cols.shape[0]
+    rows = torch.arange(n, device=f.device)
+    is_self = torch.zeros(n, m, dtype=torch.bool, device=f.device)
+    is_self[rows, rows + row_offset] = True
+    is_neg = (labels[:, None] != col_labels[None, :]) & ~is_self
+
+    pos = torch.clamp((f * v).sum(1) - m_p, max=0.0) / temperature            # [s_i - m_p]_- / t
+    sim = (f @ cols.t() - m_n) / temperature                                     # (s_ij - m_n) / t
+    neg = torch.clamp(sim, min=0.0).masked_fill(~is_neg, float("-inf"))          # [.]_+ / t on negatives only
+    if mode == "studiogan":
+        # Shift by the row max over j != i (not only negatives), detached: exactly StudioGAN's stabilizer.
+        others = sim.detach().masked_fill(is_self, float("-inf"))
+        shift = others.max(dim=1, keepdim=True).values
+        neg = neg - torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+    denom = torch.logsumexp(torch.cat([pos[:, None], neg], dim=1), dim=1)
+    return (denom - pos).mean()

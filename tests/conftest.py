@@ -1,0 +1,24 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+from hpc_gan.config import load  # noqa: E402
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path):
+    """A tiny, fast config on the synthetic set (16 px, ch 8)."""
+    def make(*overrides):
+        return load(ROOT / "configs" / "demo.yaml", [
+            f"run.dir={tmp_path / 'run'}", "run.tensorboard=false", "model.g_ch=8", "model.d_ch=8",
+            "model.embed_dim=16", "data.synthetic_size=256", "train.batch_size=8", "train.steps=4",
+            "train.log_every=2", "train.sample_every=4", "train.checkpoint_every=2", "train.ema_start=1",
+            "train.standing_stats=2", "train.demo_classifier=false", *overrides])
+    return make

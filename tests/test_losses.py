@@ -1,0 +1,88 @@
+"""Adversarial losses, conditioning losses, orthogonal regularization and augmentations against hand-written
+formulas."""
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hpc_gan.augment.diffaug import consistency_augment, cutout, diff_augment, translation
+from hpc_gan.losses import cond_loss, d_adv_loss, g_adv_loss, gradient_penalty, orthogonal_reg
+from hpc_gan.losses.conditioning import contrastive_2c, multi_hinge
+
+REAL = torch.tensor([2.0, 0.5, -1.0])
+FAKE = torch.tensor([-2.0, 0.3, 1.5])
+
+
+@pytest.mark.parametrize("kind,d_want,g_want", [
+    ("hinge", (0 + 0.5 + 2) / 3 + (0 + 1.3 + 2.5) / 3, -(-2 + 0.3 + 1.5) / 3),
+    ("nonsaturating", sum(math.log1p(math.exp(-r)) for r in [2, .5, -1]) / 3
+     + sum(math.log1p(math.exp(f)) for f in [-2, .3, 1.5]) / 3,
+     sum(math.log1p(math.exp(-f)) for f in [-2, .3, 1.5]) / 3),
+    ("least_squares", 0.5 * (1 + 0.25 + 4) / 3 + 0.5 * (4 + 0.09 + 2.25) / 3, 0.5 * (9 + 0.49 + 0.25) / 3),
+    ("wasserstein", (-2 + 0.3 + 1.5) / 3 - (2 + 0.5 - 1) / 3, -(-2 + 0.3 + 1.5) / 3),
+])
+def test_adversarial_losses(kind, d_want, g_want):
+    assert d_adv_loss(kind, REAL, FAKE).item() == pytest.approx(d_want, rel=1e-6)
+    assert g_adv_loss(kind, FAKE).item() == pytest.approx(g_want, rel=1e-6)
+
+
+def test_gradient_penalty_of_a_linear_critic():
+    """D(x) = <w, x> has gradient w everywhere: GP = (|w| - 1)^2."""
+    w = torch.randn(3 * 4 * 4)
+    gp = gradient_penalty(lambda x: x.flatten(1) @ w, torch.randn(5, 3, 4, 4), torch.randn(5, 3, 4, 4),
+                          torch.Generator().manual_seed(0))
+    assert gp.item() == pytest.approx((w.norm().item() - 1) ** 2, rel=1e-5)
+
+
+def test_orthogonal_reg_matches_formula():
+    ws = [torch.randn(4, 3, 3, 3), torch.randn(6, 5)]
+    want = 0.0
+    for w in ws:
+        m = w.reshape(w.shape[0], -1).double()
+        gram = m @ m.t()
+        want += sum(gram[i, j].item() ** 2 for i in range(len(m)) for j in range(len(m)) if i != j)
+    assert orthogonal_reg(ws, 1e-4).item() == pytest.approx(1e-4 * want, rel=1e-5)
+    q, _ = torch.linalg.qr(torch.randn(6, 6))
+    assert orthogonal_reg([q * 3.0], 1.0).item() == pytest.approx(0.0, abs=1e-4)  # norms are free
+
+
+def test_contrastive_2c_against_loops():
+    g = torch.Generator().manual_seed(4)
+    e, p, y = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g), torch.tensor([0, 1, 0, 2, 1, 0])
+    f, v = F.normalize(e.double(), dim=1), F.normalize(p.double(), dim=1)
+    t, total = 0.3, 0.0
+    for i in range(6):
+        pos = math.exp(f[i] @ v[i] / t)
+        same = sum(math.exp(f[i] @ f[k] / t) for k in range(6) if k != i and y[k] == y[i])
+        alls = sum(math.exp(f[i] @ f[k] / t) for k in range(6) if k != i)
+        total += -math.log((pos + same) / (pos + alls))
+    assert contrastive_2c(e, p, y, t).item() == pytest.approx(total / 6, rel=1e-5)
+
+
+def test_multi_hinge_and_dispatch():
+    logits = torch.tensor([[3.0, 1.0, 0.5], [0.0, 0.2, 0.1]])
+    y = torch.tensor([0, 2])
+    # row 0: max(0, 1 + 1 - 3) = 0; row 1: max(0, 1 + 0.2 - 0.1) = 1.1
+    assert multi_hinge(logits, y).item() == pytest.approx(0.55)
+    cfg = SimpleNamespace(temperature=0.5, m_p=0.9, m_n=None, d2d_mode="paper", backend="auto")
+    out = {"adv": torch.zeros(2), "cls_logits": logits}
+    assert cond_loss("ac", out, y, cfg).item() == pytest.approx(F.cross_entropy(logits, y).item())
+    assert cond_loss("pd", out, y, cfg).item() == 0.0
+
+
+def test_augmentations_shapes_determinism_and_gradients():
+    x = torch.randn(4, 3, 16, 16, requires_grad=True)
+    a = diff_augment(x, ["color", "translation", "cutout"], torch.Generator().manual_seed(1))
+    b = diff_augment(x, ["color", "translation", "cutout"], torch.Generator().manual_seed(1))
+    assert a.shape == x.shape and torch.equal(a, b)
+    a.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    # cutout zeroes a quarter of each image at most (8x8 square in 16x16, clipped at the border)
+    zeros = (cutout(torch.ones(8, 1, 16, 16), torch.Generator().manual_seed(2)) == 0).flatten(1).sum(1)
+    assert (zeros > 0).all() and (zeros <= 64).all()
+    # translation moves content: an image of ones keeps its sum only where the shift is zero
+    t = translation(torch.ones(16, 1, 16, 16), torch.Generator().manual_seed(3))
+    assert (t.flatten(1).sum(1) <= 256).all() and (t.flatten(1).sum(1) >= 14 * 14).all()
+    assert consistency_augment(x.detach(), torch.Generator().manual_seed(0)).shape == x.shape

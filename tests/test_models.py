@@ -1,0 +1,103 @@
+"""Shapes, parameter counts against the BigGAN paper, and D's output dict per conditioning method."""
+import pytest
+import torch
+
+from hpc_gan.models import biggan, biggan_deep
+from hpc_gan.models.layers import SNConv2d, SNLinear
+
+
+def count(m):
+    return sum(p.numel() for p in m.parameters())
+
+
+@pytest.mark.parametrize("arch,res,ch,z,g_want,d_want", [
+    ("biggan", 128, 96, 120, 70.4e6, 88.0e6),       # BigGAN paper, appendix B / Table 1
+    ("biggan_deep", 128, 128, 128, 50.4e6, 34.6e6),  # BigGAN-deep, appendix B
+])
+def test_param_counts_match_the_paper(arch, res, ch, z, g_want, d_want):
+    mod = biggan if arch == "biggan" else biggan_deep
+    G = mod.Generator(res, ch, 1000, z, 128, 64)
+    D = mod.Discriminator(res, ch, 1000, "pd", 128, 64)
+    assert count(G) == pytest.approx(g_want, rel=0.01)
+    assert count(D) == pytest.approx(d_want, rel=0.01)
+
+
+@pytest.mark.parametrize("res,attn", [(16, 8), (32, 16), (64, 32), (128, 64), (256, 128)])
+def test_shapes_at_every_resolution(res, attn):
+    n_blocks = len(biggan.G_ARCH[res]["in"])
+    G = biggan.Generator(res, 8, 5, 4 * (n_blocks + 1), 8, attn)
+    D = biggan.Discriminator(res, 8, 5, "d2d_ce", 6, attn if res > 16 else 0)
+    z, y = torch.randn(2, G.z_dim), torch.tensor([0, 4])
+    x = G(z, y)
+    assert x.shape == (2, 3, res, res) and x.abs().max() <= 1
+    out = D(x, y)
+    assert out["adv"].shape == (2,) and out["embed"].shape == (2, 6) and out["proxy"].shape == (2, 6)
+    assert len(G.attn) == 1
+
+
+@pytest.mark.parametrize("res", [128, 256])
+def test_deep_shapes(res):
+    G = biggan_deep.Generator(res, 4, 3, 8, 8, 64)
+    D = biggan_deep.Discriminator(res, 4, 3, "ac", 6, 64)
+    x = G(torch.randn(2, 8), torch.tensor([0, 2]))
+    assert x.shape == (2, 3, res, res)
+    assert D(x, torch.tensor([0, 2]))["cls_logits"].shape == (2, 3)
+
+
+@pytest.mark.parametrize("cond,keys", [("d2d_ce", {"adv", "h", "embed", "proxy"}), ("2c", {"adv", "h", "embed", "proxy"}),
+                                       ("ac", {"adv", "h", "cls_logits"}), ("mh", {"adv", "h", "cls_logits"}),
+                                       ("pd", {"adv", "h"}), ("none", {"adv", "h"})])
+def test_discriminator_dict(cond, keys):
+    D = biggan.Discriminator(32, 4, 7, cond, 5)
+    out = D(torch.randn(3, 3, 32, 32), torch.tensor([0, 1, 6]))
+    assert set(out) == keys
+
+
+def test_projection_is_folded_into_adv():
+    D = biggan.Discriminator(16, 4, 3, "pd", 5)
+    x = torch.randn(2, 3, 16, 16)
+    a = D(x, torch.tensor([0, 0]))["adv"]
+    b = D(x, torch.tensor([1, 1]))["adv"]
+    h = D.features(x)
+    want = D.head.adv(h).squeeze(1) + (D.head.class_embed(torch.tensor([1, 1])) * h).sum(1)
+    assert not torch.allclose(a, b)
+    torch.testing.assert_close(b, want)
+
+
+def test_bad_attention_resolution_is_a_clear_error():
+    with pytest.raises(ValueError, match="g_attn_res=48"):
+        biggan.Generator(32, 4, 3, 16, 8, 48)
+
+
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+def test_spectral_norm_matches_torch_parametrization(kind):
+    """Same weight and same u, v in -> same normalized weight and same u, v out as torch's spectral_norm, and the
+    same gradient (u, v constants, sigma differentiated through W)."""
+    torch.manual_seed(0)
+    ours, plain = (SNConv2d(5, 7, 3), torch.nn.Conv2d(5, 7, 3)) if kind == "conv" else \
+        (SNLinear(9, 4), torch.nn.Linear(9, 4))
+    plain.weight.data.copy_(ours.weight.data)
+    ref = torch.nn.utils.parametrizations.spectral_norm(plain, eps=ours.sn_eps)
+    param = ref.parametrizations.weight[0]
+    for _ in range(3):  # a few training forwards, each one power-iteration step
+        param._u.copy_(ours.sn_u)
+        param._v.copy_(ours.sn_v)
+        w_ours = ours.sn_weight()
+        w_ref = ref.weight
+        torch.testing.assert_close(w_ours, w_ref)
+        torch.testing.assert_close(ours.sn_u, param._u)
+        torch.testing.assert_close(ours.sn_v, param._v)
+    g = torch.randn_like(w_ours)
+    (w_ours * g).sum().backward()
+    (w_ref * g).sum().backward()
+    torch.testing.assert_close(ours.weight.grad, ref.parametrizations.weight.original.grad)
+
+
+def test_spectral_norm_converges_to_top_singular_value():
+    torch.manual_seed(1)
+    conv = SNConv2d(6, 5, 3)
+    for _ in range(200):
+        conv.sn_weight()
+    w = conv.weight.detach().reshape(5, -1)
+    assert conv.sn_sigma.item() == pytest.approx(torch.linalg.matrix_norm(w, ord=2).item(), rel=1e-4)
+    assert torch.linalg.matrix_norm(conv.sn_weight().detach().reshape(5, -1), ord=2).item() == pytest.approx(1, rel=1e-4)
