@@ -19,7 +19,7 @@ setup(
         "mpi": ["mpi4py", "mpich"],
         "triton": ["triton"],
         "tensorboard": ["tensorboard"],
-        "dev": ["pytest", "pytest-timeout", "tensorboard"],
+        "dev": ["pytest", "pytest-timeout"],
     },
     entry_points={"console_scripts": ["hpc-gan=hpc_gan.cli:main"]},
 )

@@ -19,14 +19,19 @@ def _count(fn) -> int:
 
 def model_info(cfg: Config, batch: int = 2) -> Dict[str, Any]:
     """Parameters of G and D and the FLOPs of one training iteration per sample at the config's n_dis: per D step
-    G forward (no grad) + D forward/backward on real and fake; per G step G and D forward/backward. Counted with
+    G forward (no grad) + D forward/backward on real and fake; per G step G forward/backward and D forward/backward
+    to its input only (D is frozen). Counted with
     torch.utils.flop_counter on a batch of ``batch`` (convolutions and matmuls; 2 FLOPs per multiply-add)."""
     torch.manual_seed(0)
     G, D = build_models(cfg)
+    g_params = sum(p.numel() for p in G.parameters())
+    d_params = sum(p.numel() for p in D.parameters())
+    # FLOPs depend on shapes only: count on the meta device, so BigGAN-256 costs no compute here
+    G, D = G.to("meta"), D.to("meta")
     nc, zd, res = cfg.data.num_classes, cfg.model.z_dim, cfg.model.resolution
-    z = torch.randn(batch, zd)
-    y = torch.arange(batch) % nc
-    real = torch.randn(batch, 3, res, res)
+    z = torch.randn(batch, zd, device="meta")
+    y = torch.arange(batch, device="meta") % nc
+    real = torch.randn(batch, 3, res, res, device="meta")
     lc = cfg.loss
 
     def d_step() -> None:
@@ -39,11 +44,13 @@ def model_info(cfg: Config, batch: int = 2) -> Dict[str, Any]:
         loss.backward()
 
     def g_step() -> None:
+        D.requires_grad_(False)  # as in training: no weight gradients for D in the G step
         out = D(G(z, y), y)
         loss = g_adv_loss(lc.adv, out["adv"])
         if lc.cond not in ("pd", "none"):
             loss = loss + cond_loss(lc.cond, out, y, lc)
         loss.backward()
+        D.requires_grad_(True)
 
     d_flops, g_flops = _count(d_step), _count(g_step)
     with torch.no_grad():
@@ -53,8 +60,8 @@ def model_info(cfg: Config, batch: int = 2) -> Dict[str, Any]:
     return {
         "arch": cfg.model.arch, "resolution": res, "g_ch": cfg.model.g_ch, "d_ch": cfg.model.d_ch,
         "num_classes": nc, "cond": lc.cond, "n_dis": cfg.train.n_dis,
-        "g_params": sum(p.numel() for p in G.parameters()),
-        "d_params": sum(p.numel() for p in D.parameters()),
+        "g_params": g_params,
+        "d_params": d_params,
         "g_forward_gflops_per_sample": g_fwd / batch / 1e9,
         "d_forward_gflops_per_sample": d_fwd / batch / 1e9,
         "gflops_per_sample_iteration": per_sample / 1e9,

@@ -101,3 +101,16 @@ def test_spectral_norm_converges_to_top_singular_value():
     w = conv.weight.detach().reshape(5, -1)
     assert conv.sn_sigma.item() == pytest.approx(torch.linalg.matrix_norm(w, ord=2).item(), rel=1e-4)
     assert torch.linalg.matrix_norm(conv.sn_weight().detach().reshape(5, -1), ord=2).item() == pytest.approx(1, rel=1e-4)
+
+
+def test_spectral_norm_stays_fp32_under_autocast():
+    torch.manual_seed(2)
+    a = SNConv2d(6, 5, 3)
+    b = SNConv2d(6, 5, 3)
+    b.load_state_dict(a.state_dict())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        wa = a.sn_weight()
+    wb = b.sn_weight()
+    assert wa.dtype == torch.float32
+    torch.testing.assert_close(wa, wb, rtol=0, atol=0)
+    torch.testing.assert_close(a.sn_u, b.sn_u, rtol=0, atol=0)

@@ -5,11 +5,18 @@ a distributed run can swap in cross-replica BN, or a kernel build a fused spectr
 """
 from __future__ import annotations
 
+import contextlib
+
 from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+def _no_autocast(device_type: str) -> contextlib.AbstractContextManager:
+    # autocast exists for cpu/cuda only; the meta device (FLOP counting) needs none
+    return torch.autocast(device_type, enabled=False) if device_type in ("cpu", "cuda") else contextlib.nullcontext()
 
 
 class SpectralNormMixin:
@@ -37,13 +44,15 @@ class SpectralNormMixin:
             self.sn_v.copy_(F.normalize(w.t() @ self.sn_u, dim=0, eps=self.sn_eps))
 
     def sn_weight(self) -> torch.Tensor:
-        w = self.weight.reshape(self.weight.shape[0], -1)
-        if self.training:
-            self._power_iteration(w.detach(), self.sn_iters)
-        sigma = torch.dot(self.sn_u.clone(), w @ self.sn_v.clone())
-        with torch.no_grad():
-            self.sn_sigma.copy_(sigma)
-        return self.weight / sigma
+        # fp32 even under autocast: u, v and sigma lose too much in bf16 (the layer's conv may still run in bf16)
+        with _no_autocast(self.weight.device.type):
+            w = self.weight.float().reshape(self.weight.shape[0], -1)
+            if self.training:
+                self._power_iteration(w.detach(), self.sn_iters)
+            sigma = torch.dot(self.sn_u.clone(), w @ self.sn_v.clone())
+            with torch.no_grad():
+                self.sn_sigma.copy_(sigma)
+            return self.weight / sigma
 
 
 class SNConv2d(nn.Conv2d, SpectralNormMixin):

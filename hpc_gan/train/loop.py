@@ -90,6 +90,9 @@ def prepare_run_dir(cfg: Config) -> Path:
 
 def find_resume(run_dir: Path, resume: Optional[str]) -> Optional[Path]:
     if not resume:
+        if checkpoint.latest(run_dir / "checkpoints") is not None:
+            raise ConfigError(f"run dir {run_dir} already has checkpoints; pass --resume auto to continue it, or "
+                              f"set run.dir=... for a new run (nothing was overwritten)")
         return None
     if resume == "auto":
         return checkpoint.latest(run_dir / "checkpoints")
@@ -103,8 +106,8 @@ def train(cfg: Config, resume: Optional[str] = None, log: Callable[[str], None] 
     """Run (or continue) a training run; returns a summary dict."""
     t = cfg.train
     device = resolve_device(cfg.run.device)
+    ckpt = find_resume(Path(cfg.run.dir), resume)
     run_dir = prepare_run_dir(cfg)
-    ckpt = find_resume(run_dir, resume)
     trainer = Trainer(cfg, device)
     log(f"hpc-gan: {cfg.model.arch} {cfg.model.resolution}px, G {param_count(trainer.G) / 1e6:.2f}M / "
         f"D {param_count(trainer.D) / 1e6:.2f}M params, {cfg.loss.adv} + {cfg.loss.cond}, batch {t.batch_size} "
@@ -166,6 +169,11 @@ def train(cfg: Config, resume: Optional[str] = None, log: Callable[[str], None] 
     finally:
         metrics.close()
     steps_done = trainer.step - summary["start_step"]
+    if not steps_done:
+        log(f"run already at step {trainer.step} of train.steps={t.steps}; nothing to train (raise train.steps to "
+            f"continue)")
+        if classifier is not None:
+            summary["sample_class_accuracy"] = classifier.score(trainer.sampling_generator())
     summary.update(step=trainer.step, steps_run=steps_done, phase_seconds={k: round(v, 2) for k, v in timers.items()})
     if steps_done:
         summary["sec_per_step"] = timers["train"] / steps_done

@@ -12,8 +12,7 @@
 from __future__ import annotations
 
 import contextlib
-import math
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -252,6 +251,3 @@ class Trainer:
 def param_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
-
-def finite(values: List[float]) -> bool:
-    return all(math.isfinite(v) for v in values)
