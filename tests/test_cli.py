@@ -54,7 +54,9 @@ def test_dry_run_prints_the_resolved_config():
     (["sample", "--run", "/nonexistent/run"], "no complete checkpoint"),
     (["train", "--config", "configs/demo.yaml", "train.precision=bf16", "run.device=cpu"], "needs a CUDA device"),
 ])
-def test_bad_input_is_one_line(args, needle):
+def test_bad_input_is_one_line(args, needle, tmp_path):
+    if args[0] == "train":
+        args = [*args, f"run.dir={tmp_path / 'run'}"]
     proc = hpc_gan(*args, check=False)
     assert proc.returncode == 2
     assert needle in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr

@@ -12,7 +12,7 @@ import torch
 from hpc_gan.config import Config, ConfigError, dump
 from hpc_gan.eval.sampling import sample_sheet, sheet_classes
 from hpc_gan.train import checkpoint
-from hpc_gan.train.trainer import Trainer, param_count, resolve_device
+from hpc_gan.train.trainer import Trainer, check_precision, param_count, resolve_device
 
 SHEET_SEED_OFFSET = 12345
 
@@ -106,6 +106,7 @@ def train(cfg: Config, resume: Optional[str] = None, log: Callable[[str], None] 
     """Run (or continue) a training run; returns a summary dict."""
     t = cfg.train
     device = resolve_device(cfg.run.device)
+    check_precision(t.precision, device)  # before the run dir is touched
     ckpt = find_resume(Path(cfg.run.dir), resume)
     run_dir = prepare_run_dir(cfg)
     trainer = Trainer(cfg, device)

@@ -36,6 +36,11 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def check_precision(precision: str, device: torch.device) -> None:
+    if precision != "fp32" and device.type != "cuda":
+        raise ConfigError(f"train.precision={precision} needs a CUDA device; use train.precision=fp32 on the CPU")
+
+
 def step_generator(seed: int, step: int, phase: int, device: torch.device) -> torch.Generator:
     """A generator for one phase of one step (phase 0: G update, 1..n_dis: D updates)."""
     return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step * 64 + phase) % (2 ** 63))
@@ -53,8 +58,7 @@ class Trainer:
             raise ConfigError(f"train.micro_batch={self.micro} does not divide the per-rank batch {self.local_batch}"
                               f" (train.batch_size / world size); pick a divisor")
         self.accum = self.local_batch // self.micro
-        if t.precision != "fp32" and device.type != "cuda":
-            raise ConfigError(f"train.precision={t.precision} needs a CUDA device; use train.precision=fp32 on the CPU")
+        check_precision(t.precision, device)
         self.amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[t.precision]
 
         torch.manual_seed(t.seed)  # identical initial weights for a given seed, on every rank
