@@ -134,3 +134,16 @@ def test_run_dir_layout(tiny_cfg, tmp_path):
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "d_loss" in r] == [2, 4]
     assert all("samples_per_s" in r for r in records if "d_loss" in r)
+
+
+def test_mixed_precision_path_keeps_fp32_state(tiny_cfg):
+    """The bf16 autocast path (GPU-only in configs) run on the CPU's autocast: losses, weights, SN vectors and the
+    EMA stay fp32 and finite."""
+    tr = Trainer(tiny_cfg("loss.ortho_beta=1e-4"), torch.device("cpu"))
+    tr.amp_dtype = torch.bfloat16
+    for _ in range(2):
+        tr.train_step()
+    m = tr.pop_metrics()
+    assert all(math.isfinite(v) for v in m.values())
+    for net in (tr.G, tr.D, tr.ema.model):
+        assert all(t.dtype == torch.float32 for t in net.state_dict().values() if t.is_floating_point())

@@ -15,8 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hpc_gan.models.heads import ConditioningHead
-from hpc_gan.models.layers import (ConditionalBatchNorm2d, SelfAttention, SNConv2d, SNLinear, make_bn,
-                                   orthogonal_init)
+from hpc_gan.models.layers import (ConditionalBatchNorm2d, GOutput, SelfAttention, SNConv2d, SNLinear, make_bn,
+                                   orthogonal_init, run_blocks)
 
 # Channel multipliers per block: G blocks go in[i] -> out[i] and double the resolution, starting at 4x4.
 G_ARCH: Dict[int, Dict[str, List[int]]] = {
@@ -85,19 +85,18 @@ class Generator(nn.Module):
                 self.attn[str(i)] = SelfAttention(cout * ch, which_conv)
         if attn_res and not len(self.attn):
             raise ValueError(f"model.g_attn_res={attn_res} is not a G block resolution at {resolution} px")
-        self.out_bn = which_bn(arch["out"][-1] * ch)
-        self.out_conv = which_conv(arch["out"][-1] * ch, 3)
+        self.out = GOutput(arch["out"][-1] * ch, which_conv, which_bn)
         orthogonal_init(self)
 
     def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         chunks = torch.split(z, self.chunk, dim=1)
         shared = self.shared(y)
         h = self.linear(chunks[0]).view(z.shape[0], self.first_ch, BOTTOM, BOTTOM)
-        for i, block in enumerate(self.blocks):
+        for i, block in enumerate(self.blocks):  # block i gets chunk i + 1 (chunk 0 fed the linear layer)
             h = block(h, torch.cat([shared, chunks[i + 1]], dim=1))
             if str(i) in self.attn:
                 h = self.attn[str(i)](h)
-        return torch.tanh(self.out_conv(F.relu(self.out_bn(h))))
+        return self.out(h)
 
 
 class DBlock(nn.Module):
@@ -148,12 +147,7 @@ class Discriminator(nn.Module):
         orthogonal_init(self)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        h = x
-        for i, block in enumerate(self.blocks):
-            h = block(h)
-            if str(i) in self.attn:
-                h = self.attn[str(i)](h)
-        return F.relu(h).sum(dim=(2, 3))
+        return F.relu(run_blocks(self.blocks, self.attn, x)).sum(dim=(2, 3))
 
     def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         return self.head(self.features(x), y)

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 from hpc_gan.models.biggan import BOTTOM
 from hpc_gan.models.heads import ConditioningHead
-from hpc_gan.models.layers import (ConditionalBatchNorm2d, SelfAttention, SNConv2d, SNLinear, make_bn,
-                                   orthogonal_init)
+from hpc_gan.models.layers import (ConditionalBatchNorm2d, GOutput, SelfAttention, SNConv2d, SNLinear, make_bn,
+                                   orthogonal_init, run_blocks)
 
 G_ARCH = {128: {"in": [16, 16, 8, 4, 2], "out": [16, 8, 4, 2, 1]},
           256: {"in": [16, 16, 8, 8, 4, 2], "out": [16, 8, 8, 4, 2, 1]}}
@@ -74,18 +74,13 @@ class Generator(nn.Module):
                 self.attn[str(len(self.blocks) - 1)] = SelfAttention(cout * ch, which_conv)
         if attn_res and not len(self.attn):
             raise ValueError(f"model.g_attn_res={attn_res} is not a G resolution at {resolution} px")
-        self.out_bn = which_bn(arch["out"][-1] * ch)
-        self.out_conv = which_conv(arch["out"][-1] * ch, 3)
+        self.out = GOutput(arch["out"][-1] * ch, which_conv, which_bn)
         orthogonal_init(self)
 
     def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         cond = torch.cat([z, self.shared(y)], dim=1)
         h = self.linear(cond).view(z.shape[0], self.first_ch, BOTTOM, BOTTOM)
-        for i, block in enumerate(self.blocks):
-            h = block(h, cond)
-            if str(i) in self.attn:
-                h = self.attn[str(i)](h)
-        return torch.tanh(self.out_conv(F.relu(self.out_bn(h))))
+        return self.out(run_blocks(self.blocks, self.attn, h, cond))
 
 
 class DeepDBlock(nn.Module):
@@ -137,12 +132,7 @@ class Discriminator(nn.Module):
         orthogonal_init(self)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.input_conv(x)
-        for i, block in enumerate(self.blocks):
-            h = block(h)
-            if str(i) in self.attn:
-                h = self.attn[str(i)](h)
-        return F.relu(h).sum(dim=(2, 3))
+        return F.relu(run_blocks(self.blocks, self.attn, self.input_conv(x))).sum(dim=(2, 3))
 
     def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         return self.head(self.features(x), y)

@@ -127,6 +127,27 @@ class SelfAttention(nn.Module):
         return x + self.gamma * self.o(o)
 
 
+class GOutput(nn.Module):
+    """G's last layers: BatchNorm (with its own affine parameters), ReLU, 3x3 conv to RGB, tanh."""
+
+    def __init__(self, ch: int, which_conv: Callable[..., nn.Module], which_bn: Callable[..., nn.Module]) -> None:
+        super().__init__()
+        self.bn = which_bn(ch)
+        self.conv = which_conv(ch, 3)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.conv(F.relu(self.bn(h))))
+
+
+def run_blocks(blocks: nn.ModuleList, attn: nn.ModuleDict, h: torch.Tensor, *cond: torch.Tensor) -> torch.Tensor:
+    """Residual blocks in order, with self-attention after the block whose index keys ``attn``."""
+    for i, block in enumerate(blocks):
+        h = block(h, *cond)
+        if str(i) in attn:
+            h = attn[str(i)](h)
+    return h
+
+
 def orthogonal_init(module: nn.Module) -> None:
     """Orthogonal initialization (Saxe et al.) of every conv, linear and embedding weight, as BigGAN does."""
     for m in module.modules():

@@ -125,7 +125,8 @@ def train(cfg: Config, resume: Optional[str] = None, log: Callable[[str], None] 
         metrics.write(0, {"sample_class_accuracy": acc})
         log(f"step 0: class accuracy of samples {acc:.3f} (chance {1 / cfg.data.num_classes:.3f})")
 
-    last_t, last_step = time.perf_counter(), trainer.step
+    # img/s counts training-step time only; the ETA uses wall time, sheets and checkpoints included
+    last_t, last_step, last_train = time.perf_counter(), trainer.step, 0.0
     try:
         while trainer.step < t.steps:
             t0 = time.perf_counter()
@@ -138,9 +139,10 @@ def train(cfg: Config, resume: Optional[str] = None, log: Callable[[str], None] 
             if step % t.log_every == 0 or final:
                 values = trainer.pop_metrics()
                 now = time.perf_counter()
-                rate = (step - last_step) / max(now - last_t, 1e-9)
-                values.update(samples_per_s=rate * t.batch_size, sec_per_step=1.0 / max(rate, 1e-9))
-                last_t, last_step = now, step
+                n, train_s = step - last_step, timers["train"] - last_train
+                rate = n / max(now - last_t, 1e-9)
+                values.update(samples_per_s=n * t.batch_size / max(train_s, 1e-9), sec_per_step=train_s / n)
+                last_t, last_step, last_train = now, step, timers["train"]
                 metrics.write(step, values)
                 losses = " ".join(f"{k} {values[k]:.3f}" for k in ("d_loss", "g_loss", "d_cond", "g_cond")
                                   if k in values)
