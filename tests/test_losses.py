@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hpc_gan.augment.diffaug import consistency_augment, cutout, diff_augment, translation
+from hpc_gan.augment.diffaug import Draws, consistency_augment, cutout, diff_augment, translation
 from hpc_gan.losses import cond_loss, d_adv_loss, g_adv_loss, gradient_penalty, orthogonal_reg
 from hpc_gan.losses.conditioning import contrastive_2c, multi_hinge
 
@@ -32,7 +32,7 @@ def test_gradient_penalty_of_a_linear_critic():
     """D(x) = <w, x> has gradient w everywhere: GP = (|w| - 1)^2."""
     w = torch.randn(3 * 4 * 4)
     gp = gradient_penalty(lambda x: x.flatten(1) @ w, torch.randn(5, 3, 4, 4), torch.randn(5, 3, 4, 4),
-                          torch.Generator().manual_seed(0))
+                          torch.rand(5, 1, 1, 1))
     assert gp.item() == pytest.approx((w.norm().item() - 1) ** 2, rel=1e-5)
 
 
@@ -72,17 +72,32 @@ def test_multi_hinge_and_dispatch():
     assert cond_loss("pd", out, y, cfg).item() == 0.0
 
 
+def draws(seed, n, offset=0, total=None):
+    return Draws(seed, offset, n, total or n + offset, torch.device("cpu"))
+
+
 def test_augmentations_shapes_determinism_and_gradients():
     x = torch.randn(4, 3, 16, 16, requires_grad=True)
-    a = diff_augment(x, ["color", "translation", "cutout"], torch.Generator().manual_seed(1))
-    b = diff_augment(x, ["color", "translation", "cutout"], torch.Generator().manual_seed(1))
+    a = diff_augment(x, ["color", "translation", "cutout"], draws(1, 4))
+    b = diff_augment(x, ["color", "translation", "cutout"], draws(1, 4))
     assert a.shape == x.shape and torch.equal(a, b)
     a.sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
-    # cutout zeroes a quarter of each image at most (8x8 square in 16x16, clipped at the border)
-    zeros = (cutout(torch.ones(8, 1, 16, 16), torch.Generator().manual_seed(2)) == 0).flatten(1).sum(1)
+    # cutout zeroes at most an 8x8 square of a 16x16 image, clipped at the border
+    zeros = (cutout(torch.ones(8, 1, 16, 16), draws(2, 8)) == 0).flatten(1).sum(1)
     assert (zeros > 0).all() and (zeros <= 64).all()
-    # translation moves content: an image of ones keeps its sum only where the shift is zero
-    t = translation(torch.ones(16, 1, 16, 16), torch.Generator().manual_seed(3))
+    # translation by at most 2 px keeps at least a 14x14 block of an image of ones
+    t = translation(torch.ones(16, 1, 16, 16), draws(3, 16))
     assert (t.flatten(1).sum(1) <= 256).all() and (t.flatten(1).sum(1) >= 14 * 14).all()
-    assert consistency_augment(x.detach(), torch.Generator().manual_seed(0)).shape == x.shape
+    assert consistency_augment(x.detach(), draws(0, 4)).shape == x.shape
+
+
+def test_augmentation_of_a_sample_does_not_depend_on_the_split():
+    """Rows 3..6 of a global batch of 10 are augmented the same whether they come alone or with the others."""
+    x = torch.randn(10, 3, 8, 8)
+    policies = ["color", "translation", "cutout"]
+    whole = diff_augment(x, policies, draws(7, 10))
+    part = diff_augment(x[3:7], policies, draws(7, 4, offset=3, total=10))
+    assert torch.equal(whole[3:7], part)
+    assert torch.equal(consistency_augment(x, draws(5, 10))[3:7],
+                       consistency_augment(x[3:7], draws(5, 4, offset=3, total=10)))

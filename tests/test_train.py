@@ -76,11 +76,13 @@ def test_checkpoints_are_atomic_and_pruned(tiny_cfg, tmp_path):
     assert {"G", "D", "G_ema", "step"} <= set(state) and state["step"] == 6
 
 
-def test_micro_batches_accumulate_to_the_same_gradient(tiny_cfg):
-    """With a G of no BN dependence on batch split this would be exact; BigGAN's BN uses micro-batch statistics,
-    so compare D's gradient, where real and fake go through D per sample (SN and D have no batch coupling)."""
-    cfg_full = tiny_cfg("loss.cond=ac")
-    cfg_acc = tiny_cfg("loss.cond=ac", "train.micro_batch=4")
+@pytest.mark.parametrize("extra", [[], ["loss.diffaug=color,translation,cutout", "loss.cr_lambda=1.0"]])
+def test_micro_batches_accumulate_to_the_same_update(tiny_cfg, extra):
+    """A D update from 2 micro-batches of 4 equals one from a batch of 8, augmentation included. G runs with BN
+    running statistics here: in training its BN uses micro-batch statistics, which no split can preserve (the
+    cross-replica BN of the distributed trainer addresses ranks); D has no coupling across samples for ac."""
+    cfg_full = tiny_cfg("loss.cond=ac", *extra)
+    cfg_acc = tiny_cfg("loss.cond=ac", "train.micro_batch=4", *extra)
     a, b = Trainer(cfg_full, torch.device("cpu")), Trainer(cfg_acc, torch.device("cpu"))
     assert b.accum == 2
     b.G.load_state_dict(a.G.state_dict())

@@ -1,32 +1,49 @@
-"""DiffAugment (Zhao et al. 2020): colour, translation and cutout applied identically to real and fake images
-before D, differentiable w.r.t. the images so G's gradient passes through. Randomness comes from an explicit
-generator, so a step's augmentation is a function of (seed, step) and resumes exactly."""
+"""DiffAugment (Zhao et al. 2020): colour, translation and cutout applied to D's inputs, differentiable w.r.t. the
+images so G's gradient passes through; and the flip + translation of consistency regularization (Zhang et al. 2020).
+
+Random parameters come from :class:`Draws`, which draws them for the whole global batch and hands each caller its
+rows: a sample's augmentation depends on (seed, step, its index in the global batch) only, not on how the batch is
+split over ranks and micro-batches, and a resumed run replays it exactly."""
 from __future__ import annotations
 
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
 
-def _rand(x: torch.Tensor, g: torch.Generator, *shape: int) -> torch.Tensor:
-    return torch.rand(x.shape[0], *shape, device=x.device, generator=g, dtype=x.dtype)
+class Draws:
+    """Random numbers for rows [offset, offset + n) of a global batch of ``total`` samples."""
+
+    def __init__(self, seed: int, offset: int, n: int, total: int, device: torch.device) -> None:
+        if not 0 <= offset and offset + n <= total:
+            raise ValueError(f"rows {offset}..{offset + n} are outside a global batch of {total}")
+        self.g = torch.Generator(device=device).manual_seed(seed)
+        self.offset, self.n, self.total, self.device = offset, n, total, device
+
+    def _rows(self, t: torch.Tensor) -> torch.Tensor:
+        return t[self.offset:self.offset + self.n]
+
+    def rand(self, *shape: int) -> torch.Tensor:
+        return self._rows(torch.rand(self.total, *shape, generator=self.g, device=self.device))
+
+    def randint(self, low: int, high: int, *shape: int) -> torch.Tensor:
+        return self._rows(torch.randint(low, high, (self.total, *shape), generator=self.g, device=self.device))
 
 
-def color(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    x = x + (_rand(x, g, 1, 1, 1) - 0.5)                                           # brightness
+def color(x: torch.Tensor, d: Draws) -> torch.Tensor:
+    x = x + (d.rand(1, 1, 1).to(x.dtype) - 0.5)                                    # brightness
     mean = x.mean(dim=1, keepdim=True)
-    x = (x - mean) * (_rand(x, g, 1, 1, 1) * 2.0) + mean                          # saturation
+    x = (x - mean) * (d.rand(1, 1, 1).to(x.dtype) * 2.0) + mean                    # saturation
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
-    return (x - mean) * (_rand(x, g, 1, 1, 1) + 0.5) + mean                       # contrast
+    return (x - mean) * (d.rand(1, 1, 1).to(x.dtype) + 0.5) + mean                 # contrast
 
 
-def translation(x: torch.Tensor, g: torch.Generator, ratio: float = 0.125) -> torch.Tensor:
+def translation(x: torch.Tensor, d: Draws, ratio: float = 0.125) -> torch.Tensor:
     """Shift each image by up to ratio x size pixels, filling with zeros."""
     n, _, h, w = x.shape
     sh, sw = int(h * ratio + 0.5), int(w * ratio + 0.5)
-    dy = torch.randint(-sh, sh + 1, (n, 1, 1), device=x.device, generator=g)
-    dx = torch.randint(-sw, sw + 1, (n, 1, 1), device=x.device, generator=g)
+    dy = d.randint(-sh, sh + 1, 1, 1)
+    dx = d.randint(-sw, sw + 1, 1, 1)
     ys = torch.arange(h, device=x.device)[None, :, None] - dy                     # source row of each output row
     xs = torch.arange(w, device=x.device)[None, None, :] - dx
     valid = ((ys >= 0) & (ys < h) & (xs >= 0) & (xs < w)).to(x.dtype)[:, None]
@@ -34,12 +51,12 @@ def translation(x: torch.Tensor, g: torch.Generator, ratio: float = 0.125) -> to
     return x.flatten(2).gather(2, idx).view_as(x) * valid
 
 
-def cutout(x: torch.Tensor, g: torch.Generator, ratio: float = 0.5) -> torch.Tensor:
-    """Zero one square of side ratio x size at a random position per image."""
-    n, _, h, w = x.shape
+def cutout(x: torch.Tensor, d: Draws, ratio: float = 0.5) -> torch.Tensor:
+    """Zero one square of side ratio x size, centred anywhere in the image (clipped at the border)."""
+    _, _, h, w = x.shape
     ch, cw = int(h * ratio + 0.5), int(w * ratio + 0.5)
-    top = torch.randint(0, h, (n, 1, 1), device=x.device, generator=g) - ch // 2   # square centred anywhere
-    left = torch.randint(0, w, (n, 1, 1), device=x.device, generator=g) - cw // 2
+    top = d.randint(0, h, 1, 1) - ch // 2
+    left = d.randint(0, w, 1, 1) - cw // 2
     ys = torch.arange(h, device=x.device)[None, :, None]
     xs = torch.arange(w, device=x.device)[None, None, :]
     inside = (ys >= top) & (ys < top + ch) & (xs >= left) & (xs < left + cw)
@@ -49,14 +66,14 @@ def cutout(x: torch.Tensor, g: torch.Generator, ratio: float = 0.5) -> torch.Ten
 POLICIES = {"color": color, "translation": translation, "cutout": cutout}
 
 
-def diff_augment(x: torch.Tensor, policies: Sequence[str], g: torch.Generator) -> torch.Tensor:
+def diff_augment(x: torch.Tensor, policies: Sequence[str], d: Draws) -> torch.Tensor:
     for name in policies:
-        x = POLICIES[name](x, g)
+        x = POLICIES[name](x, d)
     return x
 
 
-def consistency_augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """The augmentation of consistency regularization (Zhang et al. 2020): random flip and a small translation."""
-    flip = torch.rand(x.shape[0], 1, 1, 1, device=x.device, generator=g) < 0.5
+def consistency_augment(x: torch.Tensor, d: Draws) -> torch.Tensor:
+    """Random horizontal flip and a translation of up to 1/8 of the size."""
+    flip = d.rand(1, 1, 1) < 0.5
     x = torch.where(flip, x.flip(3), x)
-    return translation(x, g, ratio=0.125)
+    return translation(x, d, ratio=0.125)

@@ -35,9 +35,9 @@ def g_adv_loss(kind: str, fake: torch.Tensor) -> torch.Tensor:
 
 
 def gradient_penalty(d_adv: Callable[[torch.Tensor], torch.Tensor], real: torch.Tensor, fake: torch.Tensor,
-                     generator: torch.Generator) -> torch.Tensor:
-    """E[(||grad_x D(x_hat)|| - 1)^2] on random interpolates of real and fake (WGAN-GP)."""
-    alpha = torch.rand(real.shape[0], 1, 1, 1, device=real.device, generator=generator)
+                     alpha: torch.Tensor) -> torch.Tensor:
+    """E[(||grad_x D(x_hat)|| - 1)^2] on interpolates x_hat = alpha * real + (1 - alpha) * fake (WGAN-GP);
+    alpha (N, 1, 1, 1) uniform in [0, 1), drawn by the caller so it follows the step's seeding."""
     x_hat = (alpha * real.detach() + (1.0 - alpha) * fake.detach()).requires_grad_(True)
     (grad,) = torch.autograd.grad(d_adv(x_hat).sum(), x_hat, create_graph=True)
     return ((grad.flatten(1).norm(dim=1) - 1.0) ** 2).mean()

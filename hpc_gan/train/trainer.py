@@ -17,7 +17,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from hpc_gan.augment import consistency_augment, diff_augment
+from hpc_gan.augment import Draws, consistency_augment, diff_augment
 from hpc_gan.config import Config, ConfigError, to_dict
 from hpc_gan.data import RealStream, build_dataset
 from hpc_gan.losses import cond_loss, d_adv_loss, g_adv_loss, gradient_penalty, orthogonal_reg
@@ -26,6 +26,7 @@ from hpc_gan.models import build_models
 from hpc_gan.train.ema import EMA, standing_stats
 
 HEAD_LOSSES = ("d2d_ce", "2c", "ac", "mh")  # conditioning methods with a loss of their own
+REAL_AUG, FAKE_AUG, CR_AUG, GP_MIX = 1, 2, 3, 4  # random streams of a step phase besides z and labels
 
 
 def resolve_device(name: str) -> torch.device:
@@ -85,13 +86,20 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def _latents(self, gen: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
-        """This rank's slice of the step's global z and fake labels."""
+    def _latents(self, phase: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """This rank's slice of the global z and fake labels of a phase of the current step."""
+        gen = step_generator(self.cfg.train.seed, self.step, phase, self.device)
         b = self.cfg.train.batch_size
         z = torch.randn(b, self.cfg.model.z_dim, generator=gen, device=self.device)
         y = torch.randint(0, self.cfg.data.num_classes, (b,), generator=gen, device=self.device)
         sl = slice(self.rank * self.local_batch, (self.rank + 1) * self.local_batch)
         return z[sl], y[sl]
+
+    def _draws(self, phase: int, stream: int, m: int) -> Draws:
+        """Augmentation randomness of micro-batch m, drawn per sample of the global batch (see augment.Draws)."""
+        seed = ((self.cfg.train.seed * 1_000_003 + self.step * 64 + phase) * 8 + stream) % (2 ** 63)
+        offset = self.rank * self.local_batch + m * self.micro
+        return Draws(seed, offset, self.micro, self.cfg.train.batch_size, self.device)
 
     def _add(self, name: str, value: torch.Tensor) -> None:
         v = value.detach().float()
@@ -118,8 +126,7 @@ class Trainer:
     # ---- the step ------------------------------------------------------------------------------------------
     def d_step(self, k: int, diagnostics: bool = False) -> None:
         cfg, lc = self.cfg, self.cfg.loss
-        gen = step_generator(cfg.train.seed, self.step, 1 + k, self.device)
-        z, yf = self._latents(gen)
+        z, yf = self._latents(1 + k)
         xr_all, yr_all = self.real.next()
         for m in range(self.accum):
             sl = slice(m * self.micro, (m + 1) * self.micro)
@@ -128,11 +135,16 @@ class Trainer:
             with self._autocast():
                 with torch.no_grad():
                     xf = self.G(z[sl], yf[sl])
-                x, y = torch.cat([xr, xf.to(xr.dtype)]), torch.cat([yr, yf[sl]])
-                if self.policies:
-                    x = diff_augment(x, self.policies, gen)
+                xf = xf.to(xr.dtype)
+                if self.policies:  # real and fake augmented independently, as DiffAugment does
+                    xr_in = diff_augment(xr, self.policies, self._draws(1 + k, REAL_AUG, m))
+                    xf_in = diff_augment(xf, self.policies, self._draws(1 + k, FAKE_AUG, m))
+                else:
+                    xr_in, xf_in = xr, xf
+                x, y = torch.cat([xr_in, xf_in]), torch.cat([yr, yf[sl]])
                 if lc.cr_lambda > 0:
-                    x, y = torch.cat([x, consistency_augment(xr, gen)]), torch.cat([y, yr])
+                    xc = consistency_augment(xr, self._draws(1 + k, CR_AUG, m))
+                    x, y = torch.cat([x, xc]), torch.cat([y, yr])
                 out = self.D(x, y)
             adv = out["adv"].float()
             adv_r, adv_f = adv[:n], adv[n:2 * n]
@@ -150,7 +162,8 @@ class Trainer:
                 loss = loss + lc.cr_lambda * loss_cr
                 self._add("d_cr", loss_cr)
             if lc.adv == "wasserstein":
-                gp = gradient_penalty(lambda xi: self.D(xi, yr)["adv"].float(), xr, xf, gen)
+                alpha = self._draws(1 + k, GP_MIX, m).rand(1, 1, 1)
+                gp = gradient_penalty(lambda xi: self.D(xi, yr)["adv"].float(), xr, xf, alpha)
                 loss = loss + lc.gp_lambda * gp
                 self._add("d_gp", gp)
             self._backward(loss / self.accum, self.d_scaler)
@@ -172,15 +185,14 @@ class Trainer:
 
     def g_step(self) -> None:
         cfg, lc = self.cfg, self.cfg.loss
-        gen = step_generator(cfg.train.seed, self.step, 0, self.device)
-        z, yf = self._latents(gen)
+        z, yf = self._latents(0)
         self.D.requires_grad_(False)  # frozen: D is only a function of the fakes here
         for m in range(self.accum):
             sl = slice(m * self.micro, (m + 1) * self.micro)
             with self._autocast():
                 xf = self.G(z[sl], yf[sl])
                 if self.policies:
-                    xf = diff_augment(xf, self.policies, gen)
+                    xf = diff_augment(xf, self.policies, self._draws(0, FAKE_AUG, m))
                 out = self.D(xf, yf[sl])
             loss_adv = g_adv_loss(lc.adv, out["adv"].float())
             loss = loss_adv
