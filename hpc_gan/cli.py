@@ -32,7 +32,7 @@ def _sample(args: argparse.Namespace) -> int:
     from hpc_gan.eval.sampling import sample_sheet
     from hpc_gan.models import build_generator
     from hpc_gan.train.checkpoint import load_consolidated, resolve
-    from hpc_gan.train.ema import standing_stats
+    from hpc_gan.train.ema import standing_stats_from_noise
 
     ckpt = resolve(args.run)
     state = load_consolidated(ckpt)
@@ -45,9 +45,7 @@ def _sample(args: argparse.Namespace) -> int:
     G = build_generator(cfg.model, nc)
     G.load_state_dict(state["G_ema"])
     G.eval()
-    gen = torch.Generator().manual_seed(args.seed + 1)
-    standing_stats(G, args.standing_stats, lambda _: (torch.randn(64, cfg.model.z_dim, generator=gen),
-                                                      torch.randint(0, nc, (64,), generator=gen)))
+    standing_stats_from_noise(G, args.standing_stats, nc, cfg.model.z_dim, args.seed + 1)
     out = Path(args.out) if args.out else Path(args.run if Path(args.run).is_dir() else ckpt) / \
         f"sample-step{state['step']}-t{args.truncation:g}.png"
     per_class = max(1, args.n // len(classes))

@@ -51,3 +51,16 @@ def standing_stats(model: nn.Module, n_passes: int, sample_inputs: Callable[[int
         m.momentum = mom
         m.eval()
     model.train(was_training)
+
+
+def standing_stats_from_noise(model: nn.Module, n_passes: int, n_classes: int, z_dim: int, seed: int,
+                              batch: int = 64) -> None:
+    """Standing statistics of a generator from ``n_passes`` batches of N(0, I) z and uniform labels (seeded)."""
+    device = next(model.parameters()).device
+    g = torch.Generator(device=device).manual_seed(seed)
+
+    def inputs(_: int) -> tuple:
+        return (torch.randn(batch, z_dim, generator=g, device=device),
+                torch.randint(0, n_classes, (batch,), generator=g, device=device))
+
+    standing_stats(model, n_passes, inputs)

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -23,7 +24,7 @@ from hpc_gan.data import RealStream, build_dataset
 from hpc_gan.losses import cond_loss, d_adv_loss, g_adv_loss, gradient_penalty, orthogonal_reg
 from hpc_gan.losses.regularizers import ortho_weights
 from hpc_gan.models import build_models
-from hpc_gan.train.ema import EMA, standing_stats
+from hpc_gan.train.ema import EMA, standing_stats_from_noise
 
 HEAD_LOSSES = ("d2d_ce", "2c", "ac", "mh")  # conditioning methods with a loss of their own
 REAL_AUG, FAKE_AUG, CR_AUG, GP_MIX = 1, 2, 3, 4  # random streams of a step phase besides z and labels
@@ -220,19 +221,12 @@ class Trainer:
         self.ema.update(self.G, self.step)
 
     # ---- sampling --------------------------------------------------------------------------------------------
-    def sampling_generator(self, n_passes: Optional[int] = None, batch: int = 64) -> nn.Module:
+    def sampling_generator(self, n_passes: Optional[int] = None) -> nn.Module:
         """A copy of G_ema with standing statistics (train.standing_stats passes), ready for sampling."""
-        import copy
         G = copy.deepcopy(self.ema.model).eval()
         n_passes = self.cfg.train.standing_stats if n_passes is None else n_passes
-        g = torch.Generator(device=self.device).manual_seed(self.cfg.train.seed + 99991)
-        nc, zd = self.cfg.data.num_classes, self.cfg.model.z_dim
-
-        def inputs(_: int) -> tuple:
-            return (torch.randn(batch, zd, generator=g, device=self.device),
-                    torch.randint(0, nc, (batch,), generator=g, device=self.device))
-
-        standing_stats(G, n_passes, inputs)
+        standing_stats_from_noise(G, n_passes, self.cfg.data.num_classes, self.cfg.model.z_dim,
+                                  self.cfg.train.seed + 99991)
         return G
 
     # ---- state ---------------------------------------------------------------------------------------------
