@@ -163,14 +163,10 @@ class RealStream:
         self._it = None
 
     def _iterator(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        if isinstance(self.dataset, ArrayDataset):
-            local = self.batch // self.world
-            k = self.consumed
-            while True:
-                idx = global_batch_indices(len(self.dataset), self.batch, self.seed, k)
-                yield self.dataset.gather(idx[self.rank * local:(self.rank + 1) * local])
-                k += 1
         sampler = _RankSlices(len(self.dataset), self.batch, self.seed, self.consumed, self.rank, self.world)
+        if isinstance(self.dataset, ArrayDataset):  # in memory: one gather per batch, no workers needed
+            for idx in sampler:
+                yield self.dataset.gather(torch.as_tensor(idx))
         yield from DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.num_workers,
                               pin_memory=self.device.type == "cuda", persistent_workers=self.num_workers > 0)
 

@@ -3,6 +3,7 @@ checkpoints), each phase timed. Everything printed is also written to metrics.js
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional
@@ -148,7 +149,7 @@ def train(cfg: Config, resume: Optional[str] = None, log: Callable[[str], None] 
                                   if k in values)
                 log(f"step {step}/{t.steps} | {losses} | {values['samples_per_s']:.1f} img/s | "
                     f"eta {_fmt_time((t.steps - step) / max(rate, 1e-9))}")
-                bad = [k for k, v in values.items() if v != v or v in (float("inf"), float("-inf"))]
+                bad = [k for k, v in values.items() if not math.isfinite(v)]
                 if bad:
                     raise FloatingPointError(f"non-finite {', '.join(bad)} at step {step}; the newest checkpoint "
                                              f"is intact: lower the learning rates or check the data")

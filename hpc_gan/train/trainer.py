@@ -43,9 +43,15 @@ def check_precision(precision: str, device: torch.device) -> None:
         raise ConfigError(f"train.precision={precision} needs a CUDA device; use train.precision=fp32 on the CPU")
 
 
+def step_seed(seed: int, step: int, phase: int, stream: int = 0) -> int:
+    """The seed of one random stream (z and labels: 0; augmentations: 1..4) of one phase (0: G update, 1..n_dis:
+    D updates) of one step."""
+    base = seed * 1_000_003 + step * 64 + phase
+    return (base * 8 + stream if stream else base) % (2 ** 63)
+
+
 def step_generator(seed: int, step: int, phase: int, device: torch.device) -> torch.Generator:
-    """A generator for one phase of one step (phase 0: G update, 1..n_dis: D updates)."""
-    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step * 64 + phase) % (2 ** 63))
+    return torch.Generator(device=device).manual_seed(step_seed(seed, step, phase))
 
 
 class Trainer:
@@ -98,9 +104,8 @@ class Trainer:
 
     def _draws(self, phase: int, stream: int, m: int) -> Draws:
         """Augmentation randomness of micro-batch m, drawn per sample of the global batch (see augment.Draws)."""
-        seed = ((self.cfg.train.seed * 1_000_003 + self.step * 64 + phase) * 8 + stream) % (2 ** 63)
         offset = self.rank * self.local_batch + m * self.micro
-        return Draws(seed, offset, self.micro, self.cfg.train.batch_size, self.device)
+        return Draws(step_seed(self.cfg.train.seed, self.step, phase, stream), offset, self.micro, self.cfg.train.batch_size, self.device)
 
     def _add(self, name: str, value: torch.Tensor) -> None:
         v = value.detach().float()
