@@ -17,7 +17,7 @@ setup(
         "dali": ["nvidia-dali-cuda120"],
         "deepspeed": ["deepspeed"],
         "mpi": ["mpi4py", "mpich"],
-        "triton": ["triton"],
+        "triton": ["triton>=3.4,<4"],
         "tensorboard": ["tensorboard"],
         "dev": ["pytest", "pytest-timeout"],
     },

@@ -1,4 +1,4 @@
-"""The ``hpc-gan`` command: train | sample | info.
+"""The ``hpc-gan`` command: train | sample | info | bench.
 
 Bad input ends in one line on stderr that names the problem and the fix (exit 2); set HPC_GAN_TRACEBACK=1 to see
 the traceback instead."""
@@ -61,6 +61,34 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    if not args.kernels:
+        raise ConfigError("hpc-gan bench: choose what to time: --kernels (the training-step benchmark is issue 6's)")
+    import torch
+
+    from hpc_gan.info import sn_shapes
+    from kernels import bench
+
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    gpu = device.type == "cuda"
+    n_local, n_global = (256, 2048) if gpu else (64, 512)  # the CPU times reference paths at a size it can afford
+    dims = (512, 2048) if gpu else (128, 512)
+    dtypes = (torch.float32, torch.bfloat16) if gpu else (torch.float32,)
+    d2d_variants = ("triton", "eager", "compile", "studiogan_broadcast") if gpu else ("eager", "studiogan_broadcast")
+    cfg = load(args.config, args.overrides)
+    shapes = sn_shapes(cfg)
+    print(f"# kernel benchmarks on {torch.cuda.get_device_name(device) if gpu else 'cpu'}; SN shapes of "
+          f"{args.config} ({len(shapes)} layers)", flush=True)
+    rows = bench.bench_d2d(device, n_local, n_global, dims, dtypes, d2d_variants)
+    rows += bench.bench_sn(device, shapes, ("torch_loop", "triton_fused") if gpu else ("torch_loop",))
+    bench.print_table(rows)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"device": str(device), "config": args.config, "rows": rows}, indent=2))
+        print(f"wrote {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hpc-gan", description="BigGAN + ReACGAN training from one CPU to many GPUs.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -86,6 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--config", required=True)
     i.add_argument("overrides", nargs="*")
     i.set_defaults(fn=_info)
+
+    b = sub.add_parser("bench", help="benchmarks (not tests): --kernels times the fused kernels vs references")
+    b.add_argument("--kernels", action="store_true", help="D2D-CE and whole-network spectral norm")
+    b.add_argument("--config", default="configs/imagenet128_reacgan_b2048.yaml", help="preset whose SN layers to use")
+    b.add_argument("overrides", nargs="*")
+    b.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    b.add_argument("--out", default=None, help="also write the rows as JSON here")
+    b.set_defaults(fn=_bench)
     return p
 
 

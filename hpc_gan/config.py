@@ -38,6 +38,7 @@ class ModelConfig:
     d_attn_res: int = 0
     sn_eps: float = 1e-6
     bn_eps: float = 1e-4
+    sn_backend: str = "auto"               # auto | torch | triton: all SN layers in one fused power iteration
 
 
 @dataclass
@@ -110,6 +111,7 @@ CHOICES: Dict[str, tuple] = {
     "loss.cond": ("d2d_ce", "2c", "ac", "mh", "pd", "none"),
     "loss.d2d_mode": ("paper", "studiogan"),
     "loss.backend": ("auto", "torch", "triton"),
+    "model.sn_backend": ("auto", "torch", "triton"),
     "train.precision": ("fp32", "bf16", "fp16"),
 }
 POSITIVE = ("model.g_ch", "model.d_ch", "model.z_dim", "model.shared_dim", "model.embed_dim", "data.num_classes",

@@ -67,3 +67,10 @@ def model_info(cfg: Config, batch: int = 2) -> Dict[str, Any]:
         "gflops_per_sample_iteration": per_sample / 1e9,
         "gflops_per_iteration": per_sample * cfg.train.batch_size / 1e9,
     }
+
+
+def sn_shapes(cfg: Config) -> list:
+    """(out, in*kh*kw) of every spectral-normalized weight of G and D: what one fused SN launch covers."""
+    from hpc_gan.models.layers import spectral_norm_layers
+    G, D = build_models(cfg)
+    return [tuple(m.sn_matrix().shape) for net in (G, D) for m in spectral_norm_layers(net)]

@@ -1,4 +1,5 @@
 """Custom ops of hpc-gan, each beside its pure-PyTorch reference. Imports nothing from hpc_gan."""
-from kernels.similarity import d2d_ce
+from kernels.similarity import d2d_ce, normalized_similarity
+from kernels.spectral_norm import sn_power_iteration
 
-__all__ = ["d2d_ce"]
+__all__ = ["d2d_ce", "normalized_similarity", "sn_power_iteration"]

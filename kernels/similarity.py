@@ -1,7 +1,7 @@
 """ReACGAN's Data-to-Data Cross-Entropy (D2D-CE), Eq. 6 of Kang et al. (NeurIPS 2021).
 
-This file holds the readable torch reference, which is the spec. A fused Triton kernel (no N x N matrix in memory)
-will sit beside it behind ``backend="triton"``; tests compare the two.
+This file holds the readable torch reference, which is the spec, and the dispatch to the fused Triton kernel
+(similarity_triton.py: no N x N matrix in memory) behind ``backend="triton"`` / ``"auto"``; tests compare the two.
 
     L = -1/N sum_i log( exp([s_i - m_p]_- / t) / (exp([s_i - m_p]_- / t) + sum_{j in N(i)} exp([s_ij - m_n]_+ / t)) )
 
@@ -15,8 +15,9 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from kernels._triton import BACKENDS as _BACKENDS, use_triton
+
 _MODES = ("paper", "studiogan")
-_BACKENDS = ("auto", "torch", "triton")
 
 
 def _check_inputs(embed: torch.Tensor, proxy: torch.Tensor, labels: torch.Tensor, temperature: float,
@@ -50,12 +51,12 @@ def d2d_ce(embed: torch.Tensor, proxy: torch.Tensor, labels: torch.Tensor, tempe
         numerics: the positive term is not scaled).
     negatives: optional (embed_all, labels_all), the columns (e.g. the global batch gathered over ranks); row i of
         ``embed`` is column ``row_offset + i`` there and is excluded as its own negative. Gradients flow into embed_all.
-    backend: "torch" (this reference) or "triton"/"auto" once the fused kernel exists.
+    backend: "torch" (this reference), "triton" (the fused kernel), "auto" (Triton on CUDA, torch otherwise).
     """
     _check_inputs(embed, proxy, labels, temperature, mode, backend)
-    if backend == "triton":
-        raise NotImplementedError("d2d_ce: the Triton kernel is not in this build yet; use backend='torch' or 'auto'")
-    # "auto" picks the fused kernel only where it runs; until it exists that is nowhere.
+    cols_in = (embed, labels) if negatives is None else negatives
+    if use_triton(backend, embed, proxy, cols_in[0], op="d2d_ce"):
+        return _d2d_ce_triton(embed, proxy, labels, temperature, m_p, m_n, mode, cols_in, row_offset)
     m_n = 1.0 - m_p if m_n is None else m_n
     f = F.normalize(_acc(embed), dim=1)
     v = F.normalize(_acc(proxy), dim=1)
@@ -79,3 +80,47 @@ def d2d_ce(embed: torch.Tensor, proxy: torch.Tensor, labels: torch.Tensor, tempe
         neg = neg - torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
     denom = torch.logsumexp(torch.cat([pos[:, None], neg], dim=1), dim=1)
     return (denom - pos).mean()
+
+
+def _positive_logits(embed: torch.Tensor, proxy: torch.Tensor, temperature: float, m_p: float) -> torch.Tensor:
+    """[s_i - m_p]_- / t: a row-wise dot product, O(N d), left to torch in both backends."""
+    return torch.clamp((F.normalize(_acc(embed), dim=1) * F.normalize(_acc(proxy), dim=1)).sum(1) - m_p,
+                       max=0.0) / temperature
+
+
+def _d2d_ce_triton(embed: torch.Tensor, proxy: torch.Tensor, labels: torch.Tensor, temperature: float, m_p: float,
+                   m_n: Optional[float], mode: str, cols: Tuple[torch.Tensor, torch.Tensor],
+                   row_offset: int) -> torch.Tensor:
+    from kernels.similarity_triton import NegLogSumExp
+    m_n = 1.0 - m_p if m_n is None else m_n
+    pos = _positive_logits(embed, proxy, temperature, m_p)
+    neg = NegLogSumExp.apply(embed, cols[0], labels, cols[1], int(row_offset), float(m_n), float(temperature),
+                             mode == "studiogan")
+    return (torch.logaddexp(pos, neg) - pos).mean()
+
+
+def normalized_similarity(a: torch.Tensor, b: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """Cosine-similarity matrix (N, M) of the rows of a (N, d) and b (M, d): normalize + matmul, fused in the
+    Triton backend (the norms are accumulated in the same pass over d as the dot products). Differentiable."""
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"normalized_similarity: need (N, d) and (M, d); got {tuple(a.shape)} and {tuple(b.shape)}")
+    if use_triton(backend, a, b, op="normalized_similarity"):
+        return _CosineMatrix.apply(a, b)
+    return F.normalize(a, dim=1) @ F.normalize(b, dim=1).t()
+
+
+class _CosineMatrix(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        from kernels.similarity_triton import cosine_matrix
+        ctx.save_for_backward(a, b)
+        return cosine_matrix(a, b)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        # The backward is two matmuls either way; the reference's autograd is the clearest correct one.
+        a, b = ctx.saved_tensors
+        with torch.enable_grad():
+            a_, b_ = a.detach().requires_grad_(), b.detach().requires_grad_()
+            s = F.normalize(a_, dim=1) @ F.normalize(b_, dim=1).t()
+            return torch.autograd.grad(s, (a_, b_), grad)

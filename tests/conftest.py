@@ -5,6 +5,11 @@ from pathlib import Path
 import pytest
 import torch
 
+# The Triton kernels run on CPU tensors through triton's interpreter, which must be chosen before triton is
+# imported; on a machine with CUDA the kernel tests use the GPU instead.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 torch.set_num_threads(min(2, os.cpu_count() or 1))

@@ -70,23 +70,29 @@ def test_bad_attention_resolution_is_a_clear_error():
 
 
 @pytest.mark.parametrize("kind", ["conv", "linear"])
-def test_spectral_norm_matches_torch_parametrization(kind):
-    """Same weight and same u, v in -> same normalized weight and same u, v out as torch's spectral_norm, and the
-    same gradient (u, v constants, sigma differentiated through W)."""
+def test_spectral_norm_matches_power_iteration_and_torch_gradient(kind):
+    """Each training forward is one step of Miyato et al.'s Algorithm 1 from the stored u (checked against float64),
+    and the normalized weight and its gradient equal torch's spectral_norm holding the same u, v (u, v constants,
+    sigma differentiated through W)."""
     torch.manual_seed(0)
     ours, plain = (SNConv2d(5, 7, 3), torch.nn.Conv2d(5, 7, 3)) if kind == "conv" else \
         (SNLinear(9, 4), torch.nn.Linear(9, 4))
     plain.weight.data.copy_(ours.weight.data)
-    ref = torch.nn.utils.parametrizations.spectral_norm(plain, eps=ours.sn_eps)
+    ref = torch.nn.utils.parametrizations.spectral_norm(plain, eps=ours.sn_eps).eval()  # eval: no own iteration
     param = ref.parametrizations.weight[0]
-    for _ in range(3):  # a few training forwards, each one power-iteration step
+    w64 = ours.weight.detach().double().reshape(ours.weight.shape[0], -1)
+    for _ in range(3):
+        u_prev = ours.sn_u.double().clone()
+        w_ours = ours.sn_weight()
+        v = torch.nn.functional.normalize(w64.t() @ u_prev, dim=0)
+        u = torch.nn.functional.normalize(w64 @ v, dim=0)
+        torch.testing.assert_close(ours.sn_u.double(), u, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ours.sn_v.double(), v, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ours.sn_sigma.double(), u @ w64 @ v, rtol=1e-5, atol=1e-6)
         param._u.copy_(ours.sn_u)
         param._v.copy_(ours.sn_v)
-        w_ours = ours.sn_weight()
         w_ref = ref.weight
         torch.testing.assert_close(w_ours, w_ref)
-        torch.testing.assert_close(ours.sn_u, param._u)
-        torch.testing.assert_close(ours.sn_v, param._v)
     g = torch.randn_like(w_ours)
     (w_ours * g).sum().backward()
     (w_ref * g).sum().backward()

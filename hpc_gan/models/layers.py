@@ -13,6 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kernels import sn_power_iteration
+
 
 def _no_autocast(device_type: str) -> contextlib.AbstractContextManager:
     # autocast exists for cpu/cuda only; the meta device (FLOP counting) needs none
@@ -22,37 +24,50 @@ def _no_autocast(device_type: str) -> contextlib.AbstractContextManager:
 class SpectralNormMixin:
     """Spectral normalization of ``self.weight`` (Miyato et al. 2018) with the semantics of
     torch.nn.utils.parametrizations.spectral_norm: in training mode one (or n) power-iteration step(s) update the
-    u, v buffers without gradient, then sigma = u^T W v is differentiated through W only."""
+    u, v buffers without gradient, then sigma = u^T W v is differentiated through W only. The math is
+    kernels.sn_power_iteration's; a network-wide FusedSpectralNorm (sn_fused.py) may run it for all layers at once
+    and hand each layer its sigma before the forward, in which case the layer uses that."""
 
     weight: torch.Tensor
+    _sn_sigma_fused: Optional[torch.Tensor] = None
 
     def _init_sn(self, n_power_iterations: int, eps: float) -> None:
         out = self.weight.shape[0]
         w = self.weight.detach().reshape(out, -1)
         self.sn_iters, self.sn_eps = n_power_iterations, eps
-        u = F.normalize(w.new_empty(out).normal_(), dim=0, eps=eps)
-        v = F.normalize(w.new_empty(w.shape[1]).normal_(), dim=0, eps=eps)
-        self.register_buffer("sn_u", u)
-        self.register_buffer("sn_v", v)
+        self.register_buffer("sn_u", F.normalize(w.new_empty(out).normal_(), dim=0, eps=eps))
+        self.register_buffer("sn_v", torch.zeros(w.shape[1], dtype=w.dtype, device=w.device))
         self.register_buffer("sn_sigma", torch.ones(()))
-        self._power_iteration(w, 15)  # start near the top singular pair, as torch's spectral_norm does
+        self.sn_warm_start()
 
     @torch.no_grad()
-    def _power_iteration(self, w: torch.Tensor, n: int) -> None:
-        for _ in range(n):
-            self.sn_u.copy_(F.normalize(w @ self.sn_v, dim=0, eps=self.sn_eps))
-            self.sn_v.copy_(F.normalize(w.t() @ self.sn_u, dim=0, eps=self.sn_eps))
+    def sn_warm_start(self, n_iters: int = 15) -> None:
+        """Start u, v near the top singular pair, as torch's spectral_norm does (again after re-initializing W)."""
+        self._sn_update(n_iters)
+
+    def sn_matrix(self) -> torch.Tensor:
+        return self.weight.reshape(self.weight.shape[0], -1)
+
+    def _sn_update(self, n_iters: int) -> torch.Tensor:
+        sigmas, us, vs = sn_power_iteration([self.sn_matrix()], [self.sn_u.float()], n_iters, self.sn_eps,
+                                            backend="torch")
+        with torch.no_grad():
+            self.sn_u.copy_(us[0])
+            self.sn_v.copy_(vs[0])
+        return sigmas[0]
 
     def sn_weight(self) -> torch.Tensor:
         # fp32 even under autocast: u, v and sigma lose too much in bf16 (the layer's conv may still run in bf16)
-        with _no_autocast(self.weight.device.type):
-            w = self.weight.float().reshape(self.weight.shape[0], -1)
-            if self.training:
-                self._power_iteration(w.detach(), self.sn_iters)
-            sigma = torch.dot(self.sn_u.clone(), w @ self.sn_v.clone())
-            with torch.no_grad():
-                self.sn_sigma.copy_(sigma)
-            return self.weight / sigma
+        sigma, self._sn_sigma_fused = self._sn_sigma_fused, None
+        if sigma is None:
+            with _no_autocast(self.weight.device.type):
+                if self.training:
+                    sigma = self._sn_update(self.sn_iters)
+                else:  # no iteration in eval mode; u, v cloned so a later update cannot alter a saved graph
+                    sigma = torch.dot(self.sn_u.float().clone(), self.sn_matrix().float() @ self.sn_v.float().clone())
+                with torch.no_grad():
+                    self.sn_sigma.copy_(sigma)
+        return self.weight / sigma
 
 
 class SNConv2d(nn.Conv2d, SpectralNormMixin):
@@ -156,7 +171,7 @@ def orthogonal_init(module: nn.Module) -> None:
             if getattr(m, "bias", None) is not None:
                 nn.init.zeros_(m.bias)
             if isinstance(m, SpectralNormMixin):
-                m._power_iteration(m.weight.detach().reshape(m.weight.shape[0], -1), 15)
+                m.sn_warm_start()
 
 
 def make_bn(bn_eps: float, bn_momentum: Optional[float] = 0.1) -> Callable[..., nn.Module]:

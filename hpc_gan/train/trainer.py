@@ -24,6 +24,7 @@ from hpc_gan.data import RealStream, build_dataset
 from hpc_gan.losses import cond_loss, d_adv_loss, g_adv_loss, gradient_penalty, orthogonal_reg
 from hpc_gan.losses.regularizers import ortho_weights
 from hpc_gan.models import build_models
+from hpc_gan.models.sn_fused import attach_fused_sn, sn_sigmas
 from hpc_gan.train.ema import EMA, standing_stats_from_noise
 
 HEAD_LOSSES = ("d2d_ce", "2c", "ac", "mh")  # conditioning methods with a loss of their own
@@ -73,6 +74,8 @@ class Trainer:
         G, D = build_models(cfg)
         self.G, self.D = G.to(device), D.to(device)
         self.ema = EMA(self.G, t.ema_decay, t.ema_start)
+        # after the EMA copy: G_ema samples in eval mode, where every layer computes its own sigma
+        self.fused_sn = [attach_fused_sn(net, cfg.model.sn_backend) for net in (self.G, self.D)]
         betas = (t.beta1, t.beta2)
         self.g_opt = torch.optim.Adam(self.G.parameters(), lr=t.g_lr, betas=betas, eps=t.adam_eps)
         self.d_opt = torch.optim.Adam(self.D.parameters(), lr=t.d_lr, betas=betas, eps=t.adam_eps)
@@ -183,6 +186,10 @@ class Trainer:
         """ReACGAN Fig. 2: mean norm of D's features entering the conditioning head, and the norm of the
         conditioning loss's gradient w.r.t. the head's weights (classifier or linear head P and proxies)."""
         self._add("diag_feature_norm", h.detach().float().norm(dim=1).mean())
+        for tag, net in (("G", self.G), ("D", self.D)):  # BigGAN's sigma_0 analysis: top singular values
+            sig = torch.stack(list(sn_sigmas(net).values()))
+            self._add(f"diag_sigma_{tag}_max", sig.max())
+            self._add(f"diag_sigma_{tag}_mean", sig.mean())
         params = self.D.head.cond_parameters()
         grads = torch.autograd.grad(loss_c, params, retain_graph=True, allow_unused=True)
         sq = [g.float().pow(2).sum() for g in grads if g is not None]

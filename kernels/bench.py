@@ -1,0 +1,142 @@
+"""Kernel benchmarks (not tests): D2D-CE forward+backward and whole-network spectral norm, fused vs references.
+
+Run through ``hpc-gan bench --kernels`` (which supplies the SN weight shapes of a model preset). On a GPU: median of
+triton.testing.do_bench, peak extra memory from the CUDA allocator, kernel launches from the profiler. On a CPU only
+the reference paths run (the Triton interpreter is a correctness tool, not a speed one), with a wall-clock median,
+so the benchmark keeps working on machines without a GPU.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from kernels.similarity import d2d_ce
+from kernels.spectral_norm import sn_power_iteration
+
+
+def median_ms(fn: Callable[[], object], device: torch.device, reps: int = 20) -> float:
+    if device.type == "cuda":
+        from triton.testing import do_bench
+        return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    fn()  # warm-up
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def peak_extra_mb(fn: Callable[[], object], device: torch.device) -> Optional[float]:
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+
+
+def count_launches(fn: Callable[[], object], device: torch.device) -> Optional[int]:
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def _studiogan_d2d(embed: torch.Tensor, proxy: torch.Tensor, labels: torch.Tensor, cols: torch.Tensor,
+                   col_labels: torch.Tensor, offset: int, t: float, m_p: float) -> torch.Tensor:
+    """StudioGAN's way: broadcast cosine_similarity (an N x M x d temporary) and masks built on the host."""
+    m_n = 1.0 - m_p
+    sim = F.cosine_similarity(embed[:, None, :].float(), cols[None, :, :].float(), dim=2)
+    y, yc = labels.cpu().numpy(), col_labels.cpu().numpy()  # a host sync, as in StudioGAN
+    neg_mask = torch.from_numpy(y[:, None] != yc[None, :]).to(embed.device)
+    idx = torch.arange(embed.shape[0], device=embed.device)
+    neg_mask[idx, idx + offset] = False
+    pos = torch.clamp(F.cosine_similarity(embed.float(), proxy.float(), dim=1) - m_p, max=0.0) / t
+    neg = torch.clamp((sim - m_n) / t, min=0.0).masked_fill(~neg_mask, float("-inf"))
+    return (torch.logsumexp(torch.cat([pos[:, None], neg], 1), 1) - pos).mean()
+
+
+def bench_d2d(device: torch.device, n_local: int, n_global: int, dims: Sequence[int], dtypes: Sequence[torch.dtype],
+              variants: Sequence[str]) -> List[Dict]:
+    rows = []
+    for d in dims:
+        for dtype in dtypes:
+            g = torch.Generator(device=device).manual_seed(0)
+            cols = torch.randn(n_global, d, device=device, dtype=dtype, generator=g).requires_grad_()
+            col_labels = torch.randint(0, 1000, (n_global,), device=device, generator=g)
+            proxy = torch.randn(n_local, d, device=device, dtype=dtype, generator=g).requires_grad_()
+            offset = n_global // 2
+            labels = col_labels[offset:offset + n_local]
+
+            def make(variant: str) -> Callable[[], object]:
+                if variant == "studiogan_broadcast":
+                    loss_fn = lambda e: _studiogan_d2d(e, proxy, labels, cols, col_labels, offset, 0.5, 0.98)  # noqa
+                else:
+                    backend = "triton" if variant == "triton" else "torch"
+                    loss_fn = lambda e: d2d_ce(e, proxy, labels, 0.5, 0.98, backend=backend,  # noqa: E731
+                                               negatives=(cols, col_labels), row_offset=offset)
+                    if variant == "compile":
+                        loss_fn = torch.compile(loss_fn)
+
+                def step() -> None:
+                    embed = cols[offset:offset + n_local]
+                    loss_fn(embed).backward()
+                return step
+
+            for variant in variants:
+                fn = make(variant)
+                row = {"bench": "d2d_ce fwd+bwd", "variant": variant, "n_local": n_local, "n_global": n_global,
+                       "d": d, "dtype": str(dtype).replace("torch.", "")}
+                try:
+                    row["median_ms"] = median_ms(fn, device)
+                    row["peak_extra_mb"] = peak_extra_mb(fn, device)
+                except (RuntimeError, torch.OutOfMemoryError) as e:  # e.g. the broadcast's N x M x d OOM
+                    row["error"] = str(e).splitlines()[0][:120]
+                rows.append(row)
+                cols.grad = proxy.grad = None
+    return rows
+
+
+def bench_sn(device: torch.device, shapes: Sequence[Tuple[int, int]], variants: Sequence[str],
+             dtype: torch.dtype = torch.float32) -> List[Dict]:
+    """Power iteration + sigma + its backward for every SN matrix of a network, per training step."""
+    g = torch.Generator(device=device).manual_seed(0)
+    ws = [torch.randn(*s, device=device, dtype=dtype, generator=g).div_(s[1] ** 0.5).requires_grad_()
+          for s in shapes]
+    us = [F.normalize(torch.randn(s[0], device=device, generator=g), dim=0) for s in shapes]
+    coef = torch.randn(len(shapes), device=device, generator=g)
+    rows = []
+    for variant in variants:
+        backend = "triton" if variant == "triton_fused" else "torch"
+
+        def step() -> None:
+            sigmas, _, _ = sn_power_iteration(ws, us, 1, backend=backend)
+            (sigmas * coef).sum().backward()
+        row = {"bench": "spectral norm, all layers", "variant": variant, "layers": len(shapes),
+               "params_m": round(sum(r * c for r, c in shapes) / 1e6, 2), "dtype": str(dtype).replace("torch.", "")}
+        row["median_ms"] = median_ms(step, device)
+        row["launches"] = count_launches(step, device)
+        rows.append(row)
+        for w in ws:
+            w.grad = None
+    return rows
+
+
+def print_table(rows: List[Dict]) -> None:
+    keys: List[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    print(" | ".join(keys))
+    for r in rows:
+        print(" | ".join(f"{r[k]:.3f}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k in keys))

@@ -1,0 +1,207 @@
+"""Triton power iteration for a whole list of weight matrices: two launches per iteration, one for the backward.
+
+Launch 1 tiles every matrix by columns: v_raw = W^T u (each program sums over all rows of its column tile, so no
+atomics and a deterministic result). Launch 2 tiles by rows: u_raw = W v_raw / |v_raw|; the last program to finish a
+matrix (an integer atomic counter per matrix) normalizes u and v and writes sigma = |W v|, which equals u^T W v.
+Weights are read through a table of data pointers, so nothing is packed or copied; the table is cached while the
+parameters stay where they are (they do across optimizer steps), so a step adds no host-to-device copy.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._triton import interpreting, tl_dtype
+
+
+def _blocks(device: torch.device) -> Tuple[int, int]:
+    return (32, 32) if device.type != "cuda" or interpreting() else (32, 128)
+
+
+@triton.jit
+def _sn_v_kernel(W_PTRS, U_PTRS, U_FLAT, V_OUT, TILE_MAT, TILE_START, ROWS, COLS, UOFF, VOFF,
+                 U_FROM_FLAT: tl.constexpr, W_DTYPE: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+    pid = tl.program_id(0)
+    m = tl.load(TILE_MAT + pid)
+    c0 = tl.load(TILE_START + pid)
+    n_rows = tl.load(ROWS + m)
+    n_cols = tl.load(COLS + m)
+    w = tl.load(W_PTRS + m).to(tl.pointer_type(W_DTYPE))
+    if U_FROM_FLAT:
+        u_base = U_FLAT + tl.load(UOFF + m)
+    else:
+        u_base = tl.load(U_PTRS + m).to(tl.pointer_type(tl.float32))
+    cs = c0 + tl.arange(0, BC)
+    cm = cs < n_cols
+    acc = tl.zeros((BC,), tl.float32)
+    for r0 in range(0, n_rows, BR):
+        rs = r0 + tl.arange(0, BR)
+        rm = rs < n_rows
+        wt = tl.load(w + rs[:, None] * n_cols + cs[None, :], mask=rm[:, None] & cm[None, :], other=0.0)
+        u = tl.load(u_base + rs, mask=rm, other=0.0)
+        acc += tl.sum(wt.to(tl.float32) * u[:, None], axis=0)
+    tl.store(V_OUT + tl.load(VOFF + m) + cs, acc, mask=cm)
+
+
+@triton.jit
+def _sn_u_kernel(W_PTRS, U_OUT, V_OUT, SIGMA, TILE_MAT, TILE_START, NTILES, COUNT, ROWS, COLS, UOFF, VOFF, eps,
+                 W_DTYPE: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+    pid = tl.program_id(0)
+    m = tl.load(TILE_MAT + pid)
+    r0 = tl.load(TILE_START + pid)
+    n_rows = tl.load(ROWS + m)
+    n_cols = tl.load(COLS + m)
+    w = tl.load(W_PTRS + m).to(tl.pointer_type(W_DTYPE))
+    vb = V_OUT + tl.load(VOFF + m)
+    ub = U_OUT + tl.load(UOFF + m)
+    ss = tl.zeros((BC,), tl.float32)
+    for c0 in range(0, n_cols, BC):
+        cs = c0 + tl.arange(0, BC)
+        v = tl.load(vb + cs, mask=cs < n_cols, other=0.0)
+        ss += v * v
+    inv_v = 1.0 / tl.maximum(tl.sqrt(tl.sum(ss, axis=0)), eps)
+    rs = r0 + tl.arange(0, BR)
+    rm = rs < n_rows
+    acc = tl.zeros((BR,), tl.float32)
+    for c0 in range(0, n_cols, BC):
+        cs = c0 + tl.arange(0, BC)
+        cm = cs < n_cols
+        wt = tl.load(w + rs[:, None] * n_cols + cs[None, :], mask=rm[:, None] & cm[None, :], other=0.0)
+        v = tl.load(vb + cs, mask=cm, other=0.0)
+        acc += tl.sum(wt.to(tl.float32) * v[None, :], axis=1)
+    tl.store(ub + rs, acc * inv_v, mask=rm)
+    tl.debug_barrier()  # this program's stores happen before its arrival is counted
+    arrived = tl.atomic_add(COUNT + m, 1)
+    if arrived == tl.load(NTILES + m) - 1:  # last tile of this matrix: normalize u, v and write sigma
+        ssu = tl.zeros((BR,), tl.float32)
+        for q0 in range(0, n_rows, BR):
+            qs = q0 + tl.arange(0, BR)
+            u = tl.load(ub + qs, mask=qs < n_rows, other=0.0, cache_modifier=".cg")
+            ssu += u * u
+        sq = tl.sum(ssu, axis=0)
+        norm_u = tl.maximum(tl.sqrt(sq), eps)
+        tl.store(SIGMA + m, sq / norm_u)
+        for q0 in range(0, n_rows, BR):
+            qs = q0 + tl.arange(0, BR)
+            u = tl.load(ub + qs, mask=qs < n_rows, other=0.0, cache_modifier=".cg")
+            tl.store(ub + qs, u / norm_u, mask=qs < n_rows)
+        for c0 in range(0, n_cols, BC):
+            cs = c0 + tl.arange(0, BC)
+            v = tl.load(vb + cs, mask=cs < n_cols, other=0.0)
+            tl.store(vb + cs, v * inv_v, mask=cs < n_cols)
+        tl.atomic_xchg(COUNT + m, 0)  # ready for the next launch
+
+
+@triton.jit
+def _sn_grad_kernel(GRAD, GSIG, U_OUT, V_OUT, TILE_MAT, TILE_START, ROWS, COLS, UOFF, VOFF, WOFF,
+                    BR: tl.constexpr, BC: tl.constexpr):
+    """d sigma_m / d W_m = u_m v_m^T, scaled by the incoming gradient, into one flat buffer for all matrices."""
+    pid = tl.program_id(0)
+    m = tl.load(TILE_MAT + pid)
+    r0 = tl.load(TILE_START + pid)
+    n_rows = tl.load(ROWS + m)
+    n_cols = tl.load(COLS + m)
+    rs = r0 + tl.arange(0, BR)
+    rm = rs < n_rows
+    u = tl.load(U_OUT + tl.load(UOFF + m) + rs, mask=rm, other=0.0) * tl.load(GSIG + m)
+    vb = V_OUT + tl.load(VOFF + m)
+    gb = GRAD + tl.load(WOFF + m)
+    for c0 in range(0, n_cols, BC):
+        cs = c0 + tl.arange(0, BC)
+        cm = cs < n_cols
+        v = tl.load(vb + cs, mask=cm, other=0.0)
+        tl.store(gb + rs[:, None] * n_cols + cs[None, :], (u[:, None] * v[None, :]).to(GRAD.dtype.element_ty),
+                 mask=rm[:, None] & cm[None, :])
+
+
+class _Plan:
+    """Tile tables and offsets for one list of shapes on one device (built once, reused every step)."""
+
+    def __init__(self, shapes: Tuple[Tuple[int, int], ...], device: torch.device) -> None:
+        self.shapes = shapes
+        self.br, self.bc = _blocks(device)
+        rows = [r for r, _ in shapes]
+        cols = [c for _, c in shapes]
+        off = lambda xs: [sum(xs[:i]) for i in range(len(xs))]  # noqa: E731
+        self.n_u, self.n_v, self.n_w = sum(rows), sum(cols), sum(r * c for r, c in shapes)
+        self.u_off, self.v_off, self.w_off = off(rows), off(cols), off([r * c for r, c in shapes])
+        v_tiles = [(m, c0) for m, c in enumerate(cols) for c0 in range(0, c, self.bc)]
+        u_tiles = [(m, r0) for m, r in enumerate(rows) for r0 in range(0, r, self.br)]
+        i64 = lambda xs: torch.tensor(xs, dtype=torch.int64, device=device)  # noqa: E731
+        self.v_mat, self.v_start = i64([m for m, _ in v_tiles]), i64([s for _, s in v_tiles])
+        self.u_mat, self.u_start = i64([m for m, _ in u_tiles]), i64([s for _, s in u_tiles])
+        self.ntiles = i64([(r + self.br - 1) // self.br for r in rows])
+        self.count = torch.zeros(len(shapes), dtype=torch.int32, device=device)
+        self.rows, self.cols = i64(rows), i64(cols)
+        self.uoff, self.voff, self.woff = i64(self.u_off), i64(self.v_off), i64(self.w_off)
+        self._ptrs: Dict[tuple, torch.Tensor] = {}
+
+    def pointers(self, tensors: List[torch.Tensor]) -> torch.Tensor:
+        key = tuple(t.data_ptr() for t in tensors)
+        table = self._ptrs.get(key)
+        if table is None:
+            if len(self._ptrs) > 8:  # parameters moved for good (e.g. re-sharded): forget old layouts
+                self._ptrs.clear()
+            table = self._ptrs[key] = torch.tensor(key, dtype=torch.int64, device=tensors[0].device)
+        return table
+
+
+_PLANS: Dict[tuple, _Plan] = {}
+
+
+def _plan(weights: List[torch.Tensor]) -> _Plan:
+    key = (tuple(tuple(w.shape) for w in weights), weights[0].device)
+    if key not in _PLANS:
+        _PLANS[key] = _Plan(key[0], weights[0].device)
+    return _PLANS[key]
+
+
+class _FusedSN(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, plan: _Plan, n_iters: int, eps: float, n: int, *tensors: torch.Tensor):
+        ws, us = tensors[:n], tensors[n:]
+        dev = ws[0].device
+        w_ptrs, u_ptrs = plan.pointers(list(ws)), plan.pointers(list(us))
+        wdt = tl_dtype(ws[0].dtype)
+        u_out = torch.empty(plan.n_u, device=dev, dtype=torch.float32)
+        v_out = torch.empty(plan.n_v, device=dev, dtype=torch.float32)
+        sigmas = torch.empty(n, device=dev, dtype=torch.float32)
+        for it in range(n_iters):
+            _sn_v_kernel[(plan.v_mat.numel(),)](
+                w_ptrs, u_ptrs, u_out, v_out, plan.v_mat, plan.v_start, plan.rows, plan.cols, plan.uoff, plan.voff,
+                U_FROM_FLAT=it > 0, W_DTYPE=wdt, BR=plan.br, BC=plan.bc)
+            _sn_u_kernel[(plan.u_mat.numel(),)](
+                w_ptrs, u_out, v_out, sigmas, plan.u_mat, plan.u_start, plan.ntiles, plan.count, plan.rows,
+                plan.cols, plan.uoff, plan.voff, eps, W_DTYPE=wdt, BR=plan.br, BC=plan.bc)
+        ctx.plan, ctx.w_dtype = plan, ws[0].dtype
+        ctx.save_for_backward(u_out, v_out)
+        ctx.mark_non_differentiable(u_out, v_out)
+        return sigmas, u_out, v_out
+
+    @staticmethod
+    def backward(ctx, g_sigma: torch.Tensor, _gu: torch.Tensor, _gv: torch.Tensor):
+        plan: _Plan = ctx.plan
+        u_out, v_out = ctx.saved_tensors
+        n = len(plan.shapes)
+        grad = torch.empty(plan.n_w, device=u_out.device, dtype=ctx.w_dtype)
+        _sn_grad_kernel[(plan.u_mat.numel(),)](
+            grad, g_sigma.contiguous().float(), u_out, v_out, plan.u_mat, plan.u_start, plan.rows, plan.cols,
+            plan.uoff, plan.voff, plan.woff, BR=plan.br, BC=plan.bc)
+        gws = [grad[o:o + r * c].view(r, c) for o, (r, c) in zip(plan.w_off, plan.shapes)]
+        return (None, None, None, None, *gws, *([None] * n))
+
+
+def fused_power_iteration(weights: List[torch.Tensor], us: List[torch.Tensor], n_iters: int, eps: float
+                          ) -> Tuple[torch.Tensor, List[torch.Tensor], List[torch.Tensor]]:
+    if len({w.dtype for w in weights}) != 1 or not all(w.is_contiguous() for w in weights):
+        raise ValueError("sn_power_iteration(backend='triton'): weights must be contiguous and share one dtype")
+    if any(u.dtype != torch.float32 or not u.is_contiguous() for u in us):
+        raise ValueError("sn_power_iteration(backend='triton'): u vectors must be contiguous float32")
+    plan = _plan(weights)
+    sigmas, u_out, v_out = _FusedSN.apply(plan, n_iters, eps, len(weights), *weights, *us)
+    u_list = [u_out[o:o + r] for o, (r, _) in zip(plan.u_off, plan.shapes)]
+    v_list = [v_out[o:o + c] for o, (_, c) in zip(plan.v_off, plan.shapes)]
+    return sigmas, u_list, v_list

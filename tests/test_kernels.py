@@ -1,0 +1,226 @@
+"""The Triton kernels against their torch references (which test_d2d_ce / test_models check against float64 and
+torch's own spectral_norm): fresh random inputs every run, odd shapes, both D2D-CE modes, global negatives, rows
+without negatives, and the fused spectral norm inside a real model. On CPU through TRITON_INTERPRET=1 (fp32)."""
+import importlib.util
+
+import pytest
+import torch
+
+from hpc_gan.models import biggan
+from hpc_gan.models.sn_fused import FusedSpectralNorm, sn_sigmas
+from kernels import d2d_ce, normalized_similarity, sn_power_iteration
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                reason="triton is not installed (pip install -e .[triton])")
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def fresh_seed():
+    return int(torch.randint(0, 2 ** 31, (1,)))
+
+
+def close(a, b, what, seed, tol=2e-5):
+    torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=lambda m: f"{what} (seed {seed}): {m}")
+
+
+def d2d_case(n, d, classes, seed, n_global=None, offset=0):
+    g = torch.Generator().manual_seed(seed)
+    embed = torch.randn(n, d, generator=g)
+    proxy = torch.randn(n, d, generator=g)
+    labels = torch.randint(0, classes, (n,), generator=g)
+    if n_global is None:
+        return embed, proxy, labels, None
+    others = torch.randn(n_global - n, d, generator=g)
+    other_labels = torch.randint(0, classes, (n_global - n,), generator=g)
+    cols = torch.cat([others[:offset], embed, others[offset:]])  # this rank's rows sit at [offset, offset + n)
+    col_labels = torch.cat([other_labels[:offset], labels, other_labels[offset:]])
+    return embed, proxy, labels, (cols, col_labels)
+
+
+def run_d2d(backend, embed, proxy, labels, negatives, offset, mode, t, m_p):
+    leaves = [x.clone().to(DEV).requires_grad_() for x in (embed, proxy)]
+    neg = None
+    if negatives is not None:
+        leaves.append(negatives[0].clone().to(DEV).requires_grad_())
+        neg = (leaves[2], negatives[1].to(DEV))
+    loss = d2d_ce(leaves[0], leaves[1], labels.to(DEV), t, m_p, mode=mode, backend=backend, negatives=neg,
+                  row_offset=offset)
+    return loss, torch.autograd.grad(loss, leaves)
+
+
+@pytest.mark.parametrize("mode", ["paper", "studiogan"])
+@pytest.mark.parametrize("n,d,classes,n_global,offset", [
+    (7, 5, 3, None, 0), (37, 33, 4, None, 0), (33, 70, 10, None, 0),     # odd sizes across tile edges
+    (11, 17, 3, 45, 22), (5, 9, 2, 67, 62),                               # global negatives, rows at an offset
+    (9, 20, 1, None, 0), (6, 8, 1, 19, 7)])                               # one class: no row has negatives
+def test_triton_d2d_ce_matches_torch(mode, n, d, classes, n_global, offset):
+    seed = fresh_seed()
+    embed, proxy, labels, negatives = d2d_case(n, d, classes, seed, n_global, offset)
+    t, m_p = 0.5, 0.9
+    ref_loss, ref_grads = run_d2d("torch", embed, proxy, labels, negatives, offset, mode, t, m_p)
+    loss, grads = run_d2d("triton", embed, proxy, labels, negatives, offset, mode, t, m_p)
+    close(loss, ref_loss, "loss", seed)
+    for name, a, b in zip(("embed", "proxy", "negatives"), grads, ref_grads):
+        close(a, b, f"grad {name}", seed)
+    if classes == 1:
+        assert loss.item() == 0.0
+
+
+def test_triton_d2d_ce_some_rows_without_negatives_and_small_temperature():
+    seed = fresh_seed()
+    embed, proxy, _, _ = d2d_case(10, 12, 2, seed)
+    labels = torch.tensor([0, 0, 0, 0, 0, 0, 0, 0, 1, 1])  # rows of class 0 have two negatives, class 1 has eight
+    labels = labels[torch.randperm(10, generator=torch.Generator().manual_seed(seed))]
+    for t in (0.05, 1.0):
+        ref = run_d2d("torch", embed, proxy, labels, None, 0, "paper", t, 0.98)
+        got = run_d2d("triton", embed, proxy, labels, None, 0, "paper", t, 0.98)
+        close(got[0], ref[0], f"loss t={t}", seed, tol=1e-4)
+        for a, b in zip(got[1], ref[1]):
+            close(a, b, f"grads t={t}", seed, tol=1e-4)
+
+
+def test_gathered_negatives_get_the_full_gradient():
+    """The gradient w.r.t. the gathered columns is the gradient of this rank's loss, not divided by a world size:
+    summed over ranks it gives the global batch's gradient."""
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    n, world, d = 6, 3, 8
+    embed_all = torch.randn(n * world, d, generator=g, requires_grad=True)
+    proxy_all = torch.randn(n * world, d, generator=g)
+    labels_all = torch.randint(0, 4, (n * world,), generator=g)
+    full = d2d_ce(embed_all, proxy_all, labels_all, 0.5, 0.9, backend="torch") * world
+    want = torch.autograd.grad(full, embed_all)[0]
+    cols = embed_all.detach().clone().requires_grad_()
+    total = 0
+    for r in range(world):
+        sl = slice(r * n, (r + 1) * n)
+        rows = cols[sl]  # the rank's own rows are its slice of the gathered tensor, as after a gather
+        total = total + d2d_ce(rows, proxy_all[sl], labels_all[sl], 0.5, 0.9, backend="triton", negatives=(cols, labels_all), row_offset=r * n)
+    got = torch.autograd.grad(total, cols)[0]
+    close(got, want, "summed per-rank gradient", seed)
+
+
+@pytest.mark.parametrize("n,m,d", [(13, 5, 7), (1, 40, 33), (32, 32, 32)])
+def test_normalized_similarity_matches_torch(n, m, d):
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    a, b = torch.randn(n, d, generator=g), torch.randn(m, d, generator=g)
+    out = {}
+    for backend in ("torch", "triton"):
+        a_, b_ = a.clone().to(DEV).requires_grad_(), b.clone().to(DEV).requires_grad_()
+        s = normalized_similarity(a_, b_, backend=backend)
+        grad_out = torch.randn(n, m, generator=torch.Generator().manual_seed(seed + 1)).to(DEV)
+        out[backend] = (s, *torch.autograd.grad(s, (a_, b_), grad_out))
+    for name, x, y in zip(("S", "dA", "dB"), out["triton"], out["torch"]):
+        close(x, y, name, seed)
+
+
+def test_triton_backend_refuses_what_the_interpreter_cannot_run():
+    if DEV.type == "cuda":
+        pytest.skip("the interpreter's fp32-only limit applies to CPU tensors")
+    x = torch.randn(4, 3, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="fp32 only.*float64"):
+        d2d_ce(x, x, torch.tensor([0, 1, 0, 1]), 0.5, 0.9, backend="triton")
+    assert d2d_ce(x.float(), x.float(), torch.tensor([0, 1, 0, 1]), 0.5, 0.9, backend="auto").requires_grad is False
+
+
+SN_SHAPES = [(5, 7), (33, 3), (1, 40), (17, 17), (70, 9), (4, 130)]
+
+
+def sn_case(seed):
+    g = torch.Generator().manual_seed(seed)
+    ws = [torch.randn(*s, generator=g).to(DEV).requires_grad_() for s in SN_SHAPES]
+    us = [torch.nn.functional.normalize(torch.randn(s[0], generator=g), dim=0).to(DEV) for s in SN_SHAPES]
+    return ws, us
+
+
+@pytest.mark.parametrize("n_iters", [1, 3])
+def test_sn_power_iteration_matches_torch_loop(n_iters):
+    seed = fresh_seed()
+    ws, us = sn_case(seed)
+    us_before = [u.clone() for u in us]
+    ref = sn_power_iteration(ws, us, n_iters, backend="torch")
+    got = sn_power_iteration(ws, us, n_iters, backend="triton")
+    close(got[0], ref[0], "sigma", seed)
+    for i, (a, b) in enumerate(zip(got[1], ref[1])):
+        close(a, b, f"u of matrix {i}", seed)
+    for i, (a, b) in enumerate(zip(got[2], ref[2])):
+        close(a, b, f"v of matrix {i}", seed)
+    assert all(torch.equal(u, b) for u, b in zip(us, us_before)), "inputs must not be modified"
+    weights = torch.randn(len(ws), generator=torch.Generator().manual_seed(seed)).to(DEV)
+    g_ref = torch.autograd.grad((ref[0] * weights).sum(), ws)
+    g_got = torch.autograd.grad((got[0] * weights).sum(), ws)
+    for i, (a, b) in enumerate(zip(g_got, g_ref)):
+        close(a, b, f"d sigma / d W of matrix {i}", seed)
+
+
+def test_sn_power_iteration_converges_to_the_spectral_norm():
+    """Random orthogonal factors around a spectrum with a clear gap (sigma_2 / sigma_1 <= 0.7), so 40 iterations
+    reach 1e-5; torch.linalg.matrix_norm(ord=2) is the independent answer."""
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    ws = []
+    for r, c in SN_SHAPES:
+        k = min(r, c)
+        q1 = torch.linalg.qr(torch.randn(r, k, generator=g))[0]
+        q2 = torch.linalg.qr(torch.randn(c, k, generator=g))[0]
+        s = torch.rand(k, generator=g) * 0.7 * 3.0
+        s[0] = 3.0 + torch.rand((), generator=g)
+        ws.append((q1 * s) @ q2.t())
+    us = [torch.nn.functional.normalize(torch.randn(r, generator=g), dim=0) for r, _ in SN_SHAPES]
+    sigmas, _, _ = sn_power_iteration([w.to(DEV) for w in ws], [u.to(DEV) for u in us], 40, backend="triton")
+    want = torch.stack([torch.linalg.matrix_norm(w.double(), ord=2) for w in ws]).float().to(DEV)
+    close(sigmas, want, "sigma after 40 iterations", seed, tol=1e-4)
+
+
+def test_model_with_fused_sn_equals_reference():
+    """Tiny BigGAN G and D: training-mode forwards with the fused SN give the reference's outputs, u, v, sigma
+    buffers and gradients; eval mode leaves the fused path alone."""
+    seed = fresh_seed()
+    torch.manual_seed(seed)
+    nets = {"G": biggan.Generator(16, 4, 3, 24, 8, 8), "D": biggan.Discriminator(16, 4, 3, "d2d_ce", 8, 8)}
+    for name, ref in nets.items():
+        ref = ref.to(DEV).train()
+        fused = biggan.Generator(16, 4, 3, 24, 8, 8) if name == "G" else \
+            biggan.Discriminator(16, 4, 3, "d2d_ce", 8, 8)
+        fused = fused.to(DEV).train()
+        fused.load_state_dict(ref.state_dict())
+        FusedSpectralNorm(fused, backend="triton")
+        g = torch.Generator().manual_seed(seed)
+        for step in range(2):
+            if name == "G":
+                inputs = (torch.randn(4, 24, generator=g).to(DEV), torch.randint(0, 3, (4,), generator=g).to(DEV))
+            else:
+                inputs = (torch.randn(4, 3, 16, 16, generator=g).to(DEV), torch.randint(0, 3, (4,), generator=g).to(DEV))
+            outs = [net(*inputs) for net in (ref, fused)]
+            outs = [o["adv"].sum() + o["embed"].sum() if isinstance(o, dict) else o.square().mean() for o in outs]
+            close(outs[1], outs[0], f"{name} output, step {step}", seed, tol=1e-4)
+            # a layer unused by this output: None in the reference, zeros in the fused path (sigma's grad is 0)
+            grads = [torch.autograd.grad(o, list(net.parameters()), allow_unused=True)
+                     for o, net in zip(outs, (ref, fused))]
+            for (pname, p), a, b in zip(ref.named_parameters(), grads[1], grads[0]):
+                zero = torch.zeros_like(p)
+                close(zero if a is None else a, zero if b is None else b, f"{name} grad {pname}, step {step}",
+                      seed, tol=1e-4)
+        for (bname, a), b in zip(ref.named_buffers(), fused.buffers()):
+            close(b, a, f"{name} buffer {bname}", seed, tol=1e-4)
+        assert set(sn_sigmas(fused)) == set(sn_sigmas(ref)) and len(sn_sigmas(fused)) > 3
+
+
+def test_training_steps_with_triton_backends_equal_torch(tiny_cfg):
+    """Two full D+G steps on the tiny config: fused SN + fused D2D-CE give the reference's parameters. adam_eps=1
+    makes Adam's update linear in small gradients, so float-rounding differences are not blown up to +-lr."""
+    from hpc_gan.train.trainer import Trainer
+    nets = {}
+    for backend in ("torch", "triton"):
+        cfg = tiny_cfg(f"model.sn_backend={backend}", f"loss.backend={backend}", "train.batch_size=6",
+                       "train.adam_eps=1.0", "train.g_lr=0.05", "train.d_lr=0.05")
+        tr = Trainer(cfg, DEV)
+        assert all(f is not None for f in tr.fused_sn) == (backend == "triton")
+        for _ in range(2):
+            tr.train_step(diagnostics=True)
+        nets[backend] = (tr.G, tr.D, tr.pop_metrics())
+    for i, tag in enumerate("GD"):
+        for (name, a), b in zip(nets["torch"][i].state_dict().items(), nets["triton"][i].state_dict().values()):
+            close(b, a, f"{tag}.{name} after 2 steps", 0, tol=1e-4)
+    assert nets["triton"][2]["diag_sigma_D_max"] == pytest.approx(nets["torch"][2]["diag_sigma_D_max"], rel=1e-4)
