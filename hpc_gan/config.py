@@ -66,6 +66,7 @@ class LossConfig:
     ortho_beta: float = 0.0                # BigGAN's off-diagonal orthogonal regularization in G (1e-4 in the paper)
     diffaug: str = ""                      # comma list of color, translation, cutout ("" = off)
     cr_lambda: float = 0.0                 # consistency regularization on reals (flip + translation)
+    global_negatives: bool = True          # d2d_ce: negatives from the whole global (micro-)batch across ranks
 
 
 @dataclass
@@ -94,12 +95,23 @@ class TrainConfig:
 
 
 @dataclass
+class DistConfig:
+    strategy: str = "ddp"                  # ddp | zero1 | zero2 (DeepSpeed engines for G and D)
+    sync_bn: bool = True                   # G's BatchNorm statistics over the global batch (cross-replica BN)
+    bn_group_size: int = 0                 # BN over groups of this many ranks (0: all ranks)
+    timeout_s: float = 600.0               # process-group timeout: a dead rank fails the job within this
+    backend: str = "auto"                  # auto (nccl on GPUs, gloo on CPUs) | nccl | gloo
+    check_every: int = 0                   # also check that replicas agree every k steps (0: at checkpoints only)
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
 
 CHOICES: Dict[str, tuple] = {
@@ -113,13 +125,16 @@ CHOICES: Dict[str, tuple] = {
     "loss.backend": ("auto", "torch", "triton"),
     "model.sn_backend": ("auto", "torch", "triton"),
     "train.precision": ("fp32", "bf16", "fp16"),
+    "dist.strategy": ("ddp", "zero1", "zero2"),
+    "dist.backend": ("auto", "nccl", "gloo"),
 }
 POSITIVE = ("model.g_ch", "model.d_ch", "model.z_dim", "model.shared_dim", "model.embed_dim", "data.num_classes",
             "loss.temperature", "train.steps", "train.batch_size", "train.n_dis", "train.g_lr", "train.d_lr",
-            "train.log_every", "train.sample_every", "train.checkpoint_every")
+            "train.log_every", "train.sample_every", "train.checkpoint_every", "dist.timeout_s")
 NON_NEGATIVE = ("train.micro_batch", "train.ema_start", "train.standing_stats", "train.truncation",
                 "train.keep_checkpoints", "loss.gp_lambda", "loss.ortho_beta", "loss.cr_lambda",
-                "loss.cond_lambda_d", "loss.cond_lambda_g", "data.num_workers", "model.g_attn_res", "model.d_attn_res")
+                "loss.cond_lambda_d", "loss.cond_lambda_g", "data.num_workers", "model.g_attn_res", "model.d_attn_res",
+                "dist.bn_group_size", "dist.check_every")
 DIFFAUG_POLICIES = ("color", "translation", "cutout")
 
 
@@ -192,6 +207,11 @@ def validate(cfg: Config) -> None:
     if t.micro_batch and t.batch_size % t.micro_batch:
         raise ConfigError(f"train.micro_batch={t.micro_batch} does not divide train.batch_size={t.batch_size}; "
                           f"pick a divisor")
+    if cfg.dist.strategy != "ddp" and cfg.loss.adv == "wasserstein":
+        raise ConfigError(f"dist.strategy={cfg.dist.strategy}: the gradient penalty needs a second D forward, which "
+                          f"ZeRO engines do not allow; use dist.strategy=ddp or another loss.adv")
+    if cfg.dist.strategy != "ddp" and t.precision == "fp16":
+        raise ConfigError(f"dist.strategy={cfg.dist.strategy} runs fp32 or bf16; use train.precision=bf16")
     if cfg.loss.cond in ("d2d_ce", "2c") and t.batch_size < 2:
         raise ConfigError("train.batch_size: d2d_ce / 2c need at least 2 samples per batch for negatives")
 

@@ -1,7 +1,7 @@
 """Real images for training, as a stream of global batches that does not depend on the number of ranks.
 
 Step k of a run always draws the same global batch of sample indices (an epoch-wise permutation seeded by
-``train.seed``, last partial batch dropped) and the same flips; each rank takes its contiguous slice. The stream's
+``train.seed``, last partial batch dropped) and the same flips; each rank takes its positions of it (``rank_positions``). The stream's
 state is one integer (global batches consumed), saved in checkpoints, so a resumed run continues the exact order.
 """
 from __future__ import annotations
@@ -125,18 +125,30 @@ def flip_mask(batch: int, seed: int, k: int) -> torch.Tensor:
     return torch.rand(batch, generator=g) < 0.5
 
 
-class _RankSlices:
-    """batch_sampler for a DataLoader: this rank's slice of each global batch, from batch ``start`` on."""
+def rank_positions(batch: int, world: int, rank: int, micro: int) -> torch.Tensor:
+    """Positions in the global batch that rank ``rank`` trains on, micro-batch after micro-batch.
 
-    def __init__(self, n: int, batch: int, seed: int, start: int, rank: int, world: int) -> None:
-        self.n, self.batch, self.seed, self.start, self.rank, self.world = n, batch, seed, start, rank, world
+    The global batch is laid out micro-batch-major: accumulation step m covers the contiguous chunk
+    [m * world * micro, (m + 1) * world * micro), split over the ranks in order. So the samples that meet in one
+    synchronized BN or one global-negatives D2D-CE are the same whatever the world size: 2 ranks x micro B see exactly
+    what 1 rank x micro 2B sees. With no accumulation this is the plain contiguous per-rank slice."""
+    if batch % (world * micro):
+        raise ValueError(f"global batch {batch} is not micro-batch {micro} x accumulation x {world} ranks")
+    chunks = [torch.arange(m * world * micro + rank * micro, m * world * micro + (rank + 1) * micro)
+              for m in range(batch // (world * micro))]
+    return torch.cat(chunks)
+
+
+class _RankSlices:
+    """batch_sampler for a DataLoader: this rank's positions of each global batch, from batch ``start`` on."""
+
+    def __init__(self, n: int, batch: int, seed: int, start: int, positions: torch.Tensor) -> None:
+        self.n, self.batch, self.seed, self.start, self.positions = n, batch, seed, start, positions
 
     def __iter__(self) -> Iterator[List[int]]:
-        local = self.batch // self.world
         k = self.start
         while True:
-            idx = global_batch_indices(self.n, self.batch, self.seed, k)
-            yield idx[self.rank * local:(self.rank + 1) * local].tolist()
+            yield global_batch_indices(self.n, self.batch, self.seed, k)[self.positions].tolist()
             k += 1
 
     def __len__(self) -> int:  # an endless stream; DataLoader only needs the attribute
@@ -147,9 +159,8 @@ class RealStream:
     """Endless per-rank batches of (images in [-1, 1] float NCHW on ``device``, labels int64)."""
 
     def __init__(self, dataset: Dataset, batch: int, seed: int, hflip: bool, device: torch.device,
-                 rank: int = 0, world: int = 1, num_workers: int = 0) -> None:
-        if batch % world:
-            raise ValueError(f"global batch {batch} does not split over {world} ranks")
+                 rank: int = 0, world: int = 1, num_workers: int = 0, micro: int = 0) -> None:
+        self.positions = rank_positions(batch, world, rank, micro or batch // world)
         self.dataset, self.batch, self.seed, self.hflip = dataset, batch, seed, hflip
         self.device, self.rank, self.world, self.num_workers = device, rank, world, num_workers
         self.consumed = 0
@@ -163,7 +174,7 @@ class RealStream:
         self._it = None
 
     def _iterator(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        sampler = _RankSlices(len(self.dataset), self.batch, self.seed, self.consumed, self.rank, self.world)
+        sampler = _RankSlices(len(self.dataset), self.batch, self.seed, self.consumed, self.positions)
         if isinstance(self.dataset, ArrayDataset):  # in memory: one gather per batch, no workers needed
             for idx in sampler:
                 yield self.dataset.gather(torch.as_tensor(idx))
@@ -175,8 +186,7 @@ class RealStream:
             self._it = self._iterator()
         images, labels = next(self._it)
         if self.hflip:
-            local = self.batch // self.world
-            flip = flip_mask(self.batch, self.seed, self.consumed)[self.rank * local:(self.rank + 1) * local]
+            flip = flip_mask(self.batch, self.seed, self.consumed)[self.positions]
             images = torch.where(flip[:, None, None, None], images.flip(3), images)
         self.consumed += 1
         images = images.to(self.device, non_blocking=True).float().div_(127.5).sub_(1.0)

@@ -9,7 +9,7 @@
 """
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -36,11 +36,18 @@ def multi_hinge(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.relu(1.0 + others.max(dim=1, keepdim=True).values - target.float()).mean()
 
 
-def cond_loss(method: str, out: Dict[str, torch.Tensor], labels: torch.Tensor, loss_cfg: Any) -> torch.Tensor:
-    """Conditioning loss of D's output dict ``out`` for ``labels``; ``loss_cfg`` is the config's loss section."""
+Negatives = Callable[[torch.Tensor, torch.Tensor], Tuple[Tuple[torch.Tensor, torch.Tensor], int]]
+
+
+def cond_loss(method: str, out: Dict[str, torch.Tensor], labels: torch.Tensor, loss_cfg: Any,
+              negatives: Optional[Negatives] = None) -> torch.Tensor:
+    """Conditioning loss of D's output dict ``out`` for ``labels``; ``loss_cfg`` is the config's loss section.
+    ``negatives(embed, labels) -> ((embed_all, labels_all), row_offset)`` supplies D2D-CE's columns from the whole
+    global batch (hpc_gan.dist.gather.gather_negatives); None: this batch's rows only."""
     if method == "d2d_ce":
+        cols, offset = negatives(out["embed"], labels) if negatives is not None else (None, 0)
         return kernels.d2d_ce(out["embed"], out["proxy"], labels, loss_cfg.temperature, loss_cfg.m_p, loss_cfg.m_n,
-                              mode=loss_cfg.d2d_mode, backend=loss_cfg.backend)
+                              mode=loss_cfg.d2d_mode, backend=loss_cfg.backend, negatives=cols, row_offset=offset)
     if method == "2c":
         return contrastive_2c(out["embed"], out["proxy"], labels, loss_cfg.temperature)
     if method == "ac":

@@ -9,8 +9,10 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
 import torch
+import torch.distributed as dist
 
 from hpc_gan.config import Config, ConfigError, dump
+from hpc_gan.dist import DistInfo, launch
 from hpc_gan.eval.sampling import sample_sheet, sheet_classes
 from hpc_gan.train import checkpoint
 from hpc_gan.train.trainer import Trainer, check_precision, param_count, resolve_device
@@ -103,23 +105,60 @@ def find_resume(run_dir: Path, resume: Optional[str]) -> Optional[Path]:
         raise ConfigError(f"--resume {resume}: {e}") from None
 
 
-def train(cfg: Config, resume: Optional[str] = None, log: Callable[[str], None] = print) -> Dict[str, Any]:
-    """Run (or continue) a training run; returns a summary dict."""
+def _barrier(info: DistInfo) -> None:
+    if info.world > 1:
+        dist.barrier()
+
+
+class _NoMetrics:
+    """What ranks other than 0 write: nothing."""
+
+    def write(self, step: int, values: Dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def train(cfg: Config, resume: Optional[str] = None, log: Callable[[str], None] = print,
+          info: Optional[DistInfo] = None) -> Dict[str, Any]:
+    """Run (or continue) a training run on this process's rank; returns a summary dict. Without ``info`` the
+    launcher is detected (torchrun, srun, mpirun or none) and the process group created and destroyed here."""
+    own = info is None
+    if own:
+        device_type = "cpu" if cfg.run.device == "cpu" else "auto"
+        info = launch.init(cfg.dist.timeout_s, cfg.dist.backend, device_type)
+    try:
+        return _train(cfg, resume, log if info.is_main else (lambda msg: None), info)
+    finally:
+        if own:
+            launch.shutdown(info)
+
+
+def _train(cfg: Config, resume: Optional[str], log: Callable[[str], None], info: DistInfo) -> Dict[str, Any]:
     t = cfg.train
-    device = resolve_device(cfg.run.device)
+    device = resolve_device(cfg.run.device, info.local_rank)
     check_precision(t.precision, device)  # before the run dir is touched
     ckpt = find_resume(Path(cfg.run.dir), resume)
-    run_dir = prepare_run_dir(cfg)
-    trainer = Trainer(cfg, device)
+    run_dir = Path(cfg.run.dir)
+    if info.is_main:
+        prepare_run_dir(cfg)
+    _barrier(info)
+    trainer = Trainer(cfg, device, info)
     log(f"hpc-gan: {cfg.model.arch} {cfg.model.resolution}px, G {param_count(trainer.G) / 1e6:.2f}M / "
         f"D {param_count(trainer.D) / 1e6:.2f}M params, {cfg.loss.adv} + {cfg.loss.cond}, batch {t.batch_size} "
-        f"({trainer.accum} x {trainer.micro}), {device}, run dir {run_dir}")
+        f"({trainer.accum} x {trainer.micro} x {info.world} ranks), {device}, run dir {run_dir}")
+    if info.world > 1:
+        log(f"distributed: {info.world} ranks via {info.launcher} ({info.backend}, {info.master_addr}:"
+            f"{info.master_port}), strategy {cfg.dist.strategy}, sync BN {cfg.dist.sync_bn}, global negatives "
+            f"{cfg.loss.global_negatives}")
     if ckpt is not None:
         trainer.load_state_dict(checkpoint.load_consolidated(ckpt, map_location=device))
         log(f"resumed from {ckpt} at step {trainer.step}")
-    metrics = MetricsWriter(run_dir, cfg.run.tensorboard, resume_step=trainer.step if ckpt else None)
+    metrics = MetricsWriter(run_dir, cfg.run.tensorboard, resume_step=trainer.step if ckpt else None) \
+        if info.is_main else _NoMetrics()
     timers = {"train": 0.0, "log": 0.0, "sample": 0.0, "checkpoint": 0.0}
-    classifier = DemoClassifier(trainer, log) if t.demo_classifier else None
+    classifier = DemoClassifier(trainer, log) if t.demo_classifier and info.is_main else None
     summary: Dict[str, Any] = {"run_dir": str(run_dir), "start_step": trainer.step}
     if classifier is not None and trainer.step == 0:
         acc = classifier.score(trainer.sampling_generator())
@@ -155,7 +194,7 @@ def train(cfg: Config, resume: Optional[str] = None, log: Callable[[str], None] 
                                              f"is intact: lower the learning rates or check the data")
             t2 = time.perf_counter()
             timers["log"] += t2 - t1
-            if step % t.sample_every == 0 or final:
+            if info.is_main and (step % t.sample_every == 0 or final):
                 G = trainer.sampling_generator()
                 sample_sheet(G, run_dir / "samples" / f"step-{step:08d}.png", sheet_classes(cfg.data.num_classes),
                              8, cfg.model.z_dim, t.seed + SHEET_SEED_OFFSET, t.truncation, device)
@@ -167,8 +206,14 @@ def train(cfg: Config, resume: Optional[str] = None, log: Callable[[str], None] 
             t3 = time.perf_counter()
             timers["sample"] += t3 - t2
             if step % t.checkpoint_every == 0 or final:
-                checkpoint.save(run_dir / "checkpoints", step, trainer.state_dict())
-                checkpoint.prune(run_dir / "checkpoints", t.keep_checkpoints)
+                trainer.check_replicas()  # collective, like state_dict under ZeRO: every rank takes part
+                state = trainer.state_dict()
+                if info.is_main:
+                    checkpoint.save(run_dir / "checkpoints", step, state)
+                    checkpoint.prune(run_dir / "checkpoints", t.keep_checkpoints)
+                _barrier(info)
+            elif cfg.dist.check_every and step % cfg.dist.check_every == 0:
+                trainer.check_replicas()
             timers["checkpoint"] += time.perf_counter() - t3
     finally:
         metrics.close()

@@ -16,11 +16,18 @@ import copy
 from typing import Any, Dict, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from hpc_gan.augment import Draws, consistency_augment, diff_augment
 from hpc_gan.config import Config, ConfigError, to_dict
 from hpc_gan.data import RealStream, build_dataset
+from hpc_gan.data.loader import rank_positions
+from hpc_gan.dist import DistInfo
+from hpc_gan.dist.batchnorm import average_running_stats, bn_process_group, convert_cross_replica_bn
+from hpc_gan.dist.consistency import check_replicas
+from hpc_gan.dist.engines import broadcast_state, build_net
+from hpc_gan.dist.gather import gather_negatives
 from hpc_gan.losses import cond_loss, d_adv_loss, g_adv_loss, gradient_penalty, orthogonal_reg
 from hpc_gan.losses.regularizers import ortho_weights
 from hpc_gan.models import build_models
@@ -31,12 +38,13 @@ HEAD_LOSSES = ("d2d_ce", "2c", "ac", "mh")  # conditioning methods with a loss o
 REAL_AUG, FAKE_AUG, CR_AUG, GP_MIX = 1, 2, 3, 4  # random streams of a step phase besides z and labels
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """The device of this rank: GPU ``local_rank`` where CUDA is used."""
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("run.device=cuda but no CUDA device is visible; use run.device=cpu or auto")
-    return torch.device(name)
+    if name == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank)
 
 
 def check_precision(precision: str, device: torch.device) -> None:
@@ -56,35 +64,49 @@ def step_generator(seed: int, step: int, phase: int, device: torch.device) -> to
 
 
 class Trainer:
-    def __init__(self, cfg: Config, device: torch.device, rank: int = 0, world: int = 1) -> None:
-        self.cfg, self.device, self.rank, self.world = cfg, device, rank, world
+    """The step, on one rank of ``info.world`` (one process by default). ``self.G`` / ``self.D`` are the plain
+    modules; ``self.g_net`` / ``self.d_net`` their strategy wrappers (DDP or DeepSpeed engine and optimizer)."""
+
+    def __init__(self, cfg: Config, device: torch.device, info: Optional[DistInfo] = None) -> None:
+        info = info or DistInfo()
+        self.cfg, self.device, self.info = cfg, device, info
+        self.rank, self.world = info.rank, info.world
         t, lc = cfg.train, cfg.loss
-        if t.batch_size % world:
-            raise ConfigError(f"train.batch_size={t.batch_size} does not split over {world} ranks; use a multiple")
-        self.local_batch = t.batch_size // world
-        self.micro = t.micro_batch or self.local_batch
+        if t.batch_size % self.world:
+            raise ConfigError(f"train.batch_size={t.batch_size} does not split over {self.world} ranks; use a "
+                              f"multiple of the world size")
+        self.local_batch = t.batch_size // self.world
+        self.micro = min(t.micro_batch, self.local_batch) if t.micro_batch else self.local_batch
         if self.local_batch % self.micro:
-            raise ConfigError(f"train.micro_batch={self.micro} does not divide the per-rank batch {self.local_batch}"
-                              f" (train.batch_size / world size); pick a divisor")
+            raise ConfigError(f"train.batch_size={t.batch_size} is not train.micro_batch={self.micro} x accumulation"
+                              f" x {self.world} ranks; pick micro_batch dividing {self.local_batch} (batch / ranks)")
         self.accum = self.local_batch // self.micro
         check_precision(t.precision, device)
         self.amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[t.precision]
+        if cfg.dist.strategy != "ddp":  # DeepSpeed's bf16 engine holds bf16 weights itself: no autocast on top
+            self.amp_dtype = None
+        # positions of this rank's samples in the global batch, micro-batch-major (see data.loader.rank_positions)
+        self.positions = rank_positions(t.batch_size, self.world, self.rank, self.micro).to(device)
 
         torch.manual_seed(t.seed)  # identical initial weights for a given seed, on every rank
         G, D = build_models(cfg)
         self.G, self.D = G.to(device), D.to(device)
-        self.ema = EMA(self.G, t.ema_decay, t.ema_start)
+        self.ema = EMA(self.G, t.ema_decay, t.ema_start)  # before the BN swap: G_ema samples on one rank alone
+        if self.world > 1 and cfg.dist.sync_bn:
+            convert_cross_replica_bn(self.G, bn_process_group(cfg.dist.bn_group_size, self.rank, self.world))
         # after the EMA copy: G_ema samples in eval mode, where every layer computes its own sigma
         self.fused_sn = [attach_fused_sn(net, cfg.model.sn_backend) for net in (self.G, self.D)]
+        broadcast_state(self.G)
+        broadcast_state(self.D)
         betas = (t.beta1, t.beta2)
-        self.g_opt = torch.optim.Adam(self.G.parameters(), lr=t.g_lr, betas=betas, eps=t.adam_eps)
-        self.d_opt = torch.optim.Adam(self.D.parameters(), lr=t.d_lr, betas=betas, eps=t.adam_eps)
-        fp16 = t.precision == "fp16"
-        self.g_scaler = torch.amp.GradScaler("cuda", enabled=fp16)  # one loss scaler per network
-        self.d_scaler = torch.amp.GradScaler("cuda", enabled=fp16)
+        common = dict(betas=betas, eps=t.adam_eps, micro=self.micro, accum=self.accum, world=self.world,
+                      precision=t.precision)
+        self.g_net = build_net(self.G, cfg.dist.strategy, t.g_lr, **common)
+        self.d_net = build_net(self.D, cfg.dist.strategy, t.d_lr, **common)
+        self.negatives = gather_negatives if self.world > 1 and lc.global_negatives else None
         self.dataset = build_dataset(cfg.data, cfg.model.resolution, t.seed)
-        self.real = RealStream(self.dataset, t.batch_size, t.seed, cfg.data.hflip, device, rank, world,
-                               cfg.data.num_workers)
+        self.real = RealStream(self.dataset, t.batch_size, t.seed, cfg.data.hflip, device, self.rank, self.world,
+                               cfg.data.num_workers, micro=self.micro)
         self.policies = [p.strip() for p in lc.diffaug.split(",") if p.strip()]
         self.step = 0
         self._sums: Dict[str, torch.Tensor] = {}
@@ -102,12 +124,11 @@ class Trainer:
         b = self.cfg.train.batch_size
         z = torch.randn(b, self.cfg.model.z_dim, generator=gen, device=self.device)
         y = torch.randint(0, self.cfg.data.num_classes, (b,), generator=gen, device=self.device)
-        sl = slice(self.rank * self.local_batch, (self.rank + 1) * self.local_batch)
-        return z[sl], y[sl]
+        return z[self.positions], y[self.positions]
 
     def _draws(self, phase: int, stream: int, m: int) -> Draws:
         """Augmentation randomness of micro-batch m, drawn per sample of the global batch (see augment.Draws)."""
-        offset = self.rank * self.local_batch + m * self.micro
+        offset = m * self.world * self.micro + self.rank * self.micro  # where micro-batch m sits globally
         return Draws(step_seed(self.cfg.train.seed, self.step, phase, stream), offset, self.micro, self.cfg.train.batch_size, self.device)
 
     def _add(self, name: str, value: torch.Tensor) -> None:
@@ -117,110 +138,128 @@ class Trainer:
 
     def pop_metrics(self) -> Dict[str, float]:
         """Means of everything summed since the last call. Synchronizes: call at logging steps only."""
-        out = {k: (v / self._counts[k]).item() for k, v in self._sums.items()}
+        keys = sorted(self._sums)
+        if not keys:
+            return {}
+        means = torch.stack([self._sums[k] / self._counts[k] for k in keys])
+        if self.world > 1:  # the mean over ranks; every rank calls this at the same steps
+            dist.all_reduce(means)
+            means /= self.world
         self._sums, self._counts = {}, {}
-        return out
+        return dict(zip(keys, means.tolist()))
 
-    def _backward(self, loss: torch.Tensor, scaler: torch.amp.GradScaler) -> None:
-        scaler.scale(loss).backward() if scaler.is_enabled() else loss.backward()
-
-    def _opt_step(self, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
-        if scaler.is_enabled():
-            scaler.step(opt)
-            scaler.update()
-        else:
-            opt.step()
-        opt.zero_grad(set_to_none=True)
+    def _cond_loss(self, out: Dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        return cond_loss(self.cfg.loss.cond, out, labels, self.cfg.loss, negatives=self.negatives)
 
     # ---- the step ------------------------------------------------------------------------------------------
     def d_step(self, k: int, diagnostics: bool = False) -> None:
-        cfg, lc = self.cfg, self.cfg.loss
         z, yf = self._latents(1 + k)
         xr_all, yr_all = self.real.next()
         for m in range(self.accum):
-            sl = slice(m * self.micro, (m + 1) * self.micro)
-            xr, yr = xr_all[sl], yr_all[sl]
-            n = xr.shape[0]
-            with self._autocast():
-                with torch.no_grad():
-                    xf = self.G(z[sl], yf[sl])
-                xf = xf.to(xr.dtype)
-                if self.policies:  # real and fake augmented independently, as DiffAugment does
-                    xr_in = diff_augment(xr, self.policies, self._draws(1 + k, REAL_AUG, m))
-                    xf_in = diff_augment(xf, self.policies, self._draws(1 + k, FAKE_AUG, m))
-                else:
-                    xr_in, xf_in = xr, xf
-                x, y = torch.cat([xr_in, xf_in]), torch.cat([yr, yf[sl]])
-                if lc.cr_lambda > 0:
-                    xc = consistency_augment(xr, self._draws(1 + k, CR_AUG, m))
-                    x, y = torch.cat([x, xc]), torch.cat([y, yr])
-                out = self.D(x, y)
-            adv = out["adv"].float()
-            adv_r, adv_f = adv[:n], adv[n:2 * n]
-            loss_adv = d_adv_loss(lc.adv, adv_r, adv_f)
-            loss = loss_adv
-            if lc.cond in HEAD_LOSSES:
-                real = {key: v[:n] for key, v in out.items()}
-                loss_c = cond_loss(lc.cond, real, yr, lc)
-                loss = loss + lc.cond_lambda_d * loss_c
-                self._add("d_cond", loss_c)
-                if diagnostics and m == 0 and k == 0:
-                    self._diagnostics(real["h"], loss_c)
-            if lc.cr_lambda > 0:
-                loss_cr = ((adv[2 * n:] - adv_r) ** 2).mean()
-                loss = loss + lc.cr_lambda * loss_cr
-                self._add("d_cr", loss_cr)
-            if lc.adv == "wasserstein":
-                alpha = self._draws(1 + k, GP_MIX, m).rand(1, 1, 1)
-                gp = gradient_penalty(lambda xi: self.D(xi, yr)["adv"].float(), xr, xf, alpha)
-                loss = loss + lc.gp_lambda * gp
-                self._add("d_gp", gp)
-            self._backward(loss / self.accum, self.d_scaler)
-            self._add("d_loss", loss)
-            self._add("d_adv", loss_adv)
-            self._add("d_real", adv_r.mean())
-            self._add("d_fake", adv_f.mean())
-        self._opt_step(self.d_opt, self.d_scaler)
+            with self.d_net.micro(last=m == self.accum - 1):
+                self._d_micro(k, m, z, yf, xr_all, yr_all, diagnostics)
+        self.d_net.step()
 
-    def _diagnostics(self, h: torch.Tensor, loss_c: torch.Tensor) -> None:
+    def _d_micro(self, k: int, m: int, z: torch.Tensor, yf: torch.Tensor, xr_all: torch.Tensor,
+                 yr_all: torch.Tensor, diagnostics: bool) -> None:
+        lc = self.cfg.loss
+        sl = slice(m * self.micro, (m + 1) * self.micro)
+        xr, yr = xr_all[sl], yr_all[sl]
+        n = xr.shape[0]
+        with self._autocast():
+            with torch.no_grad():
+                xf = self.G(z[sl], yf[sl])
+            xf = xf.to(xr.dtype)
+            if self.policies:  # real and fake augmented independently, as DiffAugment does
+                xr_in = diff_augment(xr, self.policies, self._draws(1 + k, REAL_AUG, m))
+                xf_in = diff_augment(xf, self.policies, self._draws(1 + k, FAKE_AUG, m))
+            else:
+                xr_in, xf_in = xr, xf
+            x, y = torch.cat([xr_in, xf_in]), torch.cat([yr, yf[sl]])
+            if lc.cr_lambda > 0:
+                xc = consistency_augment(xr, self._draws(1 + k, CR_AUG, m))
+                x, y = torch.cat([x, xc]), torch.cat([y, yr])
+            out = self.d_net(x, y)
+        adv = out["adv"].float()
+        adv_r, adv_f = adv[:n], adv[n:2 * n]
+        loss_adv = d_adv_loss(lc.adv, adv_r, adv_f)
+        loss = loss_adv
+        if lc.cond in HEAD_LOSSES:
+            real = {key: v[:n] for key, v in out.items()}
+            loss_c = self._cond_loss(real, yr)
+            loss = loss + lc.cond_lambda_d * loss_c
+            self._add("d_cond", loss_c)
+            if diagnostics and m == 0 and k == 0:
+                self._diagnostics(real["h"], yr)
+        if lc.cr_lambda > 0:
+            loss_cr = ((adv[2 * n:] - adv_r) ** 2).mean()
+            loss = loss + lc.cr_lambda * loss_cr
+            self._add("d_cr", loss_cr)
+        if lc.adv == "wasserstein":
+            alpha = self._draws(1 + k, GP_MIX, m).rand(1, 1, 1)
+            gp = gradient_penalty(lambda xi: self.D(xi, yr)["adv"].float(), xr, xf, alpha)
+            loss = loss + lc.gp_lambda * gp
+            self._add("d_gp", gp)
+        self.d_net.backward(loss / self.accum)
+        self._add("d_loss", loss)
+        self._add("d_adv", loss_adv)
+        self._add("d_real", adv_r.mean())
+        self._add("d_fake", adv_f.mean())
+
+    def _diagnostics(self, h: torch.Tensor, labels: torch.Tensor) -> None:
         """ReACGAN Fig. 2: mean norm of D's features entering the conditioning head, and the norm of the
-        conditioning loss's gradient w.r.t. the head's weights (classifier or linear head P and proxies)."""
+        conditioning loss's gradient w.r.t. the head's weights (classifier or linear head P and proxies); BigGAN's
+        sigma_0 (top singular values of the SN layers). The head is re-run on detached features with detached
+        copies of its weights, in eval mode (same sigma, no extra power iteration): the step's own graph, which a
+        DeepSpeed engine watches, is not touched."""
         self._add("diag_feature_norm", h.detach().float().norm(dim=1).mean())
-        for tag, net in (("G", self.G), ("D", self.D)):  # BigGAN's sigma_0 analysis: top singular values
+        for tag, net in (("G", self.G), ("D", self.D)):
             sig = torch.stack(list(sn_sigmas(net).values()))
             self._add(f"diag_sigma_{tag}_max", sig.max())
             self._add(f"diag_sigma_{tag}_mean", sig.mean())
-        params = self.D.head.cond_parameters()
-        grads = torch.autograd.grad(loss_c, params, retain_graph=True, allow_unused=True)
+        head = self.D.head
+        params = {n: p.detach().requires_grad_() for n, p in head.named_parameters()}
+        cond = [params[n] for n in params if not n.startswith("adv.")]
+        head.eval()
+        try:
+            with torch.enable_grad(), self._autocast():
+                out = torch.func.functional_call(head, params, (h.detach(), labels))
+            loss_c = self._cond_loss(out, labels)
+        finally:
+            head.train()
+        grads = torch.autograd.grad(loss_c, cond, allow_unused=True)
         sq = [g.float().pow(2).sum() for g in grads if g is not None]
         if sq:
             self._add("diag_cond_grad_norm", torch.stack(sq).sum().sqrt())
 
     def g_step(self) -> None:
-        cfg, lc = self.cfg, self.cfg.loss
+        lc = self.cfg.loss
         z, yf = self._latents(0)
-        self.D.requires_grad_(False)  # frozen: D is only a function of the fakes here
+        self.D.requires_grad_(False)  # frozen, and called as the plain module: D is only a function of the fakes
         for m in range(self.accum):
+            last = m == self.accum - 1
             sl = slice(m * self.micro, (m + 1) * self.micro)
-            with self._autocast():
-                xf = self.G(z[sl], yf[sl])
-                if self.policies:
-                    xf = diff_augment(xf, self.policies, self._draws(0, FAKE_AUG, m))
-                out = self.D(xf, yf[sl])
-            loss_adv = g_adv_loss(lc.adv, out["adv"].float())
-            loss = loss_adv
-            if lc.cond in HEAD_LOSSES:
-                loss_c = cond_loss(lc.cond, out, yf[sl], lc)
-                loss = loss + lc.cond_lambda_g * loss_c
-                self._add("g_cond", loss_c)
-            self._backward(loss / self.accum, self.g_scaler)
+            with self.g_net.micro(last):
+                with self._autocast():
+                    xf = self.g_net(z[sl], yf[sl])
+                    if self.policies:
+                        xf = diff_augment(xf, self.policies, self._draws(0, FAKE_AUG, m))
+                    out = self.D(xf, yf[sl])
+                loss_adv = g_adv_loss(lc.adv, out["adv"].float())
+                loss = loss_adv
+                if lc.cond in HEAD_LOSSES:
+                    loss_c = self._cond_loss(out, yf[sl])
+                    loss = loss + lc.cond_lambda_g * loss_c
+                    self._add("g_cond", loss_c)
+                total = loss / self.accum
+                if last and lc.ortho_beta > 0:  # in the last micro-batch's backward: one synchronized backward
+                    reg = orthogonal_reg(ortho_weights(self.G), lc.ortho_beta)
+                    total = total + reg
+                    self._add("g_ortho", reg)
+                self.g_net.backward(total)
             self._add("g_loss", loss)
             self._add("g_adv", loss_adv)
-        if lc.ortho_beta > 0:
-            reg = orthogonal_reg(ortho_weights(self.G), lc.ortho_beta)
-            self._backward(reg, self.g_scaler)
-            self._add("g_ortho", reg)
-        self._opt_step(self.g_opt, self.g_scaler)
+        self.g_net.step()
         self.D.requires_grad_(True)
 
     def train_step(self, diagnostics: bool = False) -> None:
@@ -242,31 +281,34 @@ class Trainer:
         return G
 
     # ---- state ---------------------------------------------------------------------------------------------
+    def check_replicas(self) -> None:
+        """Raise if any rank's G, D or G_ema differs from rank 0's (collective)."""
+        check_replicas({"G": self.G, "D": self.D, "G_ema": self.ema.model})
+
     def state_dict(self) -> Dict[str, Any]:
-        state = {"step": self.step, "G": self.G.state_dict(), "D": self.D.state_dict(),
-                 "G_ema": self.ema.model.state_dict(), "g_opt": self.g_opt.state_dict(),
-                 "d_opt": self.d_opt.state_dict(), "data": self.real.state_dict(),
-                 "world_size": self.world, "config": to_dict(self.cfg),
-                 "rng": {"torch": torch.get_rng_state()}}
-        if self.g_scaler.is_enabled():
-            state["g_scaler"], state["d_scaler"] = self.g_scaler.state_dict(), self.d_scaler.state_dict()
-        return state
+        """The full, world-size independent state (collective under ZeRO: every rank must call it)."""
+        if self.world > 1 and not self.cfg.dist.sync_bn:
+            average_running_stats(self.G)  # per-rank BN statistics: agree on their mean before saving
+        return {"step": self.step, "G": self.g_net.weights_state_dict(), "D": self.d_net.weights_state_dict(),
+                "G_ema": self.ema.model.state_dict(), "g_opt": self.g_net.optimizer_state_dict(),
+                "d_opt": self.d_net.optimizer_state_dict(), "data": self.real.state_dict(),
+                "world_size": self.world, "strategy": self.cfg.dist.strategy, "config": to_dict(self.cfg)}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        for key in ("G", "D", "G_ema"):
-            module = self.ema.model if key == "G_ema" else getattr(self, key)
-            try:
-                module.load_state_dict(state[key])
-            except RuntimeError as e:
-                raise ConfigError(f"checkpoint {key} does not fit this config's model ({str(e).splitlines()[0]}); "
-                                  f"resume with the config the run was started with") from None
-        self.g_opt.load_state_dict(state["g_opt"])
-        self.d_opt.load_state_dict(state["d_opt"])
-        if "g_scaler" in state and self.g_scaler.is_enabled():
-            self.g_scaler.load_state_dict(state["g_scaler"])
-            self.d_scaler.load_state_dict(state["d_scaler"])
+        """Resume from a state saved at any world size under any strategy."""
+        try:
+            self.g_net.load_weights(state["G"])
+            self.d_net.load_weights(state["D"])
+            self.ema.model.load_state_dict(state["G_ema"])
+        except RuntimeError as e:
+            raise ConfigError(f"checkpoint does not fit this config's model ({str(e).splitlines()[0]}); "
+                              f"resume with the config the run was started with") from None
+        for net, key, scaler in ((self.g_net, "g_opt", "g_scaler"), (self.d_net, "d_opt", "d_scaler")):
+            opt = state[key] if "adam" in state[key] else {"adam": state[key]}  # checkpoints before the strategies
+            if scaler in state:
+                opt["scaler"] = state[scaler]
+            net.load_optimizer_state_dict(opt)
         self.real.load_state_dict(state["data"])
-        torch.set_rng_state(state["rng"]["torch"])
         self.step = int(state["step"])
 
 
