@@ -15,7 +15,7 @@ setup(
     install_requires=["torch>=2.1,<3", "numpy", "pyyaml", "pillow"],
     extras_require={
         "dali": ["nvidia-dali-cuda120"],
-        "deepspeed": ["deepspeed"],
+        "deepspeed": ["deepspeed>=0.17,<0.20"],
         "mpi": ["mpi4py", "mpich"],
         "triton": ["triton>=3.4,<4"],
         "tensorboard": ["tensorboard"],
