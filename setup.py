@@ -14,7 +14,7 @@ setup(
     python_requires=">=3.9",
     install_requires=["torch>=2.1,<3", "numpy", "pyyaml", "pillow"],
     extras_require={
-        "dali": ["nvidia-dali-cuda120"],
+        "dali": ["nvidia-dali-cuda120>=1.40"],
         "deepspeed": ["deepspeed>=0.17,<0.20"],
         "mpi": ["mpi4py", "mpich"],
         "triton": ["triton>=3.4,<4"],

@@ -1,4 +1,4 @@
-"""The ``hpc-gan`` command: train | sample | info | bench.
+"""The ``hpc-gan`` command: train | sample | info | prepare-data | bench.
 
 Bad input ends in one line on stderr that names the problem and the fix (exit 2); set HPC_GAN_TRACEBACK=1 to see
 the traceback instead."""
@@ -61,30 +61,42 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prepare(args: argparse.Namespace) -> int:
+    from hpc_gan.data.prepare import prepare
+    prepare(args.src, args.out, args.resolution, args.shard_size, args.workers, args.encoding)
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
-    if not args.kernels:
-        raise ConfigError("hpc-gan bench: choose what to time: --kernels (the training-step benchmark is issue 6's)")
+    if not (args.kernels or args.data):
+        raise ConfigError("hpc-gan bench: choose what to time: --kernels and/or --data (the training-step "
+                          "benchmark is issue 6's)")
     import torch
 
-    from hpc_gan.info import sn_shapes
     from kernels import bench
 
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     gpu = device.type == "cuda"
-    n_local, n_global = (256, 2048) if gpu else (64, 512)  # the CPU times reference paths at a size it can afford
-    dims = (512, 2048) if gpu else (128, 512)
-    dtypes = (torch.float32, torch.bfloat16) if gpu else (torch.float32,)
-    d2d_variants = ("triton", "eager", "compile", "studiogan_broadcast") if gpu else ("eager", "studiogan_broadcast")
-    cfg = load(args.config, args.overrides)
-    shapes = sn_shapes(cfg)
-    print(f"# kernel benchmarks on {torch.cuda.get_device_name(device) if gpu else 'cpu'}; SN shapes of "
-          f"{args.config} ({len(shapes)} layers)", flush=True)
-    rows = bench.bench_d2d(device, n_local, n_global, dims, dtypes, d2d_variants)
-    rows += bench.bench_sn(device, shapes, ("torch_loop", "triton_fused") if gpu else ("torch_loop",))
+    name = torch.cuda.get_device_name(device) if gpu else "cpu"
+    rows = []
+    if args.kernels:
+        from hpc_gan.info import sn_shapes
+        n_local, n_global = (256, 2048) if gpu else (64, 512)  # the CPU times reference paths at a size it affords
+        dims = (512, 2048) if gpu else (128, 512)
+        dtypes = (torch.float32, torch.bfloat16) if gpu else (torch.float32,)
+        d2d_variants = ("triton", "eager", "compile", "studiogan_broadcast") if gpu else ("eager", "studiogan_broadcast")
+        shapes = sn_shapes(load(args.config, args.overrides))
+        print(f"# kernel benchmarks on {name}; SN shapes of {args.config} ({len(shapes)} layers)", flush=True)
+        rows += bench.bench_d2d(device, n_local, n_global, dims, dtypes, d2d_variants)
+        rows += bench.bench_sn(device, shapes, ("torch_loop", "triton_fused") if gpu else ("torch_loop",))
+    if args.data:
+        from hpc_gan.data.bench import bench_data
+        print(f"# data pipelines on {name}: {args.data_path or 'generated 128 px JPEG shards'}", flush=True)
+        rows += bench_data(args.data_path, device)
     bench.print_table(rows)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"device": str(device), "config": args.config, "rows": rows}, indent=2))
+        Path(args.out).write_text(json.dumps({"device": name, "config": args.config, "rows": rows}, indent=2))
         print(f"wrote {args.out}")
     return 0
 
@@ -115,8 +127,19 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("overrides", nargs="*")
     i.set_defaults(fn=_info)
 
+    d = sub.add_parser("prepare-data", help="image tree / CIFAR pickles / .npz -> webdataset shards DALI reads")
+    d.add_argument("--src", required=True, help="ImageNet-style tree (train/<class>/...), CIFAR dir, or .npz")
+    d.add_argument("--out", required=True, help="output dir (shards, indexes, dataset.json); re-running resumes")
+    d.add_argument("--resolution", type=int, required=True, help="centre square crop + area resize to this")
+    d.add_argument("--shard-size", type=int, default=1000, help="images per shard")
+    d.add_argument("--workers", type=int, default=0, help="processes (0: one per CPU)")
+    d.add_argument("--encoding", default="jpg", choices=("jpg", "png"), help="jpg (quality 95) or png (lossless)")
+    d.set_defaults(fn=_prepare)
+
     b = sub.add_parser("bench", help="benchmarks (not tests): --kernels times the fused kernels vs references")
     b.add_argument("--kernels", action="store_true", help="D2D-CE and whole-network spectral norm")
+    b.add_argument("--data", action="store_true", help="img/s of the DALI and torch data pipelines")
+    b.add_argument("--data-path", default=None, help="prepared shards for --data (default: generated 128 px set)")
     b.add_argument("--config", default="configs/imagenet128_reacgan_b2048.yaml", help="preset whose SN layers to use")
     b.add_argument("overrides", nargs="*")
     b.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))

@@ -43,12 +43,15 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "synthetic"                # synthetic | folder | npz
+    name: str = "synthetic"                # synthetic | folder | npz | shards (hpc-gan prepare-data output)
     path: str = ""                         # folder of class folders, or .npz with images (N,H,W,3) uint8 and labels
     num_classes: int = 10
     synthetic_size: int = 10000            # images in the embedded synthetic set
     hflip: bool = True
     num_workers: int = 0
+    backend: str = "auto"                  # auto | dali | torch (auto: DALI on GPUs for shards / folders)
+    decode_device: str = "auto"            # auto | mixed (nvJPEG on the GPU) | cpu
+    dali_threads: int = 4
 
 
 @dataclass
@@ -118,7 +121,9 @@ CHOICES: Dict[str, tuple] = {
     "run.device": ("auto", "cpu", "cuda"),
     "model.arch": ("biggan", "biggan_deep"),
     "model.resolution": (16, 32, 64, 128, 256),
-    "data.name": ("synthetic", "folder", "npz"),
+    "data.name": ("synthetic", "folder", "npz", "shards"),
+    "data.backend": ("auto", "dali", "torch"),
+    "data.decode_device": ("auto", "mixed", "cpu"),
     "loss.adv": ("hinge", "nonsaturating", "least_squares", "wasserstein"),
     "loss.cond": ("d2d_ce", "2c", "ac", "mh", "pd", "none"),
     "loss.d2d_mode": ("paper", "studiogan"),
@@ -130,7 +135,7 @@ CHOICES: Dict[str, tuple] = {
 }
 POSITIVE = ("model.g_ch", "model.d_ch", "model.z_dim", "model.shared_dim", "model.embed_dim", "data.num_classes",
             "loss.temperature", "train.steps", "train.batch_size", "train.n_dis", "train.g_lr", "train.d_lr",
-            "train.log_every", "train.sample_every", "train.checkpoint_every", "dist.timeout_s")
+            "train.log_every", "train.sample_every", "train.checkpoint_every", "dist.timeout_s", "data.dali_threads")
 NON_NEGATIVE = ("train.micro_batch", "train.ema_start", "train.standing_stats", "train.truncation",
                 "train.keep_checkpoints", "loss.gp_lambda", "loss.ortho_beta", "loss.cr_lambda",
                 "loss.cond_lambda_d", "loss.cond_lambda_g", "data.num_workers", "model.g_attn_res", "model.d_attn_res",

@@ -57,17 +57,20 @@ class FolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
+    def read_bytes(self, i: int) -> bytes:
+        return self.files[i][0].read_bytes()
+
     def __getitem__(self, i: int) -> Tuple[torch.Tensor, torch.Tensor]:
         from PIL import Image
+
+        from hpc_gan.data.prepare import center_square_resize
         path, label = self.files[i]
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            w, h = im.size
-            side = min(w, h)
-            im = im.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
-            im = im.resize((self.resolution, self.resolution), Image.BOX if side >= self.resolution
-                           else Image.BICUBIC)
-            arr = np.asarray(im, dtype=np.uint8)
+        try:
+            with Image.open(path) as im:
+                arr = np.asarray(center_square_resize(im, self.resolution), dtype=np.uint8)
+        except OSError as e:
+            raise ValueError(f"{path}: unreadable image ({e}); remove it, or train from `hpc-gan prepare-data` "
+                             f"shards, which skips and lists such files") from None
         return torch.from_numpy(arr.copy()).permute(2, 0, 1), torch.tensor(label)
 
 
@@ -95,6 +98,9 @@ def build_dataset(data_cfg: Any, resolution: int, seed: int) -> Dataset:
             raise ValueError(f"{data_cfg.path}: images are {images.shape[1]}x{images.shape[2]} but "
                              f"model.resolution={resolution}; resize them or change model.resolution")
         ds = ArrayDataset(images, labels)
+    elif data_cfg.name == "shards":
+        from hpc_gan.data.shards import ShardDataset
+        ds = ShardDataset(data_cfg.path, resolution)
     else:
         ds = FolderDataset(data_cfg.path, resolution)
     n_labels = int(ds.labels.max()) + 1

@@ -21,7 +21,8 @@ import torch.nn as nn
 
 from hpc_gan.augment import Draws, consistency_augment, diff_augment
 from hpc_gan.config import Config, ConfigError, to_dict
-from hpc_gan.data import RealStream, build_dataset
+from hpc_gan.data import build_dataset
+from hpc_gan.data.dali import build_stream
 from hpc_gan.data.loader import rank_positions
 from hpc_gan.dist import DistInfo
 from hpc_gan.dist.batchnorm import average_running_stats, bn_process_group, convert_cross_replica_bn
@@ -105,8 +106,7 @@ class Trainer:
         self.d_net = build_net(self.D, cfg.dist.strategy, t.d_lr, **common)
         self.negatives = gather_negatives if self.world > 1 and lc.global_negatives else None
         self.dataset = build_dataset(cfg.data, cfg.model.resolution, t.seed)
-        self.real = RealStream(self.dataset, t.batch_size, t.seed, cfg.data.hflip, device, self.rank, self.world,
-                               cfg.data.num_workers, micro=self.micro)
+        self.real = build_stream(cfg, self.dataset, device, self.rank, self.world, self.micro)
         self.policies = [p.strip() for p in lc.diffaug.split(",") if p.strip()]
         self.step = 0
         self._sums: Dict[str, torch.Tensor] = {}
