@@ -1,4 +1,4 @@
-"""The ``hpc-gan`` command: train | sample | info | prepare-data | bench.
+"""The ``hpc-gan`` command: train | sample | eval | plot | info | prepare-data | bench.
 
 Bad input ends in one line on stderr that names the problem and the fix (exit 2); set HPC_GAN_TRACEBACK=1 to see
 the traceback instead."""
@@ -61,16 +61,102 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from hpc_gan.config import apply_overrides, from_dict
+    from hpc_gan.data import build_dataset
+    from hpc_gan.dist import launch
+    from hpc_gan.eval.evaluate import RunEvaluator
+    from hpc_gan.models import build_generator
+    from hpc_gan.train.checkpoint import load_consolidated, resolve, step_dir
+    from hpc_gan.train.ema import standing_stats_from_noise
+
+    run = Path(args.run)
+    ckpt = step_dir(run / "checkpoints", args.checkpoint) if args.checkpoint is not None else resolve(args.run)
+    if not ckpt.exists():
+        raise FileNotFoundError(f"--checkpoint {args.checkpoint}: {ckpt} does not exist")
+    state = load_consolidated(ckpt)
+    overrides = [f"eval.{k}={v}" for k, v in (("metrics", ",".join(args.metrics) if args.metrics else None),
+                                               ("n", args.n), ("backbone", args.backbone),
+                                               ("inception_path", args.inception_path),
+                                               ("truncation", args.truncation)) if v is not None]
+    cfg = from_dict(apply_overrides(state["config"], overrides), f"{ckpt}/config")
+    info = launch.init(cfg.dist.timeout_s, cfg.dist.backend)
+    try:
+        device = torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        G = build_generator(cfg.model, cfg.data.num_classes).to(device)
+        G.load_state_dict(state["G_ema"])
+        G.eval()
+        standing_stats_from_noise(G, cfg.train.standing_stats, cfg.data.num_classes, cfg.model.z_dim,
+                                  cfg.train.seed + 99991)
+        ev = RunEvaluator(cfg, build_dataset(cfg.data, cfg.model.resolution, cfg.train.seed), device,
+                          log=print if info.is_main else (lambda m: None))
+        out_dir = (run if run.is_dir() else ckpt) / "eval"
+        result = {"step": state["step"], "n": cfg.eval.n, "truncation": cfg.eval.truncation,
+                  "backbone": cfg.eval.backbone, **ev(G)}
+        if args.sweep:
+            result["truncation_sweep"] = ev.sweep(G, args.sweep, out_dir)
+        if info.is_main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            path = out_dir / f"step-{state['step']:08d}.json"
+            path.write_text(json.dumps(result, indent=1))
+            print(json.dumps(result, indent=1))
+            print(f"wrote {path}" + (f" and {out_dir / 'truncation-sweep.png'}" if args.sweep else ""))
+    finally:
+        launch.shutdown(info)
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from hpc_gan.eval.plots import plot_curves
+    out = Path(args.out) if args.out else Path(args.run) / "curves.png"
+    keys = plot_curves(Path(args.run), out)
+    print(f"wrote {out} ({', '.join(keys)})")
+    return 0
+
+
 def _prepare(args: argparse.Namespace) -> int:
     from hpc_gan.data.prepare import prepare
     prepare(args.src, args.out, args.resolution, args.shard_size, args.workers, args.encoding)
     return 0
 
 
+def _bench_train(args: argparse.Namespace) -> int:
+    from hpc_gan.dist import launch
+    from hpc_gan.train.bench import bench_train, print_bench
+    if not args.config:
+        raise ConfigError("hpc-gan bench: --config is required, e.g. --config configs/cifar10_reacgan.yaml")
+    cfg = load(args.config, args.overrides)
+    info = launch.init(cfg.dist.timeout_s, cfg.dist.backend, "cpu" if cfg.run.device == "cpu" else "auto")
+    try:
+        result = bench_train(cfg, args.steps, args.warmup, info, args.peak_tflops)
+        result["config"] = args.config
+    finally:
+        launch.shutdown(info)
+    if info.is_main:
+        print_bench(result)
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(result, indent=1))
+            print(f"wrote {args.out}")
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
+    if args.scaling:
+        from hpc_gan.train.bench import scaling_table
+        png = str(Path(args.out).with_suffix(".png")) if args.out else None
+        rows = scaling_table(args.scaling, png)
+        for r in rows:
+            print(f"{r['world']:5d} devices ({r['nodes']} nodes): {r['samples_per_s_total']:10.1f} samples/s, "
+                  f"efficiency {100 * r['efficiency']:.1f}%")
+        if args.out:
+            Path(args.out).write_text(json.dumps(rows, indent=1))
+            print(f"wrote {args.out} and {png}")
+        return 0
     if not (args.kernels or args.data):
-        raise ConfigError("hpc-gan bench: choose what to time: --kernels and/or --data (the training-step "
-                          "benchmark is issue 6's)")
+        return _bench_train(args)
     import torch
 
     from kernels import bench
@@ -85,6 +171,7 @@ def _bench(args: argparse.Namespace) -> int:
         dims = (512, 2048) if gpu else (128, 512)
         dtypes = (torch.float32, torch.bfloat16) if gpu else (torch.float32,)
         d2d_variants = ("triton", "eager", "compile", "studiogan_broadcast") if gpu else ("eager", "studiogan_broadcast")
+        args.config = args.config or "configs/imagenet128_reacgan_b2048.yaml"
         shapes = sn_shapes(load(args.config, args.overrides))
         print(f"# kernel benchmarks on {name}; SN shapes of {args.config} ({len(shapes)} layers)", flush=True)
         rows += bench.bench_d2d(device, n_local, n_global, dims, dtypes, d2d_variants)
@@ -127,6 +214,22 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("overrides", nargs="*")
     i.set_defaults(fn=_info)
 
+    e = sub.add_parser("eval", help="FID / IS / precision-recall of a run's G_ema (sharded under torchrun/srun)")
+    e.add_argument("--run", required=True, help="run dir (newest checkpoint) or a checkpoint dir")
+    e.add_argument("--checkpoint", type=int, default=None, help="step of the checkpoint to evaluate")
+    e.add_argument("--metrics", nargs="*", choices=("fid", "is", "prd", "prdc"), help="default: the run's eval.metrics")
+    e.add_argument("--n", type=int, default=None, help="generated samples (50000 for published numbers)")
+    e.add_argument("--truncation", type=float, default=None)
+    e.add_argument("--sweep", type=float, nargs="*", help="truncation thresholds: IS vs FID curve (JSON + PNG)")
+    e.add_argument("--backbone", choices=("inception", "tiny"), default=None)
+    e.add_argument("--inception-path", default=None, help="pt_inception-2015-12-05-6726825d.pth")
+    e.set_defaults(fn=_eval)
+
+    pl = sub.add_parser("plot", help="PNG of a run's training curves (losses, FID, IS over steps)")
+    pl.add_argument("--run", required=True)
+    pl.add_argument("--out", default=None, help="default: RUN/curves.png")
+    pl.set_defaults(fn=_plot)
+
     d = sub.add_parser("prepare-data", help="image tree / CIFAR pickles / .npz -> webdataset shards DALI reads")
     d.add_argument("--src", required=True, help="ImageNet-style tree (train/<class>/...), CIFAR dir, or .npz")
     d.add_argument("--out", required=True, help="output dir (shards, indexes, dataset.json); re-running resumes")
@@ -136,11 +239,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--encoding", default="jpg", choices=("jpg", "png"), help="jpg (quality 95) or png (lossless)")
     d.set_defaults(fn=_prepare)
 
-    b = sub.add_parser("bench", help="benchmarks (not tests): --kernels times the fused kernels vs references")
+    b = sub.add_parser("bench", help="benchmarks (not tests): the training step of --config (default), --kernels, "
+                                     "--data, --scaling")
     b.add_argument("--kernels", action="store_true", help="D2D-CE and whole-network spectral norm")
     b.add_argument("--data", action="store_true", help="img/s of the DALI and torch data pipelines")
     b.add_argument("--data-path", default=None, help="prepared shards for --data (default: generated 128 px set)")
-    b.add_argument("--config", default="configs/imagenet128_reacgan_b2048.yaml", help="preset whose SN layers to use")
+    b.add_argument("--config", default=None, help="preset to time (for --kernels: whose SN layers; default BigGAN-128)")
+    b.add_argument("--steps", type=int, default=10, help="timed training steps")
+    b.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    b.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (known GPUs: automatic)")
+    b.add_argument("--scaling", nargs="*", help="bench JSONs of 1, 2, 4 ... nodes -> efficiency table (+ PNG)")
     b.add_argument("overrides", nargs="*")
     b.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     b.add_argument("--out", default=None, help="also write the rows as JSON here")

@@ -108,6 +108,19 @@ class DistConfig:
 
 
 @dataclass
+class EvalConfig:
+    every: int = 0                         # evaluate G_ema every k steps during training (0: off)
+    n: int = 10000                         # generated samples per evaluation (50000 for published numbers)
+    metrics: str = "fid,is"                # comma list of fid, is, prd, prdc
+    backbone: str = "inception"            # inception (pt_inception-2015-12-05) | tiny (tests, demo)
+    inception_path: str = ""               # local weights file (else $HPC_GAN_INCEPTION, else download once)
+    truncation: float = 0.0
+    ref_n: int = 50000                     # real images for the reference statistics
+    ref_cache: str = "~/.cache/hpc-gan/ref-stats"
+    batch: int = 100
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -115,6 +128,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 CHOICES: Dict[str, tuple] = {
@@ -131,15 +145,17 @@ CHOICES: Dict[str, tuple] = {
     "model.sn_backend": ("auto", "torch", "triton"),
     "train.precision": ("fp32", "bf16", "fp16"),
     "dist.strategy": ("ddp", "zero1", "zero2"),
+    "eval.backbone": ("inception", "tiny"),
     "dist.backend": ("auto", "nccl", "gloo"),
 }
 POSITIVE = ("model.g_ch", "model.d_ch", "model.z_dim", "model.shared_dim", "model.embed_dim", "data.num_classes",
             "loss.temperature", "train.steps", "train.batch_size", "train.n_dis", "train.g_lr", "train.d_lr",
-            "train.log_every", "train.sample_every", "train.checkpoint_every", "dist.timeout_s", "data.dali_threads")
+            "train.log_every", "train.sample_every", "train.checkpoint_every", "dist.timeout_s", "data.dali_threads", "eval.n",
+            "eval.ref_n", "eval.batch")
 NON_NEGATIVE = ("train.micro_batch", "train.ema_start", "train.standing_stats", "train.truncation",
                 "train.keep_checkpoints", "loss.gp_lambda", "loss.ortho_beta", "loss.cr_lambda",
                 "loss.cond_lambda_d", "loss.cond_lambda_g", "data.num_workers", "model.g_attn_res", "model.d_attn_res",
-                "dist.bn_group_size", "dist.check_every")
+                "dist.bn_group_size", "dist.check_every", "eval.every", "eval.truncation")
 DIFFAUG_POLICIES = ("color", "translation", "cutout")
 
 
@@ -212,6 +228,9 @@ def validate(cfg: Config) -> None:
     if t.micro_batch and t.batch_size % t.micro_batch:
         raise ConfigError(f"train.micro_batch={t.micro_batch} does not divide train.batch_size={t.batch_size}; "
                           f"pick a divisor")
+    bad = [m for m in cfg.eval.metrics.split(",") if m.strip() and m.strip() not in ("fid", "is", "prd", "prdc")]
+    if bad:
+        raise ConfigError(f"eval.metrics: unknown metric {bad[0]!r}; use a comma list of fid, is, prd, prdc")
     if cfg.dist.strategy != "ddp" and cfg.loss.adv == "wasserstein":
         raise ConfigError(f"dist.strategy={cfg.dist.strategy}: the gradient penalty needs a second D forward, which "
                           f"ZeRO engines do not allow; use dist.strategy=ddp or another loss.adv")

@@ -4,6 +4,7 @@ environment. Usage: dist_worker.py MODE OUT_DIR [JSON]; rank 0 (or every rank, f
 MODE init   detect the launcher, create the process group, all-reduce the ranks, write rank-<r>.json
 MODE bn     CrossReplicaBatchNorm2d forward/backward on this rank's slice of a seeded global batch
 MODE steps  one full training step per case (config overrides in JSON), weights written by rank 0
+MODE eval   sharded sampling + features of a tiny G, gathered; rank 0 writes them
 """
 import json
 import os
@@ -81,6 +82,22 @@ def mode_steps(out: Path, info: launch.DistInfo, cases: list) -> None:
         del tr
 
 
+def eval_case():
+    """A tiny G and the tiny backbone that every process and the single-process reference share."""
+    from hpc_gan.eval.backbones import TinyBackbone
+    from hpc_gan.models import biggan
+    torch.manual_seed(3)
+    return biggan.Generator(16, 4, 5, 24, 8).eval(), TinyBackbone()
+
+
+def mode_eval(out: Path, info: launch.DistInfo) -> None:
+    from hpc_gan.eval.evaluate import sample_features
+    G, backbone = eval_case()
+    feats = sample_features(G, backbone, 250, 5, 24, seed=7, truncation=0.8, batch=40)  # 7 uneven chunks
+    if info.rank == 0:
+        torch.save({k: torch.from_numpy(v) for k, v in feats.items()}, out / "eval.pt")
+
+
 def main() -> None:
     mode, out = sys.argv[1], Path(sys.argv[2])
     info = launch.init(timeout_s=120, device_type="cpu")
@@ -89,6 +106,8 @@ def main() -> None:
             mode_init(out, info)
         elif mode == "bn":
             mode_bn(out, info)
+        elif mode == "eval":
+            mode_eval(out, info)
         elif mode == "steps":
             mode_steps(out, info, json.loads(sys.argv[3]))
         else:

@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 from hpc_gan.config import Config, ConfigError, dump
 from hpc_gan.dist import DistInfo, launch
+from hpc_gan.eval.evaluate import RunEvaluator
 from hpc_gan.eval.sampling import sample_sheet, sheet_classes
 from hpc_gan.train import checkpoint
 from hpc_gan.train.trainer import Trainer, check_precision, param_count, resolve_device
@@ -157,7 +158,8 @@ def _train(cfg: Config, resume: Optional[str], log: Callable[[str], None], info:
         log(f"resumed from {ckpt} at step {trainer.step}")
     metrics = MetricsWriter(run_dir, cfg.run.tensorboard, resume_step=trainer.step if ckpt else None) \
         if info.is_main else _NoMetrics()
-    timers = {"train": 0.0, "log": 0.0, "sample": 0.0, "checkpoint": 0.0}
+    timers = {"train": 0.0, "log": 0.0, "sample": 0.0, "eval": 0.0, "checkpoint": 0.0}
+    evaluator = RunEvaluator(cfg, trainer.dataset, device, log) if cfg.eval.every else None
     classifier = DemoClassifier(trainer, log) if t.demo_classifier and info.is_main else None
     summary: Dict[str, Any] = {"run_dir": str(run_dir), "start_step": trainer.step}
     if classifier is not None and trainer.step == 0:
@@ -205,6 +207,14 @@ def _train(cfg: Config, resume: Optional[str], log: Callable[[str], None], info:
                     summary["sample_class_accuracy"] = acc
             t3 = time.perf_counter()
             timers["sample"] += t3 - t2
+            if evaluator is not None and (step % cfg.eval.every == 0 or final):
+                result = evaluator(trainer.sampling_generator())  # every rank: sampling is sharded
+                metrics.write(step, result)
+                log(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in result.items()))
+                summary.update(result)
+            t4 = time.perf_counter()
+            timers["eval"] += t4 - t3
+            t3 = t4
             if step % t.checkpoint_every == 0 or final:
                 trainer.check_replicas()  # collective, like state_dict under ZeRO: every rank takes part
                 state = trainer.state_dict()

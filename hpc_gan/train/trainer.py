@@ -109,6 +109,7 @@ class Trainer:
         self.real = build_stream(cfg, self.dataset, device, self.rank, self.world, self.micro)
         self.policies = [p.strip() for p in lc.diffaug.split(",") if p.strip()]
         self.step = 0
+        self.timer: Optional[Any] = None  # a train.timing.PhaseTimer while benchmarking
         self._sums: Dict[str, torch.Tensor] = {}
         self._counts: Dict[str, int] = {}
 
@@ -148,20 +149,29 @@ class Trainer:
         self._sums, self._counts = {}, {}
         return dict(zip(keys, means.tolist()))
 
+    def _phase(self, name: str) -> contextlib.AbstractContextManager:
+        return self.timer.phase(name) if self.timer is not None else contextlib.nullcontext()
+
     def _cond_loss(self, out: Dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
         return cond_loss(self.cfg.loss.cond, out, labels, self.cfg.loss, negatives=self.negatives)
 
     # ---- the step ------------------------------------------------------------------------------------------
     def d_step(self, k: int, diagnostics: bool = False) -> None:
         z, yf = self._latents(1 + k)
-        xr_all, yr_all = self.real.next()
+        with self._phase("data"):
+            xr_all, yr_all = self.real.next()
         for m in range(self.accum):
             with self.d_net.micro(last=m == self.accum - 1):
-                self._d_micro(k, m, z, yf, xr_all, yr_all, diagnostics)
-        self.d_net.step()
+                with self._phase("d_forward"):
+                    loss = self._d_loss(k, m, z, yf, xr_all, yr_all, diagnostics)
+                with self._phase("d_backward"):
+                    self.d_net.backward(loss / self.accum)
+        with self._phase("d_optimizer"):
+            self.d_net.step()
 
-    def _d_micro(self, k: int, m: int, z: torch.Tensor, yf: torch.Tensor, xr_all: torch.Tensor,
-                 yr_all: torch.Tensor, diagnostics: bool) -> None:
+    def _d_loss(self, k: int, m: int, z: torch.Tensor, yf: torch.Tensor, xr_all: torch.Tensor,
+                yr_all: torch.Tensor, diagnostics: bool) -> torch.Tensor:
+        """D's loss on micro-batch m of D step k (forward only)."""
         lc = self.cfg.loss
         sl = slice(m * self.micro, (m + 1) * self.micro)
         xr, yr = xr_all[sl], yr_all[sl]
@@ -200,11 +210,11 @@ class Trainer:
             gp = gradient_penalty(lambda xi: self.D(xi, yr)["adv"].float(), xr, xf, alpha)
             loss = loss + lc.gp_lambda * gp
             self._add("d_gp", gp)
-        self.d_net.backward(loss / self.accum)
         self._add("d_loss", loss)
         self._add("d_adv", loss_adv)
         self._add("d_real", adv_r.mean())
         self._add("d_fake", adv_f.mean())
+        return loss
 
     def _diagnostics(self, h: torch.Tensor, labels: torch.Tensor) -> None:
         """ReACGAN Fig. 2: mean norm of D's features entering the conditioning head, and the norm of the
@@ -233,34 +243,43 @@ class Trainer:
             self._add("diag_cond_grad_norm", torch.stack(sq).sum().sqrt())
 
     def g_step(self) -> None:
-        lc = self.cfg.loss
         z, yf = self._latents(0)
         self.D.requires_grad_(False)  # frozen, and called as the plain module: D is only a function of the fakes
         for m in range(self.accum):
             last = m == self.accum - 1
-            sl = slice(m * self.micro, (m + 1) * self.micro)
             with self.g_net.micro(last):
-                with self._autocast():
-                    xf = self.g_net(z[sl], yf[sl])
-                    if self.policies:
-                        xf = diff_augment(xf, self.policies, self._draws(0, FAKE_AUG, m))
-                    out = self.D(xf, yf[sl])
-                loss_adv = g_adv_loss(lc.adv, out["adv"].float())
-                loss = loss_adv
-                if lc.cond in HEAD_LOSSES:
-                    loss_c = self._cond_loss(out, yf[sl])
-                    loss = loss + lc.cond_lambda_g * loss_c
-                    self._add("g_cond", loss_c)
-                total = loss / self.accum
-                if last and lc.ortho_beta > 0:  # in the last micro-batch's backward: one synchronized backward
-                    reg = orthogonal_reg(ortho_weights(self.G), lc.ortho_beta)
-                    total = total + reg
-                    self._add("g_ortho", reg)
-                self.g_net.backward(total)
-            self._add("g_loss", loss)
-            self._add("g_adv", loss_adv)
-        self.g_net.step()
+                with self._phase("g_forward"):
+                    total = self._g_loss(m, z, yf, last)
+                with self._phase("g_backward"):
+                    self.g_net.backward(total)
+        with self._phase("g_optimizer"):
+            self.g_net.step()
         self.D.requires_grad_(True)
+
+    def _g_loss(self, m: int, z: torch.Tensor, yf: torch.Tensor, last: bool) -> torch.Tensor:
+        """G's loss on micro-batch m, divided by the accumulation count; the orthogonal regularization rides on the
+        last micro-batch, so there is one synchronized backward."""
+        lc = self.cfg.loss
+        sl = slice(m * self.micro, (m + 1) * self.micro)
+        with self._autocast():
+            xf = self.g_net(z[sl], yf[sl])
+            if self.policies:
+                xf = diff_augment(xf, self.policies, self._draws(0, FAKE_AUG, m))
+            out = self.D(xf, yf[sl])
+        loss_adv = g_adv_loss(lc.adv, out["adv"].float())
+        loss = loss_adv
+        if lc.cond in HEAD_LOSSES:
+            loss_c = self._cond_loss(out, yf[sl])
+            loss = loss + lc.cond_lambda_g * loss_c
+            self._add("g_cond", loss_c)
+        self._add("g_loss", loss)
+        self._add("g_adv", loss_adv)
+        total = loss / self.accum
+        if last and lc.ortho_beta > 0:
+            reg = orthogonal_reg(ortho_weights(self.G), lc.ortho_beta)
+            total = total + reg
+            self._add("g_ortho", reg)
+        return total
 
     def train_step(self, diagnostics: bool = False) -> None:
         self.G.train()
@@ -269,7 +288,8 @@ class Trainer:
             self.d_step(k, diagnostics)
         self.g_step()
         self.step += 1
-        self.ema.update(self.G, self.step)
+        with self._phase("ema"):
+            self.ema.update(self.G, self.step)
 
     # ---- sampling --------------------------------------------------------------------------------------------
     def sampling_generator(self, n_passes: Optional[int] = None) -> nn.Module:

@@ -1,0 +1,133 @@
+"""``hpc-gan bench``: the training step of a config, timed (a benchmark, not a test).
+
+K steps after W warm-up steps: per-phase times (data wait, D forward / backward / optimizer, G forward / backward /
+optimizer, EMA), samples/s and images/s per device, achieved TFLOP/s and MFU against the device's peak (FLOPs per
+sample from ``hpc-gan info``), peak memory; and, with several ranks, the time of one all-reduce of all gradients
+(measured apart: DDP overlaps it with the backward, so inside the step it is not separable). Single process or any
+launcher ``hpc-gan train`` accepts. The scaling helper turns bench JSONs of 1, 2, 4 ... nodes into an efficiency table.
+"""
+from __future__ import annotations
+
+import json
+import resource
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from hpc_gan.config import Config
+from hpc_gan.dist import DistInfo
+from hpc_gan.train.timing import PhaseTimer
+from hpc_gan.train.trainer import Trainer, resolve_device
+
+# dense peak TFLOP/s by device name fragment and precision (tensor cores; fp32 means TF32 where torch allows it)
+PEAKS = {"H100": {"bf16": 989.4, "fp16": 989.4, "fp32": 494.7}, "H200": {"bf16": 989.4, "fp16": 989.4, "fp32": 494.7},
+         "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 156.0}}
+PHASES = ("data", "d_forward", "d_backward", "d_optimizer", "g_forward", "g_backward", "g_optimizer", "ema")
+
+
+def device_peak_tflops(device: torch.device, precision: str) -> Optional[float]:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peaks in PEAKS.items():
+        if key in name:
+            return peaks[precision]
+    return None
+
+
+def _allreduce_ms(trainer: Trainer, reps: int = 5) -> Optional[float]:
+    if trainer.world == 1:
+        return None
+    n = sum(p.numel() for net in (trainer.G, trainer.D) for p in net.parameters())
+    buf = torch.zeros(n, device=trainer.device)
+    dist.all_reduce(buf)
+    if buf.is_cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        dist.all_reduce(buf)
+    if buf.is_cuda:
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / reps * 1e3
+
+
+def bench_train(cfg: Config, steps: int = 10, warmup: int = 2, info: Optional[DistInfo] = None,
+                peak_tflops: Optional[float] = None) -> Dict[str, Any]:
+    from hpc_gan.info import model_info
+    info = info or DistInfo()
+    device = resolve_device(cfg.run.device, info.local_rank)
+    trainer = Trainer(cfg, device, info)
+    for _ in range(warmup):
+        trainer.train_step()
+    trainer.pop_metrics()
+    timer = trainer.timer = PhaseTimer(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        trainer.train_step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    phases = timer.totals_ms()
+    trainer.timer = None
+    t = cfg.train
+    samples_s = steps * t.batch_size / wall / info.world            # per device
+    images_s = samples_s * (2 * t.n_dis + 1)                       # through D: real + fake per D step, fakes in G
+    gflop = model_info(cfg)["gflops_per_sample_iteration"]
+    tflops = gflop * samples_s / 1e3
+    peak = peak_tflops or device_peak_tflops(device, t.precision)
+    mem = (torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda"
+           else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)
+    return {
+        "config": cfg.run.dir, "arch": cfg.model.arch, "resolution": cfg.model.resolution,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "world": info.world, "nodes": max(1, info.world // max(1, info.local_world)), "strategy": cfg.dist.strategy,
+        "precision": t.precision, "batch_size": t.batch_size, "micro_batch": trainer.micro, "accum": trainer.accum,
+        "n_dis": t.n_dis, "steps": steps, "warmup": warmup, "sec_per_step": wall / steps,
+        "phase_ms_per_step": {p: phases.get(p, 0.0) / steps for p in PHASES},
+        "other_ms_per_step": max(0.0, wall / steps * 1e3 - sum(phases.values()) / steps),
+        "allreduce_all_grads_ms": _allreduce_ms(trainer),
+        "samples_per_s_per_device": samples_s, "images_per_s_per_device": images_s,
+        "gflops_per_sample_iteration": gflop, "tflops_per_device": tflops, "peak_tflops": peak,
+        "mfu": tflops / peak if peak else None,
+        "peak_memory_gib": mem, "peak_memory_kind": "cuda max allocated" if device.type == "cuda" else "cpu max rss",
+    }
+
+
+def print_bench(r: Dict[str, Any]) -> None:
+    print(f"{r['arch']} {r['resolution']}px on {r['world']} x {r['device']} ({r['strategy']}, {r['precision']}), batch "
+          f"{r['batch_size']} = {r['micro_batch']} x {r['accum']} x {r['world']}: {r['sec_per_step'] * 1e3:.1f} ms/step")
+    for p, ms in r["phase_ms_per_step"].items():
+        print(f"  {p:<12} {ms:9.2f} ms")
+    print(f"  {'other':<12} {r['other_ms_per_step']:9.2f} ms")
+    print(f"samples/s/device {r['samples_per_s_per_device']:.1f} | images/s/device {r['images_per_s_per_device']:.1f}"
+          f" | {r['tflops_per_device']:.3f} TFLOP/s/device"
+          + (f" | MFU {100 * r['mfu']:.1f}% of {r['peak_tflops']:.0f}" if r["mfu"] is not None else " | MFU n/a (no peak)")
+          + f" | peak memory {r['peak_memory_gib']:.2f} GiB ({r['peak_memory_kind']})")
+
+
+def scaling_table(paths: Sequence[str], out_png: Optional[str] = None) -> List[Dict[str, Any]]:
+    """Weak-scaling efficiency of bench JSONs: per-device throughput relative to the smallest run."""
+    runs = sorted((json.loads(Path(p).read_text()) for p in paths), key=lambda r: r["world"])
+    base = runs[0]["samples_per_s_per_device"]
+    rows = [{"world": r["world"], "nodes": r["nodes"], "samples_per_s_total": r["samples_per_s_per_device"] * r["world"],
+             "samples_per_s_per_device": r["samples_per_s_per_device"],
+             "efficiency": r["samples_per_s_per_device"] / base} for r in runs]
+    if out_png:
+        from hpc_gan.eval.plots import _plt
+        plt = _plt()
+        fig, ax = plt.subplots(figsize=(4, 3))
+        ax.plot([r["world"] for r in rows], [r["efficiency"] for r in rows], marker="o")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("devices")
+        ax.set_ylabel("scaling efficiency")
+        ax.set_ylim(0, 1.1)
+        fig.tight_layout()
+        fig.savefig(out_png, dpi=100)
+        plt.close(fig)
+    return rows
