@@ -1,4 +1,4 @@
-"""The ``hpc-gan`` command: train | sample | eval | plot | info | prepare-data | bench.
+"""The ``hpc-gan`` command: train | sample | eval | plot | info | prepare-data | bench | sweep.
 
 Bad input ends in one line on stderr that names the problem and the fix (exit 2); set HPC_GAN_TRACEBACK=1 to see
 the traceback instead."""
@@ -116,6 +116,33 @@ def _plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def grid_points(grid: str) -> List[List[str]]:
+    """'a.b=1,2 c.d=x,y' -> the cartesian product as override lists, first key slowest."""
+    axes = []
+    for item in grid.split():
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ConfigError(f"--grid item {item!r} must look like section.key=v1,v2")
+        key, values = item.split("=", 1)
+        axes.append([f"{key}={v}" for v in values.split(",")])
+    points: List[List[str]] = [[]]
+    for axis in axes:
+        points = [p + [v] for p in points for v in axis]
+    return points
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    points = grid_points(args.grid)
+    if args.count:
+        print(len(points))
+        return 0
+    if not 0 <= args.index < len(points):
+        raise ConfigError(f"--index {args.index} is outside the grid's {len(points)} points; submit with "
+                          f"--array=0-{len(points) - 1}")
+    point = points[args.index]
+    print("_".join(p.split(".", 1)[1].replace("=", "-") for p in point) if args.name else " ".join(point))
+    return 0
+
+
 def _prepare(args: argparse.Namespace) -> int:
     from hpc_gan.data.prepare import prepare
     prepare(args.src, args.out, args.resolution, args.shard_size, args.workers, args.encoding)
@@ -229,6 +256,13 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--run", required=True)
     pl.add_argument("--out", default=None, help="default: RUN/curves.png")
     pl.set_defaults(fn=_plot)
+
+    w = sub.add_parser("sweep", help="points of a hyper-parameter grid (for slurm/sweep.sbatch job arrays)")
+    w.add_argument("--grid", required=True, help='e.g. "loss.temperature=0.25,0.5 loss.m_p=0.9,0.98"')
+    w.add_argument("--index", type=int, default=0, help="which point (the array task id)")
+    w.add_argument("--count", action="store_true", help="print the number of points")
+    w.add_argument("--name", action="store_true", help="print the point as a directory name")
+    w.set_defaults(fn=_sweep)
 
     d = sub.add_parser("prepare-data", help="image tree / CIFAR pickles / .npz -> webdataset shards DALI reads")
     d.add_argument("--src", required=True, help="ImageNet-style tree (train/<class>/...), CIFAR dir, or .npz")

@@ -23,6 +23,7 @@ class RunConfig:
     dir: str = "runs/demo"                 # run directory: config.yaml, metrics.jsonl, samples/, checkpoints/
     device: str = "auto"                   # auto | cpu | cuda
     tensorboard: bool = True               # write TensorBoard events when tensorboard is installed
+    preempt_signals: str = "USR1"          # signals that mean: checkpoint, requeue (Slurm), exit 0 ("" = none)
 
 
 @dataclass

@@ -16,6 +16,7 @@ from hpc_gan.dist import DistInfo, launch
 from hpc_gan.eval.evaluate import RunEvaluator
 from hpc_gan.eval.sampling import sample_sheet, sheet_classes
 from hpc_gan.train import checkpoint
+from hpc_gan.train.preempt import Preemption
 from hpc_gan.train.trainer import Trainer, check_precision, param_count, resolve_device
 
 SHEET_SEED_OFFSET = 12345
@@ -160,6 +161,7 @@ def _train(cfg: Config, resume: Optional[str], log: Callable[[str], None], info:
         if info.is_main else _NoMetrics()
     timers = {"train": 0.0, "log": 0.0, "sample": 0.0, "eval": 0.0, "checkpoint": 0.0}
     evaluator = RunEvaluator(cfg, trainer.dataset, device, log) if cfg.eval.every else None
+    preempt = Preemption(cfg.run.preempt_signals, info)
     classifier = DemoClassifier(trainer, log) if t.demo_classifier and info.is_main else None
     summary: Dict[str, Any] = {"run_dir": str(run_dir), "start_step": trainer.step}
     if classifier is not None and trainer.step == 0:
@@ -224,9 +226,23 @@ def _train(cfg: Config, resume: Optional[str], log: Callable[[str], None], info:
                 _barrier(info)
             elif cfg.dist.check_every and step % cfg.dist.check_every == 0:
                 trainer.check_replicas()
+            if not final and preempt.requested():  # every rank asks at every step boundary: they agree
+                saved = step % t.checkpoint_every == 0
+                log(f"preemption signal: {'checkpoint of' if saved else 'saving a checkpoint at'} step {step}")
+                if not saved:
+                    trainer.check_replicas()
+                    state = trainer.state_dict()
+                    if info.is_main:
+                        checkpoint.save(run_dir / "checkpoints", step, state)
+                        checkpoint.prune(run_dir / "checkpoints", t.keep_checkpoints)
+                    _barrier(info)
+                preempt.requeue(log)
+                summary["preempted"] = True
+                break
             timers["checkpoint"] += time.perf_counter() - t3
     finally:
         metrics.close()
+        preempt.close()
     steps_done = trainer.step - summary["start_step"]
     if not steps_done:
         log(f"run already at step {trainer.step} of train.steps={t.steps}; nothing to train (raise train.steps to "
