@@ -1,7 +1,6 @@
 """prepare-data (trees with a corrupt file, CIFAR pickles, .npz), the shards' native DALI readability, the DALI
 CPU pipeline against the torch loader, rank coverage, resume, and the one-line errors."""
 import importlib.util
-import json
 import pickle
 import subprocess
 import sys

@@ -4,7 +4,6 @@ accumulation, and resuming at another world size."""
 import importlib.util
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys

@@ -2,7 +2,6 @@
 2 gloo ranks against one process, the Inception-v3 network's shapes and weight checks, eval / plot / bench
 commands."""
 import json
-import subprocess
 import sys
 from pathlib import Path
 

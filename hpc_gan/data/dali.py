@@ -13,13 +13,13 @@ distributed training contract rules out; the reader's job here is reading bytes 
 from __future__ import annotations
 
 import importlib.util
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
 
 from hpc_gan.config import ConfigError
-from hpc_gan.data.loader import _RankSlices, flip_mask, rank_positions
+from hpc_gan.data.loader import StreamBase, _RankSlices, flip_mask
 
 
 def dali_available() -> bool:
@@ -44,7 +44,7 @@ def decode_device(requested: str, device: torch.device) -> str:
     return requested
 
 
-class DaliStream:
+class DaliStream(StreamBase):
     """Endless per-rank batches of (images in [-1, 1] float NCHW on ``device``, labels int64), like RealStream."""
 
     def __init__(self, dataset: Any, batch: int, seed: int, hflip: bool, device: torch.device, rank: int = 0,
@@ -54,19 +54,8 @@ class DaliStream:
         if not hasattr(dataset, "read_bytes"):
             raise ConfigError("data.backend=dali reads encoded images: use data.name=shards (hpc-gan prepare-data) "
                               "or folder; in-memory sets (synthetic, npz) use data.backend=torch")
-        self.positions = rank_positions(batch, world, rank, micro or batch // world)
-        self.dataset, self.batch, self.seed, self.hflip = dataset, batch, seed, hflip
-        self.device, self.rank, self.world = device, rank, world
+        super().__init__(dataset, batch, seed, hflip, device, rank, world, micro)
         self.decoder, self.threads, self.resize = decode_device(decoder, device), threads, resize
-        self.consumed = 0
-        self._it: Optional[Iterator] = None
-
-    def state_dict(self) -> Dict[str, int]:
-        return {"consumed": self.consumed}
-
-    def load_state_dict(self, state: Dict[str, int]) -> None:
-        self.consumed = int(state["consumed"])
-        self._it = None
 
     def _source(self) -> Iterator[Tuple[List[np.ndarray], List[np.ndarray], List[np.ndarray]]]:
         k = self.consumed

@@ -161,14 +161,15 @@ class _RankSlices:
         return 2 ** 62
 
 
-class RealStream:
-    """Endless per-rank batches of (images in [-1, 1] float NCHW on ``device``, labels int64)."""
+class StreamBase:
+    """What every real-image stream shares: this rank's positions of each global batch, and a state that is one
+    integer (global batches consumed)."""
 
-    def __init__(self, dataset: Dataset, batch: int, seed: int, hflip: bool, device: torch.device,
-                 rank: int = 0, world: int = 1, num_workers: int = 0, micro: int = 0) -> None:
+    def __init__(self, dataset: Any, batch: int, seed: int, hflip: bool, device: torch.device, rank: int, world: int,
+                 micro: int) -> None:
         self.positions = rank_positions(batch, world, rank, micro or batch // world)
         self.dataset, self.batch, self.seed, self.hflip = dataset, batch, seed, hflip
-        self.device, self.rank, self.world, self.num_workers = device, rank, world, num_workers
+        self.device, self.rank, self.world = device, rank, world
         self.consumed = 0
         self._it: Optional[Iterator] = None
 
@@ -178,6 +179,15 @@ class RealStream:
     def load_state_dict(self, state: Dict[str, int]) -> None:
         self.consumed = int(state["consumed"])
         self._it = None
+
+
+class RealStream(StreamBase):
+    """Endless per-rank batches of (images in [-1, 1] float NCHW on ``device``, labels int64)."""
+
+    def __init__(self, dataset: Dataset, batch: int, seed: int, hflip: bool, device: torch.device,
+                 rank: int = 0, world: int = 1, num_workers: int = 0, micro: int = 0) -> None:
+        super().__init__(dataset, batch, seed, hflip, device, rank, world, micro)
+        self.num_workers = num_workers
 
     def _iterator(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         sampler = _RankSlices(len(self.dataset), self.batch, self.seed, self.consumed, self.positions)
