@@ -1,0 +1,227 @@
+"""Training strategies behind one interface, so the trainer's code is the same for all: ``dist.strategy``.
+
+- ``ddp``: torch DistributedDataParallel (plain module on one rank); ``no_sync`` on accumulation micro-steps;
+  buffers are not re-broadcast every forward (they stay identical: SN vectors are computed from identical weights,
+  BN statistics are global with cross-replica BN or averaged before checkpoints without it).
+- ``zero1`` / ``zero2``: a DeepSpeed engine per network (separate configs), optimizer states (and gradients for
+  ZeRO-2) sharded over the ranks. What makes ZeRO work for a GAN (measured): D sees real and fake in one forward;
+  in the G step D is frozen and called as the plain module, never through its engine; the process group is
+  destroyed at exit. The EMA of G stays fp32 outside the engines.
+
+Every strategy saves the same world-size-independent state: full fp32 weights and a torch.optim.Adam state dict
+(ZeRO shards are gathered with DeepSpeed's safe_get_full_* and re-scattered with safe_set_full_* on load), so a run
+saved at W ranks under one strategy resumes at W' ranks under any other.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+from typing import Any, Dict, List
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from hpc_gan.config import ConfigError
+
+STRATEGIES = ("ddp", "zero1", "zero2")
+
+
+def broadcast_state(module: nn.Module, src: int = 0) -> None:
+    """Parameters and buffers from rank ``src`` to all (DeepSpeed does not broadcast buffers)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    with torch.no_grad():
+        for t in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(t.data, src)
+
+
+class _Net:
+    """One network with its optimizer. ``net(*x)`` runs the forward whose gradients are synchronized; ``net.module``
+    is the plain module (for no-grad or frozen calls)."""
+
+    module: nn.Module
+
+    def __call__(self, *args: Any) -> Any:
+        raise NotImplementedError
+
+    def micro(self, last: bool) -> contextlib.AbstractContextManager:
+        """Wrap forward + backward of one micro-batch; ``last`` marks the one whose backward synchronizes."""
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def step(self) -> None:
+        raise NotImplementedError
+
+    def weights_state_dict(self) -> Dict[str, torch.Tensor]:
+        return self.module.state_dict()
+
+    def load_weights(self, state: Dict[str, torch.Tensor]) -> None:
+        self.module.load_state_dict(state)
+
+    def optimizer_state_dict(self) -> Dict[str, Any]:
+        raise NotImplementedError
+
+    def load_optimizer_state_dict(self, state: Dict[str, Any]) -> None:
+        raise NotImplementedError
+
+
+class TorchNet(_Net):
+    """Single process, or DDP when ``ddp``; fp16 through a GradScaler."""
+
+    def __init__(self, module: nn.Module, opt: torch.optim.Optimizer, ddp: bool, fp16: bool) -> None:
+        self.module, self.opt = module, opt
+        self.scaler = torch.amp.GradScaler("cuda", enabled=fp16)
+        self.wrapped: nn.Module = module
+        if ddp:
+            dev = next(module.parameters()).device
+            ddp = nn.parallel.DistributedDataParallel
+            # buffers stay identical without a per-forward broadcast (see the module docstring)
+            no_buffer_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in \
+                inspect.signature(ddp.__init__).parameters else {"broadcast_buffers": False}
+            self.wrapped = ddp(module, device_ids=[dev.index] if dev.type == "cuda" else None, **no_buffer_sync)
+
+    def __call__(self, *args: Any) -> Any:
+        return self.wrapped(*args)
+
+    def micro(self, last: bool) -> contextlib.AbstractContextManager:
+        if isinstance(self.wrapped, nn.parallel.DistributedDataParallel) and not last:
+            return self.wrapped.no_sync()
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler.is_enabled() else loss).backward()
+
+    def step(self) -> None:
+        if self.scaler.is_enabled():
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def optimizer_state_dict(self) -> Dict[str, Any]:
+        state = {"adam": self.opt.state_dict()}
+        if self.scaler.is_enabled():
+            state["scaler"] = self.scaler.state_dict()
+        return state
+
+    def load_optimizer_state_dict(self, state: Dict[str, Any]) -> None:
+        self.opt.load_state_dict(state["adam"])
+        if "scaler" in state and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
+
+
+class DeepSpeedNet(_Net):
+    def __init__(self, module: nn.Module, opt: torch.optim.Optimizer, stage: int, micro: int, accum: int,
+                 world: int, bf16: bool) -> None:
+        if next(module.parameters()).device.type == "cpu":
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
+        try:
+            import deepspeed
+        except ImportError as e:
+            raise ConfigError(f"dist.strategy=zero{stage} needs DeepSpeed ({e}); "
+                              f"DS_BUILD_OPS=0 pip install -e .[deepspeed], or dist.strategy=ddp") from None
+        config = {
+            "train_batch_size": micro * accum * world, "train_micro_batch_size_per_gpu": micro,
+            "gradient_accumulation_steps": accum, "zero_optimization": {"stage": stage},
+            "bf16": {"enabled": bf16}, "gradient_clipping": 0.0, "zero_allow_untested_optimizer": True,
+            "steps_per_print": 2 ** 62, "wall_clock_breakdown": False,
+        }
+        self.module = module
+        self.engine, self.opt, _, _ = deepspeed.initialize(model=module, optimizer=opt, config=config,
+                                                           dist_init_required=False)
+        if bf16:  # the engine casts the module, buffers included: SN vectors and BN statistics stay fp32
+            for buf in module.buffers():
+                if buf.is_floating_point():
+                    buf.data = buf.data.float()
+        self._params = list(module.parameters())
+
+    def __call__(self, *args: Any) -> Any:
+        return self.engine(*args)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # the trainer already divides by the accumulation count; DeepSpeed steps at its accumulation boundary
+        self.engine.backward(loss, scale_wrt_gas=False)
+        self.engine.step()
+
+    def step(self) -> None:
+        if self.engine.micro_steps % self.engine.gradient_accumulation_steps():
+            raise RuntimeError("DeepSpeed engine is between accumulation boundaries at the end of a step")
+
+    # ---- world-size independent state -----------------------------------------------------------------------
+    def weights_state_dict(self) -> Dict[str, torch.Tensor]:
+        from deepspeed.utils import safe_get_full_fp32_param
+        state = dict(self.module.state_dict())
+        for name, p in self.module.named_parameters():
+            full = safe_get_full_fp32_param(p)  # collective: every rank calls this
+            state[name] = (full if full is not None else p.detach().float()).to(p.device).clone()
+        return state
+
+    def load_weights(self, state: Dict[str, torch.Tensor]) -> None:
+        from deepspeed.utils import safe_set_full_fp32_param
+        self.module.load_state_dict(state)
+        for name, p in self.module.named_parameters():
+            safe_set_full_fp32_param(p, state[name].to(p.device).float())
+
+    def _base_states(self) -> List[Dict[str, Any]]:
+        return list(self.opt.optimizer.state.values())
+
+    def _ensure_states(self) -> None:
+        """Adam creates its state at the first step and DeepSpeed links parameter fragments to it only then; a
+        resumed run needs both before the saved moments can be scattered into the shards."""
+        base = self.opt.optimizer
+        for group in base.param_groups:
+            for flat in group["params"]:
+                if not base.state[flat]:
+                    base.state[flat] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(flat),
+                                        "exp_avg_sq": torch.zeros_like(flat)}
+        self.opt._lazy_init_hp_params_optimizer_state()
+
+    def optimizer_state_dict(self) -> Dict[str, Any]:
+        from deepspeed.utils import safe_get_full_optimizer_state
+        self._ensure_states()  # a checkpoint before the first step
+        steps = [float(s["step"]) for s in self._base_states() if "step" in s]
+        step = steps[0] if steps else 0.0
+        state = {}
+        for i, p in enumerate(self._params):
+            entry: Dict[str, Any] = {"step": torch.tensor(step)}
+            for key in ("exp_avg", "exp_avg_sq"):
+                full = safe_get_full_optimizer_state(p, key)
+                entry[key] = torch.zeros_like(p, dtype=torch.float32) if full is None else full.clone()
+            state[i] = entry
+        group = {k: v for k, v in self.opt.optimizer.param_groups[0].items() if k != "params"}
+        group["params"] = list(range(len(self._params)))
+        return {"adam": {"state": state, "param_groups": [group]}}
+
+    def load_optimizer_state_dict(self, state: Dict[str, Any]) -> None:
+        from deepspeed.utils import safe_set_full_optimizer_state
+        adam = state["adam"]
+        if len(adam["state"]) not in (0, len(self._params)):
+            raise ConfigError(f"optimizer state has {len(adam['state'])} entries for {len(self._params)} parameters; "
+                              f"resume with the config the run was started with")
+        if not adam["state"]:
+            return
+        step = float(next(iter(adam["state"].values()))["step"])
+        self._ensure_states()
+        for i, p in enumerate(self._params):
+            for key in ("exp_avg", "exp_avg_sq"):
+                safe_set_full_optimizer_state(p, adam["state"][i][key].to(p.device).float(), key)
+        for s in self._base_states():
+            if "step" in s:
+                s["step"] = torch.tensor(step) if torch.is_tensor(s["step"]) else step
+
+
+def build_net(module: nn.Module, strategy: str, lr: float, betas: tuple, eps: float, micro: int, accum: int,
+              world: int, precision: str) -> _Net:
+    opt = torch.optim.Adam(module.parameters(), lr=lr, betas=betas, eps=eps)
+    if strategy == "ddp" or (strategy in ("zero1", "zero2") and world == 1):  # one rank: nothing to shard
+        return TorchNet(module, opt, ddp=world > 1, fp16=precision == "fp16")
+    if strategy in ("zero1", "zero2"):
+        if precision == "fp16":
+            raise ConfigError(f"dist.strategy={strategy} supports train.precision fp32 or bf16; use bf16 (or ddp)")
+        return DeepSpeedNet(module, opt, int(strategy[-1]), micro, accum, world, precision == "bf16")
+    raise ConfigError(f"dist.strategy={strategy!r} is not one of {STRATEGIES}")
