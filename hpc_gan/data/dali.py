@@ -73,7 +73,7 @@ class DaliStream(StreamBase):
         source = self._source()
 
         @pipeline_def(batch_size=len(self.positions), num_threads=self.threads,
-                      device_id=self.device.index or 0 if self.device.type == "cuda" else None,
+                      device_id=(self.device.index or 0) if self.device.type == "cuda" else None,
                       seed=self.seed + self.rank, prefetch_queue_depth=2)
         def pipe():
             enc, labels, mirror = fn.external_source(source=lambda: next(source), num_outputs=3, batch=True,
