@@ -237,4 +237,4 @@ def test_every_kernel_compiles_for_h100_without_a_gpu():
                           timeout=600)
     assert proc.returncode == 0 and "all kernels compile" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if line.startswith("sm_90")]
-    assert len(lines) == 22 and all("cubin" in line and "FAIL" not in line for line in lines), proc.stdout
+    assert len(lines) == 20 and all("cubin" in line and "FAIL" not in line for line in lines), proc.stdout
