@@ -161,14 +161,16 @@ def assert_same_nets(got, want, what):
 @pytest.mark.parametrize("strategy", ["ddp", pytest.param("zero1", marks=needs_ds), pytest.param("zero2", marks=needs_ds)])
 def test_two_ranks_equal_one_rank_with_twice_the_micro_batch(strategy, tmp_path):
     cases = [case_overrides(strategy, *c, ranks=2) for c in CASES]
+    # the fused kernels under the strategy (Triton interpreter on CPU), against the torch reference at 1 rank
+    fused = case_overrides(strategy, "d2d_ce", True, 8, 2, ranks=2) + ["model.sn_backend=triton", "loss.backend=triton"]
     control = case_overrides(strategy, "d2d_ce", False, 8, 4, ranks=2)  # local negatives: must NOT equal
-    torchrun(WORKER, "steps", tmp_path, json.dumps(cases + [control]))
-    for i, c in enumerate(CASES):
+    torchrun(WORKER, "steps", tmp_path, json.dumps(cases + [fused, control]))
+    for i, c in enumerate(CASES + [("d2d_ce", True, 8, 2)]):
         want = single_process_step(case_overrides(strategy, *c, ranks=1))
         got = torch.load(tmp_path / f"case-{i}.pt")
-        assert_same_nets(got, want, f"{strategy} {c}")
+        assert_same_nets(got, want, f"{strategy} {c}" + (" fused kernels" if i == len(CASES) else ""))
     want = single_process_step(case_overrides(strategy, "d2d_ce", True, 8, 4, ranks=1))
-    got = torch.load(tmp_path / f"case-{len(CASES)}.pt")
+    got = torch.load(tmp_path / f"case-{len(CASES) + 1}.pt")
     with pytest.raises(AssertionError):
         assert_same_nets(got, want, "local negatives differ from the global batch's")
 
