@@ -41,7 +41,9 @@ def slurm(tmp_path_factory):
     proc = subprocess.run(["bash", str(ROOT / "slurm/local/start.sh"), str(cluster)], capture_output=True, text=True,
                           timeout=600)
     if proc.returncode != 0:
-        pytest.skip(f"no local Slurm: slurm/local/start.sh failed ({proc.stderr.strip().splitlines()[-1:]})")
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        pytest.skip(reason=f"no local Slurm could be started (needs root and apt, or a running Slurm with "
+                           f"SLURM_CONF set): slurm/local/start.sh said: {last}")
     env["SLURM_CONF"] = str(cluster / "slurm.conf")
     yield env
     subprocess.run(["bash", str(ROOT / "slurm/local/stop.sh"), str(cluster)], capture_output=True)
