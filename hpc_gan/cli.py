@@ -62,15 +62,14 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    import torch
-
     from hpc_gan.config import apply_overrides, from_dict
     from hpc_gan.data import build_dataset
     from hpc_gan.dist import launch
     from hpc_gan.eval.evaluate import RunEvaluator
     from hpc_gan.models import build_generator
     from hpc_gan.train.checkpoint import load_consolidated, resolve, step_dir
-    from hpc_gan.train.ema import standing_stats_from_noise
+    from hpc_gan.train.ema import sampling_standing_stats
+    from hpc_gan.train.trainer import resolve_device
 
     run = Path(args.run)
     ckpt = step_dir(run / "checkpoints", args.checkpoint) if args.checkpoint is not None else resolve(args.run)
@@ -84,12 +83,11 @@ def _eval(args: argparse.Namespace) -> int:
     cfg = from_dict(apply_overrides(state["config"], overrides), f"{ckpt}/config")
     info = launch.init(cfg.dist.timeout_s, cfg.dist.backend)
     try:
-        device = torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        device = resolve_device(cfg.run.device, info.local_rank)
         G = build_generator(cfg.model, cfg.data.num_classes).to(device)
         G.load_state_dict(state["G_ema"])
         G.eval()
-        standing_stats_from_noise(G, cfg.train.standing_stats, cfg.data.num_classes, cfg.model.z_dim,
-                                  cfg.train.seed + 99991)
+        sampling_standing_stats(G, cfg)  # the same statistics the run's own evaluations used
         ev = RunEvaluator(cfg, build_dataset(cfg.data, cfg.model.resolution, cfg.train.seed), device,
                           log=print if info.is_main else (lambda m: None))
         out_dir = (run if run.is_dir() else ckpt) / "eval"

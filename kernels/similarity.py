@@ -70,7 +70,7 @@ def d2d_ce(embed: torch.Tensor, proxy: torch.Tensor, labels: torch.Tensor, tempe
     is_self[rows, rows + row_offset] = True
     is_neg = (labels[:, None] != col_labels[None, :]) & ~is_self
 
-    pos = torch.clamp((f * v).sum(1) - m_p, max=0.0) / temperature            # [s_i - m_p]_- / t
+    pos = _positive_logits(f, v, temperature, m_p)                               # [s_i - m_p]_- / t
     sim = (f @ cols.t() - m_n) / temperature                                     # (s_ij - m_n) / t
     neg = torch.clamp(sim, min=0.0).masked_fill(~is_neg, float("-inf"))          # [.]_+ / t on negatives only
     if mode == "studiogan":
@@ -82,10 +82,10 @@ def d2d_ce(embed: torch.Tensor, proxy: torch.Tensor, labels: torch.Tensor, tempe
     return (denom - pos).mean()
 
 
-def _positive_logits(embed: torch.Tensor, proxy: torch.Tensor, temperature: float, m_p: float) -> torch.Tensor:
-    """[s_i - m_p]_- / t: a row-wise dot product, O(N d), left to torch in both backends."""
-    return torch.clamp((F.normalize(_acc(embed), dim=1) * F.normalize(_acc(proxy), dim=1)).sum(1) - m_p,
-                       max=0.0) / temperature
+def _positive_logits(f: torch.Tensor, v: torch.Tensor, temperature: float, m_p: float) -> torch.Tensor:
+    """[s_i - m_p]_- / t of normalized embeddings f and proxies v: a row-wise dot product, O(N d), left to torch
+    in both backends."""
+    return torch.clamp((f * v).sum(1) - m_p, max=0.0) / temperature
 
 
 def _d2d_ce_triton(embed: torch.Tensor, proxy: torch.Tensor, labels: torch.Tensor, temperature: float, m_p: float,
@@ -93,7 +93,7 @@ def _d2d_ce_triton(embed: torch.Tensor, proxy: torch.Tensor, labels: torch.Tenso
                    row_offset: int) -> torch.Tensor:
     from kernels.similarity_triton import NegLogSumExp
     m_n = 1.0 - m_p if m_n is None else m_n
-    pos = _positive_logits(embed, proxy, temperature, m_p)
+    pos = _positive_logits(F.normalize(_acc(embed), dim=1), F.normalize(_acc(proxy), dim=1), temperature, m_p)
     neg = NegLogSumExp.apply(embed, cols[0], labels, cols[1], int(row_offset), float(m_n), float(temperature),
                              mode == "studiogan")
     return (torch.logaddexp(pos, neg) - pos).mean()

@@ -108,41 +108,59 @@ def _grad_tile(sim, la, lb, lse, g, rows, cols, M, row_offset, m_n, inv_t):
 
 
 @triton.jit
+def _accumulate(ACC, idx, imask, g, X, xidx, xmask, D, BD: tl.constexpr, PREC: tl.constexpr):
+    """ACC[idx, :] += g @ X[xidx, :] over d in BD chunks; ACC's rows ``idx`` belong to this program alone."""
+    for d0 in range(0, D, BD):
+        ds = d0 + tl.arange(0, BD)
+        x = tl.load(X + xidx[:, None] * D + ds[None, :], mask=xmask[:, None] & (ds[None, :] < D), other=0.0)
+        acc_ptr = ACC + idx[:, None] * D + ds[None, :]
+        amask = imask[:, None] & (ds[None, :] < D)
+        tl.store(acc_ptr, tl.load(acc_ptr, mask=amask, other=0.0) + tl.dot(g, x, input_precision=PREC), mask=amask)
+
+
+@triton.jit
+def _normalization_grad(ACC, X, OUT, idx, imask, r, c, D, BD: tl.constexpr):
+    """Chain rule through x -> x r (r = 1 / |x|): OUT_i = r_i (acc_i - c_i r_i x_i), c_i = sum_j G_ij sim_ij."""
+    for d0 in range(0, D, BD):
+        ds = d0 + tl.arange(0, BD)
+        amask = imask[:, None] & (ds[None, :] < D)
+        acc = tl.load(ACC + idx[:, None] * D + ds[None, :], mask=amask, other=0.0)
+        x = tl.load(X + idx[:, None] * D + ds[None, :], mask=amask, other=0.0).to(tl.float32)
+        out = r[:, None] * (acc - (c * r)[:, None] * x)
+        tl.store(OUT + idx[:, None] * D + ds[None, :], out.to(OUT.dtype.element_ty), mask=amask)
+
+
+@triton.jit
+def _bwd_tile(A, B, RA, RB, LA, LB, LSE, G, rows, cols, N, M, D, row_offset, m_n, inv_t,
+              BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    """Recompute one (rows, cols) tile: (dLoss/dsim, sim, ra, rb), zero outside the matrix."""
+    rmask, cmask = rows < N, cols < M
+    ra = tl.load(RA + rows, mask=rmask, other=0.0)
+    rb = tl.load(RB + cols, mask=cmask, other=0.0)
+    la = tl.load(LA + rows, mask=rmask, other=-1)
+    lb = tl.load(LB + cols, mask=cmask, other=-2)
+    lse = tl.load(LSE + rows, mask=rmask, other=0.0)
+    g = tl.load(G + rows, mask=rmask, other=0.0)  # 0 on padding rows: their gradient vanishes
+    sim = _dot_tile(A, B, rows, cols, N, M, D, BI, BJ, BK, PREC) * ra[:, None] * rb[None, :]
+    return _grad_tile(sim, la, lb, lse, g, rows, cols, M, row_offset, m_n, inv_t), sim, ra, rb
+
+
+@triton.jit
 def _neg_lse_bwd_rows_kernel(A, B, RA, RB, LA, LB, LSE, G, ACC, DA, N, M, D, row_offset, m_n, inv_t,
                              PREC: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr,
                              BD: tl.constexpr):
-    """dA for a block of rows: sum_j G_ij rb_j b_j, accumulated in fp32 ACC (rows owned by this program), then
-    the normalization's chain rule  dA_i = ra_i (acc_i - (sum_j G_ij sim_ij) ra_i a_i)."""
+    """dA for a block of rows: sum_j G_ij rb_j b_j accumulated in fp32 ACC, then the normalization's chain rule."""
     rows = tl.program_id(0) * BI + tl.arange(0, BI)
     rmask = rows < N
     ra = tl.load(RA + rows, mask=rmask, other=0.0)
-    la = tl.load(LA + rows, mask=rmask, other=-1)
-    lse = tl.load(LSE + rows, mask=rmask, other=0.0)
-    g = tl.load(G + rows, mask=rmask, other=0.0)
     c = tl.zeros((BI,), tl.float32)
     for j0 in range(0, M, BJ):
         cols = j0 + tl.arange(0, BJ)
-        cmask = cols < M
-        rb = tl.load(RB + cols, mask=cmask, other=0.0)
-        lb = tl.load(LB + cols, mask=cmask, other=-2)
-        sim = _dot_tile(A, B, rows, cols, N, M, D, BI, BJ, BK, PREC) * ra[:, None] * rb[None, :]
-        gs = _grad_tile(sim, la, lb, lse, g, rows, cols, M, row_offset, m_n, inv_t)
+        gs, sim, ra, rb = _bwd_tile(A, B, RA, RB, LA, LB, LSE, G, rows, cols, N, M, D, row_offset, m_n, inv_t,
+                                    BI, BJ, BK, PREC)
         c += tl.sum(gs * sim, axis=1)
-        gs = (gs * rb[None, :]).to(B.dtype.element_ty)
-        for d0 in range(0, D, BD):
-            ds = d0 + tl.arange(0, BD)
-            b = tl.load(B + cols[:, None] * D + ds[None, :], mask=cmask[:, None] & (ds[None, :] < D), other=0.0)
-            acc_ptr = ACC + rows[:, None] * D + ds[None, :]
-            amask = rmask[:, None] & (ds[None, :] < D)
-            tl.store(acc_ptr, tl.load(acc_ptr, mask=amask, other=0.0) + tl.dot(gs, b, input_precision=PREC),
-                     mask=amask)
-    for d0 in range(0, D, BD):
-        ds = d0 + tl.arange(0, BD)
-        amask = rmask[:, None] & (ds[None, :] < D)
-        acc = tl.load(ACC + rows[:, None] * D + ds[None, :], mask=amask, other=0.0)
-        a = tl.load(A + rows[:, None] * D + ds[None, :], mask=amask, other=0.0).to(tl.float32)
-        da = ra[:, None] * (acc - (c * ra)[:, None] * a)
-        tl.store(DA + rows[:, None] * D + ds[None, :], da.to(DA.dtype.element_ty), mask=amask)
+        _accumulate(ACC, rows, rmask, (gs * rb[None, :]).to(B.dtype.element_ty), B, cols, cols < M, D, BD, PREC)
+    _normalization_grad(ACC, A, DA, rows, rmask, ra, c, D, BD)
 
 
 @triton.jit
@@ -153,34 +171,15 @@ def _neg_lse_bwd_cols_kernel(A, B, RA, RB, LA, LB, LSE, G, ACC, DB, N, M, D, row
     cols = tl.program_id(0) * BJ + tl.arange(0, BJ)
     cmask = cols < M
     rb = tl.load(RB + cols, mask=cmask, other=0.0)
-    lb = tl.load(LB + cols, mask=cmask, other=-2)
     c = tl.zeros((BJ,), tl.float32)
     for i0 in range(0, N, BI):
         rows = i0 + tl.arange(0, BI)
-        rmask = rows < N
-        ra = tl.load(RA + rows, mask=rmask, other=0.0)
-        la = tl.load(LA + rows, mask=rmask, other=-1)
-        lse = tl.load(LSE + rows, mask=rmask, other=0.0)
-        g = tl.load(G + rows, mask=rmask, other=0.0)
-        sim = _dot_tile(A, B, rows, cols, N, M, D, BI, BJ, BK, PREC) * ra[:, None] * rb[None, :]
-        gs = _grad_tile(sim, la, lb, lse, g, rows, cols, M, row_offset, m_n, inv_t)
-        gs = tl.where(rmask[:, None], gs, 0.0)
+        gs, sim, ra, rb = _bwd_tile(A, B, RA, RB, LA, LB, LSE, G, rows, cols, N, M, D, row_offset, m_n, inv_t,
+                                    BI, BJ, BK, PREC)
         c += tl.sum(gs * sim, axis=0)
-        gt = tl.trans(gs * ra[:, None]).to(A.dtype.element_ty)
-        for d0 in range(0, D, BD):
-            ds = d0 + tl.arange(0, BD)
-            a = tl.load(A + rows[:, None] * D + ds[None, :], mask=rmask[:, None] & (ds[None, :] < D), other=0.0)
-            acc_ptr = ACC + cols[:, None] * D + ds[None, :]
-            amask = cmask[:, None] & (ds[None, :] < D)
-            tl.store(acc_ptr, tl.load(acc_ptr, mask=amask, other=0.0) + tl.dot(gt, a, input_precision=PREC),
-                     mask=amask)
-    for d0 in range(0, D, BD):
-        ds = d0 + tl.arange(0, BD)
-        amask = cmask[:, None] & (ds[None, :] < D)
-        acc = tl.load(ACC + cols[:, None] * D + ds[None, :], mask=amask, other=0.0)
-        b = tl.load(B + cols[:, None] * D + ds[None, :], mask=amask, other=0.0).to(tl.float32)
-        db = rb[:, None] * (acc - (c * rb)[:, None] * b)
-        tl.store(DB + cols[:, None] * D + ds[None, :], db.to(DB.dtype.element_ty), mask=amask)
+        _accumulate(ACC, cols, cmask, tl.trans(gs * ra[:, None]).to(A.dtype.element_ty), A, rows, rows < N, D,
+                    BD, PREC)
+    _normalization_grad(ACC, B, DB, cols, cmask, rb, c, D, BD)
 
 
 @triton.jit

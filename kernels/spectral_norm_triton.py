@@ -22,13 +22,35 @@ def _blocks(device: torch.device) -> Tuple[int, int]:
 
 
 @triton.jit
-def _sn_v_kernel(W_PTRS, U_PTRS, U_FLAT, V_OUT, TILE_MAT, TILE_START, ROWS, COLS, UOFF, VOFF,
-                 U_FROM_FLAT: tl.constexpr, W_DTYPE: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+def _tile(TILE_MAT, TILE_START, ROWS, COLS):
+    """(matrix, first row or column, rows, columns) of this program's tile."""
     pid = tl.program_id(0)
     m = tl.load(TILE_MAT + pid)
-    c0 = tl.load(TILE_START + pid)
-    n_rows = tl.load(ROWS + m)
-    n_cols = tl.load(COLS + m)
+    return m, tl.load(TILE_START + pid), tl.load(ROWS + m), tl.load(COLS + m)
+
+
+@triton.jit
+def _sum_squares(base, n, BLOCK: tl.constexpr):
+    ss = tl.zeros((BLOCK,), tl.float32)
+    for i0 in range(0, n, BLOCK):
+        idx = i0 + tl.arange(0, BLOCK)
+        x = tl.load(base + idx, mask=idx < n, other=0.0, cache_modifier=".cg")  # .cg: written by other programs
+        ss += x * x
+    return tl.sum(ss, axis=0)
+
+
+@triton.jit
+def _scale(base, n, factor, BLOCK: tl.constexpr):
+    for i0 in range(0, n, BLOCK):
+        idx = i0 + tl.arange(0, BLOCK)
+        x = tl.load(base + idx, mask=idx < n, other=0.0, cache_modifier=".cg")
+        tl.store(base + idx, x * factor, mask=idx < n)
+
+
+@triton.jit
+def _sn_v_kernel(W_PTRS, U_PTRS, U_FLAT, V_OUT, TILE_MAT, TILE_START, ROWS, COLS, UOFF, VOFF,
+                 U_FROM_FLAT: tl.constexpr, W_DTYPE: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+    m, c0, n_rows, n_cols = _tile(TILE_MAT, TILE_START, ROWS, COLS)
     w = tl.load(W_PTRS + m).to(tl.pointer_type(W_DTYPE))
     if U_FROM_FLAT:
         u_base = U_FLAT + tl.load(UOFF + m)
@@ -49,20 +71,11 @@ def _sn_v_kernel(W_PTRS, U_PTRS, U_FLAT, V_OUT, TILE_MAT, TILE_START, ROWS, COLS
 @triton.jit
 def _sn_u_kernel(W_PTRS, U_OUT, V_OUT, SIGMA, TILE_MAT, TILE_START, NTILES, COUNT, ROWS, COLS, UOFF, VOFF, eps,
                  W_DTYPE: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
-    pid = tl.program_id(0)
-    m = tl.load(TILE_MAT + pid)
-    r0 = tl.load(TILE_START + pid)
-    n_rows = tl.load(ROWS + m)
-    n_cols = tl.load(COLS + m)
+    m, r0, n_rows, n_cols = _tile(TILE_MAT, TILE_START, ROWS, COLS)
     w = tl.load(W_PTRS + m).to(tl.pointer_type(W_DTYPE))
     vb = V_OUT + tl.load(VOFF + m)
     ub = U_OUT + tl.load(UOFF + m)
-    ss = tl.zeros((BC,), tl.float32)
-    for c0 in range(0, n_cols, BC):
-        cs = c0 + tl.arange(0, BC)
-        v = tl.load(vb + cs, mask=cs < n_cols, other=0.0)
-        ss += v * v
-    inv_v = 1.0 / tl.maximum(tl.sqrt(tl.sum(ss, axis=0)), eps)
+    inv_v = 1.0 / tl.maximum(tl.sqrt(_sum_squares(vb, n_cols, BC)), eps)
     rs = r0 + tl.arange(0, BR)
     rm = rs < n_rows
     acc = tl.zeros((BR,), tl.float32)
@@ -76,22 +89,11 @@ def _sn_u_kernel(W_PTRS, U_OUT, V_OUT, SIGMA, TILE_MAT, TILE_START, NTILES, COUN
     tl.debug_barrier()  # this program's stores happen before its arrival is counted
     arrived = tl.atomic_add(COUNT + m, 1)
     if arrived == tl.load(NTILES + m) - 1:  # last tile of this matrix: normalize u, v and write sigma
-        ssu = tl.zeros((BR,), tl.float32)
-        for q0 in range(0, n_rows, BR):
-            qs = q0 + tl.arange(0, BR)
-            u = tl.load(ub + qs, mask=qs < n_rows, other=0.0, cache_modifier=".cg")
-            ssu += u * u
-        sq = tl.sum(ssu, axis=0)
+        sq = _sum_squares(ub, n_rows, BR)
         norm_u = tl.maximum(tl.sqrt(sq), eps)
         tl.store(SIGMA + m, sq / norm_u)
-        for q0 in range(0, n_rows, BR):
-            qs = q0 + tl.arange(0, BR)
-            u = tl.load(ub + qs, mask=qs < n_rows, other=0.0, cache_modifier=".cg")
-            tl.store(ub + qs, u / norm_u, mask=qs < n_rows)
-        for c0 in range(0, n_cols, BC):
-            cs = c0 + tl.arange(0, BC)
-            v = tl.load(vb + cs, mask=cs < n_cols, other=0.0)
-            tl.store(vb + cs, v * inv_v, mask=cs < n_cols)
+        _scale(ub, n_rows, 1.0 / norm_u, BR)
+        _scale(vb, n_cols, inv_v, BC)
         tl.atomic_xchg(COUNT + m, 0)  # ready for the next launch
 
 
@@ -99,11 +101,7 @@ def _sn_u_kernel(W_PTRS, U_OUT, V_OUT, SIGMA, TILE_MAT, TILE_START, NTILES, COUN
 def _sn_grad_kernel(GRAD, GSIG, U_OUT, V_OUT, TILE_MAT, TILE_START, ROWS, COLS, UOFF, VOFF, WOFF,
                     BR: tl.constexpr, BC: tl.constexpr):
     """d sigma_m / d W_m = u_m v_m^T, scaled by the incoming gradient, into one flat buffer for all matrices."""
-    pid = tl.program_id(0)
-    m = tl.load(TILE_MAT + pid)
-    r0 = tl.load(TILE_START + pid)
-    n_rows = tl.load(ROWS + m)
-    n_cols = tl.load(COLS + m)
+    m, r0, n_rows, n_cols = _tile(TILE_MAT, TILE_START, ROWS, COLS)
     rs = r0 + tl.arange(0, BR)
     rm = rs < n_rows
     u = tl.load(U_OUT + tl.load(UOFF + m) + rs, mask=rm, other=0.0) * tl.load(GSIG + m)

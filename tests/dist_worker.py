@@ -94,8 +94,10 @@ def mode_eval(out: Path, info: launch.DistInfo) -> None:
     from hpc_gan.eval.evaluate import sample_features
     G, backbone = eval_case()
     feats = sample_features(G, backbone, 250, 5, 24, seed=7, truncation=0.8, batch=40)  # 7 uneven chunks
+    small = sample_features(G, backbone, 30, 5, 24, seed=7, batch=40)  # one chunk: rank 1 computes none
     if info.rank == 0:
         torch.save({k: torch.from_numpy(v) for k, v in feats.items()}, out / "eval.pt")
+        torch.save({k: torch.from_numpy(v) for k, v in small.items()}, out / "eval_small.pt")
 
 
 def main() -> None:

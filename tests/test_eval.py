@@ -94,6 +94,9 @@ def test_sharded_sampling_on_two_ranks_equals_one_process(tmp_path):
     for k in ("pool", "probs"):
         assert got[k].shape[0] == 250
         np.testing.assert_allclose(got[k].numpy(), want[k], rtol=1e-5, atol=1e-7)
+    small = torch.load(tmp_path / "eval_small.pt")
+    want_small = sample_features(G, backbone, 30, 5, 24, seed=7, batch=40)
+    np.testing.assert_allclose(small["pool"].numpy(), want_small["pool"], rtol=1e-5, atol=1e-7)
     mu1, s1 = M.feature_stats(got["pool"].numpy())
     mu2, s2 = M.feature_stats(want["pool"])
     assert abs(M.frechet_distance(mu1, s1, mu2, s2)) < 1e-6

@@ -115,8 +115,8 @@ def test_normalized_similarity_matches_torch(n, m, d):
         close(x, y, name, seed)
 
 
-@pytest.mark.skipif(DEV.type == "cuda", reason="on a GPU the kernels take fp64 inputs' errors from Triton itself; "
-                                               "the interpreter's fp32-only limit applies to CPU tensors")
+@pytest.mark.skipif(DEV.type == "cuda", reason="checks the CPU interpreter's fp32-only refusal; with CUDA the "
+                                               "tests run on GPU tensors, where it does not apply")
 def test_triton_backend_refuses_what_the_interpreter_cannot_run():
     x = torch.randn(4, 3, dtype=torch.float64)
     with pytest.raises(RuntimeError, match="fp32 only.*float64"):

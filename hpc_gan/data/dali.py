@@ -63,7 +63,7 @@ class DaliStream(StreamBase):
             flips = flip_mask(self.batch, self.seed, k)[self.positions] if self.hflip else \
                 torch.zeros(len(idx), dtype=torch.bool)
             enc = [np.frombuffer(self.dataset.read_bytes(i), dtype=np.uint8) for i in idx]
-            labels = [np.asarray(int(self.dataset.labels[i]), dtype=np.int64) for i in idx]
+            labels = list(self.dataset.labels[torch.as_tensor(idx)].numpy())  # one gather per batch
             yield enc, labels, [np.asarray(int(f), dtype=np.int32) for f in flips]
             k += 1
 

@@ -34,21 +34,19 @@ class ShardDataset(Dataset):
         for s, entry in enumerate(self.meta["shards"]):
             tar = self.root / entry["name"]
             self.shard_paths.append(str(tar))
-            for comp in read_index(tar.with_suffix(".idx")):
+            comps = read_index(tar.with_suffix(".idx"))
+            labels += json.loads(tar.with_suffix(".json").read_text())["labels"]
+            for comp in comps:
                 ext = next(k for k in comp if k != "cls")
                 shard.append(s)
                 offset.append(comp[ext][0])
                 size.append(comp[ext][1])
-                labels.append(self._read_label(tar, comp["cls"]))
+        if len(labels) != len(shard):
+            raise ValueError(f"data.path={root}: shard indexes list {len(shard)} images but their sidecars "
+                             f"{len(labels)} labels; prepare it again")
         self.shard, self.offset, self.size = np.asarray(shard), np.asarray(offset), np.asarray(size)
         self.labels = torch.tensor(labels, dtype=torch.int64)
         self._maps: Dict[int, mmap.mmap] = {}  # opened lazily, per process (DataLoader workers fork)
-
-    @staticmethod
-    def _read_label(tar: Path, where: Tuple[int, int]) -> int:
-        with open(tar, "rb") as f:
-            f.seek(where[0])
-            return int(f.read(where[1]))
 
     def __len__(self) -> int:
         return len(self.labels)

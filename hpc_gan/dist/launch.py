@@ -88,6 +88,11 @@ def check_slurm(env: Mapping[str, str]) -> None:
                           f"--ntasks-per-node=<GPUs per node>")
 
 
+def _first_count(tasks_per_node: str) -> int:
+    """Tasks on the first node from Slurm's per-node counts ("4", "4(x2)", "3,1")."""
+    return int(tasks_per_node.split(",")[0].split("(")[0])
+
+
 def detect(env: Optional[Mapping[str, str]] = None) -> DistInfo:
     """Who and where, from the environment; no process group is created here."""
     env = os.environ if env is None else env
@@ -100,8 +105,7 @@ def detect(env: Optional[Mapping[str, str]] = None) -> DistInfo:
         host = env.get("MASTER_ADDR") or _resolve(expand_nodelist(env.get("SLURM_STEP_NODELIST",
                                                                           env["SLURM_JOB_NODELIST"]))[0])
         port = int(env.get("MASTER_PORT") or port_from_job(env.get("SLURM_JOB_ID", "0")))
-        local_world = int(env.get("SLURM_NTASKS_PER_NODE", "").split("(")[0] or
-                          env.get("SLURM_STEP_TASKS_PER_NODE", "1").split("(")[0].split(",")[0])
+        local_world = _first_count(env.get("SLURM_NTASKS_PER_NODE") or env.get("SLURM_STEP_TASKS_PER_NODE", "1"))
         return DistInfo(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"]),
                         local_world, "srun", host, port)
     if any(v in env for v in MPI_VARS):

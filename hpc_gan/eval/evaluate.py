@@ -32,24 +32,29 @@ def _world() -> tuple:
 
 
 def _gather_chunks(local: List[torch.Tensor], n_chunks: int) -> torch.Tensor:
-    """Concatenate chunk results computed round-robin over ranks back in chunk order (all ranks get all)."""
+    """Concatenate float64 (rows, width) chunk results computed round-robin over ranks back in chunk order (all
+    ranks get all). A rank may hold fewer chunks, or none."""
     rank, world = _world()
-    mine = torch.cat(local) if local else torch.zeros(0)
     if world == 1:
-        return mine
+        return torch.cat(local)
     per_rank = math.ceil(n_chunks / world)
-    width = mine.shape[1] if local else 0
-    sizes = [torch.tensor([t.shape[0] for t in local] + [0] * (per_rank - len(local))) for _ in range(world)]
-    dist.all_gather(sizes, sizes[rank].clone())
-    padded = torch.zeros(per_rank * max(int(s.max()) for s in sizes), width, dtype=mine.dtype)
+    # [width, rows of chunk 0, rows of chunk 1, ...] of every rank (a rank without chunks does not know the width)
+    meta = torch.tensor([local[0].shape[1] if local else 0] + [t.shape[0] for t in local]
+                        + [0] * (per_rank - len(local)))
+    metas = [torch.empty_like(meta) for _ in range(world)]
+    dist.all_gather(metas, meta)
+    width = max(int(m[0]) for m in metas)
+    rows = [m[1:] for m in metas]
+    padded = torch.zeros(max(int(r.sum()) for r in rows), width, dtype=torch.float64)
+    mine = torch.cat(local) if local else padded[:0]
     padded[:mine.shape[0]] = mine
     parts = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(parts, padded)
     out = []
     for k in range(n_chunks):
         r, j = k % world, k // world
-        start = int(sizes[r][:j].sum())
-        out.append(parts[r][start:start + int(sizes[r][j])])
+        start = int(rows[r][:j].sum())
+        out.append(parts[r][start:start + int(rows[r][j])])
     return torch.cat(out)
 
 

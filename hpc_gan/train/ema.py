@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Callable
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -64,3 +64,13 @@ def standing_stats_from_noise(model: nn.Module, n_passes: int, n_classes: int, z
                 torch.randint(0, n_classes, (batch,), generator=g, device=device))
 
     standing_stats(model, n_passes, inputs)
+
+
+SAMPLING_SEED_OFFSET = 99991  # standing statistics of a run's sampler: the same draws in training, eval and CLI
+
+
+def sampling_standing_stats(G: nn.Module, cfg: Any, n_passes: Optional[int] = None) -> None:
+    """Standing statistics of a run's G_ema as every sampler of that run computes them (``train.standing_stats``
+    passes unless ``n_passes``; seeded by the run's seed, so all ranks and all tools agree)."""
+    n = cfg.train.standing_stats if n_passes is None else n_passes
+    standing_stats_from_noise(G, n, cfg.data.num_classes, cfg.model.z_dim, cfg.train.seed + SAMPLING_SEED_OFFSET)

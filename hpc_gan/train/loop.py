@@ -217,7 +217,10 @@ def _train(cfg: Config, resume: Optional[str], log: Callable[[str], None], info:
             t4 = time.perf_counter()
             timers["eval"] += t4 - t3
             t3 = t4
-            if step % t.checkpoint_every == 0 or final:
+            preempted = not final and preempt.requested()  # every rank asks at every step boundary: they agree
+            if preempted:
+                log(f"preemption signal: saving a checkpoint at step {step}")
+            if step % t.checkpoint_every == 0 or final or preempted:
                 trainer.check_replicas()  # collective, like state_dict under ZeRO: every rank takes part
                 state = trainer.state_dict()
                 if info.is_main:
@@ -226,20 +229,11 @@ def _train(cfg: Config, resume: Optional[str], log: Callable[[str], None], info:
                 _barrier(info)
             elif cfg.dist.check_every and step % cfg.dist.check_every == 0:
                 trainer.check_replicas()
-            if not final and preempt.requested():  # every rank asks at every step boundary: they agree
-                saved = step % t.checkpoint_every == 0
-                log(f"preemption signal: {'checkpoint of' if saved else 'saving a checkpoint at'} step {step}")
-                if not saved:
-                    trainer.check_replicas()
-                    state = trainer.state_dict()
-                    if info.is_main:
-                        checkpoint.save(run_dir / "checkpoints", step, state)
-                        checkpoint.prune(run_dir / "checkpoints", t.keep_checkpoints)
-                    _barrier(info)
+            timers["checkpoint"] += time.perf_counter() - t3
+            if preempted:
                 preempt.requeue(log)
                 summary["preempted"] = True
                 break
-            timers["checkpoint"] += time.perf_counter() - t3
     finally:
         metrics.close()
         preempt.close()

@@ -23,7 +23,6 @@ from hpc_gan.augment import Draws, consistency_augment, diff_augment
 from hpc_gan.config import Config, ConfigError, to_dict
 from hpc_gan.data import build_dataset
 from hpc_gan.data.dali import build_stream
-from hpc_gan.data.loader import rank_positions
 from hpc_gan.dist import DistInfo
 from hpc_gan.dist.batchnorm import average_running_stats, bn_process_group, convert_cross_replica_bn
 from hpc_gan.dist.consistency import check_replicas
@@ -33,7 +32,7 @@ from hpc_gan.losses import cond_loss, d_adv_loss, g_adv_loss, gradient_penalty, 
 from hpc_gan.losses.regularizers import ortho_weights
 from hpc_gan.models import build_models
 from hpc_gan.models.sn_fused import attach_fused_sn, sn_sigmas
-from hpc_gan.train.ema import EMA, standing_stats_from_noise
+from hpc_gan.train.ema import EMA, sampling_standing_stats
 
 HEAD_LOSSES = ("d2d_ce", "2c", "ac", "mh")  # conditioning methods with a loss of their own
 REAL_AUG, FAKE_AUG, CR_AUG, GP_MIX = 1, 2, 3, 4  # random streams of a step phase besides z and labels
@@ -86,9 +85,6 @@ class Trainer:
         self.amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[t.precision]
         if cfg.dist.strategy != "ddp":  # DeepSpeed's bf16 engine holds bf16 weights itself: no autocast on top
             self.amp_dtype = None
-        # positions of this rank's samples in the global batch, micro-batch-major (see data.loader.rank_positions)
-        self.positions = rank_positions(t.batch_size, self.world, self.rank, self.micro).to(device)
-
         torch.manual_seed(t.seed)  # identical initial weights for a given seed, on every rank
         G, D = build_models(cfg)
         self.G, self.D = G.to(device), D.to(device)
@@ -107,6 +103,9 @@ class Trainer:
         self.negatives = gather_negatives if self.world > 1 and lc.global_negatives else None
         self.dataset = build_dataset(cfg.data, cfg.model.resolution, t.seed)
         self.real = build_stream(cfg, self.dataset, device, self.rank, self.world, self.micro)
+        # this rank's positions in the global batch, micro-batch-major (data.loader.rank_positions): the stream's,
+        # so real images, z, labels and augmentation draws are sliced alike
+        self.positions = self.real.positions.to(device)
         self.policies = [p.strip() for p in lc.diffaug.split(",") if p.strip()]
         self.step = 0
         self.timer: Optional[Any] = None  # a train.timing.PhaseTimer while benchmarking
@@ -129,7 +128,7 @@ class Trainer:
 
     def _draws(self, phase: int, stream: int, m: int) -> Draws:
         """Augmentation randomness of micro-batch m, drawn per sample of the global batch (see augment.Draws)."""
-        offset = m * self.world * self.micro + self.rank * self.micro  # where micro-batch m sits globally
+        offset = int(self.real.positions[m * self.micro])  # where micro-batch m starts in the global batch (CPU)
         return Draws(step_seed(self.cfg.train.seed, self.step, phase, stream), offset, self.micro, self.cfg.train.batch_size, self.device)
 
     def _add(self, name: str, value: torch.Tensor) -> None:
@@ -295,9 +294,7 @@ class Trainer:
     def sampling_generator(self, n_passes: Optional[int] = None) -> nn.Module:
         """A copy of G_ema with standing statistics (train.standing_stats passes), ready for sampling."""
         G = copy.deepcopy(self.ema.model).eval()
-        n_passes = self.cfg.train.standing_stats if n_passes is None else n_passes
-        standing_stats_from_noise(G, n_passes, self.cfg.data.num_classes, self.cfg.model.z_dim,
-                                  self.cfg.train.seed + 99991)
+        sampling_standing_stats(G, self.cfg, n_passes)
         return G
 
     # ---- state ---------------------------------------------------------------------------------------------
