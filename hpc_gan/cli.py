@@ -1,7 +1,7 @@
 """The ``hpc-gan`` command: train | sample | eval | plot | info | prepare-data | bench | sweep.
 
-Bad input ends in one line on stderr that names the problem and the fix (exit 2); set HPC_GAN_TRACEBACK=1 to see
-the traceback instead."""
+Bad input (a :class:`hpc_gan.errors.UserError`) ends in one line on stderr that names the problem and the fix
+(exit 2); set HPC_GAN_TRACEBACK=1 to see the traceback instead. Anything else is a bug and shows its traceback."""
 from __future__ import annotations
 
 import argparse
@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from hpc_gan.config import ConfigError, dump, load
+from hpc_gan.config import METRICS, choices, dump, load
+from hpc_gan.errors import UserError
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -31,8 +32,9 @@ def _sample(args: argparse.Namespace) -> int:
     from hpc_gan.config import from_dict
     from hpc_gan.eval.sampling import sample_sheet
     from hpc_gan.models import build_generator
+    from hpc_gan.plan import RandomStreams
     from hpc_gan.train.checkpoint import load_consolidated, resolve
-    from hpc_gan.train.ema import standing_stats_from_noise
+    from hpc_gan.train.ema import sampling_standing_stats
 
     ckpt = resolve(args.run)
     state = load_consolidated(ckpt)
@@ -41,15 +43,16 @@ def _sample(args: argparse.Namespace) -> int:
     classes = args.classes if args.classes else list(range(min(nc, 10)))
     bad = [c for c in classes if not 0 <= c < nc]
     if bad:
-        raise ConfigError(f"--classes {bad[0]} is outside this model's {nc} classes (0..{nc - 1})")
+        raise UserError(f"--classes {bad[0]} is outside this model's {nc} classes (0..{nc - 1})")
     G = build_generator(cfg.model, nc)
     G.load_state_dict(state["G_ema"])
     G.eval()
-    standing_stats_from_noise(G, args.standing_stats, nc, cfg.model.z_dim, args.seed + 1)
+    sampling_standing_stats(G, cfg, args.standing_stats)  # the statistics the run's own sheets used
     out = Path(args.out) if args.out else Path(args.run if Path(args.run).is_dir() else ckpt) / \
         f"sample-step{state['step']}-t{args.truncation:g}.png"
     per_class = max(1, args.n // len(classes))
-    sample_sheet(G, out, classes, per_class, cfg.model.z_dim, args.seed, args.truncation, torch.device("cpu"))
+    z_gen = RandomStreams(cfg.train.seed if args.seed is None else args.seed).sheet(torch.device("cpu"))
+    sample_sheet(G, out, classes, per_class, cfg.model.z_dim, z_gen, args.truncation)
     print(f"wrote {out} ({len(classes)} classes x {per_class} samples, step {state['step']}, "
           f"truncation {args.truncation:g})")
     return 0
@@ -74,7 +77,7 @@ def _eval(args: argparse.Namespace) -> int:
     run = Path(args.run)
     ckpt = step_dir(run / "checkpoints", args.checkpoint) if args.checkpoint is not None else resolve(args.run)
     if not ckpt.exists():
-        raise FileNotFoundError(f"--checkpoint {args.checkpoint}: {ckpt} does not exist")
+        raise UserError(f"--checkpoint {args.checkpoint}: {ckpt} does not exist")
     state = load_consolidated(ckpt)
     overrides = [f"eval.{k}={v}" for k, v in (("metrics", ",".join(args.metrics) if args.metrics else None),
                                                ("n", args.n), ("backbone", args.backbone),
@@ -119,7 +122,7 @@ def grid_points(grid: str) -> List[List[str]]:
     axes = []
     for item in grid.split():
         if "=" not in item or "." not in item.split("=", 1)[0]:
-            raise ConfigError(f"--grid item {item!r} must look like section.key=v1,v2")
+            raise UserError(f"--grid item {item!r} must look like section.key=v1,v2")
         key, values = item.split("=", 1)
         axes.append([f"{key}={v}" for v in values.split(",")])
     points: List[List[str]] = [[]]
@@ -134,7 +137,7 @@ def _sweep(args: argparse.Namespace) -> int:
         print(len(points))
         return 0
     if not 0 <= args.index < len(points):
-        raise ConfigError(f"--index {args.index} is outside the grid's {len(points)} points; submit with "
+        raise UserError(f"--index {args.index} is outside the grid's {len(points)} points; submit with "
                           f"--array=0-{len(points) - 1}")
     point = points[args.index]
     print("_".join(p.split(".", 1)[1].replace("=", "-") for p in point) if args.name else " ".join(point))
@@ -151,7 +154,7 @@ def _bench_train(args: argparse.Namespace) -> int:
     from hpc_gan.dist import launch
     from hpc_gan.train.bench import bench_train, print_bench
     if not args.config:
-        raise ConfigError("hpc-gan bench: --config is required, e.g. --config configs/cifar10_reacgan.yaml")
+        raise UserError("hpc-gan bench: --config is required, e.g. --config configs/cifar10_reacgan.yaml")
     cfg = load(args.config, args.overrides)
     info = launch.init(cfg.dist.timeout_s, cfg.dist.backend, "cpu" if cfg.run.device == "cpu" else "auto")
     try:
@@ -229,8 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n", type=int, default=80, help="number of samples (spread over the classes)")
     s.add_argument("--truncation", type=float, default=0.0, help="resample |z| above this (0: none)")
     s.add_argument("--classes", type=int, nargs="*", help="class indices, one row each (default: first 10)")
-    s.add_argument("--standing-stats", type=int, default=16, help="forward passes for standing statistics")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--standing-stats", type=int, default=None,
+                   help="forward passes for standing statistics (default: the run's train.standing_stats)")
+    s.add_argument("--seed", type=int, default=None, help="z of the sheet (default: the run's sheet z)")
     s.add_argument("--out", default=None, help="PNG path (default: in the run dir)")
     s.set_defaults(fn=_sample)
 
@@ -242,11 +246,11 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="FID / IS / precision-recall of a run's G_ema (sharded under torchrun/srun)")
     e.add_argument("--run", required=True, help="run dir (newest checkpoint) or a checkpoint dir")
     e.add_argument("--checkpoint", type=int, default=None, help="step of the checkpoint to evaluate")
-    e.add_argument("--metrics", nargs="*", choices=("fid", "is", "prd", "prdc"), help="default: the run's eval.metrics")
+    e.add_argument("--metrics", nargs="*", choices=METRICS, help="default: the run's eval.metrics")
     e.add_argument("--n", type=int, default=None, help="generated samples (50000 for published numbers)")
     e.add_argument("--truncation", type=float, default=None)
     e.add_argument("--sweep", type=float, nargs="*", help="truncation thresholds: IS vs FID curve (JSON + PNG)")
-    e.add_argument("--backbone", choices=("inception", "tiny"), default=None)
+    e.add_argument("--backbone", choices=choices("eval.backbone"), default=None)
     e.add_argument("--inception-path", default=None, help="pt_inception-2015-12-05-6726825d.pth")
     e.set_defaults(fn=_eval)
 
@@ -282,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (known GPUs: automatic)")
     b.add_argument("--scaling", nargs="*", help="bench JSONs of 1, 2, 4 ... nodes -> efficiency table (+ PNG)")
     b.add_argument("overrides", nargs="*")
-    b.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    b.add_argument("--device", default="auto", choices=choices("run.device"))
     b.add_argument("--out", default=None, help="also write the rows as JSON here")
     b.set_defaults(fn=_bench)
     return p
@@ -299,7 +303,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         args.overrides = list(args.overrides or []) + extra
     try:
         return args.fn(args)
-    except (ConfigError, FileNotFoundError, ValueError, FloatingPointError) as e:
+    except UserError as e:
         if os.environ.get("HPC_GAN_TRACEBACK"):
             raise
         print(f"hpc-gan {args.command}: error: {e}", file=sys.stderr)

@@ -1,35 +1,70 @@
 """Typed, strict configuration: dataclasses with defaults, YAML files that may set only known keys, and
-``section.key=value`` overrides from the command line. Every error is one line that names the key and the fix."""
+``section.key=value`` overrides from the command line. Every error is one line that names the key and the fix.
+
+The allowed values of every choice are the ``Literal`` annotations below; :data:`CHOICES` is derived from them, and
+the modules that dispatch on a choice import its values from here."""
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Literal, Optional, Tuple, Union
 
 import yaml
 
+from hpc_gan.errors import UserError
+from kernels import BACKENDS, D2D_MODES
 
-class ConfigError(ValueError):
-    """A bad config key or value; the message is one line that says what to change."""
+# ---- allowed values: each choice is defined once, here, and every module imports it from here ----------------------
+Device = Literal["auto", "cpu", "cuda"]
+Arch = Literal["biggan", "biggan_deep"]
+Resolution = Literal[16, 32, 64, 128, 256]
+KernelBackend = Literal[BACKENDS]                  # kernels' own switch (auto: Triton on CUDA tensors)
+DataName = Literal["synthetic", "folder", "npz", "shards"]
+DataBackend = Literal["auto", "dali", "torch"]
+DecodeDevice = Literal["auto", "mixed", "cpu"]
+AdvLoss = Literal["hinge", "nonsaturating", "least_squares", "wasserstein"]
+D2DMode = Literal[D2D_MODES]
+Precision = Literal["fp32", "bf16", "fp16"]
+Strategy = Literal["ddp", "zero1", "zero2"]
+DistBackend = Literal["auto", "nccl", "gloo"]
+Backbone = Literal["inception", "tiny"]
+DIFFAUG_POLICIES = ("color", "translation", "cutout")   # loss.diffaug: a comma list of these
+METRICS = ("fid", "is", "prd", "prdc")                  # eval.metrics: a comma list of these
 
 
-def _choice(*values: Any, doc: str = "") -> Any:
-    return {"choices": values, "doc": doc}
+@dataclass(frozen=True)
+class Conditioning:
+    """What a conditioning method (``loss.cond``) needs: the D head it reads, and whether it has a loss of its own
+    (weighted by cond_lambda_d / cond_lambda_g; projection folds its term into D's adversarial score instead)."""
+    head: str       # "embedding" (linear P + class proxies), "classifier" (class logits), "projection" or "none"
+    has_loss: bool
+
+
+CONDITIONING: Dict[str, Conditioning] = {
+    "d2d_ce": Conditioning("embedding", True),    # ReACGAN's Data-to-Data Cross-Entropy
+    "2c": Conditioning("embedding", True),        # ContraGAN's conditional contrastive loss
+    "ac": Conditioning("classifier", True),       # ACGAN's cross-entropy
+    "mh": Conditioning("classifier", True),       # multi-hinge (Crammer-Singer)
+    "pd": Conditioning("projection", False),      # projection discriminator
+    "none": Conditioning("none", False),
+}
+CondMethod = Literal[tuple(CONDITIONING)]
 
 
 @dataclass
 class RunConfig:
     dir: str = "runs/demo"                 # run directory: config.yaml, metrics.jsonl, samples/, checkpoints/
-    device: str = "auto"                   # auto | cpu | cuda
+    device: Device = "auto"
     tensorboard: bool = True               # write TensorBoard events when tensorboard is installed
     preempt_signals: str = "USR1"          # signals that mean: checkpoint, requeue (Slurm), exit 0 ("" = none)
 
 
 @dataclass
 class ModelConfig:
-    arch: str = "biggan"                   # biggan | biggan_deep
-    resolution: int = 32
+    arch: Arch = "biggan"
+    resolution: Resolution = 32
     g_ch: int = 32                         # channel multiplier of G
     d_ch: int = 32                         # channel multiplier of D
     z_dim: int = 80                        # biggan: chunk size x (blocks + 1)
@@ -39,36 +74,36 @@ class ModelConfig:
     d_attn_res: int = 0
     sn_eps: float = 1e-6
     bn_eps: float = 1e-4
-    sn_backend: str = "auto"               # auto | torch | triton: all SN layers in one fused power iteration
+    sn_backend: KernelBackend = "auto"     # all SN layers in one fused power iteration (triton)
 
 
 @dataclass
 class DataConfig:
-    name: str = "synthetic"                # synthetic | folder | npz | shards (hpc-gan prepare-data output)
+    name: DataName = "synthetic"           # shards: hpc-gan prepare-data output
     path: str = ""                         # folder of class folders, or .npz with images (N,H,W,3) uint8 and labels
     num_classes: int = 10
     synthetic_size: int = 10000            # images in the embedded synthetic set
     hflip: bool = True
     num_workers: int = 0
-    backend: str = "auto"                  # auto | dali | torch (auto: DALI on GPUs for shards / folders)
-    decode_device: str = "auto"            # auto | mixed (nvJPEG on the GPU) | cpu
+    backend: DataBackend = "auto"          # auto: DALI on GPUs for shards / folders
+    decode_device: DecodeDevice = "auto"   # mixed: nvJPEG on the GPU
     dali_threads: int = 4
 
 
 @dataclass
 class LossConfig:
-    adv: str = "hinge"                     # hinge | nonsaturating | least_squares | wasserstein
-    cond: str = "d2d_ce"                   # d2d_ce | 2c | ac | mh | pd | none
+    adv: AdvLoss = "hinge"
+    cond: CondMethod = "d2d_ce"
     cond_lambda_d: float = 1.0             # weight of the conditioning loss on real images in the D step
     cond_lambda_g: float = 1.0             # weight of the conditioning loss on fakes in the G step
     temperature: float = 0.5
     m_p: float = 0.98
     m_n: Optional[float] = None            # default 1 - m_p
-    d2d_mode: str = "paper"                # paper | studiogan
-    backend: str = "auto"                  # auto | torch | triton (fused kernels)
+    d2d_mode: D2DMode = "paper"
+    backend: KernelBackend = "auto"        # fused kernels
     gp_lambda: float = 10.0                # gradient penalty weight, wasserstein only
     ortho_beta: float = 0.0                # BigGAN's off-diagonal orthogonal regularization in G (1e-4 in the paper)
-    diffaug: str = ""                      # comma list of color, translation, cutout ("" = off)
+    diffaug: str = ""                      # comma list of DIFFAUG_POLICIES ("" = off)
     cr_lambda: float = 0.0                 # consistency regularization on reals (flip + translation)
     global_negatives: bool = True          # d2d_ce: negatives from the whole global (micro-)batch across ranks
 
@@ -85,7 +120,7 @@ class TrainConfig:
     beta2: float = 0.999
     adam_eps: float = 1e-6
     seed: int = 0
-    precision: str = "fp32"                # fp32 | bf16 | fp16 (bf16/fp16 need a GPU)
+    precision: Precision = "fp32"          # bf16 / fp16 need a GPU
     ema_decay: float = 0.9999
     ema_start: int = 1000                  # before this G step the EMA copies G
     standing_stats: int = 16               # forward passes for standing statistics when sampling (0: off)
@@ -100,11 +135,11 @@ class TrainConfig:
 
 @dataclass
 class DistConfig:
-    strategy: str = "ddp"                  # ddp | zero1 | zero2 (DeepSpeed engines for G and D)
+    strategy: Strategy = "ddp"             # zero1 / zero2: DeepSpeed engines for G and D
     sync_bn: bool = True                   # G's BatchNorm statistics over the global batch (cross-replica BN)
     bn_group_size: int = 0                 # BN over groups of this many ranks (0: all ranks)
     timeout_s: float = 600.0               # process-group timeout: a dead rank fails the job within this
-    backend: str = "auto"                  # auto (nccl on GPUs, gloo on CPUs) | nccl | gloo
+    backend: DistBackend = "auto"          # auto: nccl on GPUs, gloo on CPUs
     check_every: int = 0                   # also check that replicas agree every k steps (0: at checkpoints only)
 
 
@@ -112,8 +147,8 @@ class DistConfig:
 class EvalConfig:
     every: int = 0                         # evaluate G_ema every k steps during training (0: off)
     n: int = 10000                         # generated samples per evaluation (50000 for published numbers)
-    metrics: str = "fid,is"                # comma list of fid, is, prd, prdc
-    backbone: str = "inception"            # inception (pt_inception-2015-12-05) | tiny (tests, demo)
+    metrics: str = "fid,is"                # comma list of METRICS
+    backbone: Backbone = "inception"       # inception: pt_inception-2015-12-05; tiny: tests, demo
     inception_path: str = ""               # local weights file (else $HPC_GAN_INCEPTION, else download once)
     truncation: float = 0.0
     ref_n: int = 50000                     # real images for the reference statistics
@@ -132,124 +167,127 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-CHOICES: Dict[str, tuple] = {
-    "run.device": ("auto", "cpu", "cuda"),
-    "model.arch": ("biggan", "biggan_deep"),
-    "model.resolution": (16, 32, 64, 128, 256),
-    "data.name": ("synthetic", "folder", "npz", "shards"),
-    "data.backend": ("auto", "dali", "torch"),
-    "data.decode_device": ("auto", "mixed", "cpu"),
-    "loss.adv": ("hinge", "nonsaturating", "least_squares", "wasserstein"),
-    "loss.cond": ("d2d_ce", "2c", "ac", "mh", "pd", "none"),
-    "loss.d2d_mode": ("paper", "studiogan"),
-    "loss.backend": ("auto", "torch", "triton"),
-    "model.sn_backend": ("auto", "torch", "triton"),
-    "train.precision": ("fp32", "bf16", "fp16"),
-    "dist.strategy": ("ddp", "zero1", "zero2"),
-    "eval.backbone": ("inception", "tiny"),
-    "dist.backend": ("auto", "nccl", "gloo"),
+def _hints(cls: type) -> Dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+# "section.key" -> allowed values, for every Literal field
+CHOICES: Dict[str, Tuple[Any, ...]] = {
+    f"{section.name}.{name}": typing.get_args(hint)
+    for section in dataclasses.fields(Config)
+    for name, hint in _hints(_hints(Config)[section.name]).items()
+    if typing.get_origin(hint) is Literal
 }
+
+
+def choices(key: str) -> Tuple[Any, ...]:
+    """The allowed values of a choice, e.g. ``choices("dist.strategy")``."""
+    return CHOICES[key]
+
+
+def comma_list(value: str) -> List[str]:
+    """The items of a comma-list option (loss.diffaug, eval.metrics)."""
+    return [p.strip() for p in value.split(",") if p.strip()]
+
+
 POSITIVE = ("model.g_ch", "model.d_ch", "model.z_dim", "model.shared_dim", "model.embed_dim", "data.num_classes",
             "loss.temperature", "train.steps", "train.batch_size", "train.n_dis", "train.g_lr", "train.d_lr",
-            "train.log_every", "train.sample_every", "train.checkpoint_every", "dist.timeout_s", "data.dali_threads", "eval.n",
-            "eval.ref_n", "eval.batch")
+            "train.log_every", "train.sample_every", "train.checkpoint_every", "dist.timeout_s", "data.dali_threads",
+            "eval.n", "eval.ref_n", "eval.batch")
 NON_NEGATIVE = ("train.micro_batch", "train.ema_start", "train.standing_stats", "train.truncation",
                 "train.keep_checkpoints", "loss.gp_lambda", "loss.ortho_beta", "loss.cr_lambda",
                 "loss.cond_lambda_d", "loss.cond_lambda_g", "data.num_workers", "model.g_attn_res", "model.d_attn_res",
                 "dist.bn_group_size", "dist.check_every", "eval.every", "eval.truncation")
-DIFFAUG_POLICIES = ("color", "translation", "cutout")
 
 
-def _fields(obj: Any) -> Dict[str, dataclasses.Field]:
-    return {f.name: f for f in dataclasses.fields(obj)}
-
-
-def _coerce(key: str, value: Any, default: Any, annotation: str) -> Any:
+def _coerce(key: str, value: Any, hint: Any) -> Any:
     """Check a YAML value against the field's type; ints are accepted where floats are expected."""
-    optional = annotation.startswith("Optional")
-    if value is None and optional:
-        return None
-    base = annotation.replace("Optional[", "").rstrip("]")
-    want = {"int": int, "float": float, "str": str, "bool": bool}[base]
-    if want is float and isinstance(value, int) and not isinstance(value, bool):
+    if typing.get_origin(hint) is Union:  # Optional[X]
+        if value is None:
+            return None
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if typing.get_origin(hint) is Literal:  # the value check against the choices comes in validate()
+        hint = type(typing.get_args(hint)[0])
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if want is float and isinstance(value, str):
+    if hint is float and isinstance(value, str):
         try:
             return float(value)  # YAML reads 1e-4 (no dot) as a string
         except ValueError:
             pass
-    if not isinstance(value, want) or (want is int and isinstance(value, bool)):
-        raise ConfigError(f"{key}: expected {base}, got {value!r} ({type(value).__name__})")
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise UserError(f"{key}: expected {hint.__name__}, got {value!r} ({type(value).__name__})")
     return value
 
 
 def from_dict(raw: Dict[str, Any], source: str = "config") -> Config:
     cfg = Config()
+    sections = [f.name for f in dataclasses.fields(cfg)]
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: top level must be a mapping of sections {sorted(_fields(cfg))}")
+        raise UserError(f"{source}: top level must be a mapping of sections {sections}")
     for section, values in raw.items():
-        if section not in _fields(cfg):
-            raise ConfigError(f"{source}: unknown section {section!r}; valid sections: {', '.join(_fields(cfg))}")
+        if section not in sections:
+            raise UserError(f"{source}: unknown section {section!r}; valid sections: {', '.join(sections)}")
         sub = getattr(cfg, section)
         if not isinstance(values, dict):
-            raise ConfigError(f"{source}: section {section!r} must be a mapping of keys to values")
-        fields = _fields(sub)
+            raise UserError(f"{source}: section {section!r} must be a mapping of keys to values")
+        hints = _hints(type(sub))
         for key, value in values.items():
-            if key not in fields:
-                raise ConfigError(f"{source}: unknown key {section}.{key}; valid keys in {section}: "
-                                  f"{', '.join(fields)}")
-            setattr(sub, key, _coerce(f"{section}.{key}", value, getattr(sub, key), str(fields[key].type)))
+            if key not in hints:
+                raise UserError(f"{source}: unknown key {section}.{key}; valid keys in {section}: "
+                                f"{', '.join(hints)}")
+            setattr(sub, key, _coerce(f"{section}.{key}", value, hints[key]))
     validate(cfg)
     return cfg
 
 
-def _get(cfg: Config, dotted: str) -> Any:
+def get(cfg: Config, dotted: str) -> Any:
     section, key = dotted.split(".")
     return getattr(getattr(cfg, section), key)
 
 
 def validate(cfg: Config) -> None:
     for key, allowed in CHOICES.items():
-        if _get(cfg, key) not in allowed:
-            raise ConfigError(f"{key}: {_get(cfg, key)!r} is not one of {', '.join(map(str, allowed))}")
+        if get(cfg, key) not in allowed:
+            raise UserError(f"{key}: {get(cfg, key)!r} is not one of {', '.join(map(str, allowed))}")
     for key in POSITIVE:
-        if not _get(cfg, key) > 0:
-            raise ConfigError(f"{key}: must be > 0, got {_get(cfg, key)}")
+        if not get(cfg, key) > 0:
+            raise UserError(f"{key}: must be > 0, got {get(cfg, key)}")
     for key in NON_NEGATIVE:
-        if _get(cfg, key) < 0:
-            raise ConfigError(f"{key}: must be >= 0, got {_get(cfg, key)}")
-    bad = [p for p in cfg.loss.diffaug.split(",") if p.strip() and p.strip() not in DIFFAUG_POLICIES]
-    if bad:
-        raise ConfigError(f"loss.diffaug: unknown policy {bad[0]!r}; use a comma list of {', '.join(DIFFAUG_POLICIES)}")
+        if get(cfg, key) < 0:
+            raise UserError(f"{key}: must be >= 0, got {get(cfg, key)}")
+    for key, allowed in (("loss.diffaug", DIFFAUG_POLICIES), ("eval.metrics", METRICS)):
+        bad = [p for p in comma_list(get(cfg, key)) if p not in allowed]
+        if bad:
+            raise UserError(f"{key}: unknown {'policy' if key == 'loss.diffaug' else 'metric'} {bad[0]!r}; use a "
+                            f"comma list of {', '.join(allowed)}")
     if not 0.0 <= cfg.train.ema_decay < 1.0:
-        raise ConfigError(f"train.ema_decay: must be in [0, 1), got {cfg.train.ema_decay}")
+        raise UserError(f"train.ema_decay: must be in [0, 1), got {cfg.train.ema_decay}")
     if cfg.model.arch == "biggan_deep" and cfg.model.resolution not in (128, 256):
-        raise ConfigError(f"model.resolution: biggan_deep is defined at 128 and 256 px, not {cfg.model.resolution}")
+        raise UserError(f"model.resolution: biggan_deep is defined at 128 and 256 px, not {cfg.model.resolution}")
     t = cfg.train
     if t.micro_batch and t.batch_size % t.micro_batch:
-        raise ConfigError(f"train.micro_batch={t.micro_batch} does not divide train.batch_size={t.batch_size}; "
-                          f"pick a divisor")
-    bad = [m for m in cfg.eval.metrics.split(",") if m.strip() and m.strip() not in ("fid", "is", "prd", "prdc")]
-    if bad:
-        raise ConfigError(f"eval.metrics: unknown metric {bad[0]!r}; use a comma list of fid, is, prd, prdc")
+        raise UserError(f"train.micro_batch={t.micro_batch} does not divide train.batch_size={t.batch_size}; "
+                        f"pick a divisor")
     if cfg.dist.strategy != "ddp" and cfg.loss.adv == "wasserstein":
-        raise ConfigError(f"dist.strategy={cfg.dist.strategy}: the gradient penalty needs a second D forward, which "
-                          f"ZeRO engines do not allow; use dist.strategy=ddp or another loss.adv")
+        raise UserError(f"dist.strategy={cfg.dist.strategy}: the gradient penalty needs a second D forward, which "
+                        f"ZeRO engines do not allow; use dist.strategy=ddp or another loss.adv")
     if cfg.dist.strategy != "ddp" and t.precision == "fp16":
-        raise ConfigError(f"dist.strategy={cfg.dist.strategy} runs fp32 or bf16; use train.precision=bf16")
-    if cfg.loss.cond in ("d2d_ce", "2c") and t.batch_size < 2:
-        raise ConfigError("train.batch_size: d2d_ce / 2c need at least 2 samples per batch for negatives")
+        raise UserError(f"dist.strategy={cfg.dist.strategy} runs fp32 or bf16; use train.precision=bf16")
+    if CONDITIONING[cfg.loss.cond].head == "embedding" and t.batch_size < 2:
+        raise UserError(f"train.batch_size: loss.cond={cfg.loss.cond} needs at least 2 samples per batch for "
+                        f"negatives")
 
 
 def load(path: Union[str, Path], overrides: Optional[List[str]] = None) -> Config:
     """Read a YAML preset and apply ``section.key=value`` overrides (values parsed as YAML)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist; presets are in configs/ (e.g. configs/demo.yaml)")
+        raise UserError(f"config file {path} does not exist; presets are in configs/ (e.g. configs/demo.yaml)")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     return from_dict(apply_overrides(raw, overrides or []), str(path))
 
 
@@ -257,12 +295,12 @@ def apply_overrides(raw: Dict[str, Any], overrides: List[str]) -> Dict[str, Any]
     raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
     for item in overrides:
         if "=" not in item or "." not in item.split("=", 1)[0]:
-            raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.steps=100")
+            raise UserError(f"override {item!r} must look like section.key=value, e.g. train.steps=100")
         key, value = item.split("=", 1)
         section, name = key.split(".", 1)
         raw.setdefault(section, {})
         if not isinstance(raw[section], dict):
-            raise ConfigError(f"override {item!r}: {section} is not a section")
+            raise UserError(f"override {item!r}: {section} is not a section")
         raw[section][name] = yaml.safe_load(value) if value != "" else ""
     return raw
 

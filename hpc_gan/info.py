@@ -7,7 +7,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from hpc_gan.config import Config
-from hpc_gan.losses import cond_loss, d_adv_loss, g_adv_loss
+from hpc_gan.losses import cond_loss, d_adv_loss, g_adv_loss, has_cond_loss
 from hpc_gan.models import build_models
 
 
@@ -39,7 +39,7 @@ def model_info(cfg: Config, batch: int = 2) -> Dict[str, Any]:
             fake = G(z, y)
         out = D(torch.cat([real, fake]), torch.cat([y, y]))
         loss = d_adv_loss(lc.adv, out["adv"][:batch], out["adv"][batch:])
-        if lc.cond not in ("pd", "none"):
+        if has_cond_loss(lc.cond):
             loss = loss + cond_loss(lc.cond, {k: v[:batch] for k, v in out.items()}, y, lc)
         loss.backward()
 
@@ -47,7 +47,7 @@ def model_info(cfg: Config, batch: int = 2) -> Dict[str, Any]:
         D.requires_grad_(False)  # as in training: no weight gradients for D in the G step
         out = D(G(z, y), y)
         loss = g_adv_loss(lc.adv, out["adv"])
-        if lc.cond not in ("pd", "none"):
+        if has_cond_loss(lc.cond):
             loss = loss + cond_loss(lc.cond, out, y, lc)
         loss.backward()
         D.requires_grad_(True)

@@ -30,28 +30,28 @@ def _specs(dtype: str) -> List[Tuple[str, object, Dict[str, str], Dict[str, obje
     scal = {"N": "i32", "M": "i32", "D": "i32", "row_offset": "i32", "m_n": "fp32", "inv_t": "fp32"}
     prec = "tf32" if dtype == "fp32" else "ieee"
     specs = [
-        ("inv_norm", S._inv_norm_kernel, {"X": t, "OUT": f32, "N": "i32", "D": "i32", "eps": "fp32"},
+        ("inv_norm", S.inv_norm_kernel, {"X": t, "OUT": f32, "N": "i32", "D": "i32", "eps": "fp32"},
          dict(BR=64, BD=64)),
-        ("cosine", S._cosine_kernel, {"A": t, "B": t, "S": t, "N": "i32", "M": "i32", "D": "i32", "eps": "fp32"},
+        ("cosine", S.cosine_kernel, {"A": t, "B": t, "S": t, "N": "i32", "M": "i32", "D": "i32", "eps": "fp32"},
          dict(PREC=prec, **blocks)),
     ]
     for studiogan in (False, True):
-        specs.append((f"d2d_fwd(studiogan={studiogan})", S._neg_lse_fwd_kernel,
+        specs.append((f"d2d_fwd(studiogan={studiogan})", S.neg_lse_fwd_kernel,
                       {**sim_common, "LSE": f32, "OUT": f32, **scal}, dict(STUDIOGAN=studiogan, PREC=prec, **blocks)))
     bwd = {**sim_common, "LSE": f32, "G": f32, "ACC": f32}
-    specs.append(("d2d_bwd_rows", S._neg_lse_bwd_rows_kernel, {**bwd, "DA": t, **scal}, dict(PREC=prec, BD=64, **blocks)))
-    specs.append(("d2d_bwd_cols", S._neg_lse_bwd_cols_kernel, {**bwd, "DB": t, **scal}, dict(PREC=prec, BD=64, **blocks)))
+    specs.append(("d2d_bwd_rows", S.neg_lse_bwd_rows_kernel, {**bwd, "DA": t, **scal}, dict(PREC=prec, BD=64, **blocks)))
+    specs.append(("d2d_bwd_cols", S.neg_lse_bwd_cols_kernel, {**bwd, "DB": t, **scal}, dict(PREC=prec, BD=64, **blocks)))
     wdt = tl.float32 if dtype == "fp32" else tl.bfloat16
     table = {k: i64 for k in ("TILE_MAT", "TILE_START", "ROWS", "COLS", "UOFF", "VOFF")}
     for from_flat in (False, True):
-        specs.append((f"sn_v(u_from_flat={from_flat})", N._sn_v_kernel,
+        specs.append((f"sn_v(u_from_flat={from_flat})", N.sn_v_kernel,
                       {"W_PTRS": i64, "U_PTRS": i64, "U_FLAT": f32, "V_OUT": f32, **table},
                       dict(U_FROM_FLAT=from_flat, W_DTYPE=wdt, BR=32, BC=128)))
-    specs.append(("sn_u", N._sn_u_kernel, {"W_PTRS": i64, "U_OUT": f32, "V_OUT": f32, "SIGMA": f32, "TILE_MAT": i64,
+    specs.append(("sn_u", N.sn_u_kernel, {"W_PTRS": i64, "U_OUT": f32, "V_OUT": f32, "SIGMA": f32, "TILE_MAT": i64,
                                            "TILE_START": i64, "NTILES": i64, "COUNT": "*i32", "ROWS": i64,
                                            "COLS": i64, "UOFF": i64, "VOFF": i64, "eps": "fp32"},
                   dict(W_DTYPE=wdt, BR=32, BC=128)))
-    specs.append(("sn_grad", N._sn_grad_kernel, {"GRAD": t, "GSIG": f32, "U_OUT": f32, "V_OUT": f32, **table,
+    specs.append(("sn_grad", N.sn_grad_kernel, {"GRAD": t, "GSIG": f32, "U_OUT": f32, "V_OUT": f32, **table,
                                                  "WOFF": i64}, dict(BR=32, BC=128)))
     return specs
 

@@ -15,17 +15,15 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from kernels._triton import BACKENDS as _BACKENDS, use_triton
-
-_MODES = ("paper", "studiogan")
+from kernels.dispatch import BACKENDS, D2D_MODES, use_triton
 
 
 def _check_inputs(embed: torch.Tensor, proxy: torch.Tensor, labels: torch.Tensor, temperature: float,
                   mode: str, backend: str) -> None:
-    if mode not in _MODES:
-        raise ValueError(f"d2d_ce: mode={mode!r} is not one of {_MODES}")
-    if backend not in _BACKENDS:
-        raise ValueError(f"d2d_ce: backend={backend!r} is not one of {_BACKENDS}")
+    if mode not in D2D_MODES:
+        raise ValueError(f"d2d_ce: mode={mode!r} is not one of {D2D_MODES}")
+    if backend not in BACKENDS:
+        raise ValueError(f"d2d_ce: backend={backend!r} is not one of {BACKENDS}")
     if embed.dim() != 2 or proxy.shape != embed.shape:
         raise ValueError(f"d2d_ce: embed and proxy must both be (N, d); got {tuple(embed.shape)} and {tuple(proxy.shape)}")
     if labels.shape != (embed.shape[0],):

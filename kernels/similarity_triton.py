@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._triton import interpreting
+from kernels.dispatch import interpreting
 
 NORM_EPS = 1e-12  # F.normalize's default, which the reference uses
 
@@ -32,7 +32,7 @@ def _precision() -> str:
 
 
 @triton.jit
-def _inv_norm_kernel(X, OUT, N, D, eps, BR: tl.constexpr, BD: tl.constexpr):
+def inv_norm_kernel(X, OUT, N, D, eps, BR: tl.constexpr, BD: tl.constexpr):
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     ss = tl.zeros((BR,), tl.float32)
     for d0 in range(0, D, BD):
@@ -65,7 +65,7 @@ def _tile_masks(rows, cols, la, lb, M, row_offset):
 
 
 @triton.jit
-def _neg_lse_fwd_kernel(A, B, RA, RB, LA, LB, LSE, OUT, N, M, D, row_offset, m_n, inv_t,
+def neg_lse_fwd_kernel(A, B, RA, RB, LA, LB, LSE, OUT, N, M, D, row_offset, m_n, inv_t,
                         STUDIOGAN: tl.constexpr, PREC: tl.constexpr,
                         BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr):
     rows = tl.program_id(0) * BI + tl.arange(0, BI)
@@ -146,7 +146,7 @@ def _bwd_tile(A, B, RA, RB, LA, LB, LSE, G, rows, cols, N, M, D, row_offset, m_n
 
 
 @triton.jit
-def _neg_lse_bwd_rows_kernel(A, B, RA, RB, LA, LB, LSE, G, ACC, DA, N, M, D, row_offset, m_n, inv_t,
+def neg_lse_bwd_rows_kernel(A, B, RA, RB, LA, LB, LSE, G, ACC, DA, N, M, D, row_offset, m_n, inv_t,
                              PREC: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr,
                              BD: tl.constexpr):
     """dA for a block of rows: sum_j G_ij rb_j b_j accumulated in fp32 ACC, then the normalization's chain rule."""
@@ -164,7 +164,7 @@ def _neg_lse_bwd_rows_kernel(A, B, RA, RB, LA, LB, LSE, G, ACC, DA, N, M, D, row
 
 
 @triton.jit
-def _neg_lse_bwd_cols_kernel(A, B, RA, RB, LA, LB, LSE, G, ACC, DB, N, M, D, row_offset, m_n, inv_t,
+def neg_lse_bwd_cols_kernel(A, B, RA, RB, LA, LB, LSE, G, ACC, DB, N, M, D, row_offset, m_n, inv_t,
                              PREC: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr,
                              BD: tl.constexpr):
     """dB for a block of columns (the gathered negatives): the transpose of the rows kernel."""
@@ -183,7 +183,7 @@ def _neg_lse_bwd_cols_kernel(A, B, RA, RB, LA, LB, LSE, G, ACC, DB, N, M, D, row
 
 
 @triton.jit
-def _cosine_kernel(A, B, S, N, M, D, eps, PREC: tl.constexpr,
+def cosine_kernel(A, B, S, N, M, D, eps, PREC: tl.constexpr,
                    BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr):
     rows = tl.program_id(0) * BI + tl.arange(0, BI)
     cols = tl.program_id(1) * BJ + tl.arange(0, BJ)
@@ -206,7 +206,7 @@ def _cosine_kernel(A, B, S, N, M, D, eps, PREC: tl.constexpr,
 def inv_norms(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty(x.shape[0], device=x.device, dtype=torch.float32)
     bl = _blocks(x.device)
-    _inv_norm_kernel[(triton.cdiv(x.shape[0], bl["BI"]),)](x, out, x.shape[0], x.shape[1], NORM_EPS,
+    inv_norm_kernel[(triton.cdiv(x.shape[0], bl["BI"]),)](x, out, x.shape[0], x.shape[1], NORM_EPS,
                                                             BR=bl["BI"], BD=bl["BD"])
     return out
 
@@ -225,7 +225,7 @@ class NegLogSumExp(torch.autograd.Function):
         lse = torch.empty(n, device=a.device, dtype=torch.float32)
         out = torch.empty_like(lse)
         bl = _blocks(a.device)
-        _neg_lse_fwd_kernel[(triton.cdiv(n, bl["BI"]),)](
+        neg_lse_fwd_kernel[(triton.cdiv(n, bl["BI"]),)](
             a, b, ra, rb, la, lb, lse, out, n, m, d, row_offset, m_n, 1.0 / t, STUDIOGAN=studiogan,
             PREC=_precision(), BI=bl["BI"], BJ=bl["BJ"], BK=bl["BK"])
         ctx.save_for_backward(a, b, la, lb, ra, rb, lse)
@@ -244,12 +244,12 @@ class NegLogSumExp(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             acc = torch.zeros(n, d, device=a.device, dtype=torch.float32)
             da = acc if a.dtype == torch.float32 else torch.empty_like(a)  # finalized in place where it can
-            _neg_lse_bwd_rows_kernel[(triton.cdiv(n, bl["BI"]),)](
+            neg_lse_bwd_rows_kernel[(triton.cdiv(n, bl["BI"]),)](
                 a, b, ra, rb, *args, acc, da, n, m, d, row_offset, m_n, inv_t, PREC=_precision(), **bl)
         if ctx.needs_input_grad[1]:
             acc = torch.zeros(m, d, device=b.device, dtype=torch.float32)
             db = acc if b.dtype == torch.float32 else torch.empty_like(b)
-            _neg_lse_bwd_cols_kernel[(triton.cdiv(m, bl["BJ"]),)](
+            neg_lse_bwd_cols_kernel[(triton.cdiv(m, bl["BJ"]),)](
                 a, b, ra, rb, *args, acc, db, n, m, d, row_offset, m_n, inv_t, PREC=_precision(), **bl)
         return da, db, None, None, None, None, None, None
 
@@ -260,5 +260,5 @@ def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     s = torch.empty(n, m, device=a.device, dtype=torch.promote_types(a.dtype, b.dtype))
     bl = _blocks(a.device)
     grid = (triton.cdiv(n, bl["BI"]), triton.cdiv(m, bl["BJ"]))
-    _cosine_kernel[grid](a, b, s, n, m, d, NORM_EPS, PREC=_precision(), BI=bl["BI"], BJ=bl["BJ"], BK=bl["BK"])
+    cosine_kernel[grid](a, b, s, n, m, d, NORM_EPS, PREC=_precision(), BI=bl["BI"], BJ=bl["BJ"], BK=bl["BK"])
     return s

@@ -15,7 +15,7 @@ from typing import List, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from kernels._triton import use_triton
+from kernels.dispatch import use_triton
 
 
 def _check(weights: Sequence[torch.Tensor], us: Sequence[torch.Tensor], n_iters: int) -> None:

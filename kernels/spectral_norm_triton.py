@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._triton import interpreting, tl_dtype
+from kernels.dispatch import interpreting, tl_dtype
 
 
 def _blocks(device: torch.device) -> Tuple[int, int]:
@@ -48,7 +48,7 @@ def _scale(base, n, factor, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _sn_v_kernel(W_PTRS, U_PTRS, U_FLAT, V_OUT, TILE_MAT, TILE_START, ROWS, COLS, UOFF, VOFF,
+def sn_v_kernel(W_PTRS, U_PTRS, U_FLAT, V_OUT, TILE_MAT, TILE_START, ROWS, COLS, UOFF, VOFF,
                  U_FROM_FLAT: tl.constexpr, W_DTYPE: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
     m, c0, n_rows, n_cols = _tile(TILE_MAT, TILE_START, ROWS, COLS)
     w = tl.load(W_PTRS + m).to(tl.pointer_type(W_DTYPE))
@@ -69,7 +69,7 @@ def _sn_v_kernel(W_PTRS, U_PTRS, U_FLAT, V_OUT, TILE_MAT, TILE_START, ROWS, COLS
 
 
 @triton.jit
-def _sn_u_kernel(W_PTRS, U_OUT, V_OUT, SIGMA, TILE_MAT, TILE_START, NTILES, COUNT, ROWS, COLS, UOFF, VOFF, eps,
+def sn_u_kernel(W_PTRS, U_OUT, V_OUT, SIGMA, TILE_MAT, TILE_START, NTILES, COUNT, ROWS, COLS, UOFF, VOFF, eps,
                  W_DTYPE: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
     m, r0, n_rows, n_cols = _tile(TILE_MAT, TILE_START, ROWS, COLS)
     w = tl.load(W_PTRS + m).to(tl.pointer_type(W_DTYPE))
@@ -98,7 +98,7 @@ def _sn_u_kernel(W_PTRS, U_OUT, V_OUT, SIGMA, TILE_MAT, TILE_START, NTILES, COUN
 
 
 @triton.jit
-def _sn_grad_kernel(GRAD, GSIG, U_OUT, V_OUT, TILE_MAT, TILE_START, ROWS, COLS, UOFF, VOFF, WOFF,
+def sn_grad_kernel(GRAD, GSIG, U_OUT, V_OUT, TILE_MAT, TILE_START, ROWS, COLS, UOFF, VOFF, WOFF,
                     BR: tl.constexpr, BC: tl.constexpr):
     """d sigma_m / d W_m = u_m v_m^T, scaled by the incoming gradient, into one flat buffer for all matrices."""
     m, r0, n_rows, n_cols = _tile(TILE_MAT, TILE_START, ROWS, COLS)
@@ -168,10 +168,10 @@ class _FusedSN(torch.autograd.Function):
         v_out = torch.empty(plan.n_v, device=dev, dtype=torch.float32)
         sigmas = torch.empty(n, device=dev, dtype=torch.float32)
         for it in range(n_iters):
-            _sn_v_kernel[(plan.v_mat.numel(),)](
+            sn_v_kernel[(plan.v_mat.numel(),)](
                 w_ptrs, u_ptrs, u_out, v_out, plan.v_mat, plan.v_start, plan.rows, plan.cols, plan.uoff, plan.voff,
                 U_FROM_FLAT=it > 0, W_DTYPE=wdt, BR=plan.br, BC=plan.bc)
-            _sn_u_kernel[(plan.u_mat.numel(),)](
+            sn_u_kernel[(plan.u_mat.numel(),)](
                 w_ptrs, u_out, v_out, sigmas, plan.u_mat, plan.u_start, plan.ntiles, plan.count, plan.rows,
                 plan.cols, plan.uoff, plan.voff, eps, W_DTYPE=wdt, BR=plan.br, BC=plan.bc)
         ctx.plan, ctx.w_dtype = plan, ws[0].dtype
@@ -185,7 +185,7 @@ class _FusedSN(torch.autograd.Function):
         u_out, v_out = ctx.saved_tensors
         n = len(plan.shapes)
         grad = torch.empty(plan.n_w, device=u_out.device, dtype=ctx.w_dtype)
-        _sn_grad_kernel[(plan.u_mat.numel(),)](
+        sn_grad_kernel[(plan.u_mat.numel(),)](
             grad, g_sigma.contiguous().float(), u_out, v_out, plan.u_mat, plan.u_start, plan.rows, plan.cols,
             plan.uoff, plan.voff, plan.woff, BR=plan.br, BC=plan.bc)
         gws = [grad[o:o + r * c].view(r, c) for o, (r, c) in zip(plan.w_off, plan.shapes)]

@@ -26,23 +26,24 @@ from hpc_gan.dist import launch  # noqa: E402
 def mode_init(out: Path, info: launch.DistInfo) -> None:
     total = torch.tensor([float(info.rank)])
     dist.all_reduce(total)
-    record = launch.env_summary(info)
+    record = {"rank": info.rank, "local_rank": info.local_rank, "world": info.world, "local_world": info.local_world,
+              "launcher": info.launcher, "master": f"{info.master_addr}:{info.master_port}", "backend": info.backend}
     record["rank_sum"] = float(total)
     (out / f"rank-{info.rank}.json").write_text(json.dumps(record))
 
 
-def bn_case():
+def bn_case(scale: float = 2.0, shift: float = 0.7):
     """The global batch, upstream gradient and BN parameters every process and the single-process reference share."""
     g = torch.Generator().manual_seed(5)
-    x = torch.randn(6, 5, 3, 4, generator=g) * 2 + 0.7
+    x = torch.randn(6, 5, 3, 4, generator=g) * scale + shift
     grad = torch.randn(6, 5, 3, 4, generator=g)
     w, b = torch.rand(5, generator=g) + 0.5, torch.randn(5, generator=g)
     return x, grad, w, b
 
 
-def mode_bn(out: Path, info: launch.DistInfo) -> None:
+def mode_bn(out: Path, info: launch.DistInfo, case: dict) -> None:
     from hpc_gan.dist.batchnorm import CrossReplicaBatchNorm2d
-    x, grad, w, b = bn_case()
+    x, grad, w, b = bn_case(**case)
     n = x.shape[0] // info.world
     sl = slice(info.rank * n, (info.rank + 1) * n)
     bn = CrossReplicaBatchNorm2d(5, eps=1e-4, momentum=0.1)
@@ -75,7 +76,7 @@ def mode_steps(out: Path, info: launch.DistInfo, cases: list) -> None:
         tr = Trainer(cfg, torch.device("cpu"), info)
         tr.train_step(diagnostics=True)
         tr.check_replicas()
-        state = {"G": tr.g_net.weights_state_dict(), "D": tr.d_net.weights_state_dict(),
+        state = {"G": tr.g.weights_state_dict(), "D": tr.d.weights_state_dict(),
                  "G_ema": tr.ema.model.state_dict(), "metrics": tr.pop_metrics()}
         if info.rank == 0:
             torch.save(state, out / f"case-{i}.pt")
@@ -92,9 +93,10 @@ def eval_case():
 
 def mode_eval(out: Path, info: launch.DistInfo) -> None:
     from hpc_gan.eval.evaluate import sample_features
+    from hpc_gan.plan import RandomStreams
     G, backbone = eval_case()
-    feats = sample_features(G, backbone, 250, 5, 24, seed=7, truncation=0.8, batch=40)  # 7 uneven chunks
-    small = sample_features(G, backbone, 30, 5, 24, seed=7, batch=40)  # one chunk: rank 1 computes none
+    feats = sample_features(G, backbone, 250, 5, 24, RandomStreams(7), truncation=0.8, batch=40)  # 7 uneven chunks
+    small = sample_features(G, backbone, 30, 5, 24, RandomStreams(7), batch=40)  # one chunk: rank 1 computes none
     if info.rank == 0:
         torch.save({k: torch.from_numpy(v) for k, v in feats.items()}, out / "eval.pt")
         torch.save({k: torch.from_numpy(v) for k, v in small.items()}, out / "eval_small.pt")
@@ -107,7 +109,7 @@ def main() -> None:
         if mode == "init":
             mode_init(out, info)
         elif mode == "bn":
-            mode_bn(out, info)
+            mode_bn(out, info, json.loads(sys.argv[3]) if len(sys.argv) > 3 else {})
         elif mode == "eval":
             mode_eval(out, info)
         elif mode == "steps":

@@ -73,3 +73,13 @@ def test_info_biggan128_reacgan_flops():
     info = json.loads(hpc_gan("info", "--config", "configs/imagenet128_reacgan_b2048.yaml").stdout)
     assert info["g_params"] == pytest.approx(70.4e6, rel=0.01)
     assert info["gflops_per_sample_iteration"] == pytest.approx(515, rel=0.1)
+
+
+def test_an_internal_bug_shows_its_traceback():
+    """Only UserError is a one-line error; anything else is a bug and keeps its traceback (exit 1)."""
+    code = ("import sys, hpc_gan.cli as cli\n"
+            "def broken(args):\n    raise KeyError('internal')\n"
+            "cli._info = broken\n"
+            "sys.exit(cli.main(['info', '--config', 'configs/demo.yaml']))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" in proc.stderr and "KeyError: 'internal'" in proc.stderr

@@ -5,9 +5,13 @@ import numpy as np
 import pytest
 import torch
 
-from hpc_gan.data.loader import ArrayDataset, FolderDataset, RealStream, build_dataset, global_batch_indices
+from PIL import Image
+
+from hpc_gan.data.loader import ArrayDataset, FolderDataset, build_dataset
+from hpc_gan.data.streams import RealStream
 from hpc_gan.data.synthetic import make_synthetic
-from hpc_gan.eval.png import write_png
+from hpc_gan.errors import UserError
+from hpc_gan.plan import StepPlan
 
 CPU = torch.device("cpu")
 
@@ -19,8 +23,8 @@ def _array_ds(n=40):
 
 def test_ranks_slice_the_same_global_batch():
     ds = _array_ds()
-    one = RealStream(ds, 8, seed=1, hflip=True, device=CPU)
-    two = [RealStream(ds, 8, seed=1, hflip=True, device=CPU, rank=r, world=2) for r in range(2)]
+    one = RealStream(ds, StepPlan(8, seed=1), hflip=True, device=CPU)
+    two = [RealStream(ds, StepPlan(8, world=2, rank=r, seed=1), hflip=True, device=CPU) for r in range(2)]
     for _ in range(7):  # crosses an epoch boundary (5 batches per epoch)
         x1, y1 = one.next()
         parts = [s.next() for s in two]
@@ -28,17 +32,18 @@ def test_ranks_slice_the_same_global_batch():
 
 
 def test_an_epoch_covers_the_data_once():
-    idx = torch.cat([global_batch_indices(43, 8, 0, k) for k in range(5)])  # 5 full batches, 3 dropped
+    plan = StepPlan(8, seed=0)
+    idx = torch.cat([plan.batch_indices(43, k) for k in range(5)])  # 5 full batches, 3 dropped
     assert len(set(idx.tolist())) == 40
-    assert not torch.equal(global_batch_indices(43, 8, 0, 0), global_batch_indices(43, 8, 0, 5))  # new epoch order
+    assert not torch.equal(plan.batch_indices(43, 0), plan.batch_indices(43, 5))  # new epoch order
 
 
 def test_resume_continues_the_order():
     ds = _array_ds()
-    a = RealStream(ds, 8, seed=2, hflip=True, device=CPU)
+    a = RealStream(ds, StepPlan(8, seed=2), hflip=True, device=CPU)
     for _ in range(3):
         a.next()
-    b = RealStream(ds, 8, seed=2, hflip=True, device=CPU)
+    b = RealStream(ds, StepPlan(8, seed=2), hflip=True, device=CPU)
     b.load_state_dict(a.state_dict())
     for _ in range(4):
         xa, ya = a.next()
@@ -52,23 +57,23 @@ def test_folder_and_npz_sources(tmp_path):
     for i, (img, y) in enumerate(zip(images, labels)):
         (tmp_path / "tree" / f"class{y}").mkdir(parents=True, exist_ok=True)
         big = np.repeat(np.repeat(img, 2, 0), 2, 1)[:, 4:]     # 32x28: exercises the centre crop and resize
-        write_png(tmp_path / "tree" / f"class{y}" / f"{i}.png", np.ascontiguousarray(big))
+        Image.fromarray(np.ascontiguousarray(big)).save(tmp_path / "tree" / f"class{y}" / f"{i}.png")
     folder = FolderDataset(str(tmp_path / "tree"), 16)
     assert folder.classes == ["class0", "class1", "class2"] and len(folder) == 12
     x, y = folder[0]
     assert x.shape == (3, 16, 16) and x.dtype == torch.uint8
-    stream = RealStream(folder, 4, seed=0, hflip=False, device=CPU, num_workers=0)
+    stream = RealStream(folder, StepPlan(4), hflip=False, device=CPU, num_workers=0)
     xb, yb = stream.next()
     assert xb.shape == (4, 3, 16, 16) and yb.shape == (4,)
 
     np.savez(tmp_path / "d.npz", images=images, labels=labels)
     cfg = SimpleNamespace(name="npz", path=str(tmp_path / "d.npz"), num_classes=3)
     assert len(build_dataset(cfg, 16, 0)) == 12
-    with pytest.raises(ValueError, match="data.num_classes=2"):
+    with pytest.raises(UserError, match="data.num_classes=2"):
         build_dataset(SimpleNamespace(name="npz", path=str(tmp_path / "d.npz"), num_classes=2), 16, 0)
-    with pytest.raises(ValueError, match="change model.resolution"):
+    with pytest.raises(UserError, match="change model.resolution"):
         build_dataset(cfg, 32, 0)
-    with pytest.raises(FileNotFoundError, match="class folders"):
+    with pytest.raises(UserError, match="class folders"):
         FolderDataset(str(tmp_path / "d.npz"), 16)
 
 
@@ -77,3 +82,9 @@ def test_synthetic_is_balanced_and_deterministic():
     b, lb = make_synthetic(100, 16, 10, seed=5)
     assert np.array_equal(a, b) and np.array_equal(la, lb)
     assert np.bincount(la).tolist() == [10] * 10
+
+
+def test_datasets_declare_what_they_are():
+    from hpc_gan.data import EncodedDataset, InMemoryDataset
+    ds = _array_ds()
+    assert isinstance(ds, InMemoryDataset) and not isinstance(ds, EncodedDataset)

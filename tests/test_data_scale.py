@@ -11,10 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-from hpc_gan.config import ConfigError
-from hpc_gan.data.loader import FolderDataset, RealStream, build_dataset
+from hpc_gan.data.loader import FolderDataset, build_dataset
 from hpc_gan.data.prepare import PrepareError, center_square_resize, prepare
 from hpc_gan.data.shards import ShardDataset
+from hpc_gan.data.streams import RealStream
+from hpc_gan.errors import UserError
+from hpc_gan.plan import StepPlan
 
 HAS_DALI = importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
 needs_dali = pytest.mark.skipif(not HAS_DALI, reason="NVIDIA DALI is not installed (pip install -e .[dali])")
@@ -143,9 +145,9 @@ def test_dali_cpu_pipeline_equals_torch_loader_per_rank(prepared, tree, source):
     resize = 16 if source == "folder" else None
     seen = {0: [], 1: []}
     for rank in range(2):
-        ref = RealStream(ds, 6, seed=4, hflip=True, device=CPU, rank=rank, world=2)
-        dali = DaliStream(ds, 6, seed=4, hflip=True, device=CPU, rank=rank, world=2, decoder="cpu", threads=1,
-                          resize=resize)
+        ref = RealStream(ds, StepPlan(6, world=2, rank=rank, seed=4), hflip=True, device=CPU)
+        dali = DaliStream(ds, StepPlan(6, world=2, rank=rank, seed=4), hflip=True, device=CPU, decoder="cpu",
+                          threads=1, resize=resize)
         for step in range(5):  # crosses epochs: 15 images, 2 global batches of 6 per epoch
             xr, yr = ref.next()
             xd, yd = dali.next()
@@ -167,14 +169,15 @@ def test_dali_ranks_are_disjoint_cover_the_epoch_and_resume(prepared):
     marked.labels = torch.arange(len(ds))  # labels as sample ids: what each rank read
     ids = []
     for rank in range(3):
-        s = DaliStream(marked, 15, seed=9, hflip=False, device=CPU, rank=rank, world=3, decoder="cpu", threads=1)
+        s = DaliStream(marked, StepPlan(15, world=3, rank=rank, seed=9), hflip=False, device=CPU, decoder="cpu",
+                       threads=1)
         ids.append(s.next()[1])
     allids = torch.cat(ids)
     assert sorted(allids.tolist()) == list(range(15))  # one epoch, disjoint, complete
-    a = DaliStream(ds, 6, seed=2, hflip=True, device=CPU, decoder="cpu", threads=1)
+    a = DaliStream(ds, StepPlan(6, seed=2), hflip=True, device=CPU, decoder="cpu", threads=1)
     for _ in range(3):
         a.next()
-    b = DaliStream(ds, 6, seed=2, hflip=True, device=CPU, decoder="cpu", threads=1)
+    b = DaliStream(ds, StepPlan(6, seed=2), hflip=True, device=CPU, decoder="cpu", threads=1)
     b.load_state_dict(a.state_dict())
     xa, ya = a.next()
     xb, yb = b.next()
@@ -191,20 +194,26 @@ def test_training_reads_prepared_shards(prepared, tiny_cfg):
 
 
 def test_clear_errors_for_missing_dali_and_gpu_only_options(prepared, tree, tiny_cfg):
-    from hpc_gan.data.dali import build_stream
+    from hpc_gan.data.streams import build_stream
     cfg = tiny_cfg("data.name=shards", f"data.path={prepared[0]}", "data.num_classes=3", "data.decode_device=mixed")
     ds = ShardDataset(str(prepared[0]), 16)
-    with pytest.raises(ConfigError, match="decode_device=mixed decodes on a GPU.*decode_device=cpu"):
-        build_stream(cfg, ds, CPU, 0, 1, 8)
+    with pytest.raises(UserError, match="decode_device=mixed decodes on a GPU.*decode_device=cpu"):
+        build_stream(cfg, ds, StepPlan.from_config(cfg), CPU)
     code = ("import sys; sys.modules['nvidia.dali'] = None\n"
             "from hpc_gan.data.dali import require_dali\n"
             "require_dali()")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode != 0 and "pip install -e .[dali]" in proc.stderr
-    with pytest.raises(FileNotFoundError, match="prepare-data"):
+    with pytest.raises(UserError, match="prepare-data"):
         ShardDataset(str(prepared[0].parent), 16)
-    with pytest.raises(ValueError, match="broken.jpg: unreadable image.*prepare-data"):
+    with pytest.raises(UserError, match="broken.jpg: unreadable image.*prepare-data"):
         FolderDataset(str(tree / "train"), 16)[5]
-    with pytest.raises(ValueError, match="prepared at 16px"):
+    with pytest.raises(UserError, match="prepared at 16px"):
         ShardDataset(str(prepared[0]), 32)
+
+
+def test_encoded_datasets_declare_what_they_are(prepared, tree):
+    from hpc_gan.data import EncodedDataset, InMemoryDataset
+    for ds in (ShardDataset(str(prepared[0]), 16), FolderDataset(str(tree / "train"), 16)):
+        assert isinstance(ds, EncodedDataset) and not isinstance(ds, InMemoryDataset)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from hpc_gan.cli import main
-from hpc_gan.config import ConfigError
+from hpc_gan.errors import UserError
 from hpc_gan.eval import metrics as M
 from hpc_gan.eval.backbones import InceptionV3FID, build_backbone, sha256_prefix_ok
 
@@ -87,15 +87,16 @@ def test_sharded_sampling_on_two_ranks_equals_one_process(tmp_path):
     from test_dist import torchrun
 
     from hpc_gan.eval.evaluate import sample_features
+    from hpc_gan.plan import RandomStreams
     torchrun(ROOT / "tests" / "dist_worker.py", "eval", tmp_path)
     got = torch.load(tmp_path / "eval.pt")
     G, backbone = eval_case()
-    want = sample_features(G, backbone, 250, 5, 24, seed=7, truncation=0.8, batch=40)
+    want = sample_features(G, backbone, 250, 5, 24, RandomStreams(7), truncation=0.8, batch=40)
     for k in ("pool", "probs"):
         assert got[k].shape[0] == 250
         np.testing.assert_allclose(got[k].numpy(), want[k], rtol=1e-5, atol=1e-7)
     small = torch.load(tmp_path / "eval_small.pt")
-    want_small = sample_features(G, backbone, 30, 5, 24, seed=7, batch=40)
+    want_small = sample_features(G, backbone, 30, 5, 24, RandomStreams(7), batch=40)
     np.testing.assert_allclose(small["pool"].numpy(), want_small["pool"], rtol=1e-5, atol=1e-7)
     mu1, s1 = M.feature_stats(got["pool"].numpy())
     mu2, s2 = M.feature_stats(want["pool"])
@@ -112,9 +113,9 @@ def test_inception_network_shapes_and_weight_checks(tmp_path, monkeypatch):
     bad = tmp_path / "weights.pth"
     bad.write_bytes(b"not the weights")
     assert not sha256_prefix_ok(bad)
-    with pytest.raises(ConfigError, match="SHA-256 prefix 6726825d"):
+    with pytest.raises(UserError, match="SHA-256 prefix 6726825d"):
         build_backbone("inception", str(bad))
-    with pytest.raises(ConfigError, match="do not exist"):
+    with pytest.raises(UserError, match="do not exist"):
         build_backbone("inception", str(tmp_path / "missing.pth"))
 
 

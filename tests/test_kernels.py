@@ -219,7 +219,7 @@ def test_training_steps_with_triton_backends_equal_torch(tiny_cfg):
         assert all(f is not None for f in tr.fused_sn) == (backend == "triton")
         for _ in range(2):
             tr.train_step(diagnostics=True)
-        nets[backend] = (tr.G, tr.D, tr.pop_metrics())
+        nets[backend] = (tr.g.module, tr.d.module, tr.pop_metrics())
     for i, tag in enumerate("GD"):
         for (name, a), b in zip(nets["torch"][i].state_dict().items(), nets["triton"][i].state_dict().values()):
             close(b, a, f"{tag}.{name} after 2 steps", 0, tol=1e-4)

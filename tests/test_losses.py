@@ -73,7 +73,13 @@ def test_multi_hinge_and_dispatch():
 
 
 def draws(seed, n, offset=0, total=None):
-    return Draws(seed, offset, n, total or n + offset, torch.device("cpu"))
+    return Draws(torch.Generator().manual_seed(seed), offset, n, total or n + offset)
+
+
+@pytest.mark.parametrize("offset,n,total", [(-1, 4, 10), (7, 4, 10), (0, 11, 10)])
+def test_draws_refuse_rows_outside_the_global_batch(offset, n, total):
+    with pytest.raises(ValueError, match="outside a global batch of 10"):
+        Draws(torch.Generator(), offset, n, total)
 
 
 def test_augmentations_shapes_determinism_and_gradients():

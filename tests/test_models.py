@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from hpc_gan.errors import UserError
 from hpc_gan.models import biggan, biggan_deep
 from hpc_gan.models.layers import SNConv2d, SNLinear
 
@@ -65,7 +66,7 @@ def test_projection_is_folded_into_adv():
 
 
 def test_bad_attention_resolution_is_a_clear_error():
-    with pytest.raises(ValueError, match="g_attn_res=48"):
+    with pytest.raises(UserError, match="g_attn_res=48"):
         biggan.Generator(32, 4, 3, 16, 8, 48)
 
 
@@ -120,3 +121,21 @@ def test_spectral_norm_stays_fp32_under_autocast():
     assert wa.dtype == torch.float32
     torch.testing.assert_close(wa, wb, rtol=0, atol=0)
     torch.testing.assert_close(a.sn_u, b.sn_u, rtol=0, atol=0)
+
+
+def test_named_batch_splits_d_output_by_part():
+    """D on the concatenation of named parts, split back, equals D on each part alone (eval mode: D is then a
+    per-sample function)."""
+    from hpc_gan.models.heads import NamedBatch
+    torch.manual_seed(0)
+    D = biggan.Discriminator(16, 4, 5, "d2d_ce", 8).eval()
+    parts = {name: (torch.randn(n, 3, 16, 16), torch.randint(0, 5, (n,)))
+             for name, n in (("real", 3), ("fake", 3), ("consistency", 2))}
+    batch = NamedBatch(**parts)
+    split = batch.split(D(batch.images, batch.labels))
+    assert list(split) == ["real", "fake", "consistency"]
+    for name, (x, y) in parts.items():
+        alone = D(x, y)
+        assert split[name].keys() == alone.keys()
+        for key in alone:
+            torch.testing.assert_close(split[name][key], alone[key], rtol=1e-5, atol=1e-6)

@@ -25,7 +25,7 @@ def params_equal(a, b):
 def test_each_method_trains_without_nan(tiny_cfg, cond, adv, extra):
     cfg = tiny_cfg(f"loss.cond={cond}", f"loss.adv={adv}", *extra)
     tr = Trainer(cfg, torch.device("cpu"))
-    before = {k: v.clone() for k, v in tr.G.state_dict().items()}
+    before = {k: v.clone() for k, v in tr.g.module.state_dict().items()}
     for i in range(3):
         tr.train_step(diagnostics=i == 0)
     m = tr.pop_metrics()
@@ -33,16 +33,16 @@ def test_each_method_trains_without_nan(tiny_cfg, cond, adv, extra):
     assert {"d_loss", "g_loss", "d_adv", "g_adv"} <= set(m)
     if cond in ("d2d_ce", "2c", "ac", "mh"):
         assert {"d_cond", "g_cond", "diag_feature_norm", "diag_cond_grad_norm"} <= set(m)
-    assert any(not torch.equal(before[k], v) for k, v in tr.G.state_dict().items())
-    assert all(torch.isfinite(p).all() for p in tr.G.parameters())
+    assert any(not torch.equal(before[k], v) for k, v in tr.g.module.state_dict().items())
+    assert all(torch.isfinite(p).all() for p in tr.g.module.parameters())
 
 
 def test_d_is_frozen_during_g_step(tiny_cfg):
     tr = Trainer(tiny_cfg(), torch.device("cpu"))
-    d_before = {k: v.clone() for k, v in tr.D.named_parameters()}
+    d_before = {k: v.clone() for k, v in tr.d.module.named_parameters()}
     tr.g_step()
-    assert all(torch.equal(d_before[k], v) for k, v in tr.D.named_parameters())
-    assert all(p.requires_grad for p in tr.D.parameters())
+    assert all(torch.equal(d_before[k], v) for k, v in tr.d.module.named_parameters())
+    assert all(p.requires_grad for p in tr.d.module.parameters())
 
 
 def test_resume_is_bit_identical(tiny_cfg, tmp_path):
@@ -84,14 +84,14 @@ def test_micro_batches_accumulate_to_the_same_update(tiny_cfg, extra):
     cfg_full = tiny_cfg("loss.cond=ac", *extra)
     cfg_acc = tiny_cfg("loss.cond=ac", "train.micro_batch=4", *extra)
     a, b = Trainer(cfg_full, torch.device("cpu")), Trainer(cfg_acc, torch.device("cpu"))
-    assert b.accum == 2
-    b.G.load_state_dict(a.G.state_dict())
-    b.D.load_state_dict(a.D.state_dict())
-    a.G.eval(), b.G.eval()  # BN from running stats: G's output independent of the split
-    a.D.train(), b.D.train()
+    assert b.plan.accum == 2
+    b.g.module.load_state_dict(a.g.module.state_dict())
+    b.d.module.load_state_dict(a.d.module.state_dict())
+    a.g.module.eval(), b.g.module.eval()  # BN from running stats: G's output independent of the split
+    a.d.module.train(), b.d.module.train()
     a.d_step(0)
     b.d_step(0)
-    for (n, pa), pb in zip(a.D.named_parameters(), b.D.parameters()):
+    for (n, pa), pb in zip(a.d.module.named_parameters(), b.d.module.parameters()):
         torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6, msg=n)
 
 
@@ -147,5 +147,19 @@ def test_mixed_precision_path_keeps_fp32_state(tiny_cfg):
         tr.train_step()
     m = tr.pop_metrics()
     assert all(math.isfinite(v) for v in m.values())
-    for net in (tr.G, tr.D, tr.ema.model):
+    for net in (tr.g.module, tr.d.module, tr.ema.model):
         assert all(t.dtype == torch.float32 for t in net.state_dict().values() if t.is_floating_point())
+
+
+def test_periodic_actions_run_at_their_own_intervals_and_are_timed(tiny_cfg, tmp_path):
+    import json
+    summary = train(tiny_cfg("train.steps=6", "train.log_every=2", "train.sample_every=3",
+                             "train.checkpoint_every=4", "train.keep_checkpoints=0"), log=lambda s: None)
+    run = tmp_path / "run"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "d_loss" in r] == [2, 4, 6]
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step-00000003.png", "step-00000006.png"]
+    assert [p.name for p in checkpoint.complete_checkpoints(run / "checkpoints")] == ["step-00000004",
+                                                                                      "step-00000006"]
+    assert {"train", "log", "sample", "checkpoint"} <= set(summary["phase_seconds"])
+    assert summary["sec_per_step"] > 0 and summary["steps_run"] == 6

@@ -10,15 +10,24 @@ from typing import Sequence
 
 import torch
 
+from hpc_gan.config import DIFFAUG_POLICIES
+from hpc_gan.plan import StepPlan
+
 
 class Draws:
-    """Random numbers for rows [offset, offset + n) of a global batch of ``total`` samples."""
+    """Random numbers for the rows of one micro-batch of a global batch, from one generator: each call draws for all
+    ``total`` samples and keeps rows [offset, offset + n)."""
 
-    def __init__(self, seed: int, offset: int, n: int, total: int, device: torch.device) -> None:
-        if not 0 <= offset and offset + n <= total:
+    def __init__(self, generator: torch.Generator, offset: int, n: int, total: int) -> None:
+        if not (0 <= offset and offset + n <= total):
             raise ValueError(f"rows {offset}..{offset + n} are outside a global batch of {total}")
-        self.g = torch.Generator(device=device).manual_seed(seed)
-        self.offset, self.n, self.total, self.device = offset, n, total, device
+        self.g, self.device = generator, generator.device
+        self.offset, self.n, self.total = offset, n, total
+
+    @classmethod
+    def micro_batch(cls, generator: torch.Generator, plan: StepPlan, m: int) -> "Draws":
+        """The rows of this rank's micro-batch m of the plan's global batch."""
+        return cls(generator, plan.offset(m), plan.micro, plan.batch)
 
     def _rows(self, t: torch.Tensor) -> torch.Tensor:
         return t[self.offset:self.offset + self.n]
@@ -64,6 +73,7 @@ def cutout(x: torch.Tensor, d: Draws, ratio: float = 0.5) -> torch.Tensor:
 
 
 POLICIES = {"color": color, "translation": translation, "cutout": cutout}
+assert tuple(POLICIES) == DIFFAUG_POLICIES, "config.DIFFAUG_POLICIES names the functions of this table"
 
 
 def diff_augment(x: torch.Tensor, policies: Sequence[str], d: Draws) -> torch.Tensor:

@@ -42,16 +42,18 @@ def _rate(stream: Any, batches: int, batch: int) -> float:
 def bench_data(path: Optional[str], device: torch.device, batch: int = 64, batches: int = 20, workers: int = 2,
                threads: int = 2, resolution: int = 128, log: Callable[[str], None] = print) -> List[Dict[str, Any]]:
     from hpc_gan.data.dali import DaliStream, dali_available
-    from hpc_gan.data.loader import RealStream
     from hpc_gan.data.shards import ShardDataset
+    from hpc_gan.data.streams import RealStream
+    from hpc_gan.plan import StepPlan
+    plan = StepPlan(batch)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(path) if path else _make_set(Path(tmp), max(2 * batch, 512), resolution)
         ds = ShardDataset(str(root), resolution)
         rows = [{"pipeline": f"torch DataLoader ({workers} workers, PIL decode)", "device": str(device),
-                 "img_per_s": _rate(RealStream(ds, batch, 0, True, device, num_workers=workers), batches, batch)}]
+                 "img_per_s": _rate(RealStream(ds, plan, True, device, num_workers=workers), batches, batch)}]
         if dali_available():
             decoder = "mixed" if device.type == "cuda" else "cpu"
-            stream = DaliStream(ds, batch, 0, True, device, decoder=decoder, threads=threads)
+            stream = DaliStream(ds, plan, True, device, decoder=decoder, threads=threads)
             rows.append({"pipeline": f"DALI ({decoder} decode, {threads} threads)", "device": str(device),
                          "img_per_s": _rate(stream, batches, batch)})
             rows[-1]["vs_torch"] = rows[-1]["img_per_s"] / rows[0]["img_per_s"]

@@ -18,8 +18,10 @@ from typing import Any, Iterator, List, Optional, Tuple
 import numpy as np
 import torch
 
-from hpc_gan.config import ConfigError
-from hpc_gan.data.loader import StreamBase, _RankSlices, flip_mask
+from hpc_gan.data.loader import EncodedDataset
+from hpc_gan.data.streams import RankBatches, StreamBase
+from hpc_gan.errors import UserError
+from hpc_gan.plan import StepPlan
 
 
 def dali_available() -> bool:
@@ -31,14 +33,14 @@ def dali_available() -> bool:
 
 def require_dali() -> None:
     if not dali_available():
-        raise ConfigError("data.backend=dali needs NVIDIA DALI, which is not installed: pip install -e .[dali] "
-                          "(nvidia-dali-cuda120), or set data.backend=torch")
+        raise UserError("data.backend=dali needs NVIDIA DALI, which is not installed: pip install -e .[dali] "
+                        "(nvidia-dali-cuda120), or set data.backend=torch")
 
 
 def decode_device(requested: str, device: torch.device) -> str:
     if requested == "mixed" and device.type != "cuda":
-        raise ConfigError("data.decode_device=mixed decodes on a GPU, but this run is on the CPU; use "
-                          "data.decode_device=cpu or auto")
+        raise UserError("data.decode_device=mixed decodes on a GPU, but this run is on the CPU; use "
+                        "data.decode_device=cpu or auto")
     if requested == "auto":
         return "mixed" if device.type == "cuda" else "cpu"
     return requested
@@ -47,21 +49,19 @@ def decode_device(requested: str, device: torch.device) -> str:
 class DaliStream(StreamBase):
     """Endless per-rank batches of (images in [-1, 1] float NCHW on ``device``, labels int64), like RealStream."""
 
-    def __init__(self, dataset: Any, batch: int, seed: int, hflip: bool, device: torch.device, rank: int = 0,
-                 world: int = 1, micro: int = 0, decoder: str = "auto", threads: int = 4,
-                 resize: Optional[int] = None) -> None:
+    def __init__(self, dataset: Any, plan: StepPlan, hflip: bool, device: torch.device, decoder: str = "auto",
+                 threads: int = 4, resize: Optional[int] = None) -> None:
         require_dali()
-        if not hasattr(dataset, "read_bytes"):
-            raise ConfigError("data.backend=dali reads encoded images: use data.name=shards (hpc-gan prepare-data) "
-                              "or folder; in-memory sets (synthetic, npz) use data.backend=torch")
-        super().__init__(dataset, batch, seed, hflip, device, rank, world, micro)
+        if not isinstance(dataset, EncodedDataset):
+            raise UserError("data.backend=dali reads encoded images: use data.name=shards (hpc-gan prepare-data) "
+                            "or folder; in-memory sets (synthetic, npz) use data.backend=torch")
+        super().__init__(dataset, plan, hflip, device)
         self.decoder, self.threads, self.resize = decode_device(decoder, device), threads, resize
 
     def _source(self) -> Iterator[Tuple[List[np.ndarray], List[np.ndarray], List[np.ndarray]]]:
         k = self.consumed
-        for idx in _RankSlices(len(self.dataset), self.batch, self.seed, self.consumed, self.positions):
-            flips = flip_mask(self.batch, self.seed, k)[self.positions] if self.hflip else \
-                torch.zeros(len(idx), dtype=torch.bool)
+        for idx in RankBatches(len(self.dataset), self.plan, self.consumed):
+            flips = self.plan.flips(k) if self.hflip else torch.zeros(len(idx), dtype=torch.bool)
             enc = [np.frombuffer(self.dataset.read_bytes(i), dtype=np.uint8) for i in idx]
             labels = list(self.dataset.labels[torch.as_tensor(idx)].numpy())  # one gather per batch
             yield enc, labels, [np.asarray(int(f), dtype=np.int32) for f in flips]
@@ -72,9 +72,10 @@ class DaliStream(StreamBase):
 
         source = self._source()
 
-        @pipeline_def(batch_size=len(self.positions), num_threads=self.threads,
+        # seed: DALI's own operators draw nothing here (flips come from the plan); any fixed value does
+        @pipeline_def(batch_size=self.plan.local_batch, num_threads=self.threads,
                       device_id=(self.device.index or 0) if self.device.type == "cuda" else None,
-                      seed=self.seed + self.rank, prefetch_queue_depth=2)
+                      seed=0, prefetch_queue_depth=2)
         def pipe():
             enc, labels, mirror = fn.external_source(source=lambda: next(source), num_outputs=3, batch=True,
                                                      dtype=[types.UINT8, types.INT64, types.INT32])
@@ -104,20 +105,3 @@ class DaliStream(StreamBase):
         images, labels = next(self._it)
         self.consumed += 1
         return images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True).long()
-
-
-def build_stream(cfg: Any, dataset: Any, device: torch.device, rank: int, world: int, micro: int) -> Any:
-    """RealStream (torch) or DaliStream for ``data.backend`` (auto: DALI where it is installed, the run is on a
-    GPU and the data set is encoded images; torch otherwise)."""
-    from hpc_gan.data.loader import RealStream
-    d, t = cfg.data, cfg.train
-    encoded = hasattr(dataset, "read_bytes")
-    backend = d.backend
-    if backend == "auto":
-        backend = "dali" if encoded and device.type == "cuda" and dali_available() else "torch"
-    if backend == "torch":
-        decode_device(d.decode_device, device)  # the same one-line error for a GPU-only option on a CPU
-        return RealStream(dataset, t.batch_size, t.seed, d.hflip, device, rank, world, d.num_workers, micro=micro)
-    resize = cfg.model.resolution if d.name == "folder" else None
-    return DaliStream(dataset, t.batch_size, t.seed, d.hflip, device, rank, world, micro, d.decode_device,
-                      d.dali_threads, resize)

@@ -26,12 +26,14 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
+from hpc_gan.errors import UserError
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".JPEG", ".JPG", ".PNG")
 FORMAT_VERSION = 1
 
 
-class PrepareError(ValueError):
-    pass
+class PrepareError(UserError):
+    """A problem with prepare-data's input or output directory; one line with the fix."""
 
 
 def center_square_resize(img: Image.Image, resolution: int) -> Image.Image:

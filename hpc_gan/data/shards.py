@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 from hpc_gan.data.prepare import center_square_resize, read_index
+from hpc_gan.errors import UserError
 
 
 class ShardDataset(Dataset):
@@ -23,12 +24,12 @@ class ShardDataset(Dataset):
         self.root = Path(root)
         meta_path = self.root / "dataset.json"
         if not meta_path.is_file():
-            raise FileNotFoundError(f"data.path={root} has no dataset.json; prepare it with `hpc-gan prepare-data "
-                                    f"--src <images> --out {root} --resolution {resolution}`")
+            raise UserError(f"data.path={root} has no dataset.json; prepare it with `hpc-gan prepare-data "
+                            f"--src <images> --out {root} --resolution {resolution}`")
         self.meta = json.loads(meta_path.read_text())
         if self.meta["resolution"] != resolution:
-            raise ValueError(f"data.path={root} was prepared at {self.meta['resolution']}px but model.resolution="
-                             f"{resolution}; prepare it again with --resolution {resolution}")
+            raise UserError(f"data.path={root} was prepared at {self.meta['resolution']}px but model.resolution="
+                            f"{resolution}; prepare it again with --resolution {resolution}")
         self.resolution, self.classes = resolution, self.meta["classes"]
         self.shard_paths, shard, offset, size, labels = [], [], [], [], []
         for s, entry in enumerate(self.meta["shards"]):
@@ -42,8 +43,8 @@ class ShardDataset(Dataset):
                 offset.append(comp[ext][0])
                 size.append(comp[ext][1])
         if len(labels) != len(shard):
-            raise ValueError(f"data.path={root}: shard indexes list {len(shard)} images but their sidecars "
-                             f"{len(labels)} labels; prepare it again")
+            raise UserError(f"data.path={root}: shard indexes list {len(shard)} images but their sidecars "
+                            f"{len(labels)} labels; prepare it again")
         self.shard, self.offset, self.size = np.asarray(shard), np.asarray(offset), np.asarray(size)
         self.labels = torch.tensor(labels, dtype=torch.int64)
         self._maps: Dict[int, mmap.mmap] = {}  # opened lazily, per process (DataLoader workers fork)

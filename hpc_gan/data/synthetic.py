@@ -7,6 +7,8 @@ from typing import Tuple
 
 import numpy as np
 
+from hpc_gan.errors import UserError
+
 CLASS_NAMES = ("disk", "square", "ring", "plus", "x", "diamond", "triangle", "h-stripes", "v-stripes", "frame")
 
 
@@ -32,8 +34,8 @@ def _masks(dx: np.ndarray, dy: np.ndarray, s: np.ndarray) -> list:
 def make_synthetic(n: int, resolution: int, num_classes: int = 10, seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:
     """(images uint8 (n, H, W, 3), labels int64 (n,)), balanced over classes, deterministic in ``seed``."""
     if not 1 <= num_classes <= len(CLASS_NAMES):
-        raise ValueError(f"the synthetic data set has at most {len(CLASS_NAMES)} classes; got data.num_classes="
-                         f"{num_classes}")
+        raise UserError(f"the synthetic data set has at most {len(CLASS_NAMES)} classes; got data.num_classes="
+                        f"{num_classes}")
     rng = np.random.default_rng(seed)
     labels = np.arange(n) % num_classes
     rng.shuffle(labels)

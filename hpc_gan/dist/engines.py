@@ -1,4 +1,11 @@
-"""Training strategies behind one interface, so the trainer's code is the same for all: ``dist.strategy``.
+"""Training strategies behind one interface, :class:`Net`, so the trainer's code is the same for all:
+``dist.strategy``.
+
+The interface of one network's training handle: ``net(*x)`` is the forward whose gradients are synchronized,
+``net.module`` the plain module (no-grad and frozen calls: D in the G step). Each micro-batch runs its forward and
+backward inside ``with net.micro(last):`` (the sync decision is made at the forward: DDP's ``no_sync`` and
+DeepSpeed's accumulation boundary both need it then), the backward is ``net.micro_backward(loss)``, and after the
+last micro-batch ``net.optimizer_step()`` applies the update (DeepSpeed's ``engine.step()``, once, at the boundary).
 
 - ``ddp``: torch DistributedDataParallel (plain module on one rank); ``no_sync`` on accumulation micro-steps;
   buffers are not re-broadcast every forward (they stay identical: SN vectors are computed from identical weights,
@@ -17,15 +24,14 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
-from typing import Any, Dict, List
+from typing import Any, Dict, Iterator, List
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from hpc_gan.config import ConfigError
-
-STRATEGIES = ("ddp", "zero1", "zero2")
+from hpc_gan.config import choices
+from hpc_gan.errors import UserError
 
 
 def broadcast_state(module: nn.Module, src: int = 0) -> None:
@@ -37,9 +43,8 @@ def broadcast_state(module: nn.Module, src: int = 0) -> None:
             dist.broadcast(t.data, src)
 
 
-class _Net:
-    """One network with its optimizer. ``net(*x)`` runs the forward whose gradients are synchronized; ``net.module``
-    is the plain module (for no-grad or frozen calls)."""
+class Net:
+    """One network with its optimizer: the trainer's single handle on it (see the module docstring)."""
 
     module: nn.Module
 
@@ -50,10 +55,12 @@ class _Net:
         """Wrap forward + backward of one micro-batch; ``last`` marks the one whose backward synchronizes."""
         return contextlib.nullcontext()
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def micro_backward(self, loss: torch.Tensor) -> None:
+        """Backward of one micro-batch's loss (already divided by the accumulation count)."""
         raise NotImplementedError
 
-    def step(self) -> None:
+    def optimizer_step(self) -> None:
+        """Apply the accumulated gradients and clear them."""
         raise NotImplementedError
 
     def weights_state_dict(self) -> Dict[str, torch.Tensor]:
@@ -69,7 +76,7 @@ class _Net:
         raise NotImplementedError
 
 
-class TorchNet(_Net):
+class TorchNet(Net):
     """Single process, or DDP when ``ddp``; fp16 through a GradScaler."""
 
     def __init__(self, module: nn.Module, opt: torch.optim.Optimizer, ddp: bool, fp16: bool) -> None:
@@ -92,10 +99,10 @@ class TorchNet(_Net):
             return self.wrapped.no_sync()
         return contextlib.nullcontext()
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def micro_backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler.is_enabled() else loss).backward()
 
-    def step(self) -> None:
+    def optimizer_step(self) -> None:
         if self.scaler.is_enabled():
             self.scaler.step(self.opt)
             self.scaler.update()
@@ -115,7 +122,7 @@ class TorchNet(_Net):
             self.scaler.load_state_dict(state["scaler"])
 
 
-class DeepSpeedNet(_Net):
+class DeepSpeedNet(Net):
     def __init__(self, module: nn.Module, opt: torch.optim.Optimizer, stage: int, micro: int, accum: int,
                  world: int, bf16: bool) -> None:
         if next(module.parameters()).device.type == "cpu":
@@ -123,8 +130,8 @@ class DeepSpeedNet(_Net):
         try:
             import deepspeed
         except ImportError as e:
-            raise ConfigError(f"dist.strategy=zero{stage} needs DeepSpeed ({e}); "
-                              f"DS_BUILD_OPS=0 pip install -e .[deepspeed], or dist.strategy=ddp") from None
+            raise UserError(f"dist.strategy=zero{stage} needs DeepSpeed ({e}); "
+                            f"DS_BUILD_OPS=0 pip install -e .[deepspeed], or dist.strategy=ddp") from None
         config = {
             "train_batch_size": micro * accum * world, "train_micro_batch_size_per_gpu": micro,
             "gradient_accumulation_steps": accum, "zero_optimization": {"stage": stage},
@@ -139,18 +146,25 @@ class DeepSpeedNet(_Net):
                 if buf.is_floating_point():
                     buf.data = buf.data.float()
         self._params = list(module.parameters())
+        self._boundary = False
 
     def __call__(self, *args: Any) -> Any:
         return self.engine(*args)
 
-    def backward(self, loss: torch.Tensor) -> None:
-        # the trainer already divides by the accumulation count; DeepSpeed steps at its accumulation boundary
-        self.engine.backward(loss, scale_wrt_gas=False)
-        self.engine.step()
+    @contextlib.contextmanager
+    def micro(self, last: bool) -> Iterator[None]:
+        # the caller owns the boundary (DeepSpeed's documented pattern): set before each forward/backward
+        self.engine.set_gradient_accumulation_boundary(last)
+        self._boundary = last
+        yield
 
-    def step(self) -> None:
-        if self.engine.micro_steps % self.engine.gradient_accumulation_steps():
-            raise RuntimeError("DeepSpeed engine is between accumulation boundaries at the end of a step")
+    def micro_backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss, scale_wrt_gas=False)  # the trainer already divides by the accumulation count
+
+    def optimizer_step(self) -> None:
+        if not self._boundary:
+            raise RuntimeError("DeepSpeedNet.optimizer_step before the last micro-batch's backward")
+        self.engine.step()
 
     # ---- world-size independent state -----------------------------------------------------------------------
     def weights_state_dict(self) -> Dict[str, torch.Tensor]:
@@ -201,8 +215,8 @@ class DeepSpeedNet(_Net):
         from deepspeed.utils import safe_set_full_optimizer_state
         adam = state["adam"]
         if len(adam["state"]) not in (0, len(self._params)):
-            raise ConfigError(f"optimizer state has {len(adam['state'])} entries for {len(self._params)} parameters; "
-                              f"resume with the config the run was started with")
+            raise UserError(f"optimizer state has {len(adam['state'])} entries for {len(self._params)} parameters; "
+                            f"resume with the config the run was started with")
         if not adam["state"]:
             return
         step = float(next(iter(adam["state"].values()))["step"])
@@ -216,12 +230,12 @@ class DeepSpeedNet(_Net):
 
 
 def build_net(module: nn.Module, strategy: str, lr: float, betas: tuple, eps: float, micro: int, accum: int,
-              world: int, precision: str) -> _Net:
+              world: int, precision: str) -> Net:
     opt = torch.optim.Adam(module.parameters(), lr=lr, betas=betas, eps=eps)
     if strategy == "ddp" or (strategy in ("zero1", "zero2") and world == 1):  # one rank: nothing to shard
         return TorchNet(module, opt, ddp=world > 1, fp16=precision == "fp16")
     if strategy in ("zero1", "zero2"):
         if precision == "fp16":
-            raise ConfigError(f"dist.strategy={strategy} supports train.precision fp32 or bf16; use bf16 (or ddp)")
+            raise UserError(f"dist.strategy={strategy} supports train.precision fp32 or bf16; use bf16 (or ddp)")
         return DeepSpeedNet(module, opt, int(strategy[-1]), micro, accum, world, precision == "bf16")
-    raise ConfigError(f"dist.strategy={strategy!r} is not one of {STRATEGIES}")
+    raise UserError(f"dist.strategy={strategy!r} is not one of {', '.join(choices('dist.strategy'))}")

@@ -13,12 +13,12 @@ import re
 import socket
 import subprocess
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional
+from typing import List, Mapping, Optional
 
 import torch
 import torch.distributed as dist
 
-from hpc_gan.config import ConfigError
+from hpc_gan.errors import UserError
 
 MPI_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
 
@@ -68,8 +68,8 @@ def _resolve(host: str) -> str:
             out = ""
         m = re.search(r"NodeAddr=(\S+)", out)
         if not m:
-            raise ConfigError(f"cannot resolve the first Slurm node {host!r} and scontrol gives no NodeAddr for it; "
-                              f"set MASTER_ADDR to its address")
+            raise UserError(f"cannot resolve the first Slurm node {host!r} and scontrol gives no NodeAddr for it; "
+                            f"set MASTER_ADDR to its address")
         return m.group(1)
 
 
@@ -83,9 +83,9 @@ def check_slurm(env: Mapping[str, str]) -> None:
     Slurm may pack tasks unevenly (e.g. 3 + 1), so local ranks no longer map one-to-one to GPUs."""
     nodes = int(env.get("SLURM_STEP_NUM_NODES", env.get("SLURM_NNODES", "1")))
     if nodes > 1 and not env.get("SLURM_NTASKS_PER_NODE"):
-        raise ConfigError(f"{env.get('SLURM_NTASKS')} Slurm tasks over {nodes} nodes without --ntasks-per-node "
-                          f"(placed as {env.get('SLURM_TASKS_PER_NODE', '?')}); submit with "
-                          f"--ntasks-per-node=<GPUs per node>")
+        raise UserError(f"{env.get('SLURM_NTASKS')} Slurm tasks over {nodes} nodes without --ntasks-per-node "
+                        f"(placed as {env.get('SLURM_TASKS_PER_NODE', '?')}); submit with "
+                        f"--ntasks-per-node=<GPUs per node>")
 
 
 def _first_count(tasks_per_node: str) -> int:
@@ -117,7 +117,7 @@ def _detect_mpi(env: Mapping[str, str]) -> DistInfo:
     try:
         from mpi4py import MPI
     except ImportError as e:
-        raise ConfigError(f"started by mpirun/mpiexec but mpi4py is missing ({e}); pip install -e .[mpi]") from e
+        raise UserError(f"started by mpirun/mpiexec but mpi4py is missing ({e}); pip install -e .[mpi]") from e
     comm = MPI.COMM_WORLD
     rank, world = comm.Get_rank(), comm.Get_size()
     local = comm.Split_type(MPI.COMM_TYPE_SHARED)
@@ -139,8 +139,8 @@ def init(timeout_s: float = 600.0, backend: str = "auto", device_type: str = "au
     if cuda and info.world > 1:
         n_gpu = torch.cuda.device_count()
         if info.local_world > n_gpu:
-            raise ConfigError(f"{info.local_world} ranks on this node but {n_gpu} GPUs visible; start one rank per GPU "
-                              f"(--ntasks-per-node={n_gpu}, --nproc-per-node={n_gpu})")
+            raise UserError(f"{info.local_world} ranks on this node but {n_gpu} GPUs visible; start one rank per GPU "
+                            f"(--ntasks-per-node={n_gpu}, --nproc-per-node={n_gpu})")
         torch.cuda.set_device(info.local_rank)
     info.backend = backend if backend != "auto" else ("nccl" if cuda else "gloo")
     if info.world > 1 and not dist.is_initialized():
@@ -163,7 +163,3 @@ def shutdown(info: DistInfo) -> None:
         dist.destroy_process_group()
         info.initialized = False
 
-
-def env_summary(info: DistInfo) -> Dict[str, object]:
-    return {"rank": info.rank, "local_rank": info.local_rank, "world": info.world, "local_world": info.local_world,
-            "launcher": info.launcher, "master": f"{info.master_addr}:{info.master_port}", "backend": info.backend}

@@ -21,7 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hpc_gan.config import ConfigError
+from hpc_gan.config import choices
+from hpc_gan.errors import UserError
 
 INCEPTION_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
 INCEPTION_SHA256_PREFIX = "6726825d"
@@ -194,11 +195,11 @@ def _inception_weights(path: Optional[str]) -> Path:
     if path:
         p = Path(path).expanduser()
         if not p.is_file():
-            raise ConfigError(f"Inception weights {p} do not exist; set eval.inception_path (or HPC_GAN_INCEPTION) "
-                              f"to pt_inception-2015-12-05-6726825d.pth from {INCEPTION_URL}")
+            raise UserError(f"Inception weights {p} do not exist; set eval.inception_path (or HPC_GAN_INCEPTION) "
+                            f"to pt_inception-2015-12-05-6726825d.pth from {INCEPTION_URL}")
         if not sha256_prefix_ok(p):
-            raise ConfigError(f"{p} does not have the SHA-256 prefix {INCEPTION_SHA256_PREFIX} of "
-                              f"pt_inception-2015-12-05; download it again from {INCEPTION_URL}")
+            raise UserError(f"{p} does not have the SHA-256 prefix {INCEPTION_SHA256_PREFIX} of "
+                            f"pt_inception-2015-12-05; download it again from {INCEPTION_URL}")
         return p
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hpc-gan" / Path(INCEPTION_URL).name
     if cache.is_file() and sha256_prefix_ok(cache):
@@ -208,11 +209,11 @@ def _inception_weights(path: Optional[str]) -> Path:
     try:
         urllib.request.urlretrieve(INCEPTION_URL, tmp)
     except OSError as e:
-        raise ConfigError(f"Inception weights are not here and cannot be downloaded ({e}); fetch {INCEPTION_URL} "
-                          f"on a machine with internet and set eval.inception_path or HPC_GAN_INCEPTION") from None
+        raise UserError(f"Inception weights are not here and cannot be downloaded ({e}); fetch {INCEPTION_URL} "
+                        f"on a machine with internet and set eval.inception_path or HPC_GAN_INCEPTION") from None
     if not sha256_prefix_ok(tmp):
         tmp.unlink()
-        raise ConfigError(f"the download of {INCEPTION_URL} failed its SHA-256 check; try again")
+        raise UserError(f"the download of {INCEPTION_URL} failed its SHA-256 check; try again")
     tmp.replace(cache)
     return cache
 
@@ -225,4 +226,4 @@ def build_backbone(name: str, inception_path: Optional[str] = None, device: torc
         net = InceptionV3FID()
         net.load_state_dict(torch.load(_inception_weights(inception_path), map_location="cpu"))
         return net.to(device).eval().requires_grad_(False)
-    raise ConfigError(f"eval.backbone={name!r} is not one of inception, tiny")
+    raise UserError(f"eval.backbone={name!r} is not one of {', '.join(choices('eval.backbone'))}")

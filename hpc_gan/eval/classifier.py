@@ -25,16 +25,17 @@ class SmallClassifier(nn.Module):
         return self.net(x)
 
 
-def train_classifier(images: torch.Tensor, labels: torch.Tensor, n_classes: int, epochs: int = 2,
-                     batch: int = 128, seed: int = 0) -> Tuple[nn.Module, float, float]:
-    """Train on uint8 NCHW images; returns (model in eval mode, held-out accuracy, seconds)."""
+def train_classifier(images: torch.Tensor, labels: torch.Tensor, n_classes: int, generator: torch.Generator,
+                     init_seed: int, epochs: int = 2, batch: int = 128) -> Tuple[nn.Module, float, float]:
+    """Train on uint8 NCHW images (held-out split and order from ``generator``, initial weights from
+    ``init_seed``); returns (model in eval mode, held-out accuracy, seconds)."""
     t0 = time.perf_counter()
-    g = torch.Generator().manual_seed(seed)
+    g = generator
     x = images.float() / 127.5 - 1.0
     n_val = max(len(x) // 10, 1)
     perm = torch.randperm(len(x), generator=g)
     val, tr = perm[:n_val], perm[n_val:]
-    torch.manual_seed(seed)
+    torch.manual_seed(init_seed)
     model = SmallClassifier(n_classes)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     model.train()

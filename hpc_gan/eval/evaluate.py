@@ -1,6 +1,7 @@
 """Distributed evaluation: features of G_ema samples and of the data set, sharded over ranks, and the metrics.
 
-Samples are drawn in chunks whose z and labels are seeded by the chunk index; rank r computes chunks r, r + W, ...
+Samples are drawn in chunks whose z and labels come from the run's evaluation stream of that chunk index
+(hpc_gan.plan.RandomStreams.eval_chunk); rank r computes chunks r, r + W, ...
 and the features are gathered back in chunk order, so the sample set (and every statistic) is the same whatever the
 world size. Reference statistics are computed once per (data set, split, resolution, resizer, backbone, n) and
 cached as .npz.
@@ -19,10 +20,11 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from hpc_gan.config import METRICS, comma_list
+from hpc_gan.data import InMemoryDataset
 from hpc_gan.eval import metrics as M
 from hpc_gan.eval.sampling import truncated_normal
-
-METRICS = ("fid", "is", "prd", "prdc")
+from hpc_gan.plan import RandomStreams
 
 
 def _world() -> tuple:
@@ -59,7 +61,7 @@ def _gather_chunks(local: List[torch.Tensor], n_chunks: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample_features(G: nn.Module, backbone: nn.Module, n: int, num_classes: int, z_dim: int, seed: int,
+def sample_features(G: nn.Module, backbone: nn.Module, n: int, num_classes: int, z_dim: int, streams: RandomStreams,
                     truncation: float = 0.0, batch: int = 100, device: torch.device = torch.device("cpu")
                     ) -> Dict[str, np.ndarray]:
     """Backbone features and class probabilities of n G samples (uniform labels), sharded over the ranks."""
@@ -68,7 +70,7 @@ def sample_features(G: nn.Module, backbone: nn.Module, n: int, num_classes: int,
     pools, probs = [], []
     for k in range(rank, n_chunks, world):
         m = min(batch, n - k * batch)
-        g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + k)
+        g = streams.eval_chunk(k, device)
         z = truncated_normal(m, z_dim, truncation, g, device)
         y = torch.randint(0, num_classes, (m,), generator=g, device=device)
         out = backbone(G(z, y).float().clamp(-1, 1))
@@ -87,7 +89,7 @@ def dataset_features(dataset: Any, backbone: nn.Module, n: int, batch: int = 100
     pools = []
     for k in range(rank, n_chunks, world):
         idx = range(k * batch, min(n, (k + 1) * batch))
-        if hasattr(dataset, "gather"):
+        if isinstance(dataset, InMemoryDataset):
             x, _ = dataset.gather(torch.as_tensor(list(idx)))
         else:
             x = torch.stack([dataset[i][0] for i in idx])
@@ -147,19 +149,19 @@ def compute_metrics(fake: Dict[str, np.ndarray], ref: Dict[str, np.ndarray], whi
 
 
 def evaluate_generator(G: nn.Module, backbone: nn.Module, ref: Dict[str, np.ndarray], which: Sequence[str], n: int,
-                       num_classes: int, z_dim: int, seed: int, truncation: float, device: torch.device,
-                       batch: int = 100) -> Dict[str, float]:
-    fake = sample_features(G, backbone, n, num_classes, z_dim, seed, truncation, batch, device)
+                       num_classes: int, z_dim: int, streams: RandomStreams, truncation: float,
+                       device: torch.device, batch: int = 100) -> Dict[str, float]:
+    fake = sample_features(G, backbone, n, num_classes, z_dim, streams, truncation, batch, device)
     return compute_metrics(fake, ref, which)
 
 
 def truncation_sweep(G: nn.Module, backbone: nn.Module, ref: Dict[str, np.ndarray], thresholds: Sequence[float],
-                     n: int, num_classes: int, z_dim: int, seed: int, device: torch.device,
+                     n: int, num_classes: int, z_dim: int, streams: RandomStreams, device: torch.device,
                      out_dir: Optional[Path] = None) -> List[Dict[str, float]]:
     """IS and FID per truncation threshold (BigGAN Fig. 17); JSON + PNG plot written by rank 0 to out_dir."""
     rows = []
     for t in thresholds:
-        r = evaluate_generator(G, backbone, ref, ("fid", "is"), n, num_classes, z_dim, seed, t, device)
+        r = evaluate_generator(G, backbone, ref, ("fid", "is"), n, num_classes, z_dim, streams, t, device)
         rows.append({"truncation": t, **r})
     if out_dir is not None and _world()[0] == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -175,7 +177,8 @@ class RunEvaluator:
 
     def __init__(self, cfg: Any, dataset: Any, device: torch.device, log: Callable[[str], None] = print) -> None:
         self.cfg, self.dataset, self.device, self.log = cfg, dataset, device, log
-        self.which = [m.strip() for m in cfg.eval.metrics.split(",") if m.strip()]
+        self.which = comma_list(cfg.eval.metrics)
+        self.streams = RandomStreams(cfg.train.seed)
         self.backbone: Optional[nn.Module] = None
         self.ref: Optional[Dict[str, np.ndarray]] = None
 
@@ -193,11 +196,11 @@ class RunEvaluator:
         e, c = self.cfg.eval, self.cfg
         t = e.truncation if truncation is None else truncation
         return evaluate_generator(G, self.backbone, self.ref, which or self.which, n or e.n, c.data.num_classes,
-                                  c.model.z_dim, c.train.seed + 4242, t, self.device, e.batch)
+                                  c.model.z_dim, self.streams, t, self.device, e.batch)
 
     def sweep(self, G: nn.Module, thresholds: Sequence[float], out_dir: Optional[Path], n: Optional[int] = None
               ) -> List[Dict[str, float]]:
         self._setup()
         c = self.cfg
         return truncation_sweep(G, self.backbone, self.ref, thresholds, n or c.eval.n, c.data.num_classes,
-                                c.model.z_dim, c.train.seed + 4242, self.device, out_dir)
+                                c.model.z_dim, self.streams, self.device, out_dir)

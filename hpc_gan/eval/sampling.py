@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Sequence, Union
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from hpc_gan.eval.png import write_png
+from PIL import Image
 
 
 def truncated_normal(n: int, dim: int, threshold: float, generator: torch.Generator,
@@ -50,13 +50,11 @@ def sheet_classes(n_classes: int, max_rows: int = 16) -> list:
 
 @torch.no_grad()
 def sample_sheet(G: nn.Module, path: Union[str, Path], classes: Sequence[int], per_class: int, z_dim: int,
-                 seed: int, truncation: float = 0.0, device: Optional[torch.device] = None,
-                 batch: int = 256) -> Path:
-    """A PNG with one row per class in ``classes`` and the same z in every row (seeded)."""
-    device = device or next(G.parameters()).device
-    g = torch.Generator(device=device).manual_seed(seed)
-    z = truncated_normal(per_class, z_dim, truncation, g, device).repeat(len(classes), 1)
+                 generator: torch.Generator, truncation: float = 0.0, batch: int = 256) -> Path:
+    """A PNG with one row per class in ``classes`` and the same z (from ``generator``) in every row."""
+    device = next(G.parameters()).device
+    z = truncated_normal(per_class, z_dim, truncation, generator, device).repeat(len(classes), 1)
     y = torch.tensor(classes, device=device).repeat_interleave(per_class)
     imgs = torch.cat([G(z[i:i + batch], y[i:i + batch]) for i in range(0, len(y), batch)])
-    write_png(path, grid(to_uint8(imgs), rows=len(classes)))
+    Image.fromarray(grid(to_uint8(imgs), rows=len(classes))).save(path)
     return Path(path)

@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-ADV_LOSSES = ("hinge", "nonsaturating", "least_squares", "wasserstein")
+from hpc_gan.config import choices
 
 
 def d_adv_loss(kind: str, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
@@ -20,7 +20,7 @@ def d_adv_loss(kind: str, real: torch.Tensor, fake: torch.Tensor) -> torch.Tenso
         return 0.5 * ((real - 1.0) ** 2).mean() + 0.5 * (fake ** 2).mean()
     if kind == "wasserstein":
         return fake.mean() - real.mean()
-    raise ValueError(f"adversarial loss {kind!r} is not one of {ADV_LOSSES}")
+    raise ValueError(f"adversarial loss {kind!r} is not one of {choices('loss.adv')}")
 
 
 def g_adv_loss(kind: str, fake: torch.Tensor) -> torch.Tensor:
@@ -31,7 +31,7 @@ def g_adv_loss(kind: str, fake: torch.Tensor) -> torch.Tensor:
         return F.softplus(-fake).mean()
     if kind == "least_squares":
         return 0.5 * ((fake - 1.0) ** 2).mean()
-    raise ValueError(f"adversarial loss {kind!r} is not one of {ADV_LOSSES}")
+    raise ValueError(f"adversarial loss {kind!r} is not one of {choices('loss.adv')}")
 
 
 def gradient_penalty(d_adv: Callable[[torch.Tensor], torch.Tensor], real: torch.Tensor, fake: torch.Tensor,

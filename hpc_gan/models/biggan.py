@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from hpc_gan.errors import UserError
 from hpc_gan.models.heads import ConditioningHead
 from hpc_gan.models.layers import (ConditionalBatchNorm2d, GOutput, SelfAttention, SNConv2d, SNLinear, make_bn,
                                    orthogonal_init, run_blocks)
@@ -64,8 +65,8 @@ class Generator(nn.Module):
         arch = G_ARCH[resolution]
         n_blocks = len(arch["in"])
         if z_dim % (n_blocks + 1):
-            raise ValueError(f"model.z_dim={z_dim} must split into {n_blocks + 1} equal chunks at {resolution} px "
-                             f"(e.g. {20 * (n_blocks + 1)})")
+            raise UserError(f"model.z_dim={z_dim} must split into {n_blocks + 1} equal chunks at {resolution} px "
+                            f"(e.g. {20 * (n_blocks + 1)})")
         self.resolution, self.n_classes, self.z_dim = resolution, n_classes, z_dim
         self.chunk = z_dim // (n_blocks + 1)
         which_conv = partial(SNConv2d, kernel_size=3, padding=1, sn_eps=sn_eps)
@@ -84,7 +85,7 @@ class Generator(nn.Module):
             if res == attn_res:
                 self.attn[str(i)] = SelfAttention(cout * ch, which_conv)
         if attn_res and not len(self.attn):
-            raise ValueError(f"model.g_attn_res={attn_res} is not a G block resolution at {resolution} px")
+            raise UserError(f"model.g_attn_res={attn_res} is not a G block resolution at {resolution} px")
         self.out = GOutput(arch["out"][-1] * ch, which_conv, which_bn)
         orthogonal_init(self)
 
@@ -92,11 +93,8 @@ class Generator(nn.Module):
         chunks = torch.split(z, self.chunk, dim=1)
         shared = self.shared(y)
         h = self.linear(chunks[0]).view(z.shape[0], self.first_ch, BOTTOM, BOTTOM)
-        for i, block in enumerate(self.blocks):  # block i gets chunk i + 1 (chunk 0 fed the linear layer)
-            h = block(h, torch.cat([shared, chunks[i + 1]], dim=1))
-            if str(i) in self.attn:
-                h = self.attn[str(i)](h)
-        return self.out(h)
+        conds = [torch.cat([shared, c], dim=1) for c in chunks[1:]]  # block i: chunk i + 1 (chunk 0 fed the linear)
+        return self.out(run_blocks(self.blocks, self.attn, h, conds))
 
 
 class DBlock(nn.Module):
@@ -141,7 +139,7 @@ class Discriminator(nn.Module):
             if res == attn_res and down:
                 self.attn[str(i)] = SelfAttention(cout * ch, which_conv)
         if attn_res and not len(self.attn):
-            raise ValueError(f"model.d_attn_res={attn_res} is not a D block resolution at {resolution} px")
+            raise UserError(f"model.d_attn_res={attn_res} is not a D block resolution at {resolution} px")
         feat = arch["out"][-1] * ch
         self.head = ConditioningHead(feat, n_classes, cond, embed_dim, partial(SNLinear, sn_eps=sn_eps), sn_eps)
         orthogonal_init(self)

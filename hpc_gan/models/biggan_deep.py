@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from hpc_gan.errors import UserError
 from hpc_gan.models.biggan import BOTTOM
 from hpc_gan.models.heads import ConditioningHead
 from hpc_gan.models.layers import (ConditionalBatchNorm2d, GOutput, SelfAttention, SNConv2d, SNLinear, make_bn,
@@ -73,14 +74,14 @@ class Generator(nn.Module):
             if res == attn_res:
                 self.attn[str(len(self.blocks) - 1)] = SelfAttention(cout * ch, which_conv)
         if attn_res and not len(self.attn):
-            raise ValueError(f"model.g_attn_res={attn_res} is not a G resolution at {resolution} px")
+            raise UserError(f"model.g_attn_res={attn_res} is not a G resolution at {resolution} px")
         self.out = GOutput(arch["out"][-1] * ch, which_conv, which_bn)
         orthogonal_init(self)
 
     def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         cond = torch.cat([z, self.shared(y)], dim=1)
         h = self.linear(cond).view(z.shape[0], self.first_ch, BOTTOM, BOTTOM)
-        return self.out(run_blocks(self.blocks, self.attn, h, cond))
+        return self.out(run_blocks(self.blocks, self.attn, h, [cond] * len(self.blocks)))
 
 
 class DeepDBlock(nn.Module):
@@ -126,7 +127,7 @@ class Discriminator(nn.Module):
             if res == attn_res:
                 self.attn[str(len(self.blocks) - 1)] = SelfAttention(cout * ch, which_conv)
         if attn_res and not len(self.attn):
-            raise ValueError(f"model.d_attn_res={attn_res} is not a D resolution at {resolution} px")
+            raise UserError(f"model.d_attn_res={attn_res} is not a D resolution at {resolution} px")
         feat = arch["out"][-1] * ch
         self.head = ConditioningHead(feat, n_classes, cond, embed_dim, partial(SNLinear, sn_eps=sn_eps), sn_eps)
         orthogonal_init(self)

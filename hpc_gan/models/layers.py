@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from kernels import sn_power_iteration
 
 
-def _no_autocast(device_type: str) -> contextlib.AbstractContextManager:
+def no_autocast(device_type: str) -> contextlib.AbstractContextManager:
     # autocast exists for cpu/cuda only; the meta device (FLOP counting) needs none
     return torch.autocast(device_type, enabled=False) if device_type in ("cpu", "cuda") else contextlib.nullcontext()
 
@@ -29,7 +29,7 @@ class SpectralNormMixin:
     and hand each layer its sigma before the forward, in which case the layer uses that."""
 
     weight: torch.Tensor
-    _sn_sigma_fused: Optional[torch.Tensor] = None
+    fused_sigma: Optional[torch.Tensor] = None
 
     def _init_sn(self, n_power_iterations: int, eps: float) -> None:
         out = self.weight.shape[0]
@@ -58,9 +58,9 @@ class SpectralNormMixin:
 
     def sn_weight(self) -> torch.Tensor:
         # fp32 even under autocast: u, v and sigma lose too much in bf16 (the layer's conv may still run in bf16)
-        sigma, self._sn_sigma_fused = self._sn_sigma_fused, None
+        sigma, self.fused_sigma = self.fused_sigma, None
         if sigma is None:
-            with _no_autocast(self.weight.device.type):
+            with no_autocast(self.weight.device.type):
                 if self.training:
                     sigma = self._sn_update(self.sn_iters)
                 else:  # no iteration in eval mode; u, v cloned so a later update cannot alter a saved graph
@@ -154,10 +154,12 @@ class GOutput(nn.Module):
         return torch.tanh(self.conv(F.relu(self.bn(h))))
 
 
-def run_blocks(blocks: nn.ModuleList, attn: nn.ModuleDict, h: torch.Tensor, *cond: torch.Tensor) -> torch.Tensor:
-    """Residual blocks in order, with self-attention after the block whose index keys ``attn``."""
+def run_blocks(blocks: nn.ModuleList, attn: nn.ModuleDict, h: torch.Tensor,
+               conds: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
+    """Residual blocks in order, with self-attention after the block whose index keys ``attn``; block i gets
+    ``conds[i]`` as its condition when conditions are given (G), none otherwise (D)."""
     for i, block in enumerate(blocks):
-        h = block(h, *cond)
+        h = block(h) if conds is None else block(h, conds[i])
         if str(i) in attn:
             h = attn[str(i)](h)
     return h

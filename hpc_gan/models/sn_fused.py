@@ -12,9 +12,8 @@ from typing import Dict, Optional
 import torch
 import torch.nn as nn
 
-from kernels import sn_power_iteration
-from kernels._triton import use_triton
-from hpc_gan.models.layers import _no_autocast, spectral_norm_layers
+from hpc_gan.models.layers import no_autocast, spectral_norm_layers
+from kernels import sn_power_iteration, use_triton
 
 
 class FusedSpectralNorm:
@@ -33,7 +32,7 @@ class FusedSpectralNorm:
         if not module.training:
             return
         weights = [m.sn_matrix() for m in self.layers]
-        with _no_autocast(weights[0].device.type):
+        with no_autocast(weights[0].device.type):
             sigmas, us, vs = sn_power_iteration(weights, [m.sn_u for m in self.layers], self.n_iters, self.eps,
                                                 backend=self.backend)
         with torch.no_grad():
@@ -41,12 +40,12 @@ class FusedSpectralNorm:
             torch._foreach_copy_([m.sn_v for m in self.layers], vs)
             torch._foreach_copy_([m.sn_sigma for m in self.layers], list(sigmas.detach().unbind(0)))
         for m, s in zip(self.layers, sigmas.unbind(0)):
-            m._sn_sigma_fused = s
+            m.fused_sigma = s
 
     def remove(self) -> None:
         self.handle.remove()
         for m in self.layers:
-            m._sn_sigma_fused = None
+            m.fused_sigma = None
 
 
 def attach_fused_sn(model: nn.Module, backend: str) -> Optional[FusedSpectralNorm]:

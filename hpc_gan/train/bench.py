@@ -41,7 +41,7 @@ def device_peak_tflops(device: torch.device, precision: str) -> Optional[float]:
 def _allreduce_ms(trainer: Trainer, reps: int = 5) -> Optional[float]:
     if trainer.world == 1:
         return None
-    n = sum(p.numel() for net in (trainer.G, trainer.D) for p in net.parameters())
+    n = sum(p.numel() for net in (trainer.g.module, trainer.d.module) for p in net.parameters())
     buf = torch.zeros(n, device=trainer.device)
     dist.all_reduce(buf)
     if buf.is_cuda:
@@ -87,7 +87,7 @@ def bench_train(cfg: Config, steps: int = 10, warmup: int = 2, info: Optional[Di
         "config": cfg.run.dir, "arch": cfg.model.arch, "resolution": cfg.model.resolution,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "world": info.world, "nodes": max(1, info.world // max(1, info.local_world)), "strategy": cfg.dist.strategy,
-        "precision": t.precision, "batch_size": t.batch_size, "micro_batch": trainer.micro, "accum": trainer.accum,
+        "precision": t.precision, "batch_size": t.batch_size, "micro_batch": trainer.plan.micro, "accum": trainer.plan.accum,
         "n_dis": t.n_dis, "steps": steps, "warmup": warmup, "sec_per_step": wall / steps,
         "phase_ms_per_step": {p: phases.get(p, 0.0) / steps for p in PHASES},
         "other_ms_per_step": max(0.0, wall / steps * 1e3 - sum(phases.values()) / steps),
@@ -119,15 +119,6 @@ def scaling_table(paths: Sequence[str], out_png: Optional[str] = None) -> List[D
              "samples_per_s_per_device": r["samples_per_s_per_device"],
              "efficiency": r["samples_per_s_per_device"] / base} for r in runs]
     if out_png:
-        from hpc_gan.eval.plots import _plt
-        plt = _plt()
-        fig, ax = plt.subplots(figsize=(4, 3))
-        ax.plot([r["world"] for r in rows], [r["efficiency"] for r in rows], marker="o")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("devices")
-        ax.set_ylabel("scaling efficiency")
-        ax.set_ylim(0, 1.1)
-        fig.tight_layout()
-        fig.savefig(out_png, dpi=100)
-        plt.close(fig)
+        from hpc_gan.eval.plots import plot_scaling
+        plot_scaling(rows, Path(out_png))
     return rows

@@ -10,6 +10,8 @@ from typing import Any, Dict, List, Optional, Union
 
 import torch
 
+from hpc_gan.errors import UserError
+
 STATE_FILE = "state.pt"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -83,8 +85,8 @@ def resolve(path: Union[str, Path]) -> Path:
         found = latest(root)
         if found is not None:
             return found
-    raise FileNotFoundError(f"no complete checkpoint at {path}; expected a run dir, its checkpoints/ or a "
-                            f"checkpoints/step-NNNNNNNN directory")
+    raise UserError(f"no complete checkpoint at {path}; expected a run dir, its checkpoints/ or a "
+                    f"checkpoints/step-NNNNNNNN directory")
 
 
 def load_consolidated(path: Union[str, Path], map_location: Union[str, torch.device] = "cpu") -> Dict[str, Any]:

@@ -7,6 +7,8 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn as nn
 
+from hpc_gan.plan import RandomStreams
+
 
 class EMA:
     """G_ema = decay * G_ema + (1 - decay) * G from ``start`` on; before it G_ema copies G. Buffers (BN running
@@ -53,24 +55,22 @@ def standing_stats(model: nn.Module, n_passes: int, sample_inputs: Callable[[int
     model.train(was_training)
 
 
-def standing_stats_from_noise(model: nn.Module, n_passes: int, n_classes: int, z_dim: int, seed: int,
-                              batch: int = 64) -> None:
-    """Standing statistics of a generator from ``n_passes`` batches of N(0, I) z and uniform labels (seeded)."""
+def standing_stats_from_noise(model: nn.Module, n_passes: int, n_classes: int, z_dim: int,
+                              generator: torch.Generator, batch: int = 64) -> None:
+    """Standing statistics of a generator from ``n_passes`` batches of N(0, I) z and uniform labels drawn from
+    ``generator`` (on the model's device)."""
     device = next(model.parameters()).device
-    g = torch.Generator(device=device).manual_seed(seed)
 
     def inputs(_: int) -> tuple:
-        return (torch.randn(batch, z_dim, generator=g, device=device),
-                torch.randint(0, n_classes, (batch,), generator=g, device=device))
+        return (torch.randn(batch, z_dim, generator=generator, device=device),
+                torch.randint(0, n_classes, (batch,), generator=generator, device=device))
 
     standing_stats(model, n_passes, inputs)
 
 
-SAMPLING_SEED_OFFSET = 99991  # standing statistics of a run's sampler: the same draws in training, eval and CLI
-
-
 def sampling_standing_stats(G: nn.Module, cfg: Any, n_passes: Optional[int] = None) -> None:
     """Standing statistics of a run's G_ema as every sampler of that run computes them (``train.standing_stats``
-    passes unless ``n_passes``; seeded by the run's seed, so all ranks and all tools agree)."""
+    passes unless ``n_passes``; the run's standing-statistics stream, so training, eval and the CLI agree)."""
     n = cfg.train.standing_stats if n_passes is None else n_passes
-    standing_stats_from_noise(G, n, cfg.data.num_classes, cfg.model.z_dim, cfg.train.seed + SAMPLING_SEED_OFFSET)
+    gen = RandomStreams(cfg.train.seed).standing_stats(next(G.parameters()).device)
+    standing_stats_from_noise(G, n, cfg.data.num_classes, cfg.model.z_dim, gen)

@@ -12,8 +12,8 @@ from typing import Callable, Dict, Optional
 import torch
 import torch.distributed as dist
 
-from hpc_gan.config import ConfigError
 from hpc_gan.dist import DistInfo
+from hpc_gan.errors import UserError
 
 
 def slurm_job_key(env: Optional[Dict[str, str]] = None) -> Optional[str]:
@@ -29,7 +29,7 @@ class Preemption:
         names = [s.strip().upper().removeprefix("SIG") for s in signals.split(",") if s.strip()]
         for name in names:
             if not hasattr(signal, f"SIG{name}"):
-                raise ConfigError(f"run.preempt_signals: unknown signal {name!r}; use e.g. USR1 or USR1,TERM")
+                raise UserError(f"run.preempt_signals: unknown signal {name!r}; use e.g. USR1 or USR1,TERM")
             sig = getattr(signal, f"SIG{name}")
             self._old[sig] = signal.signal(sig, self._handler)
         self.group = None

@@ -10,6 +10,12 @@ import os
 import torch
 
 BACKENDS = ("auto", "torch", "triton")
+D2D_MODES = ("paper", "studiogan")  # kernels.d2d_ce: Eq. 6, or PyTorch-StudioGAN's shifted variant
+
+
+class BackendUnavailable(RuntimeError):
+    """backend="triton" was asked for where Triton cannot run (not installed, CPU without the interpreter, a dtype
+    the interpreter lacks); the message names the fix."""
 
 
 def interpreting() -> bool:
@@ -31,14 +37,14 @@ def use_triton(backend: str, *tensors: torch.Tensor, op: str) -> bool:
     if backend == "auto":
         return on_cuda and available()
     if not available():
-        raise RuntimeError(f"{op}: backend='triton' needs triton; `pip install triton` or use backend='torch'")
+        raise BackendUnavailable(f"{op}: backend='triton' needs triton; `pip install triton` or use backend='torch'")
     if not on_cuda and not interpreting():
-        raise RuntimeError(f"{op}: backend='triton' on {tensors[0].device} tensors needs TRITON_INTERPRET=1 set "
+        raise BackendUnavailable(f"{op}: backend='triton' on {tensors[0].device} tensors needs TRITON_INTERPRET=1 set "
                            f"before triton is imported (CPU interpreter), or CUDA tensors, or backend='torch'")
     if not on_cuda:
         bad = [t.dtype for t in tensors if t.is_floating_point() and t.dtype != torch.float32]
         if bad:
-            raise RuntimeError(f"{op}: the Triton CPU interpreter runs fp32 only, got {bad[0]}; cast to float32 or "
+            raise BackendUnavailable(f"{op}: the Triton CPU interpreter runs fp32 only, got {bad[0]}; cast to float32 or "
                                f"use backend='torch'")
     return True
 

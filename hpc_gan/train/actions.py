@@ -1,0 +1,246 @@
+"""What happens between training steps, as periodic actions (torchtitan's style): each component decides its own
+interval, ``due(step, final)``, and does its work, ``run(step, final)``; the run loop calls them in order and times
+each as its own phase. ``at_start`` runs once before the first step and ``at_end`` once after the last.
+
+Every rank calls every action's ``due`` at every step, in the same order, so an action may take part in a
+collective there (the checkpointer agrees on the preemption flag) or in ``run`` (evaluation is sharded)."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from hpc_gan.config import Config
+from hpc_gan.dist import DistInfo
+from hpc_gan.errors import UserError
+from hpc_gan.eval.sampling import sample_sheet, sheet_classes
+from hpc_gan.train import checkpoint
+from hpc_gan.train.preempt import Preemption
+from hpc_gan.train.timing import PhaseTimer
+from hpc_gan.train.trainer import Trainer
+
+
+def fmt_time(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+class Sampler:
+    """G_ema with standing statistics, built at most once per step for the actions that sample from it."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+        self._model: Optional[nn.Module] = None
+        self._step = -1
+
+    def get(self) -> nn.Module:
+        if self._step != self.trainer.step:
+            self._model, self._step = self.trainer.sampling_generator(), self.trainer.step
+        return self._model
+
+    def clear(self) -> None:
+        self._model, self._step = None, -1
+
+
+@dataclass
+class RunContext:
+    """What the actions of one run share."""
+    cfg: Config
+    trainer: Trainer
+    info: DistInfo
+    run_dir: Path
+    writer: Any                                  # train.metrics.MetricsWriter (rank 0) or NullWriter
+    log: Callable[[str], None]
+    timer: PhaseTimer                            # the loop's wall-clock phases ("train", and one per action)
+    sampler: Sampler
+    summary: Dict[str, Any] = field(default_factory=dict)
+
+    def barrier(self) -> None:
+        if self.info.world > 1:
+            dist.barrier()
+
+
+class Action:
+    name = "action"
+
+    def at_start(self, step: int) -> None:
+        pass
+
+    def due(self, step: int, final: bool) -> bool:
+        raise NotImplementedError
+
+    def run(self, step: int, final: bool) -> None:
+        raise NotImplementedError
+
+    def at_end(self) -> None:
+        pass
+
+
+class Logger(Action):
+    """Means of the step's losses since the last log, throughput and ETA, to metrics.jsonl and one printed line;
+    a non-finite value stops the run. Decides where the diagnostics run: the step before each log."""
+    name = "log"
+
+    def __init__(self, ctx: RunContext) -> None:
+        self.ctx, self.every = ctx, ctx.cfg.train.log_every
+        self.last_wall, self.last_step, self.last_train_ms = time.perf_counter(), ctx.trainer.step, 0.0
+
+    def diagnostics_due(self, next_step: int) -> bool:
+        return self.ctx.cfg.train.diagnostics and next_step % self.every == 0
+
+    def due(self, step: int, final: bool) -> bool:
+        return step % self.every == 0 or final
+
+    def run(self, step: int, final: bool) -> None:
+        ctx, t = self.ctx, self.ctx.cfg.train
+        values = ctx.trainer.pop_metrics()
+        # img/s counts training-step time only; the ETA uses wall time, sheets and checkpoints included
+        now, train_ms = time.perf_counter(), ctx.timer.totals_ms().get("train", 0.0)
+        n, train_s = step - self.last_step, (train_ms - self.last_train_ms) / 1e3
+        rate = n / max(now - self.last_wall, 1e-9)
+        values.update(samples_per_s=n * t.batch_size / max(train_s, 1e-9), sec_per_step=train_s / n)
+        self.last_wall, self.last_step, self.last_train_ms = now, step, train_ms
+        ctx.writer.write(step, values)
+        losses = " ".join(f"{k} {values[k]:.3f}" for k in ("d_loss", "g_loss", "d_cond", "g_cond") if k in values)
+        ctx.log(f"step {step}/{t.steps} | {losses} | {values['samples_per_s']:.1f} img/s | "
+                f"eta {fmt_time((t.steps - step) / max(rate, 1e-9))}")
+        bad = [k for k, v in values.items() if not math.isfinite(v)]
+        if bad:
+            raise UserError(f"non-finite {', '.join(bad)} at step {step}; the newest checkpoint is intact: lower "
+                            f"the learning rates or check the data")
+
+
+class SampleSheets(Action):
+    """G_ema sheets (one row per class, the run's fixed z) in RUN/samples/ (rank 0)."""
+    name = "sample"
+
+    def __init__(self, ctx: RunContext) -> None:
+        self.ctx, self.every = ctx, ctx.cfg.train.sample_every
+
+    def due(self, step: int, final: bool) -> bool:
+        return step % self.every == 0 or final
+
+    def run(self, step: int, final: bool) -> None:
+        ctx, cfg = self.ctx, self.ctx.cfg
+        G = ctx.sampler.get()
+        sample_sheet(G, ctx.run_dir / "samples" / f"step-{step:08d}.png", sheet_classes(cfg.data.num_classes), 8,
+                     cfg.model.z_dim, ctx.trainer.plan.rng.sheet(ctx.trainer.device), cfg.train.truncation)
+
+
+class DemoClassifier(Action):
+    """Trains a small classifier on the run's (in-memory) data set, then reports the fraction of G_ema's samples
+    that it assigns to the class they were drawn for: at step 0, at every sheet and at the end (rank 0)."""
+    name = "classifier"
+
+    def __init__(self, ctx: RunContext) -> None:
+        from hpc_gan.data import InMemoryDataset
+        from hpc_gan.eval.classifier import train_classifier
+        ds, rng = ctx.trainer.dataset, ctx.trainer.plan.rng
+        if not isinstance(ds, InMemoryDataset):
+            raise UserError("train.demo_classifier needs an in-memory data set (data.name=synthetic or npz)")
+        self.ctx, self.every = ctx, ctx.cfg.train.sample_every
+        self.model, acc, secs = train_classifier(ds.images, ds.labels, ctx.cfg.data.num_classes,
+                                                 rng.demo_classifier(), rng.demo_classifier_init())
+        ctx.log(f"demo classifier: {acc:.3f} accuracy on held-out real images (trained in {secs:.0f} s)")
+
+    def score(self, step: int) -> float:
+        from hpc_gan.eval.classifier import sample_accuracy
+        ctx, cfg = self.ctx, self.ctx.cfg
+        G, dev = ctx.sampler.get(), ctx.trainer.device
+        g = ctx.trainer.plan.rng.demo_samples(dev)
+
+        def sample(y: torch.Tensor) -> torch.Tensor:
+            return G(torch.randn(len(y), cfg.model.z_dim, generator=g, device=dev), y.to(dev))
+
+        acc = sample_accuracy(self.model, sample, cfg.data.num_classes, per_class=50)
+        ctx.writer.write(step, {"sample_class_accuracy": acc})
+        ctx.log(f"step {step}: class accuracy of samples {acc:.3f} (chance {1 / cfg.data.num_classes:.3f})")
+        ctx.summary["sample_class_accuracy"] = acc
+        return acc
+
+    def at_start(self, step: int) -> None:
+        if step == 0:
+            self.score(0)
+
+    def due(self, step: int, final: bool) -> bool:
+        return step % self.every == 0 or final
+
+    def run(self, step: int, final: bool) -> None:
+        self.score(step)
+
+    def at_end(self) -> None:
+        if self.ctx.trainer.step == self.ctx.summary["start_step"]:  # nothing was trained: score what is there
+            self.score(self.ctx.trainer.step)
+
+
+class Evaluation(Action):
+    """FID / IS / precision-recall of G_ema every ``eval.every`` steps (every rank: sampling is sharded)."""
+    name = "eval"
+
+    def __init__(self, ctx: RunContext) -> None:
+        from hpc_gan.eval.evaluate import RunEvaluator
+        self.ctx, self.every = ctx, ctx.cfg.eval.every
+        self.evaluator = RunEvaluator(ctx.cfg, ctx.trainer.dataset, ctx.trainer.device, ctx.log)
+
+    def due(self, step: int, final: bool) -> bool:
+        return step % self.every == 0 or final
+
+    def run(self, step: int, final: bool) -> None:
+        result = self.evaluator(self.ctx.sampler.get())
+        self.ctx.writer.write(step, result)
+        self.ctx.log(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in result.items()))
+        self.ctx.summary.update(result)
+
+
+class Checkpointer(Action):
+    """Checkpoints every ``train.checkpoint_every`` steps, at the last step and when preempted (then requeues the
+    Slurm job and asks the loop to stop); retention keeps the newest ``train.keep_checkpoints``. Replicas are
+    checked before every save and every ``dist.check_every`` steps."""
+    name = "checkpoint"
+
+    def __init__(self, ctx: RunContext, preemption: Preemption) -> None:
+        self.ctx, self.preemption = ctx, preemption
+        self.every, self.check_every = ctx.cfg.train.checkpoint_every, ctx.cfg.dist.check_every
+        self.preempted = self.saving = False
+
+    def due(self, step: int, final: bool) -> bool:
+        self.preempted = not final and self.preemption.requested()  # collective: every rank asks at every step
+        self.saving = step % self.every == 0 or final or self.preempted
+        return self.saving or bool(self.check_every and step % self.check_every == 0)
+
+    def run(self, step: int, final: bool) -> None:
+        ctx = self.ctx
+        if self.preempted:
+            ctx.log(f"preemption signal: saving a checkpoint at step {step}")
+        ctx.trainer.check_replicas()  # collective, like state_dict under ZeRO: every rank takes part
+        if not self.saving:
+            return
+        state = ctx.trainer.state_dict()
+        if ctx.info.is_main:
+            root = ctx.run_dir / "checkpoints"
+            checkpoint.save(root, step, state)
+            checkpoint.prune(root, ctx.cfg.train.keep_checkpoints)
+        ctx.barrier()
+        if self.preempted:
+            self.preemption.requeue(ctx.log)
+            ctx.summary["preempted"] = True
+
+
+def build_actions(ctx: RunContext, preemption: Preemption) -> List[Action]:
+    """The run's actions, in the order they run after each step."""
+    cfg, main = ctx.cfg, ctx.info.is_main
+    actions: List[Action] = [Logger(ctx)]
+    if main:
+        actions.append(SampleSheets(ctx))
+        if cfg.train.demo_classifier:
+            actions.append(DemoClassifier(ctx))
+    if cfg.eval.every:
+        actions.append(Evaluation(ctx))
+    actions.append(Checkpointer(ctx, preemption))
+    return actions
