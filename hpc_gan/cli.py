@@ -1,4 +1,4 @@
-"""The ``hpc-gan`` command: train | sample | eval | plot | info | prepare-data | bench | sweep.
+"""The ``hpc-gan`` command: train | sample | eval | plot | info | prepare-data | bench | sweep | doctor.
 
 Bad input (a :class:`hpc_gan.errors.UserError`) ends in one line on stderr that names the problem and the fix
 (exit 2); set HPC_GAN_TRACEBACK=1 to see the traceback instead. Anything else is a bug and shows its traceback."""
@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from hpc_gan.config import METRICS, choices, dump, load
+from hpc_gan.dist import launch
 from hpc_gan.errors import UserError
 
 
@@ -67,7 +68,6 @@ def _info(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from hpc_gan.config import apply_overrides, from_dict
     from hpc_gan.data import build_dataset
-    from hpc_gan.dist import launch
     from hpc_gan.eval.evaluate import RunEvaluator
     from hpc_gan.models import build_generator
     from hpc_gan.train.checkpoint import load_consolidated, resolve, step_dir
@@ -84,9 +84,8 @@ def _eval(args: argparse.Namespace) -> int:
                                                ("inception_path", args.inception_path),
                                                ("truncation", args.truncation)) if v is not None]
     cfg = from_dict(apply_overrides(state["config"], overrides), f"{ckpt}/config")
-    info = launch.init(cfg.dist.timeout_s, cfg.dist.backend)
-    try:
-        device = resolve_device(cfg.run.device, info.local_rank)
+    with launch.session(cfg.dist.timeout_s, cfg.dist.backend) as info:
+        device = resolve_device(cfg.run.device, info)
         G = build_generator(cfg.model, cfg.data.num_classes).to(device)
         G.load_state_dict(state["G_ema"])
         G.eval()
@@ -104,9 +103,18 @@ def _eval(args: argparse.Namespace) -> int:
             path.write_text(json.dumps(result, indent=1))
             print(json.dumps(result, indent=1))
             print(f"wrote {path}" + (f" and {out_dir / 'truncation-sweep.png'}" if args.sweep else ""))
-    finally:
-        launch.shutdown(info)
     return 0
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from hpc_gan.doctor import print_checks, run_checks
+    cfg = load(args.config, args.overrides) if args.config else None
+    checks = run_checks(cfg, compile_kernels=not args.skip_compile)
+    if args.json:
+        print(json.dumps([c.__dict__ for c in checks], indent=1))
+    else:
+        print_checks(checks)
+    return 1 if any(c.status == "fail" for c in checks) else 0
 
 
 def _plot(args: argparse.Namespace) -> int:
@@ -151,17 +159,13 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _bench_train(args: argparse.Namespace) -> int:
-    from hpc_gan.dist import launch
     from hpc_gan.train.bench import bench_train, print_bench
     if not args.config:
         raise UserError("hpc-gan bench: --config is required, e.g. --config configs/cifar10_reacgan.yaml")
     cfg = load(args.config, args.overrides)
-    info = launch.init(cfg.dist.timeout_s, cfg.dist.backend, "cpu" if cfg.run.device == "cpu" else "auto")
-    try:
+    with launch.session(cfg.dist.timeout_s, cfg.dist.backend, "cpu" if cfg.run.device == "cpu" else "auto") as info:
         result = bench_train(cfg, args.steps, args.warmup, info, args.peak_tflops)
         result["config"] = args.config
-    finally:
-        launch.shutdown(info)
     if info.is_main:
         print_bench(result)
         if args.out:
@@ -254,6 +258,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--inception-path", default=None, help="pt_inception-2015-12-05-6726825d.pth")
     e.set_defaults(fn=_eval)
 
+    dr = sub.add_parser("doctor", help="preflight of this node and a config: GPUs, NCCL, kernels, DALI, DeepSpeed, "
+                                       "MPI, data, disk, Slurm placement, rendezvous port")
+    dr.add_argument("--config", default=None, help="also check this config's data, disk and placement")
+    dr.add_argument("overrides", nargs="*")
+    dr.add_argument("--skip-compile", action="store_true", help="do not compile the Triton kernels (~20 s)")
+    dr.add_argument("--json", action="store_true", help="the checks as JSON")
+    dr.set_defaults(fn=_doctor)
+
     pl = sub.add_parser("plot", help="PNG of a run's training curves (losses, FID, IS over steps)")
     pl.add_argument("--run", required=True)
     pl.add_argument("--out", default=None, help="default: RUN/curves.png")
@@ -306,8 +318,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     except UserError as e:
         if os.environ.get("HPC_GAN_TRACEBACK"):
             raise
-        print(f"hpc-gan {args.command}: error: {e}", file=sys.stderr)
+        if not getattr(e, launch.REPORTED, False):  # a distributed run printed it already, with its rank
+            print(f"hpc-gan {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if getattr(e, launch.REPORTED, False):  # its traceback is printed (first, before the peers' errors)
+            return 1
+        raise
     except KeyboardInterrupt:
         print(f"hpc-gan {args.command}: interrupted; completed checkpoints are kept", file=sys.stderr)
         return 130

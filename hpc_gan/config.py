@@ -30,6 +30,7 @@ Precision = Literal["fp32", "bf16", "fp16"]
 Strategy = Literal["ddp", "zero1", "zero2"]
 DistBackend = Literal["auto", "nccl", "gloo"]
 Backbone = Literal["inception", "tiny"]
+NonFinite = Literal["stop", "skip"]
 DIFFAUG_POLICIES = ("color", "translation", "cutout")   # loss.diffaug: a comma list of these
 METRICS = ("fid", "is", "prd", "prdc")                  # eval.metrics: a comma list of these
 
@@ -131,6 +132,8 @@ class TrainConfig:
     keep_checkpoints: int = 3              # newest complete checkpoints kept (0: keep all)
     diagnostics: bool = True               # ReACGAN Fig. 2 norms at logging steps
     demo_classifier: bool = False          # report class accuracy of samples under a classifier of the data set
+    nonfinite: NonFinite = "stop"          # a step with a non-finite loss or gradient: stop the run, or skip its update
+    nonfinite_max: int = 10                # skip: stop after this many consecutive steps with a skipped update
 
 
 @dataclass
@@ -138,7 +141,9 @@ class DistConfig:
     strategy: Strategy = "ddp"             # zero1 / zero2: DeepSpeed engines for G and D
     sync_bn: bool = True                   # G's BatchNorm statistics over the global batch (cross-replica BN)
     bn_group_size: int = 0                 # BN over groups of this many ranks (0: all ranks)
-    timeout_s: float = 600.0               # process-group timeout: a dead rank fails the job within this
+    timeout_s: float = 600.0               # process-group timeout at start-up and around checkpoints / evaluation
+    step_timeout_s: float = 120.0          # ... and during training steps, once the first step is done (0: keep timeout_s)
+    hang_dump_factor: float = 10.0         # dump every rank's Python stacks when a step takes this x the median (0: off)
     backend: DistBackend = "auto"          # auto: nccl on GPUs, gloo on CPUs
     check_every: int = 0                   # also check that replicas agree every k steps (0: at checkpoints only)
 
@@ -192,12 +197,13 @@ def comma_list(value: str) -> List[str]:
 
 POSITIVE = ("model.g_ch", "model.d_ch", "model.z_dim", "model.shared_dim", "model.embed_dim", "data.num_classes",
             "loss.temperature", "train.steps", "train.batch_size", "train.n_dis", "train.g_lr", "train.d_lr",
-            "train.log_every", "train.sample_every", "train.checkpoint_every", "dist.timeout_s", "data.dali_threads",
-            "eval.n", "eval.ref_n", "eval.batch")
+            "train.log_every", "train.sample_every", "train.checkpoint_every", "train.nonfinite_max", "dist.timeout_s",
+            "data.dali_threads", "eval.n", "eval.ref_n", "eval.batch")
 NON_NEGATIVE = ("train.micro_batch", "train.ema_start", "train.standing_stats", "train.truncation",
                 "train.keep_checkpoints", "loss.gp_lambda", "loss.ortho_beta", "loss.cr_lambda",
                 "loss.cond_lambda_d", "loss.cond_lambda_g", "data.num_workers", "model.g_attn_res", "model.d_attn_res",
-                "dist.bn_group_size", "dist.check_every", "eval.every", "eval.truncation")
+                "dist.bn_group_size", "dist.check_every", "dist.step_timeout_s", "dist.hang_dump_factor", "eval.every",
+                "eval.truncation")
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:
@@ -274,6 +280,9 @@ def validate(cfg: Config) -> None:
                         f"ZeRO engines do not allow; use dist.strategy=ddp or another loss.adv")
     if cfg.dist.strategy != "ddp" and t.precision == "fp16":
         raise UserError(f"dist.strategy={cfg.dist.strategy} runs fp32 or bf16; use train.precision=bf16")
+    if cfg.dist.strategy != "ddp" and t.nonfinite == "skip":
+        raise UserError(f"train.nonfinite=skip needs the gradients that dist.strategy={cfg.dist.strategy} partitions "
+                        f"over ranks; use train.nonfinite=stop or dist.strategy=ddp")
     if CONDITIONING[cfg.loss.cond].head == "embedding" and t.batch_size < 2:
         raise UserError(f"train.batch_size: loss.cond={cfg.loss.cond} needs at least 2 samples per batch for "
                         f"negatives")

@@ -7,19 +7,22 @@ if [ ! -x "$HPC_GAN" ]; then
 fi
 cd "$ROOT"
 
-# Rendezvous: the first node of the job, by name where it resolves, else by Slurm's NodeAddr; one port per job.
-first=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-if getent hosts "$first" >/dev/null 2>&1; then
-  MASTER_ADDR=${MASTER_ADDR:-$first}
-else
-  MASTER_ADDR=${MASTER_ADDR:-$(scontrol show node "$first" | sed -n 's/.*NodeAddr=\([^ ]*\).*/\1/p')}
-fi
-export MASTER_ADDR
-export MASTER_PORT=${MASTER_PORT:-$((15000 + SLURM_JOB_ID % 20000))}
+# Rendezvous: left to hpc_gan.dist.launch, which takes the first node of the *step's* node list (srun may run on
+# a subset of the job's nodes), resolves it through Slurm's NodeAddr where its name does not resolve, and derives
+# a port from the job id below the ephemeral range. Set MASTER_ADDR / MASTER_PORT in the submitting shell to force.
+
+# srun of Slurm 22.05-23.02 does not inherit --cpus-per-task from sbatch: without this every rank gets one core.
+[ -n "${SLURM_CPUS_PER_TASK:-}" ] && export SRUN_CPUS_PER_TASK=${SRUN_CPUS_PER_TASK:-$SLURM_CPUS_PER_TASK}
+# Each rank pinned to its cores; GPUs not narrowed (a rank sees its node's GPUs and takes its local rank's, or, with
+# --gpus-per-task=1, the one it is given); --label prefixes every line of the job log with its rank.
+SRUN_FLAGS=${SRUN_FLAGS:---kill-on-bad-exit=1 --label --cpu-bind=cores --gpu-bind=none}
 
 # NCCL settings people need on real clusters; safe defaults, each overridable from the submitting shell.
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}                                   # INFO to debug hangs / topology
-export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}  # a failed collective aborts the job
+export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-3}  # a failed or timed-out collective
+                                                                        # tears the process group down; the job ends
+export TORCH_NCCL_TRACE_BUFFER_SIZE=${TORCH_NCCL_TRACE_BUFFER_SIZE:-2000}  # the flight recorder: last collectives
+export TORCH_NCCL_DUMP_ON_TIMEOUT=${TORCH_NCCL_DUMP_ON_TIMEOUT:-1}         # ... written per rank on a timeout
 [ -n "${NCCL_SOCKET_IFNAME:-}" ] && export NCCL_SOCKET_IFNAME              # e.g. ib0, or ^lo,docker0
 [ -n "${NCCL_IB_HCA:-}" ] && export NCCL_IB_HCA                            # e.g. mlx5_0,mlx5_1
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
@@ -28,13 +31,16 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
 if [ -n "${SLURM_ARRAY_JOB_ID:-}" ]; then JOB_KEY=${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}; else JOB_KEY=$SLURM_JOB_ID; fi
 
 write_job_settings() {  # the resolved settings of this (re)start, appended to RUN_DIR/slurm-job.env
-  mkdir -p "$1"
+  mkdir -p "$1/logs"
+  # the NCCL flight recorder's per-rank dumps go beside the run, not to a node's /tmp
+  export TORCH_NCCL_DEBUG_INFO_TEMP_FILE=${TORCH_NCCL_DEBUG_INFO_TEMP_FILE:-$(realpath -m "$1")/logs/nccl_trace_rank_}
   {
     echo "# $(date -Is) start $((${SLURM_RESTART_COUNT:-0} + 1)) of job $JOB_KEY"
     for v in SLURM_JOB_ID SLURM_ARRAY_JOB_ID SLURM_ARRAY_TASK_ID SLURM_JOB_NAME SLURM_JOB_NODELIST SLURM_JOB_NUM_NODES \
-             SLURM_NTASKS SLURM_NTASKS_PER_NODE SLURM_CPUS_PER_TASK SLURM_GPUS_PER_NODE SLURM_RESTART_COUNT \
-             MASTER_ADDR MASTER_PORT NCCL_DEBUG NCCL_SOCKET_IFNAME NCCL_IB_HCA TORCH_NCCL_ASYNC_ERROR_HANDLING \
-             OMP_NUM_THREADS CONFIG OVERRIDES HPC_GAN; do
+             SLURM_NTASKS SLURM_NTASKS_PER_NODE SLURM_CPUS_PER_TASK SRUN_CPUS_PER_TASK SLURM_GPUS_PER_NODE \
+             SLURM_RESTART_COUNT MASTER_ADDR MASTER_PORT SRUN_FLAGS NCCL_DEBUG NCCL_SOCKET_IFNAME NCCL_IB_HCA \
+             TORCH_NCCL_ASYNC_ERROR_HANDLING TORCH_NCCL_TRACE_BUFFER_SIZE TORCH_NCCL_DUMP_ON_TIMEOUT \
+             TORCH_NCCL_DEBUG_INFO_TEMP_FILE OMP_NUM_THREADS CONFIG OVERRIDES HPC_GAN; do
       echo "$v=${!v:-}"
     done
   } >>"$1/slurm-job.env"

@@ -3,6 +3,7 @@ a 2-node training job, preemption and requeue with exact resume, a sweep array, 
 failing the job instead of hanging it. Skipped, with the reason, where Slurm cannot be started (not root, no apt)."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -51,7 +52,8 @@ def slurm(tmp_path_factory):
 
 def submit(env, tmp, script, *args, sbatch=(), **variables):
     e = {k: v for k, v in env.items() if not k.startswith(("SLURM_JOB", "SLURM_ARRAY", "SLURM_PROCID"))}
-    e.update(HPC_GAN=str(BIN / "hpc-gan"), PYTHONPATH=str(ROOT), **variables)
+    e.update(HPC_GAN=str(BIN / "hpc-gan"), PYTHONPATH=str(ROOT))
+    e.update(variables)
     cmd = ["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1",
            f"--output={tmp}/%x-%A_%a.out" if any(a.startswith("--array") for a in sbatch) else f"--output={tmp}/%x-%j.out",
            *sbatch, str(ROOT / "slurm" / script), *args]
@@ -169,6 +171,24 @@ def test_a_killed_rank_fails_the_job_instead_of_hanging_it(slurm, tmp_path):
     assert time.time() - t0 < 60  # dist.timeout_s=30 bounds it even where srun would not kill the rest
 
 
+def test_an_exception_on_one_rank_fails_the_job_in_seconds(slurm, tmp_path):
+    """rank 1 raises at step 3 (tests/faults.py); srun --kill-on-bad-exit ends the job well before any timeout."""
+    wrapper = tmp_path / "faulty-hpc-gan"
+    wrapper.write_text(f"#!/bin/bash\nexec {sys.executable} {ROOT / 'tests' / 'faults.py'} raise 1 3 \"$@\"\n")
+    wrapper.chmod(0o755)
+    run = tmp_path / "run"
+    job = submit(slurm, tmp_path, "train.sbatch", "configs/demo.yaml", RUN_DIR=str(run),
+                 OVERRIDES=TINY.replace("dist.timeout_s=30", "") + " train.steps=1000", **{"HPC_GAN": str(wrapper)})
+    assert wait(slurm, job, timeout=300) == "FAILED", logs(tmp_path)
+    end, out = time.time(), logs(tmp_path)
+    injected = float(re.search(r"injecting raise on rank 1 at step 3 \(t=([\d.]+)\)", out).group(1))
+    assert end - injected < 60, end - injected  # dist.timeout_s left at its default: 600 s
+    first = out.index("1: hpc-gan: rank 1 of 2 failed")  # --label: every line names its rank
+    assert "RuntimeError: injected failure on rank 1 at step 3" in out[first:first + 4000]
+    peer = out.find("0: hpc-gan: rank 0 of 2 failed")
+    assert peer == -1 or peer > first
+
+
 def test_job_key_is_array_aware():
     assert slurm_job_key({"SLURM_JOB_ID": "12"}) == "12"
     assert slurm_job_key({"SLURM_JOB_ID": "13", "SLURM_ARRAY_JOB_ID": "10", "SLURM_ARRAY_TASK_ID": "3"}) == "10_3"
@@ -180,6 +200,7 @@ def test_preemption_outside_slurm_checkpoints_and_resumes(tmp_path):
     args = [str(BIN / "hpc-gan"), "train", "--config", str(ROOT / "configs/demo.yaml"), *TINY.split(),
             "train.steps=60", "train.checkpoint_every=100"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env["PYTHONPATH"] = str(ROOT)
     straight = tmp_path / "straight"
     subprocess.run(args + [f"run.dir={straight}"], check=True, capture_output=True, env=env)
     run = tmp_path / "run"

@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
-from typing import Any, Dict, Iterator, List
+from typing import Any, Dict, Iterator, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -59,8 +59,12 @@ class Net:
         """Backward of one micro-batch's loss (already divided by the accumulation count)."""
         raise NotImplementedError
 
-    def optimizer_step(self) -> None:
-        """Apply the accumulated gradients and clear them."""
+    def nonfinite_grads(self) -> Optional[torch.Tensor]:
+        """A device flag (shape (1,)): 1 where any gradient is NaN or inf; None where the engine keeps them."""
+        return None
+
+    def optimizer_step(self, found_inf: Optional[torch.Tensor] = None) -> None:
+        """Apply the accumulated gradients and clear them; not applied where ``found_inf`` is 1."""
         raise NotImplementedError
 
     def weights_state_dict(self) -> Dict[str, torch.Tensor]:
@@ -82,6 +86,8 @@ class TorchNet(Net):
     def __init__(self, module: nn.Module, opt: torch.optim.Optimizer, ddp: bool, fp16: bool) -> None:
         self.module, self.opt = module, opt
         self.scaler = torch.amp.GradScaler("cuda", enabled=fp16)
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        self._one = torch.ones(1, device=self.params[0].device)
         self.wrapped: nn.Module = module
         if ddp:
             dev = next(module.parameters()).device
@@ -102,11 +108,28 @@ class TorchNet(Net):
     def micro_backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler.is_enabled() else loss).backward()
 
-    def optimizer_step(self) -> None:
+    def nonfinite_grads(self) -> Optional[torch.Tensor]:
+        if self.scaler.is_enabled():  # fp16 overflows are the loss scaler's business (it skips those steps)
+            return None
+        found = torch.zeros(1, device=self._one.device)
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if grads:
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, found, self._one)  # one fused pass, scale 1
+        return found
+
+    def optimizer_step(self, found_inf: Optional[torch.Tensor] = None) -> None:
         if self.scaler.is_enabled():
             self.scaler.step(self.opt)
             self.scaler.update()
-        else:
+        elif found_inf is None:
+            self.opt.step()
+        elif self.opt.defaults.get("fused"):
+            self.opt.found_inf = found_inf.reshape(())  # fused Adam skips the update on the device: no host sync
+            try:
+                self.opt.step()
+            finally:
+                self.opt.found_inf = None
+        elif not bool(found_inf):  # other implementations cannot skip on the device: one host sync
             self.opt.step()
         self.opt.zero_grad(set_to_none=True)
 
@@ -161,7 +184,9 @@ class DeepSpeedNet(Net):
     def micro_backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss, scale_wrt_gas=False)  # the trainer already divides by the accumulation count
 
-    def optimizer_step(self) -> None:
+    def optimizer_step(self, found_inf: Optional[torch.Tensor] = None) -> None:
+        if found_inf is not None:
+            raise UserError("train.nonfinite=skip is not available with DeepSpeed engines; use train.nonfinite=stop")
         if not self._boundary:
             raise RuntimeError("DeepSpeedNet.optimizer_step before the last micro-batch's backward")
         self.engine.step()
@@ -230,8 +255,10 @@ class DeepSpeedNet(Net):
 
 
 def build_net(module: nn.Module, strategy: str, lr: float, betas: tuple, eps: float, micro: int, accum: int,
-              world: int, precision: str) -> Net:
-    opt = torch.optim.Adam(module.parameters(), lr=lr, betas=betas, eps=eps)
+              world: int, precision: str, fused: bool = False) -> Net:
+    """The training handle of one network; ``fused``: torch's fused Adam (which can skip a non-finite update on
+    the device)."""
+    opt = torch.optim.Adam(module.parameters(), lr=lr, betas=betas, eps=eps, fused=fused or None)
     if strategy == "ddp" or (strategy in ("zero1", "zero2") and world == 1):  # one rank: nothing to shard
         return TorchNet(module, opt, ddp=world > 1, fp16=precision == "fp16")
     if strategy in ("zero1", "zero2"):

@@ -6,18 +6,16 @@ Every rank calls every action's ``due`` at every step, in the same order, so an 
 collective there (the checkpointer agrees on the preemption flag) or in ``run`` (evaluation is sharded)."""
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
 from hpc_gan.config import Config
-from hpc_gan.dist import DistInfo
+from hpc_gan.dist import DistInfo, launch
 from hpc_gan.errors import UserError
 from hpc_gan.eval.sampling import sample_sheet, sheet_classes
 from hpc_gan.train import checkpoint
@@ -60,10 +58,10 @@ class RunContext:
     timer: PhaseTimer                            # the loop's wall-clock phases ("train", and one per action)
     sampler: Sampler
     summary: Dict[str, Any] = field(default_factory=dict)
+    stopping: bool = False                       # preempted: only the checkpoint still runs at this step
 
     def barrier(self) -> None:
-        if self.info.world > 1:
-            dist.barrier()
+        launch.barrier(self.info)
 
 
 class Action:
@@ -83,8 +81,8 @@ class Action:
 
 
 class Logger(Action):
-    """Means of the step's losses since the last log, throughput and ETA, to metrics.jsonl and one printed line;
-    a non-finite value stops the run. Decides where the diagnostics run: the step before each log."""
+    """Means of the step's losses since the last log, throughput and ETA, to metrics.jsonl and one printed line.
+    Decides where the diagnostics run: the step before each log."""
     name = "log"
 
     def __init__(self, ctx: RunContext) -> None:
@@ -107,13 +105,11 @@ class Logger(Action):
         values.update(samples_per_s=n * t.batch_size / max(train_s, 1e-9), sec_per_step=train_s / n)
         self.last_wall, self.last_step, self.last_train_ms = now, step, train_ms
         ctx.writer.write(step, values)
-        losses = " ".join(f"{k} {values[k]:.3f}" for k in ("d_loss", "g_loss", "d_cond", "g_cond") if k in values)
+        losses = " ".join(f"{k} {values[k]:.3f}" for k in ("d_loss", "g_loss", "d_cond", "g_cond")
+                          if values.get(k) is not None)
+        skipped = f" | {values['nonfinite_steps']:.0f} steps skipped" if values.get("nonfinite_steps") else ""
         ctx.log(f"step {step}/{t.steps} | {losses} | {values['samples_per_s']:.1f} img/s | "
-                f"eta {fmt_time((t.steps - step) / max(rate, 1e-9))}")
-        bad = [k for k, v in values.items() if not math.isfinite(v)]
-        if bad:
-            raise UserError(f"non-finite {', '.join(bad)} at step {step}; the newest checkpoint is intact: lower "
-                            f"the learning rates or check the data")
+                f"eta {fmt_time((t.steps - step) / max(rate, 1e-9))}{skipped}")
 
 
 class SampleSheets(Action):
@@ -124,7 +120,7 @@ class SampleSheets(Action):
         self.ctx, self.every = ctx, ctx.cfg.train.sample_every
 
     def due(self, step: int, final: bool) -> bool:
-        return step % self.every == 0 or final
+        return (step % self.every == 0 or final) and not self.ctx.stopping
 
     def run(self, step: int, final: bool) -> None:
         ctx, cfg = self.ctx, self.ctx.cfg
@@ -169,7 +165,7 @@ class DemoClassifier(Action):
             self.score(0)
 
     def due(self, step: int, final: bool) -> bool:
-        return step % self.every == 0 or final
+        return (step % self.every == 0 or final) and not self.ctx.stopping
 
     def run(self, step: int, final: bool) -> None:
         self.score(step)
@@ -189,7 +185,7 @@ class Evaluation(Action):
         self.evaluator = RunEvaluator(ctx.cfg, ctx.trainer.dataset, ctx.trainer.device, ctx.log)
 
     def due(self, step: int, final: bool) -> bool:
-        return step % self.every == 0 or final
+        return (step % self.every == 0 or final) and not self.ctx.stopping
 
     def run(self, step: int, final: bool) -> None:
         result = self.evaluator(self.ctx.sampler.get())
@@ -199,9 +195,10 @@ class Evaluation(Action):
 
 
 class Checkpointer(Action):
-    """Checkpoints every ``train.checkpoint_every`` steps, at the last step and when preempted (then requeues the
-    Slurm job and asks the loop to stop); retention keeps the newest ``train.keep_checkpoints``. Replicas are
-    checked before every save and every ``dist.check_every`` steps."""
+    """Checkpoints every ``train.checkpoint_every`` steps, at the last step and when preempted (then nothing else
+    runs at that step, the Slurm job is requeued and the loop stops); retention keeps the newest
+    ``train.keep_checkpoints``. Replicas are checked before every save and every ``dist.check_every`` steps. It runs
+    before sheets and evaluation, so a preemption signal never waits behind them."""
     name = "checkpoint"
 
     def __init__(self, ctx: RunContext, preemption: Preemption) -> None:
@@ -210,7 +207,8 @@ class Checkpointer(Action):
         self.preempted = self.saving = False
 
     def due(self, step: int, final: bool) -> bool:
-        self.preempted = not final and self.preemption.requested()  # collective: every rank asks at every step
+        self.preempted = not final and self.preemption.requested()  # every rank asks at every step
+        self.ctx.stopping = self.preempted
         self.saving = step % self.every == 0 or final or self.preempted
         return self.saving or bool(self.check_every and step % self.check_every == 0)
 
@@ -235,12 +233,11 @@ class Checkpointer(Action):
 def build_actions(ctx: RunContext, preemption: Preemption) -> List[Action]:
     """The run's actions, in the order they run after each step."""
     cfg, main = ctx.cfg, ctx.info.is_main
-    actions: List[Action] = [Logger(ctx)]
+    actions: List[Action] = [Logger(ctx), Checkpointer(ctx, preemption)]
     if main:
         actions.append(SampleSheets(ctx))
         if cfg.train.demo_classifier:
             actions.append(DemoClassifier(ctx))
     if cfg.eval.every:
         actions.append(Evaluation(ctx))
-    actions.append(Checkpointer(ctx, preemption))
     return actions

@@ -58,7 +58,7 @@ def bench_train(cfg: Config, steps: int = 10, warmup: int = 2, info: Optional[Di
                 peak_tflops: Optional[float] = None) -> Dict[str, Any]:
     from hpc_gan.info import model_info
     info = info or DistInfo()
-    device = resolve_device(cfg.run.device, info.local_rank)
+    device = resolve_device(cfg.run.device, info)
     trainer = Trainer(cfg, device, info)
     for _ in range(warmup):
         trainer.train_step()

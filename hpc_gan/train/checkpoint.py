@@ -28,6 +28,23 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class _WriteErrors:
+    """A file that remembers the OSError of a failed write (torch.save reports it as an opaque RuntimeError)."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def save(ckpt_root: Union[str, Path], step: int, state: Dict[str, Any]) -> Path:
     root = Path(ckpt_root)
     root.mkdir(parents=True, exist_ok=True)
@@ -35,12 +52,25 @@ def save(ckpt_root: Union[str, Path], step: int, state: Dict[str, Any]) -> Path:
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir()
-    with open(tmp / STATE_FILE, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    _fsync_dir(tmp)
+    out = None
+    try:
+        tmp.mkdir()
+        with open(tmp / STATE_FILE, "wb") as f:
+            out = _WriteErrors(f)
+            torch.save(state, out)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+    except (OSError, RuntimeError) as e:
+        error = out.error if out is not None and out.error is not None else e
+        if not isinstance(error, OSError):
+            raise  # not the file system's doing: a bug
+        # a full disk or a quota: say so, keep what is saved, leave no half-written directory
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest(root)
+        kept = f"the previous checkpoint {previous.name} is intact" if previous else "no earlier checkpoint exists"
+        raise UserError(f"writing checkpoint {final} failed ({error.strerror or error}); {kept}: free space under "
+                        f"{root} and resume with --resume auto") from None
     if final.exists():  # re-saving a step (e.g. after a resume): replace it atomically enough
         shutil.rmtree(final)
     os.rename(tmp, final)

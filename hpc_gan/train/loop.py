@@ -1,18 +1,22 @@
 """A training run: run directory, resume, then the step loop: a training step and the periodic actions
-(train/actions.py: log, sample sheets, demo classifier, evaluation, checkpoint), each timed as a phase. Everything
-printed is also written to metrics.jsonl."""
+(train/actions.py: log, checkpoint, sample sheets, demo classifier, evaluation), each timed as a phase. Everything
+printed is also written to metrics.jsonl.
+
+Failure behaviour (docs/failures.md): after the first step the process-group timeout drops to
+``dist.step_timeout_s`` (the long ``dist.timeout_s`` returns around between-step actions, where rank 0 may write
+while the others wait); a step that takes ``dist.hang_dump_factor`` x the median dumps every rank's stacks; a
+non-finite step stops the run or is skipped (``train.nonfinite``)."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional
-
-import torch.distributed as dist
 
 from hpc_gan.config import Config, dump
 from hpc_gan.dist import DistInfo, launch
 from hpc_gan.errors import UserError
 from hpc_gan.train import checkpoint
 from hpc_gan.train.actions import Logger, RunContext, Sampler, build_actions, fmt_time
+from hpc_gan.train.hang import HangDump
 from hpc_gan.train.metrics import MetricsWriter, NullWriter
 from hpc_gan.train.preempt import Preemption
 from hpc_gan.train.timing import PhaseTimer
@@ -42,26 +46,21 @@ def train(cfg: Config, resume: Optional[str] = None, log: Callable[[str], None] 
           info: Optional[DistInfo] = None) -> Dict[str, Any]:
     """Run (or continue) a training run on this process's rank; returns a summary dict. Without ``info`` the
     launcher is detected (torchrun, srun, mpirun or none) and the process group created and destroyed here."""
-    own = info is None
-    if own:
-        device_type = "cpu" if cfg.run.device == "cpu" else "auto"
-        info = launch.init(cfg.dist.timeout_s, cfg.dist.backend, device_type)
-    try:
+    if info is not None:
         return _train(cfg, resume, log if info.is_main else (lambda msg: None), info)
-    finally:
-        if own:
-            launch.shutdown(info)
+    with launch.session(cfg.dist.timeout_s, cfg.dist.backend, "cpu" if cfg.run.device == "cpu" else "auto") as info:
+        return _train(cfg, resume, log if info.is_main else (lambda msg: None), info)
 
 
 def _start(cfg: Config, resume: Optional[str], log: Callable[[str], None], info: DistInfo) -> Trainer:
     """The run dir and a trainer at the step to continue from."""
-    device = resolve_device(cfg.run.device, info.local_rank)
+    device = resolve_device(cfg.run.device, info)
     check_precision(cfg.train.precision, device)  # before the run dir is touched
-    ckpt = find_resume(Path(cfg.run.dir), resume)
+    # rank 0 decides, everyone follows: ranks reading a shared file system on their own may disagree (NFS caches)
+    ckpt = launch.agree(lambda: find_resume(Path(cfg.run.dir), resume), info)
     if info.is_main:
         prepare_run_dir(cfg)
-    if info.world > 1:
-        dist.barrier()
+    launch.barrier(info)
     trainer = Trainer(cfg, device, info)
     t, p = cfg.train, trainer.plan
     log(f"hpc-gan: {cfg.model.arch} {cfg.model.resolution}px, G {param_count(trainer.g.module) / 1e6:.2f}M / "
@@ -79,32 +78,49 @@ def _start(cfg: Config, resume: Optional[str], log: Callable[[str], None], info:
 
 def _train(cfg: Config, resume: Optional[str], log: Callable[[str], None], info: DistInfo) -> Dict[str, Any]:
     trainer = _start(cfg, resume, log, info)
-    run_dir, start = Path(cfg.run.dir), trainer.step
+    run_dir, start, d = Path(cfg.run.dir), trainer.step, cfg.dist
     writer = MetricsWriter(run_dir, cfg.run.tensorboard, resume_step=start if start else None) \
         if info.is_main else NullWriter()
     ctx = RunContext(cfg, trainer, info, run_dir, writer, log, PhaseTimer(), Sampler(trainer),
                      summary={"run_dir": str(run_dir), "start_step": start})
     preemption = Preemption(cfg.run.preempt_signals, info)
+    hang = HangDump(d.hang_dump_factor)
+    timeouts = launch.StepTimeouts(info, d.timeout_s, d.step_timeout_s)
     try:
         actions = build_actions(ctx, preemption)
         logger = next(a for a in actions if isinstance(a, Logger))
         for action in actions:
             action.at_start(trainer.step)
         while trainer.step < cfg.train.steps and not ctx.summary.get("preempted"):
-            with ctx.timer.phase("train"):
+            with hang.watch(), ctx.timer.phase("train"):
                 trainer.train_step(diagnostics=logger.diagnostics_due(trainer.step + 1))
             step, final = trainer.step, trainer.step == cfg.train.steps
-            for action in actions:
-                if action.due(step, final):
+            due = [a for a in actions if a.due(step, final)]  # every rank, every step, in order
+            _check_nonfinite(trainer, run_dir, now=bool(due))
+            with timeouts.between_steps(busy=bool(due)):
+                for action in due:
                     with ctx.timer.phase(action.name):
                         action.run(step, final)
             ctx.sampler.clear()
         for action in actions:
             action.at_end()
+    except BaseException:
+        preemption.close(wait=False)
+        raise
     finally:
         writer.close()
-        preemption.close()
+    preemption.close()
     return _finish(ctx)
+
+
+def _check_nonfinite(trainer: Trainer, run_dir: Path, now: bool) -> None:
+    """Stop where train.nonfinite says so (the guard reads its device flags one step late, or now)."""
+    problem = trainer.guard.check(now)
+    if problem:
+        newest = checkpoint.latest(run_dir / "checkpoints")
+        raise UserError(f"{problem}; nothing of it was saved, the newest checkpoint is {newest or 'none yet'}: "
+                        f"lower the learning rates, check the data, or set train.nonfinite=skip, and resume with "
+                        f"--resume auto")
 
 
 def _finish(ctx: RunContext) -> Dict[str, Any]:

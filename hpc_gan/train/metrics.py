@@ -1,11 +1,15 @@
-"""Where every logged number goes: metrics.jsonl (one JSON object per line) and TensorBoard events where
-installed. Ranks other than 0 write nothing (:class:`NullWriter`)."""
+"""The numbers of a run: the training step's metrics summed on the device (:class:`StepMetrics`), and where every
+logged number goes: metrics.jsonl (one JSON object per line) and TensorBoard events where installed. Ranks other
+than 0 write nothing (:class:`NullWriter`)."""
 from __future__ import annotations
 
 import json
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
 
 
 class MetricsWriter:
@@ -47,3 +51,43 @@ class NullWriter:
 
     def close(self) -> None:
         pass
+
+
+class StepMetrics:
+    """Loss metrics of the training step, summed on the device between logging steps. Each update adds its named
+    values at once (one stacked vector: a few ops, whatever the number of values); non-finite values are left out
+    of the sums, so a skipped update's NaN does not poison the mean of its window. :meth:`pop` reads every mean
+    with one all-reduce over ranks and one transfer: call it at logging steps only."""
+
+    def __init__(self) -> None:
+        self._groups: Dict[Tuple[str, ...], Tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @torch.no_grad()
+    def add(self, **values: torch.Tensor) -> None:
+        names = tuple(values)
+        v = torch.stack(list(values.values())).float()
+        finite = torch.isfinite(v)
+        sums, counts = self._groups.get(names, (0.0, 0.0))
+        self._groups[names] = (sums + torch.where(finite, v, 0.0), counts + finite)
+
+    def pop(self, world: int = 1, **extra: torch.Tensor) -> Dict[str, Optional[float]]:
+        """Means since the last call over ranks and updates (None where every value was non-finite), and the
+        ``extra`` device scalars averaged over ranks."""
+        if not self._groups and not extra:
+            return {}
+        names = [n for group in self._groups for n in group]
+        parts = [s for s, _ in self._groups.values()] + [c for _, c in self._groups.values()]
+        if extra:
+            parts.append(torch.stack(list(extra.values())).float())
+        flat = torch.cat([p.reshape(-1).float() for p in parts])
+        if world > 1:  # every rank calls this at the same steps
+            dist.all_reduce(flat)
+        values, k = flat.tolist(), len(names)
+        totals: Dict[str, Tuple[float, float]] = {}
+        for name, s, c in zip(names, values[:k], values[k:2 * k]):  # a name in several groups adds up
+            ts, tc = totals.get(name, (0.0, 0.0))
+            totals[name] = (ts + s, tc + c)
+        result: Dict[str, Optional[float]] = {n: (s / c if c else None) for n, (s, c) in totals.items()}
+        result.update({name: v / world for name, v in zip(extra, values[2 * k:])})
+        self._groups = {}
+        return dict(sorted(result.items()))

@@ -1,13 +1,17 @@
 """Preemption and requeue: a signal (USR1 from ``sbatch --signal=USR1@90``, or TERM where a cluster preempts with
-it) sets a flag; at the next step boundary all ranks agree on it with one all-reduce (over a CPU group, so a GPU
-run gets no device sync from it), save one checkpoint at the same step, rank 0 runs ``scontrol requeue`` (array
-tasks as ARRAYJOB_TASK) and everyone exits 0. The requeued job continues with ``--resume auto``."""
+it) sets a flag; all ranks agree on it, save one checkpoint at the same step, rank 0 runs ``scontrol requeue``
+(array tasks as ARRAYJOB_TASK) and everyone exits 0. The requeued job continues with ``--resume auto``.
+
+Agreeing costs no blocking collective per step: at each step boundary every rank starts an asynchronous MAX
+all-reduce of its flag over a dedicated CPU (gloo) group and reads the one it started at the previous boundary,
+long complete by then. A signal is acted on one or two steps after it arrives; the checkpointer asks before
+sample sheets and evaluation run, so a long evaluation never delays the save past the signal's lead time."""
 from __future__ import annotations
 
 import os
 import signal
 import subprocess
-from typing import Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -33,19 +37,25 @@ class Preemption:
             sig = getattr(signal, f"SIG{name}")
             self._old[sig] = signal.signal(sig, self._handler)
         self.group = None
-        if info.world > 1 and dist.get_backend() != "gloo":
+        self._pending: Optional[Tuple[torch.Tensor, Any]] = None
+        if info.world > 1:  # its own group: the pending all-reduce never queues in front of training collectives
             self.group = dist.new_group(backend="gloo")  # collective: every rank builds it at the same point
 
     def _handler(self, signum: int, frame: object) -> None:
         self.flag = True
 
     def requested(self) -> bool:
-        """Whether any rank got the signal (collective when distributed: call at the same steps on every rank)."""
+        """Whether any rank had the signal by the previous call (call at every step boundary on every rank)."""
         if self.info.world == 1:
             return self.flag
-        t = torch.tensor([int(self.flag)])
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
-        return bool(t.item())
+        agreed = False
+        if self._pending is not None:
+            flag, work = self._pending
+            work.wait()
+            agreed = bool(flag.item())
+        flag = torch.tensor([int(self.flag)])
+        self._pending = (flag, dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True))
+        return agreed
 
     def requeue(self, log: Callable[[str], None]) -> None:
         if not self.info.is_main:
@@ -61,7 +71,12 @@ class Preemption:
         else:
             log(f"requeued Slurm job {job}; it resumes from this checkpoint")
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
+        """Restore the signal handlers; ``wait``: complete the pending all-reduce (every rank started it), which
+        the error path must not do (a peer may be gone or stuck)."""
         for sig, old in self._old.items():
             signal.signal(sig, old)
         self._old = {}
+        if self._pending is not None and wait:
+            self._pending[1].wait()
+        self._pending = None

@@ -13,16 +13,16 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
 from hpc_gan.augment import Draws, consistency_augment, diff_augment
 from hpc_gan.config import Config, comma_list, to_dict
 from hpc_gan.data import build_dataset, build_stream
 from hpc_gan.dist import DistInfo
+from hpc_gan.dist.launch import local_device_index
 from hpc_gan.dist.batchnorm import average_running_stats, bn_process_group, convert_cross_replica_bn
 from hpc_gan.dist.consistency import check_replicas
 from hpc_gan.dist.engines import broadcast_state, build_net
@@ -35,18 +35,21 @@ from hpc_gan.models.heads import NamedBatch
 from hpc_gan.models.sn_fused import attach_fused_sn, sn_sigmas
 from hpc_gan.plan import G_PHASE, StepPlan, d_phase
 from hpc_gan.train.ema import EMA, sampling_standing_stats
+from hpc_gan.train.metrics import StepMetrics
+from hpc_gan.train.nonfinite import NonFiniteGuard
 from kernels import BackendUnavailable, use_triton
 
 Batch = Tuple[torch.Tensor, torch.Tensor]  # (images or z, labels) of one micro-batch
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """The device of this rank: GPU ``local_rank`` where CUDA is used."""
+def resolve_device(name: str, info: Optional[DistInfo] = None) -> torch.device:
+    """The device of this rank: its GPU where CUDA is used (launch.local_device_index), else the CPU."""
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("run.device=cuda but no CUDA device is visible; use run.device=cpu or auto")
     if name == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
-    return torch.device("cuda", local_rank)
+    info = info or DistInfo()
+    return torch.device("cuda", local_device_index(info.local_rank, torch.cuda.device_count(), info.local_world))
 
 
 def check_precision(precision: str, device: torch.device) -> None:
@@ -91,8 +94,9 @@ class Trainer:
         p = self.plan
         common = dict(betas=(t.beta1, t.beta2), eps=t.adam_eps, micro=p.micro, accum=p.accum, world=self.world,
                       precision=t.precision)
-        self.g = build_net(G, cfg.dist.strategy, t.g_lr, **common)
-        self.d = build_net(D, cfg.dist.strategy, t.d_lr, **common)
+        skip = t.nonfinite == "skip"  # fused Adam: a non-finite update is skipped on the device
+        self.g = build_net(G, cfg.dist.strategy, t.g_lr, fused=skip, **common)
+        self.d = build_net(D, cfg.dist.strategy, t.d_lr, fused=skip, **common)
         self.negatives = gather_negatives if self.world > 1 and lc.global_negatives else None
         self.dataset = build_dataset(cfg.data, cfg.model.resolution, t.seed)
         self.real = build_stream(cfg, self.dataset, self.plan, device)
@@ -101,8 +105,8 @@ class Trainer:
         self.has_cond_loss = has_cond_loss(lc.cond)
         self.step = 0
         self.timer: Optional[Any] = None  # a train.timing.PhaseTimer while benchmarking
-        self._sums: Dict[str, torch.Tensor] = {}
-        self._counts: Dict[str, int] = {}
+        self.metrics = StepMetrics()
+        self.guard = NonFiniteGuard(t.nonfinite, t.nonfinite_max, device, self.world)
 
     # ---- helpers -------------------------------------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -125,22 +129,10 @@ class Trainer:
     def _augment(self, x: torch.Tensor, stream: Callable, phase: int, m: int) -> torch.Tensor:
         return diff_augment(x, self.policies, self._draws(stream, phase, m)) if self.policies else x
 
-    def _add(self, name: str, value: torch.Tensor) -> None:
-        v = value.detach().float()
-        self._sums[name] = self._sums[name] + v if name in self._sums else v
-        self._counts[name] = self._counts.get(name, 0) + 1
-
-    def pop_metrics(self) -> Dict[str, float]:
-        """Means of everything summed since the last call. Synchronizes: call at logging steps only."""
-        keys = sorted(self._sums)
-        if not keys:
-            return {}
-        means = torch.stack([self._sums[k] / self._counts[k] for k in keys])
-        if self.world > 1:  # the mean over ranks; every rank calls this at the same steps
-            dist.all_reduce(means)
-            means /= self.world
-        self._sums, self._counts = {}, {}
-        return dict(zip(keys, means.tolist()))
+    def pop_metrics(self) -> Dict[str, Optional[float]]:
+        """Means of the step's metrics since the last call, and the number of steps with a non-finite update.
+        Synchronizes (collective when distributed): call at logging steps only, on every rank."""
+        return self.metrics.pop(self.world, nonfinite_steps=self.guard.pop_window())
 
     def _phase(self, name: str) -> contextlib.AbstractContextManager:
         return self.timer.phase(name) if self.timer is not None else contextlib.nullcontext()
@@ -155,6 +147,7 @@ class Trainer:
         z, yf = self._latents(phase)
         with self._phase("data"):
             xr, yr = self.real.next()
+        losses = []
         for m in range(p.accum):
             sl = p.micro_slice(m)
             with self.d.micro(last=m == p.accum - 1):
@@ -162,8 +155,9 @@ class Trainer:
                     loss = self._d_loss(phase, m, (xr[sl], yr[sl]), (z[sl], yf[sl]), diagnostics and m == 0)
                 with self._phase("d_backward"):
                     self.d.micro_backward(loss / p.accum)
+            losses.append(loss.detach())
         with self._phase("d_optimizer"):
-            self.d.optimizer_step()
+            self.d.optimizer_step(self._update_flag(losses, self.d))
 
     def _d_loss(self, phase: int, m: int, real: Batch, latents: Batch, diagnostics: bool) -> torch.Tensor:
         """D's loss on micro-batch m of a D phase (forward only)."""
@@ -182,25 +176,20 @@ class Trainer:
         adv_r, adv_f = out["real"]["adv"].float(), out["fake"]["adv"].float()
         loss_adv = d_adv_loss(lc.adv, adv_r, adv_f)
         loss = loss_adv
+        values = {"d_adv": loss_adv, "d_real": adv_r.mean(), "d_fake": adv_f.mean()}
         if self.has_cond_loss:
-            loss_c = self._cond_loss(out["real"], yr)
+            values["d_cond"] = loss_c = self._cond_loss(out["real"], yr)
             loss = loss + lc.cond_lambda_d * loss_c
-            self._add("d_cond", loss_c)
             if diagnostics:
                 self._diagnostics(out["real"]["h"], yr)
         if lc.cr_lambda > 0:
-            loss_cr = ((out["consistency"]["adv"].float() - adv_r) ** 2).mean()
+            values["d_cr"] = loss_cr = ((out["consistency"]["adv"].float() - adv_r) ** 2).mean()
             loss = loss + lc.cr_lambda * loss_cr
-            self._add("d_cr", loss_cr)
         if lc.adv == "wasserstein":
             alpha = self._draws(rng.gp_mix, phase, m).rand(1, 1, 1)
-            gp = gradient_penalty(lambda xi: self.d.module(xi, yr)["adv"].float(), xr, xf, alpha)
+            values["d_gp"] = gp = gradient_penalty(lambda xi: self.d.module(xi, yr)["adv"].float(), xr, xf, alpha)
             loss = loss + lc.gp_lambda * gp
-            self._add("d_gp", gp)
-        self._add("d_loss", loss)
-        self._add("d_adv", loss_adv)
-        self._add("d_real", adv_r.mean())
-        self._add("d_fake", adv_f.mean())
+        self.metrics.add(d_loss=loss, **values)
         return loss
 
     def _diagnostics(self, h: torch.Tensor, labels: torch.Tensor) -> None:
@@ -209,11 +198,10 @@ class Trainer:
         sigma_0 (top singular values of the SN layers). The head is re-run on detached features with detached
         copies of its weights, in eval mode (same sigma, no extra power iteration): the step's own graph, which a
         DeepSpeed engine watches, is not touched."""
-        self._add("diag_feature_norm", h.detach().float().norm(dim=1).mean())
+        values = {"diag_feature_norm": h.detach().float().norm(dim=1).mean()}
         for tag, net in (("G", self.g.module), ("D", self.d.module)):
             sig = torch.stack(list(sn_sigmas(net).values()))
-            self._add(f"diag_sigma_{tag}_max", sig.max())
-            self._add(f"diag_sigma_{tag}_mean", sig.mean())
+            values[f"diag_sigma_{tag}_max"], values[f"diag_sigma_{tag}_mean"] = sig.max(), sig.mean()
         head = self.d.module.head
         params = {n: p.detach().requires_grad_() for n, p in head.named_parameters()}
         cond = [params[n] for n in head.cond_parameter_names()]
@@ -227,13 +215,15 @@ class Trainer:
         grads = torch.autograd.grad(loss_c, cond, allow_unused=True)
         sq = [g.float().pow(2).sum() for g in grads if g is not None]
         if sq:
-            self._add("diag_cond_grad_norm", torch.stack(sq).sum().sqrt())
+            values["diag_cond_grad_norm"] = torch.stack(sq).sum().sqrt()
+        self.metrics.add(**values)
 
     def g_step(self) -> None:
         p = self.plan
         z, yf = self._latents(G_PHASE)
         D = self.d.module
         D.requires_grad_(False)  # frozen, and called as the plain module: D is only a function of the fakes
+        losses = []
         for m in range(p.accum):
             last = m == p.accum - 1
             sl = p.micro_slice(m)
@@ -242,9 +232,15 @@ class Trainer:
                     total = self._g_loss(m, (z[sl], yf[sl]), last)
                 with self._phase("g_backward"):
                     self.g.micro_backward(total)
+            losses.append(total.detach())
         with self._phase("g_optimizer"):
-            self.g.optimizer_step()
+            self.g.optimizer_step(self._update_flag(losses, self.g))
         D.requires_grad_(True)
+
+    def _update_flag(self, losses: List[torch.Tensor], net: Any) -> Optional[torch.Tensor]:
+        """The non-finite flag of one optimizer update (train.nonfinite); found_inf to skip it with, or None."""
+        losses_bad = ~torch.isfinite(torch.stack(losses).sum())
+        return self.guard.update_flag(losses_bad, net.nonfinite_grads())
 
     def _g_loss(self, m: int, latents: Batch, last: bool) -> torch.Tensor:
         """G's loss on micro-batch m, divided by the accumulation count; the orthogonal regularization rides on the
@@ -256,17 +252,15 @@ class Trainer:
             out = self.d.module(xf, yf)
         loss_adv = g_adv_loss(lc.adv, out["adv"].float())
         loss = loss_adv
+        values = {"g_adv": loss_adv}
         if self.has_cond_loss:
-            loss_c = self._cond_loss(out, yf)
+            values["g_cond"] = loss_c = self._cond_loss(out, yf)
             loss = loss + lc.cond_lambda_g * loss_c
-            self._add("g_cond", loss_c)
-        self._add("g_loss", loss)
-        self._add("g_adv", loss_adv)
         total = loss / self.plan.accum
         if last and lc.ortho_beta > 0:
-            reg = orthogonal_reg(ortho_weights(self.g.module), lc.ortho_beta)
+            values["g_ortho"] = reg = orthogonal_reg(ortho_weights(self.g.module), lc.ortho_beta)
             total = total + reg
-            self._add("g_ortho", reg)
+        self.metrics.add(g_loss=loss, **values)
         return total
 
     def train_step(self, diagnostics: bool = False) -> None:
@@ -278,6 +272,7 @@ class Trainer:
         self.step += 1
         with self._phase("ema"):
             self.ema.update(self.g.module, self.step)
+        self.guard.end_step(self.step)
 
     # ---- sampling --------------------------------------------------------------------------------------------
     def sampling_generator(self, n_passes: Optional[int] = None) -> nn.Module:
