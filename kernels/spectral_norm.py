@@ -4,18 +4,27 @@
     sigma = u^T W v                            (differentiated through W only, u and v constants)
 
 These are the semantics of torch.nn.utils.parametrizations.spectral_norm (and Miyato et al.'s Algorithm 1), applied
-to a list of matrices: conv weights viewed as (out, in*kh*kw). The torch reference below is a loop over the layers
-(~8 small launches each); the Triton backend (spectral_norm_triton.py) runs the whole list in two launches per
-iteration, deterministically (no float atomics), with u, v and sigma in fp32 whatever the weights' dtype.
+to a list of matrices: conv weights viewed as (out, in*kh*kw). Three implementations, ``backend``:
+
+- ``torch``: the reference, a loop over the layers (~15 ops each, and as many in the backward).
+- ``foreach``: the whole list in few ops (``spectral_normalize``: one autograd function for all layers; two
+  matrix-vector products per layer, every normalization and the division W / sigma as foreach ops over the list;
+  backward dW = G / sigma - <G, W> / sigma^2 u v^T, again mostly foreach): for CPUs, and where Triton is missing.
+- ``triton`` (spectral_norm_triton.py): the whole list in two launches per iteration, deterministically (no float
+  atomics).
+
+u, v and sigma are fp32 whatever the weights' dtype.
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from kernels.dispatch import use_triton
+
+SN_BACKENDS = ("auto", "torch", "foreach", "triton")  # auto: triton on CUDA tensors, foreach elsewhere
 
 
 def _check(weights: Sequence[torch.Tensor], us: Sequence[torch.Tensor], n_iters: int) -> None:
@@ -30,6 +39,15 @@ def _check(weights: Sequence[torch.Tensor], us: Sequence[torch.Tensor], n_iters:
                              f"{tuple(w.shape)} and {tuple(u.shape)} (view conv weights as w.reshape(out, -1))")
 
 
+def resolve_sn_backend(backend: str, *tensors: torch.Tensor) -> str:
+    """"torch", "foreach" or "triton" for these tensors ("auto": triton on CUDA where installed, else foreach)."""
+    if backend not in SN_BACKENDS:
+        raise ValueError(f"spectral norm: backend={backend!r} is not one of {SN_BACKENDS}")
+    if backend in ("torch", "foreach"):
+        return backend
+    return "triton" if use_triton(backend, *tensors, op="sn backend") else "foreach"
+
+
 def sn_power_iteration(weights: Sequence[torch.Tensor], us: Sequence[torch.Tensor], n_iters: int = 1,
                        eps: float = 1e-12, backend: str = "auto"
                        ) -> Tuple[torch.Tensor, List[torch.Tensor], List[torch.Tensor]]:
@@ -37,12 +55,17 @@ def sn_power_iteration(weights: Sequence[torch.Tensor], us: Sequence[torch.Tenso
 
     sigmas is an fp32 tensor (L,) differentiable w.r.t. the weights (d sigma / d W = u v^T); us and vs are new fp32
     tensors (the inputs are not modified), so the caller decides where they are stored. backend: "torch" (a loop,
-    the reference), "triton" (two launches per iteration for all matrices), "auto" (Triton on CUDA).
+    the reference), "triton" (two launches per iteration for all matrices), "foreach" (few ops for all matrices),
+    "auto" (Triton on CUDA, foreach elsewhere).
     """
     _check(weights, us, n_iters)
-    if use_triton(backend, *weights, op="sn_power_iteration"):
+    which = resolve_sn_backend(backend, *weights)
+    if which == "triton":
         from kernels.spectral_norm_triton import fused_power_iteration
         return fused_power_iteration(list(weights), list(us), n_iters, eps)
+    if which == "foreach":
+        out, n = _ForeachSN.apply(n_iters, eps, False, len(weights), *weights, *us), len(weights)
+        return out[0], list(out[1:1 + n]), list(out[1 + n:1 + 2 * n])
     sigmas, us_out, vs_out = [], [], []
     for w, u in zip(weights, us):
         w32 = w.float()
@@ -55,3 +78,95 @@ def sn_power_iteration(weights: Sequence[torch.Tensor], us: Sequence[torch.Tenso
         us_out.append(u)
         vs_out.append(v)
     return torch.stack(sigmas), us_out, vs_out
+
+
+def spectral_normalize(weights: Sequence[torch.Tensor], us: Sequence[torch.Tensor], n_iters: int = 1,
+                       eps: float = 1e-12, backend: str = "auto"
+                       ) -> Tuple[List[torch.Tensor], List[torch.Tensor], List[torch.Tensor], torch.Tensor]:
+    """(W_i / sigma_i for every weight, us, vs, sigmas detached): what a spectrally normalized network needs per
+    training forward, for all its layers at once. The normalized weights have each weight's shape and are
+    differentiable w.r.t. the weights, with torch's spectral_norm semantics (u, v constants)."""
+    mats = [w.reshape(w.shape[0], -1) for w in weights]
+    _check(mats, us, n_iters)
+    which = resolve_sn_backend(backend, *weights)
+    if which == "foreach":
+        out, n = _ForeachSN.apply(n_iters, eps, True, len(weights), *weights, *us), len(weights)
+        return list(out[1 + 2 * n:]), list(out[1:1 + n]), list(out[1 + n:1 + 2 * n]), out[0]
+    sigmas, u, v = sn_power_iteration(mats, us, n_iters, eps, which)
+    return [w / s for w, s in zip(weights, sigmas.unbind(0))], u, v, sigmas.detach()
+
+
+_VIEWS: Dict[tuple, Tuple[List[torch.Tensor], List[torch.Tensor]]] = {}
+
+
+def _matrix_views(weights: Sequence[torch.Tensor]) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    """Detached (out, in) views of the weights and their transposes, kept while the parameters stay where they are
+    (optimizers update them in place), so a step spends no op on reshapes. fp32 only; other dtypes are cast."""
+    if any(w.dtype != torch.float32 for w in weights):
+        mats = [w.detach().reshape(w.shape[0], -1).float() for w in weights]
+        return mats, [m.t() for m in mats]
+    key = tuple((w.data_ptr(), tuple(w.shape)) for w in weights)
+    views = _VIEWS.get(key)
+    if views is None:
+        if len(_VIEWS) > 16:  # parameters moved for good (re-sharded, reloaded): forget old layouts
+            _VIEWS.clear()
+        mats = [w.detach().reshape(w.shape[0], -1) for w in weights]
+        views = _VIEWS[key] = (mats, [m.t() for m in mats])
+    return views
+
+
+def _normalized(xs: List[torch.Tensor], eps: float) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    """(x / max(|x|, eps), |x|) for every vector of the list, in three foreach ops."""
+    norms = torch._foreach_norm(xs)
+    return torch._foreach_div(xs, torch._foreach_clamp_min(norms, eps)), norms
+
+
+class _ForeachSN(torch.autograd.Function):
+    """The power iteration for a list of n weights in foreach ops. Outputs, flat: sigmas (n,), u_1..u_n, v_1..v_n,
+    and with ``normalize`` W_1 / sigma_1 .. W_n / sigma_n. Gradients reach the weights through sigmas
+    (d sigma / d W = u v^T) or through the normalized weights; u and v are constants, as in torch's spectral_norm."""
+
+    @staticmethod
+    def forward(ctx, n_iters: int, eps: float, normalize: bool, n: int, *tensors: torch.Tensor):
+        weights, us = tensors[:n], [u.float() for u in tensors[n:]]
+        mats, mats_t = _matrix_views(weights)
+        for _ in range(n_iters):
+            vs, _ = _normalized([torch.mv(mt, u) for mt, u in zip(mats_t, us)], eps)
+            us, norms = _normalized([torch.mv(m, v) for m, v in zip(mats, vs)], eps)
+        norm = torch.stack(norms)
+        sigmas = norm * norm / norm.clamp_min(eps)  # u^T W v, with u = Wv / max(|Wv|, eps)
+        ctx.n, ctx.normalize, ctx.shapes = n, normalize, [w.shape for w in weights]
+        ctx.mark_non_differentiable(*us, *vs)
+        ctx.set_materialize_grads(False)  # u, v get no gradient: no zeros for them in the backward
+        if not normalize:
+            ctx.save_for_backward(*us, *vs, *weights)
+            return (sigmas, *us, *vs)
+        w_sn = torch._foreach_div(list(weights), [s.to(w.dtype) for s, w in zip(sigmas.unbind(0), weights)])
+        ctx.mark_non_differentiable(sigmas)
+        ctx.save_for_backward(*us, *vs, *weights, sigmas)
+        return (sigmas, *us, *vs, *w_sn)
+
+    @staticmethod
+    def backward(ctx, g_sigma: torch.Tensor, *grads_out: torch.Tensor):
+        n = ctx.n
+        saved = ctx.saved_tensors
+        us, vs, weights = saved[:n], saved[n:2 * n], saved[2 * n:3 * n]
+        outers = [torch.outer(u, v).view(shape) for u, v, shape in zip(us, vs, ctx.shapes)]
+        if not ctx.normalize:  # d sigma_i / d W_i = u_i v_i^T
+            grads = torch._foreach_mul(outers, list(g_sigma.unbind(0)))
+        else:  # d (W / sigma): G / sigma - <G, W> / sigma^2 u v^T
+            sigmas = saved[3 * n]
+            g = [torch.zeros_like(w) if gi is None else gi for gi, w in zip(grads_out[2 * n:], weights)]
+            coef = (_dots(g, list(weights)) / (sigmas * sigmas)).neg_()
+            grads = torch._foreach_add(torch._foreach_div(g, list(sigmas.unbind(0))),
+                                       torch._foreach_mul(outers, list(coef.unbind(0))))
+        return (None, None, None, None, *[gr.to(w.dtype) for gr, w in zip(grads, weights)], *([None] * n))
+
+
+def _dots(a: List[torch.Tensor], b: List[torch.Tensor]) -> torch.Tensor:
+    """<a_i, b_i> for every pair, in fp32: one foreach product, then one (pairwise) sum per pair. (A polarization
+    identity on norms would take a fixed number of ops, but its rounding, ~1e-7 of |a||b|, made 2 ranks differ from
+    1 by 3e-5 in a weight after one step: exact sums it is.)"""
+    if a[0].dtype != torch.float32:
+        a, b = [x.float() for x in a], [x.float() for x in b]
+    return torch.stack([p.sum() for p in torch._foreach_mul(a, b)])

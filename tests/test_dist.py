@@ -184,7 +184,10 @@ def test_two_ranks_equal_one_rank_with_twice_the_micro_batch(strategy, tmp_path)
     # the fused kernels under the strategy (Triton interpreter on CPU), against the torch reference at 1 rank
     fused = case_overrides(strategy, "d2d_ce", True, 8, 2, ranks=2) + ["model.sn_backend=triton", "loss.backend=triton"]
     control = case_overrides(strategy, "d2d_ce", False, 8, 4, ranks=2)  # local negatives: must NOT equal
-    torchrun(WORKER, "steps", tmp_path, json.dumps(cases + [fused, control]))
+    # torch.compile under DDP (compile is for ddp only), against one compiled process
+    compiled = [case_overrides(strategy, "d2d_ce", True, 8, 2, ranks=2) + ["train.compile=default"]] \
+        if strategy == "ddp" else []
+    torchrun(WORKER, "steps", tmp_path, json.dumps(cases + [fused, control] + compiled))
     for i, c in enumerate(CASES + [("d2d_ce", True, 8, 2)]):
         want = single_process_step(case_overrides(strategy, *c, ranks=1))
         got = torch.load(tmp_path / f"case-{i}.pt")
@@ -193,6 +196,9 @@ def test_two_ranks_equal_one_rank_with_twice_the_micro_batch(strategy, tmp_path)
     got = torch.load(tmp_path / f"case-{len(CASES) + 1}.pt")
     with pytest.raises(AssertionError):
         assert_same_nets(got, want, "local negatives differ from the global batch's")
+    if compiled:
+        want = single_process_step(case_overrides(strategy, "d2d_ce", True, 8, 2, ranks=1) + ["train.compile=default"])
+        assert_same_nets(torch.load(tmp_path / f"case-{len(CASES) + 2}.pt"), want, "compiled, 2 ranks vs 1")
 
 
 # ---- checkpoints are world-size (and strategy) independent -----------------------------------------------------

@@ -138,12 +138,14 @@ def test_eval_plot_and_bench_commands(tmp_path, capsys):
     assert main(["bench", *common, "--steps", "2", "--warmup", "1", "--out", str(out), "--peak-tflops", "1"]) == 0
     b = json.loads(out.read_text())
     for key in ("sec_per_step", "phase_ms_per_step", "samples_per_s_per_device", "images_per_s_per_device",
-                "tflops_per_device", "mfu", "peak_memory_gib", "world", "device", "allreduce_all_grads_ms"):
+                "tflops_per_device", "mfu", "peak_memory_gib", "world", "device", "allreduce_all_grads_ms",
+                "phase_host_ms_per_step", "aten_ops_per_iteration", "first_step_seconds"):
         assert key in b, key
     assert set(b["phase_ms_per_step"]) == {"data", "d_forward", "d_backward", "d_optimizer", "g_forward",
                                            "g_backward", "g_optimizer", "ema"}
     assert all(v >= 0 for v in b["phase_ms_per_step"].values()) and b["phase_ms_per_step"]["d_forward"] > 0
     assert 0 < b["mfu"] < 1 and b["samples_per_s_per_device"] > 0
+    assert b["aten_ops_per_iteration"] > 100 and b["cuda_kernels_per_iteration"] is None
     two = dict(b, world=2, samples_per_s_per_device=b["samples_per_s_per_device"] * 0.9)
     (tmp_path / "b2.json").write_text(json.dumps(two))
     assert main(["bench", "--scaling", str(out), str(tmp_path / "b2.json"), "--out", str(tmp_path / "scale.json")]) == 0

@@ -134,13 +134,14 @@ def sn_case(seed):
     return ws, us
 
 
+@pytest.mark.parametrize("backend", ["triton", "foreach"])
 @pytest.mark.parametrize("n_iters", [1, 3])
-def test_sn_power_iteration_matches_torch_loop(n_iters):
+def test_sn_power_iteration_matches_torch_loop(n_iters, backend):
     seed = fresh_seed()
     ws, us = sn_case(seed)
     us_before = [u.clone() for u in us]
     ref = sn_power_iteration(ws, us, n_iters, backend="torch")
-    got = sn_power_iteration(ws, us, n_iters, backend="triton")
+    got = sn_power_iteration(ws, us, n_iters, backend=backend)
     close(got[0], ref[0], "sigma", seed)
     for i, (a, b) in enumerate(zip(got[1], ref[1])):
         close(a, b, f"u of matrix {i}", seed)
@@ -152,6 +153,36 @@ def test_sn_power_iteration_matches_torch_loop(n_iters):
     g_got = torch.autograd.grad((got[0] * weights).sum(), ws)
     for i, (a, b) in enumerate(zip(g_got, g_ref)):
         close(a, b, f"d sigma / d W of matrix {i}", seed)
+
+
+def test_spectral_normalize_matches_float64_autograd():
+    """The whole-network W / sigma (foreach, and triton + a division) against autograd through a float64 loop:
+    values and gradients, conv-shaped (4-D) weights included; a weight without upstream gradient gets a zero one."""
+    from kernels import spectral_normalize
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(7, 5, 3, 3), (4, 9), (13, 6, 1, 1), (3, 3), (1, 40)]
+    ws = [torch.randn(*s, generator=g, dtype=torch.float64) for s in shapes]
+    us = [torch.nn.functional.normalize(torch.randn(s[0], generator=g, dtype=torch.float64), dim=0) for s in shapes]
+    gs = [torch.randn(*s, generator=g, dtype=torch.float64) for s in shapes]
+    w64 = [w.clone().requires_grad_() for w in ws]
+    u, v = list(us), []
+    with torch.no_grad():
+        for i, w in enumerate(w64):
+            m = w.reshape(w.shape[0], -1)
+            v.append(torch.nn.functional.normalize(m.t() @ u[i], dim=0))
+            u[i] = torch.nn.functional.normalize(m @ v[i], dim=0)
+    want = [w / torch.dot(ui, w.reshape(w.shape[0], -1) @ vi) for w, ui, vi in zip(w64, u, v)]
+    sum((a * b).sum() for a, b in zip(want[:-1], gs)).backward()
+    for backend in ("foreach", "triton"):
+        wf = [w.float().to(DEV).requires_grad_() for w in ws]
+        got, gu, gv, sig = spectral_normalize(wf, [x.float().to(DEV) for x in us], 1, 1e-12, backend)
+        sum((a * b.float().to(DEV)).sum() for a, b in zip(got[:-1], gs)).backward()
+        for i in range(len(shapes)):
+            close(got[i], want[i].float().to(DEV), f"{backend}: W / sigma of weight {i}", seed)
+            close(gu[i], u[i].float().to(DEV), f"{backend}: u of weight {i}", seed)
+            want_g = torch.zeros_like(wf[i]) if w64[i].grad is None else w64[i].grad.float().to(DEV)
+            close(wf[i].grad, want_g, f"{backend}: gradient of weight {i}", seed)
 
 
 def test_sn_power_iteration_converges_to_the_spectral_norm():
@@ -173,9 +204,10 @@ def test_sn_power_iteration_converges_to_the_spectral_norm():
     close(sigmas, want, "sigma after 40 iterations", seed, tol=1e-4)
 
 
-def test_model_with_fused_sn_equals_reference():
-    """Tiny BigGAN G and D: training-mode forwards with the fused SN give the reference's outputs, u, v, sigma
-    buffers and gradients; eval mode leaves the fused path alone."""
+@pytest.mark.parametrize("backend", ["triton", "foreach"])
+def test_model_with_fused_sn_equals_reference(backend):
+    """Tiny BigGAN G and D: training-mode forwards with the fused SN give the reference's outputs, u, v buffers,
+    sigmas and gradients; eval mode leaves the fused path alone."""
     seed = fresh_seed()
     torch.manual_seed(seed)
     nets = {"G": biggan.Generator(16, 4, 3, 24, 8, 8), "D": biggan.Discriminator(16, 4, 3, "d2d_ce", 8, 8)}
@@ -185,7 +217,7 @@ def test_model_with_fused_sn_equals_reference():
             biggan.Discriminator(16, 4, 3, "d2d_ce", 8, 8)
         fused = fused.to(DEV).train()
         fused.load_state_dict(ref.state_dict())
-        FusedSpectralNorm(fused, backend="triton")
+        FusedSpectralNorm(fused, backend=backend)
         g = torch.Generator().manual_seed(seed)
         for step in range(2):
             if name == "G":
@@ -205,25 +237,29 @@ def test_model_with_fused_sn_equals_reference():
         for (bname, a), b in zip(ref.named_buffers(), fused.buffers()):
             close(b, a, f"{name} buffer {bname}", seed, tol=1e-4)
         assert set(sn_sigmas(fused)) == set(sn_sigmas(ref)) and len(sn_sigmas(fused)) > 3
+        for key, sigma in sn_sigmas(ref).items():
+            close(sn_sigmas(fused)[key], sigma, f"{name} sigma of {key}", seed, tol=1e-4)
 
 
-def test_training_steps_with_triton_backends_equal_torch(tiny_cfg):
-    """Two full D+G steps on the tiny config: fused SN + fused D2D-CE give the reference's parameters. adam_eps=1
-    makes Adam's update linear in small gradients, so float-rounding differences are not blown up to +-lr."""
+@pytest.mark.parametrize("fast", ["triton", "foreach"])
+def test_training_steps_with_fused_backends_equal_torch(tiny_cfg, fast):
+    """Two full D+G steps on the tiny config: the whole-network SN (and, for triton, the fused D2D-CE) give the
+    per-layer reference's parameters. adam_eps=1 makes Adam's update linear in small gradients, so float-rounding
+    differences are not blown up to +-lr."""
     from hpc_gan.train.trainer import Trainer
     nets = {}
-    for backend in ("torch", "triton"):
-        cfg = tiny_cfg(f"model.sn_backend={backend}", f"loss.backend={backend}", "train.batch_size=6",
-                       "train.adam_eps=1.0", "train.g_lr=0.05", "train.d_lr=0.05")
+    for backend in ("torch", fast):
+        cfg = tiny_cfg(f"model.sn_backend={backend}", f"loss.backend={'torch' if backend == 'foreach' else backend}",
+                       "train.batch_size=6", "train.adam_eps=1.0", "train.g_lr=0.05", "train.d_lr=0.05")
         tr = Trainer(cfg, DEV)
-        assert all(f is not None for f in tr.fused_sn) == (backend == "triton")
+        assert all(f is not None for f in tr.fused_sn) == (backend != "torch")
         for _ in range(2):
             tr.train_step(diagnostics=True)
         nets[backend] = (tr.g.module, tr.d.module, tr.pop_metrics())
     for i, tag in enumerate("GD"):
-        for (name, a), b in zip(nets["torch"][i].state_dict().items(), nets["triton"][i].state_dict().values()):
+        for (name, a), b in zip(nets["torch"][i].state_dict().items(), nets[fast][i].state_dict().values()):
             close(b, a, f"{tag}.{name} after 2 steps", 0, tol=1e-4)
-    assert nets["triton"][2]["diag_sigma_D_max"] == pytest.approx(nets["torch"][2]["diag_sigma_D_max"], rel=1e-4)
+    assert nets[fast][2]["diag_sigma_D_max"] == pytest.approx(nets["torch"][2]["diag_sigma_D_max"], rel=1e-4)
 
 
 def test_every_kernel_compiles_for_h100_without_a_gpu():

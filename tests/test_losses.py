@@ -107,3 +107,22 @@ def test_augmentation_of_a_sample_does_not_depend_on_the_split():
     assert torch.equal(whole[3:7], part)
     assert torch.equal(consistency_augment(x, draws(5, 10))[3:7],
                        consistency_augment(x[3:7], draws(5, 4, offset=3, total=10)))
+
+
+def test_orthogonal_gradient_added_directly_equals_autograd():
+    """add_orthogonal_grad_ (BigGAN-PyTorch's way: 4 beta (W W^T * (1 - I)) W into .grad) against autograd through
+    orthogonal_reg, in float64, conv- and linear-shaped weights, and onto existing gradients."""
+    from hpc_gan.losses import add_orthogonal_grad_, orthogonal_reg
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2 ** 31, (1,))))
+    shapes = [(6, 4, 3, 3), (5, 7), (9, 2), (1, 3)]
+    ws = [torch.randn(*s, generator=g, dtype=torch.float64, requires_grad=True) for s in shapes]
+    start = [torch.randn(*s, generator=g, dtype=torch.float64) for s in shapes]
+    value = orthogonal_reg(ws, 1e-2)
+    auto = torch.autograd.grad(value, ws)
+    direct = [w.detach().clone().requires_grad_() for w in ws]
+    for w, s in zip(direct, start):
+        w.grad = s.clone()
+    got = add_orthogonal_grad_(direct, 1e-2)
+    torch.testing.assert_close(got, value.detach())
+    for w, a, s in zip(direct, auto, start):
+        torch.testing.assert_close(w.grad, s + a)

@@ -4,7 +4,7 @@ import torch
 
 from hpc_gan.errors import UserError
 from hpc_gan.models import biggan, biggan_deep
-from hpc_gan.models.layers import SNConv2d, SNLinear
+from hpc_gan.models.layers import SelfAttention, SNConv2d, SNLinear
 
 
 def count(m):
@@ -89,7 +89,7 @@ def test_spectral_norm_matches_power_iteration_and_torch_gradient(kind):
         u = torch.nn.functional.normalize(w64 @ v, dim=0)
         torch.testing.assert_close(ours.sn_u.double(), u, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(ours.sn_v.double(), v, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(ours.sn_sigma.double(), u @ w64 @ v, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ours.sn_sigma().double(), u @ w64 @ v, rtol=1e-5, atol=1e-6)
         param._u.copy_(ours.sn_u)
         param._v.copy_(ours.sn_v)
         w_ref = ref.weight
@@ -106,7 +106,7 @@ def test_spectral_norm_converges_to_top_singular_value():
     for _ in range(200):
         conv.sn_weight()
     w = conv.weight.detach().reshape(5, -1)
-    assert conv.sn_sigma.item() == pytest.approx(torch.linalg.matrix_norm(w, ord=2).item(), rel=1e-4)
+    assert conv.sn_sigma().item() == pytest.approx(torch.linalg.matrix_norm(w, ord=2).item(), rel=1e-4)
     assert torch.linalg.matrix_norm(conv.sn_weight().detach().reshape(5, -1), ord=2).item() == pytest.approx(1, rel=1e-4)
 
 
@@ -139,3 +139,27 @@ def test_named_batch_splits_d_output_by_part():
         assert split[name].keys() == alone.keys()
         for key in alone:
             torch.testing.assert_close(split[name][key], alone[key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("ch,h,w", [(16, 8, 8), (24, 6, 10), (8, 4, 2)])
+def test_sdpa_attention_equals_the_explicit_map(ch, h, w):
+    """SelfAttention through scaled_dot_product_attention(scale=1.0) against the explicit softmax(theta^T phi) map,
+    outputs and gradients, on fresh random inputs (odd shapes included)."""
+    from functools import partial
+    seed = int(torch.randint(0, 2 ** 31, (1,)))
+    torch.manual_seed(seed)
+    which_conv = partial(SNConv2d, kernel_size=3, padding=1)
+    fast = SelfAttention(ch, which_conv, "sdpa").eval()
+    ref = SelfAttention(ch, which_conv, "explicit").eval()
+    ref.load_state_dict(fast.state_dict())
+    with torch.no_grad():
+        for m in (fast, ref):
+            m.gamma.fill_(0.7)  # 0 at init would hide the attention branch
+    x = torch.randn(3, ch, h, w, requires_grad=True)
+    a, b = fast(x), ref(x)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"seed {seed}")
+    g = torch.randn_like(a)
+    ga = torch.autograd.grad(a, [x, *fast.parameters()], g)
+    gb = torch.autograd.grad(b, [x, *ref.parameters()], g)
+    for u, v in zip(ga, gb):  # summation orders differ (flash attention's online softmax): ~1e-6 of the scale
+        torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-5 * float(v.abs().max()), msg=f"seed {seed}")

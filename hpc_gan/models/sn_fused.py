@@ -1,9 +1,11 @@
-"""Spectral norm of a whole network in one fused power iteration per forward (kernels.sn_power_iteration).
+"""Spectral norm of a whole network in one call per training forward (kernels.spectral_normalize).
 
-Per-layer SN costs ~8 small launches per layer; BigGAN-128 has ~65 SN layers in G+D. FusedSpectralNorm runs the
-iteration for all of a network's SN layers in two Triton launches before each training-mode forward and hands each
-layer its sigma (with autograd through W, as torch's spectral_norm). In eval mode the layers do their own
-(iteration-free) sigma, as before. The per-layer path stays the reference; ``model.sn_backend`` switches.
+Per-layer SN costs ~15 small ops per layer and as many in the backward; BigGAN-128 has 65 SN layers in G+D, run in
+four training-mode forwards per iteration. FusedSpectralNorm normalizes all of a network's SN weights at once before
+each training-mode forward, with ``model.sn_backend``: "foreach" (two matrix-vector products per layer, the rest
+foreach ops over the list, one backward for all) or "triton" (two launches per iteration), and hands each layer its
+W / sigma. In eval mode the layers do their own (iteration-free) sigma, as before. The per-layer path ("torch")
+stays the reference.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from hpc_gan.models.layers import no_autocast, spectral_norm_layers
-from kernels import sn_power_iteration, use_triton
+from kernels import resolve_sn_backend, spectral_normalize
 
 
 class FusedSpectralNorm:
@@ -26,38 +28,38 @@ class FusedSpectralNorm:
             raise ValueError(f"FusedSpectralNorm: layers disagree on (iterations, eps): {sorted(settings)}")
         (self.n_iters, self.eps), = settings
         self.backend = backend
+        self.us = [m.sn_u for m in self.layers]
+        self.vs = [m.sn_v for m in self.layers]
         self.handle = model.register_forward_pre_hook(self._before_forward)
 
     def _before_forward(self, module: nn.Module, args: tuple) -> None:
         if not module.training:
             return
-        weights = [m.sn_matrix() for m in self.layers]
+        weights = [m.weight for m in self.layers]
         with no_autocast(weights[0].device.type):
-            sigmas, us, vs = sn_power_iteration(weights, [m.sn_u for m in self.layers], self.n_iters, self.eps,
-                                                backend=self.backend)
+            normalized, us, vs, _ = spectral_normalize(weights, self.us, self.n_iters, self.eps, self.backend)
         with torch.no_grad():
-            torch._foreach_copy_([m.sn_u for m in self.layers], us)
-            torch._foreach_copy_([m.sn_v for m in self.layers], vs)
-            torch._foreach_copy_([m.sn_sigma for m in self.layers], list(sigmas.detach().unbind(0)))
-        for m, s in zip(self.layers, sigmas.unbind(0)):
-            m.fused_sigma = s
+            torch._foreach_copy_(self.us, us)
+            torch._foreach_copy_(self.vs, vs)
+        for m, w in zip(self.layers, normalized):
+            m.fused_weight = w
 
     def remove(self) -> None:
         self.handle.remove()
         for m in self.layers:
-            m.fused_sigma = None
+            m.fused_weight = None
 
 
 def attach_fused_sn(model: nn.Module, backend: str) -> Optional[FusedSpectralNorm]:
-    """Fuse the network's SN when ``backend`` resolves to Triton for its parameters ("auto": on CUDA); None when
-    the per-layer torch path stays in use."""
-    probe = next(model.parameters())
-    if not use_triton(backend, probe, op="model.sn_backend"):
+    """Normalize the network's SN weights all at once unless ``backend`` is "torch" (the per-layer reference,
+    returns None). "auto": Triton on CUDA where installed, foreach elsewhere."""
+    if backend == "torch":
         return None
-    return FusedSpectralNorm(model, backend="triton")
+    return FusedSpectralNorm(model, backend=resolve_sn_backend(backend, next(model.parameters())))
 
 
 def sn_sigmas(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """Each SN layer's last sigma (its weight's top singular value estimate), by module name: BigGAN's sigma_0."""
+    """Each SN layer's current sigma (its weight's top singular value estimate u^T W v), by module name: BigGAN's
+    sigma_0. Computed on call (a few ops per layer): call at diagnostics steps."""
     layers = set(spectral_norm_layers(model))
-    return {name: m.sn_sigma for name, m in model.named_modules() if m in layers}
+    return {name: m.sn_sigma() for name, m in model.named_modules() if m in layers}

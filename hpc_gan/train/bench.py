@@ -12,10 +12,11 @@ import json
 import resource
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from hpc_gan.config import Config
 from hpc_gan.dist import DistInfo
@@ -54,15 +55,48 @@ def _allreduce_ms(trainer: Trainer, reps: int = 5) -> Optional[float]:
     return (time.perf_counter() - t0) / reps * 1e3
 
 
+class OpCounter(TorchDispatchMode):
+    """aten ops dispatched (below autograd: every op a kernel launch would be on a GPU, and then some views)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
+        self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(fn: Callable[[], Any]) -> int:
+    with OpCounter() as counter:
+        fn()
+    return counter.n
+
+
+def count_kernels(fn: Callable[[], Any]) -> Optional[int]:
+    """CUDA kernels launched by fn (the profiler's device events); None without a GPU."""
+    if not torch.cuda.is_available():
+        return None
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
 def bench_train(cfg: Config, steps: int = 10, warmup: int = 2, info: Optional[DistInfo] = None,
                 peak_tflops: Optional[float] = None) -> Dict[str, Any]:
     from hpc_gan.info import model_info
     info = info or DistInfo()
     device = resolve_device(cfg.run.device, info)
     trainer = Trainer(cfg, device, info)
-    for _ in range(warmup):
+    first = None
+    for i in range(warmup):
+        t0 = time.perf_counter()
         trainer.train_step()
-    trainer.pop_metrics()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        first = time.perf_counter() - t0 if i == 0 else first
     timer = trainer.timer = PhaseTimer(device)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -73,8 +107,11 @@ def bench_train(cfg: Config, steps: int = 10, warmup: int = 2, info: Optional[Di
     if device.type == "cuda":
         torch.cuda.synchronize()
     wall = time.perf_counter() - t0
-    phases = timer.totals_ms()
+    phases, host = timer.totals_ms(), timer.host_ms()
     trainer.timer = None
+    ops = count_ops(trainer.train_step)           # one more step each: after the timed ones
+    kernels = count_kernels(trainer.train_step) if device.type == "cuda" else None
+    trainer.pop_metrics()
     t = cfg.train
     samples_s = steps * t.batch_size / wall / info.world            # per device
     images_s = samples_s * (2 * t.n_dis + 1)                       # through D: real + fake per D step, fakes in G
@@ -90,7 +127,12 @@ def bench_train(cfg: Config, steps: int = 10, warmup: int = 2, info: Optional[Di
         "precision": t.precision, "batch_size": t.batch_size, "micro_batch": trainer.plan.micro, "accum": trainer.plan.accum,
         "n_dis": t.n_dis, "steps": steps, "warmup": warmup, "sec_per_step": wall / steps,
         "phase_ms_per_step": {p: phases.get(p, 0.0) / steps for p in PHASES},
+        "phase_host_ms_per_step": {p: host.get(p, 0.0) / steps for p in PHASES},
+        "host_bound": (sum(host.values()) > sum(phases.values())) if device.type == "cuda" else None,
         "other_ms_per_step": max(0.0, wall / steps * 1e3 - sum(phases.values()) / steps),
+        "aten_ops_per_iteration": ops, "cuda_kernels_per_iteration": kernels,
+        "compile": trainer.compile_mode or "off",
+        "first_step_seconds": first,
         "allreduce_all_grads_ms": _allreduce_ms(trainer),
         "samples_per_s_per_device": samples_s, "images_per_s_per_device": images_s,
         "gflops_per_sample_iteration": gflop, "tflops_per_device": tflops, "peak_tflops": peak,
@@ -100,11 +142,17 @@ def bench_train(cfg: Config, steps: int = 10, warmup: int = 2, info: Optional[Di
 
 
 def print_bench(r: Dict[str, Any]) -> None:
-    print(f"{r['arch']} {r['resolution']}px on {r['world']} x {r['device']} ({r['strategy']}, {r['precision']}), batch "
-          f"{r['batch_size']} = {r['micro_batch']} x {r['accum']} x {r['world']}: {r['sec_per_step'] * 1e3:.1f} ms/step")
+    print(f"{r['arch']} {r['resolution']}px on {r['world']} x {r['device']} ({r['strategy']}, {r['precision']}, compile "
+          f"{r['compile']}), batch {r['batch_size']} = {r['micro_batch']} x {r['accum']} x {r['world']}: "
+          f"{r['sec_per_step'] * 1e3:.1f} ms/step; first step {r['first_step_seconds']:.1f} s")
+    gpu = r["host_bound"] is not None
+    print(f"  {'phase':<12} {'device ms' if gpu else 'ms':>9}" + (f" {'host ms':>9}" if gpu else ""))
     for p, ms in r["phase_ms_per_step"].items():
-        print(f"  {p:<12} {ms:9.2f} ms")
-    print(f"  {'other':<12} {r['other_ms_per_step']:9.2f} ms")
+        print(f"  {p:<12} {ms:9.2f}" + (f" {r['phase_host_ms_per_step'][p]:9.2f}" if gpu else ""))
+    print(f"  {'other':<12} {r['other_ms_per_step']:9.2f}")
+    print(f"aten ops/iteration {r['aten_ops_per_iteration']}"
+          + (f" | CUDA kernels/iteration {r['cuda_kernels_per_iteration']} | "
+             f"{'host-bound' if r['host_bound'] else 'device-bound'}" if gpu else ""))
     print(f"samples/s/device {r['samples_per_s_per_device']:.1f} | images/s/device {r['images_per_s_per_device']:.1f}"
           f" | {r['tflops_per_device']:.3f} TFLOP/s/device"
           + (f" | MFU {100 * r['mfu']:.1f}% of {r['peak_tflops']:.0f}" if r["mfu"] is not None else " | MFU n/a (no peak)")

@@ -12,24 +12,27 @@ from hpc_gan.plan import RandomStreams
 
 class EMA:
     """G_ema = decay * G_ema + (1 - decay) * G from ``start`` on; before it G_ema copies G. Buffers (BN running
-    statistics, SN vectors) are copied, as BigGAN does."""
+    statistics, SN vectors) are copied, as BigGAN does. Follows the tensors of ``model`` as given here (optimizers
+    and engines update them in place)."""
 
     def __init__(self, model: nn.Module, decay: float, start: int) -> None:
         self.decay, self.start = decay, start
         self.model = copy.deepcopy(model).float().eval().requires_grad_(False)
-        self._src = [p for p in model.parameters()]
-        self._dst = [p for p in self.model.parameters()]
+        self._src = list(model.parameters())
+        self._dst = list(self.model.parameters())
+        self._src_buffers = list(model.buffers())
+        self._dst_buffers = list(self.model.buffers())
 
     @torch.no_grad()
-    def update(self, model: nn.Module, step: int) -> None:
-        """Call after G's optimizer step ``step`` (1-based)."""
-        src = [p.detach().float() for p in self._src]
+    def update(self, step: int) -> None:
+        """Call after G's optimizer step ``step`` (1-based). A few foreach ops, whatever the number of tensors."""
+        src = [p.float() for p in self._src]  # no copy for fp32 weights (bf16 engines: an fp32 copy)
         if step < self.start:
             torch._foreach_copy_(self._dst, src)
         else:
             torch._foreach_lerp_(self._dst, src, 1.0 - self.decay)
-        for b_dst, b_src in zip(self.model.buffers(), model.buffers()):
-            b_dst.copy_(b_src)
+        if self._dst_buffers:
+            torch._foreach_copy_(self._dst_buffers, self._src_buffers)
 
 
 @torch.no_grad()

@@ -94,6 +94,10 @@ def _train(cfg: Config, resume: Optional[str], log: Callable[[str], None], info:
         while trainer.step < cfg.train.steps and not ctx.summary.get("preempted"):
             with hang.watch(), ctx.timer.phase("train"):
                 trainer.train_step(diagnostics=logger.diagnostics_due(trainer.step + 1))
+            if trainer.step == start + 1 and trainer.compile_mode:
+                ctx.summary["first_step_seconds"] = round(ctx.timer.totals_ms()["train"] / 1e3, 2)
+                log(f"first step {ctx.summary['first_step_seconds']:.1f} s (torch.compile, mode "
+                    f"{trainer.compile_mode}: later steps with new input shapes or grad modes compile too)")
             step, final = trainer.step, trainer.step == cfg.train.steps
             due = [a for a in actions if a.due(step, final)]  # every rank, every step, in order
             _check_nonfinite(trainer, run_dir, now=bool(due))

@@ -1,6 +1,7 @@
-"""Timed phases. On a CUDA device: CUDA events, read once at the end, so the timed code gets no host
-synchronization (``hpc-gan bench``'s step phases). Without a device: wall-clock time, the host's view, for phases
-that include I/O (the run loop's train / log / sheet / eval / checkpoint)."""
+"""Timed phases. Always the host's wall-clock time per phase (how long the host took to get through it: on a GPU,
+to issue its work); on a CUDA device also CUDA events, read once at the end, so the timed code gets no host
+synchronization: the device's time per phase. Where host time exceeds device time, the step is host-bound.
+Without a device (the run loop's train / log / sheet / eval / checkpoint): host time only."""
 from __future__ import annotations
 
 import contextlib
@@ -22,21 +23,24 @@ class PhaseTimer:
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
         if self.cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
+        try:
             yield
-            end.record()
-            self._events.append((name, start, end))
-        else:
-            t0 = time.perf_counter()
-            try:
-                yield
-            finally:
-                self._wall[name] += (time.perf_counter() - t0) * 1e3
+        finally:
+            if self.cuda:
+                end.record()
+                self._events.append((name, start, end))
+            self._wall[name] += (time.perf_counter() - t0) * 1e3
+
+    def host_ms(self) -> Dict[str, float]:
+        """The host's milliseconds per phase since the last reset."""
+        return dict(self._wall)
 
     def totals_ms(self) -> Dict[str, float]:
-        """Milliseconds per phase since the last reset (synchronizes on GPUs)."""
+        """Milliseconds per phase since the last reset: the device's on GPUs (synchronizes), else the host's."""
         if not self.cuda:
             return dict(self._wall)
         torch.cuda.synchronize()

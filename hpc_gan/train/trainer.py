@@ -25,12 +25,12 @@ from hpc_gan.dist import DistInfo
 from hpc_gan.dist.launch import local_device_index
 from hpc_gan.dist.batchnorm import average_running_stats, bn_process_group, convert_cross_replica_bn
 from hpc_gan.dist.consistency import check_replicas
-from hpc_gan.dist.engines import broadcast_state, build_net
+from hpc_gan.dist.engines import TorchNet, broadcast_state, build_net
 from hpc_gan.dist.gather import gather_negatives
 from hpc_gan.errors import UserError
-from hpc_gan.losses import cond_loss, d_adv_loss, g_adv_loss, gradient_penalty, has_cond_loss, orthogonal_reg
-from hpc_gan.losses import ortho_weights
-from hpc_gan.models import build_models
+from hpc_gan.losses import (add_orthogonal_grad_, cond_loss, d_adv_loss, g_adv_loss, gradient_penalty, has_cond_loss,
+                            ortho_weights, orthogonal_reg)
+from hpc_gan.models import build_models, set_memory_format
 from hpc_gan.models.heads import NamedBatch
 from hpc_gan.models.sn_fused import attach_fused_sn, sn_sigmas
 from hpc_gan.plan import G_PHASE, StepPlan, d_phase
@@ -57,12 +57,23 @@ def check_precision(precision: str, device: torch.device) -> None:
         raise UserError(f"train.precision={precision} needs a CUDA device; use train.precision=fp32 on the CPU")
 
 
+def compile_mode(cfg: Config, device: torch.device) -> Optional[str]:
+    """torch.compile's mode for G's and D's forward, or None (eager). train.cuda_graphs is the reduce-overhead mode,
+    whose CUDA graphs replay a whole compiled forward (and backward) as one launch."""
+    t = cfg.train
+    if t.cuda_graphs and device.type != "cuda":
+        raise UserError("train.cuda_graphs=true needs a CUDA device; leave it false on the CPU")
+    if t.cuda_graphs:
+        return "reduce-overhead"
+    return None if t.compile == "off" else t.compile
+
+
 def check_kernel_backends(cfg: Config, device: torch.device) -> None:
     """Refuse, in one line, a fused-kernel backend that cannot run here (before anything is built)."""
     probe = torch.empty(0, device=device)
     for key, backend in (("model.sn_backend", cfg.model.sn_backend), ("loss.backend", cfg.loss.backend)):
         try:
-            use_triton(backend, probe, op=key)
+            use_triton("auto" if backend == "foreach" else backend, probe, op=key)
         except BackendUnavailable as e:
             raise UserError(str(e)) from None
 
@@ -79,30 +90,39 @@ class Trainer:
         t, lc = cfg.train, cfg.loss
         check_precision(t.precision, device)
         check_kernel_backends(cfg, device)
+        self.compile_mode = compile_mode(cfg, device)
         self.amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[t.precision]
         if cfg.dist.strategy != "ddp":  # DeepSpeed's bf16 engine holds bf16 weights itself: no autocast on top
             self.amp_dtype = None
         torch.manual_seed(self.plan.rng.weights_init())  # identical initial weights for a given seed, on every rank
         G, D = (net.to(device) for net in build_models(cfg))
+        self.channels_last = set_memory_format(cfg.model.memory_format, device, G, D)
         self.ema = EMA(G, t.ema_decay, t.ema_start)  # before the BN swap: G_ema samples on one rank alone
         if self.world > 1 and cfg.dist.sync_bn:
             convert_cross_replica_bn(G, bn_process_group(cfg.dist.bn_group_size, self.rank, self.world))
         # after the EMA copy: G_ema samples in eval mode, where every layer computes its own sigma
         self.fused_sn = [attach_fused_sn(net, cfg.model.sn_backend) for net in (G, D)]
+        if self.compile_mode:  # the forward only: hooks (the whole-network SN) stay eager; G_ema stays eager
+            for net in (G, D):
+                net.forward = torch.compile(net.forward, mode=self.compile_mode)
         broadcast_state(G)
         broadcast_state(D)
         p = self.plan
         common = dict(betas=(t.beta1, t.beta2), eps=t.adam_eps, micro=p.micro, accum=p.accum, world=self.world,
-                      precision=t.precision)
-        skip = t.nonfinite == "skip"  # fused Adam: a non-finite update is skipped on the device
-        self.g = build_net(G, cfg.dist.strategy, t.g_lr, fused=skip, **common)
-        self.d = build_net(D, cfg.dist.strategy, t.d_lr, fused=skip, **common)
+                      precision=t.precision, optimizer_impl=t.optimizer_impl)
+        self.g = build_net(G, cfg.dist.strategy, t.g_lr, **common)
+        self.d = build_net(D, cfg.dist.strategy, t.d_lr, **common)
         self.negatives = gather_negatives if self.world > 1 and lc.global_negatives else None
         self.dataset = build_dataset(cfg.data, cfg.model.resolution, t.seed)
         self.real = build_stream(cfg, self.dataset, self.plan, device)
         self.positions = self.plan.positions.to(device)  # this rank's rows of every global draw
         self.policies = comma_list(lc.diffaug)
         self.has_cond_loss = has_cond_loss(lc.cond)
+        # BigGAN's orthogonal regularization: its gradient added after G's backward where G's gradients are whole
+        # and unscaled (torch engine, not fp16); in the loss (the reference) otherwise
+        direct = isinstance(self.g, TorchNet) and t.precision != "fp16"
+        self.ortho_in_grad = lc.ortho_beta > 0 and (lc.ortho_impl == "grad" or (lc.ortho_impl == "auto" and direct))
+        self.ortho_in_loss = lc.ortho_beta > 0 and not self.ortho_in_grad
         self.step = 0
         self.timer: Optional[Any] = None  # a train.timing.PhaseTimer while benchmarking
         self.metrics = StepMetrics()
@@ -234,6 +254,8 @@ class Trainer:
                     self.g.micro_backward(total)
             losses.append(total.detach())
         with self._phase("g_optimizer"):
+            if self.ortho_in_grad:
+                self.metrics.add(g_ortho=add_orthogonal_grad_(ortho_weights(self.g.module), self.cfg.loss.ortho_beta))
             self.g.optimizer_step(self._update_flag(losses, self.g))
         D.requires_grad_(True)
 
@@ -257,7 +279,7 @@ class Trainer:
             values["g_cond"] = loss_c = self._cond_loss(out, yf)
             loss = loss + lc.cond_lambda_g * loss_c
         total = loss / self.plan.accum
-        if last and lc.ortho_beta > 0:
+        if last and self.ortho_in_loss:
             values["g_ortho"] = reg = orthogonal_reg(ortho_weights(self.g.module), lc.ortho_beta)
             total = total + reg
         self.metrics.add(g_loss=loss, **values)
@@ -271,7 +293,7 @@ class Trainer:
         self.g_step()
         self.step += 1
         with self._phase("ema"):
-            self.ema.update(self.g.module, self.step)
+            self.ema.update(self.step)
         self.guard.end_step(self.step)
 
     # ---- sampling --------------------------------------------------------------------------------------------
