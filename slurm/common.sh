@@ -21,8 +21,10 @@ SRUN_FLAGS=${SRUN_FLAGS:---kill-on-bad-exit=1 --label --cpu-bind=cores --gpu-bin
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}                                   # INFO to debug hangs / topology
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-3}  # a failed or timed-out collective
                                                                         # tears the process group down; the job ends
-export TORCH_NCCL_TRACE_BUFFER_SIZE=${TORCH_NCCL_TRACE_BUFFER_SIZE:-2000}  # the flight recorder: last collectives
-export TORCH_NCCL_DUMP_ON_TIMEOUT=${TORCH_NCCL_DUMP_ON_TIMEOUT:-1}         # ... written per rank on a timeout
+# the flight recorder: each rank's last collectives, written on a timeout. Both name families: torch >= 2.7 reads
+# TORCH_FR_* (and warns once per rank that the TORCH_NCCL_* one is deprecated), older torch only TORCH_NCCL_*.
+export TORCH_NCCL_TRACE_BUFFER_SIZE=${TORCH_NCCL_TRACE_BUFFER_SIZE:-2000} TORCH_FR_BUFFER_SIZE=${TORCH_FR_BUFFER_SIZE:-2000}
+export TORCH_NCCL_DUMP_ON_TIMEOUT=${TORCH_NCCL_DUMP_ON_TIMEOUT:-1}
 [ -n "${NCCL_SOCKET_IFNAME:-}" ] && export NCCL_SOCKET_IFNAME              # e.g. ib0, or ^lo,docker0
 [ -n "${NCCL_IB_HCA:-}" ] && export NCCL_IB_HCA                            # e.g. mlx5_0,mlx5_1
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
@@ -34,13 +36,14 @@ write_job_settings() {  # the resolved settings of this (re)start, appended to R
   mkdir -p "$1/logs"
   # the NCCL flight recorder's per-rank dumps go beside the run, not to a node's /tmp
   export TORCH_NCCL_DEBUG_INFO_TEMP_FILE=${TORCH_NCCL_DEBUG_INFO_TEMP_FILE:-$(realpath -m "$1")/logs/nccl_trace_rank_}
+  export TORCH_FR_DUMP_TEMP_FILE=${TORCH_FR_DUMP_TEMP_FILE:-$TORCH_NCCL_DEBUG_INFO_TEMP_FILE}
   {
     echo "# $(date -Is) start $((${SLURM_RESTART_COUNT:-0} + 1)) of job $JOB_KEY"
     for v in SLURM_JOB_ID SLURM_ARRAY_JOB_ID SLURM_ARRAY_TASK_ID SLURM_JOB_NAME SLURM_JOB_NODELIST SLURM_JOB_NUM_NODES \
              SLURM_NTASKS SLURM_NTASKS_PER_NODE SLURM_CPUS_PER_TASK SRUN_CPUS_PER_TASK SLURM_GPUS_PER_NODE \
              SLURM_RESTART_COUNT MASTER_ADDR MASTER_PORT SRUN_FLAGS NCCL_DEBUG NCCL_SOCKET_IFNAME NCCL_IB_HCA \
-             TORCH_NCCL_ASYNC_ERROR_HANDLING TORCH_NCCL_TRACE_BUFFER_SIZE TORCH_NCCL_DUMP_ON_TIMEOUT \
-             TORCH_NCCL_DEBUG_INFO_TEMP_FILE OMP_NUM_THREADS CONFIG OVERRIDES HPC_GAN; do
+             TORCH_NCCL_ASYNC_ERROR_HANDLING TORCH_NCCL_TRACE_BUFFER_SIZE TORCH_FR_BUFFER_SIZE \
+             TORCH_NCCL_DUMP_ON_TIMEOUT TORCH_NCCL_DEBUG_INFO_TEMP_FILE OMP_NUM_THREADS CONFIG OVERRIDES HPC_GAN; do
       echo "$v=${!v:-}"
     done
   } >>"$1/slurm-job.env"

@@ -196,7 +196,7 @@ class Evaluation(Action):
 
 class Checkpointer(Action):
     """Checkpoints every ``train.checkpoint_every`` steps, at the last step and when preempted (then nothing else
-    runs at that step, the Slurm job is requeued and the loop stops); retention keeps the newest
+    runs at that step and the loop stops; the Slurm job is requeued at exit); retention keeps the newest
     ``train.keep_checkpoints``. Replicas are checked before every save and every ``dist.check_every`` steps. It runs
     before sheets and evaluation, so a preemption signal never waits behind them."""
     name = "checkpoint"
@@ -226,8 +226,7 @@ class Checkpointer(Action):
             checkpoint.prune(root, ctx.cfg.train.keep_checkpoints)
         ctx.barrier()
         if self.preempted:
-            self.preemption.requeue(ctx.log)
-            ctx.summary["preempted"] = True
+            ctx.summary["preempted"] = True  # the loop stops; train() requeues once the process group is down
 
 
 def build_actions(ctx: RunContext, preemption: Preemption) -> List[Action]:

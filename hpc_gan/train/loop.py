@@ -18,7 +18,7 @@ from hpc_gan.train import checkpoint
 from hpc_gan.train.actions import Logger, RunContext, Sampler, build_actions, fmt_time
 from hpc_gan.train.hang import HangDump
 from hpc_gan.train.metrics import MetricsWriter, NullWriter
-from hpc_gan.train.preempt import Preemption
+from hpc_gan.train.preempt import Preemption, requeue
 from hpc_gan.train.timing import PhaseTimer
 from hpc_gan.train.trainer import Trainer, check_precision, param_count, resolve_device
 
@@ -47,9 +47,13 @@ def train(cfg: Config, resume: Optional[str] = None, log: Callable[[str], None] 
     """Run (or continue) a training run on this process's rank; returns a summary dict. Without ``info`` the
     launcher is detected (torchrun, srun, mpirun or none) and the process group created and destroyed here."""
     if info is not None:
-        return _train(cfg, resume, log if info.is_main else (lambda msg: None), info)
-    with launch.session(cfg.dist.timeout_s, cfg.dist.backend, "cpu" if cfg.run.device == "cpu" else "auto") as info:
-        return _train(cfg, resume, log if info.is_main else (lambda msg: None), info)
+        summary = _train(cfg, resume, log if info.is_main else (lambda msg: None), info)
+    else:
+        with launch.session(cfg.dist.timeout_s, cfg.dist.backend, "cpu" if cfg.run.device == "cpu" else "auto") as info:
+            summary = _train(cfg, resume, log if info.is_main else (lambda msg: None), info)
+    if summary.get("preempted") and info.is_main:
+        requeue(log)
+    return summary
 
 
 def _start(cfg: Config, resume: Optional[str], log: Callable[[str], None], info: DistInfo) -> Trainer:

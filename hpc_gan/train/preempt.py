@@ -1,6 +1,7 @@
 """Preemption and requeue: a signal (USR1 from ``sbatch --signal=USR1@90``, or TERM where a cluster preempts with
-it) sets a flag; all ranks agree on it, save one checkpoint at the same step, rank 0 runs ``scontrol requeue``
-(array tasks as ARRAYJOB_TASK) and everyone exits 0. The requeued job continues with ``--resume auto``.
+it) sets a flag; all ranks agree on it, save one checkpoint at the same step and leave the loop; once the process
+group is down, rank 0 runs ``scontrol requeue`` (array tasks as ARRAYJOB_TASK) and everyone exits 0. The requeued
+job continues with ``--resume auto``.
 
 Agreeing costs no blocking collective per step: at each step boundary every rank starts an asynchronous MAX
 all-reduce of its flag over a dedicated CPU (gloo) group and reads the one it started at the previous boundary,
@@ -57,20 +58,6 @@ class Preemption:
         self._pending = (flag, dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True))
         return agreed
 
-    def requeue(self, log: Callable[[str], None]) -> None:
-        if not self.info.is_main:
-            return
-        job = slurm_job_key()
-        if job is None:
-            log("preempted outside Slurm: checkpoint saved, not requeued (restart with --resume auto)")
-            return
-        proc = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
-        if proc.returncode:
-            log(f"scontrol requeue {job} failed ({proc.stderr.strip()}); resubmit the job, it resumes from the "
-                f"checkpoint")
-        else:
-            log(f"requeued Slurm job {job}; it resumes from this checkpoint")
-
     def close(self, wait: bool = True) -> None:
         """Restore the signal handlers; ``wait``: complete the pending all-reduce (every rank started it), which
         the error path must not do (a peer may be gone or stuck)."""
@@ -80,3 +67,18 @@ class Preemption:
         if self._pending is not None and wait:
             self._pending[1].wait()
         self._pending = None
+
+
+def requeue(log: Callable[[str], None]) -> None:
+    """Requeue this Slurm job (rank 0, last thing before exiting: after the process group is gone, so Slurm's
+    cancellation of the step finds every rank done and the requeued run finds the rendezvous port free)."""
+    job = slurm_job_key()
+    if job is None:
+        log("preempted outside Slurm: checkpoint saved, not requeued (restart with --resume auto)")
+        return
+    proc = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    if proc.returncode:
+        log(f"scontrol requeue {job} failed ({proc.stderr.strip()}); resubmit the job, it resumes from the "
+            f"checkpoint")
+    else:
+        log(f"requeued Slurm job {job}; it resumes from the checkpoint")
