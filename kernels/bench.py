@@ -121,6 +121,8 @@ def bench_sn(device: torch.device, shapes: Sequence[Tuple[int, int]], variants: 
         backend = "triton" if variant == "triton_fused" else "torch"
 
         def step() -> None:
+            for w in ws:  # as the optimizer's zero_grad does: no gradient accumulation in the timing
+                w.grad = None
             sigmas, _, _ = sn_power_iteration(ws, us, 1, backend=backend)
             (sigmas * coef).sum().backward()
         row = {"bench": "spectral norm, all layers", "variant": variant, "layers": len(shapes),

@@ -1,81 +1,155 @@
-"""Compile every Triton kernel ahead of time for NVIDIA GPU targets, without a GPU.
+"""Compile every Triton kernel ahead of time for NVIDIA GPU targets, without a GPU, as the runtime would build it.
 
 The CPU interpreter checks the kernels' arithmetic but not what only the GPU compiler sees (types of dot operands,
-pointer casts, scalar control flow around atomics, register-level layouts). This runs Triton's real CUDA pipeline
-(TTIR -> TTGIR -> LLVM -> PTX -> cubin with the bundled ptxas) for each kernel, each dtype and each target, so a
-login node or a CPU CI can tell that the kernels will build on an H100. It proves compilation, not speed or results.
+pointer casts, scalar control flow around atomics, register pressure, shared memory). This runs Triton's real CUDA
+pipeline (TTIR -> TTGIR -> LLVM -> PTX -> cubin with the bundled ptxas) for each kernel, each dtype, each autotuned
+configuration and each target, mirroring what the runtime compiles:
+
+- specialization: at training shapes every pointer is 16-byte aligned and N, M, d are multiples of 16, which the
+  runtime marks (``tt.divisibility``); those builds are checked, and a generic build (odd shapes) of each kernel;
+- precision: fp32 inputs multiply as the kernels do at runtime ("tf32x3"), bf16 in bf16;
+- limits: a build fails when it needs more shared memory than the target has (232,448 B on sm_90, 166,912 B on
+  sm_80) or when ptxas reports register spills (``ptxas -v`` on the build's PTX).
 
     python -m kernels.compile_check [--arch 90 80] [--dtype fp32 bf16]
 
-Must run without TRITON_INTERPRET=1 (the interpreter replaces the kernels with Python functions).
+Must run without TRITON_INTERPRET=1 (the interpreter replaces the kernels with Python functions). It proves
+compilation, not speed or results.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
+
+SHARED_LIMIT = {90: 232448, 80: 166912}  # bytes of shared memory per block (opt-in maximum)
+DIV16_INTS = {"N", "M", "D", "CS", "n_u"}  # ints that are multiples of 16 at the training shapes
+
+Spec = Tuple[str, object, Dict[str, str], Dict[str, object], Dict[str, int]]
 
 
-def _specs(dtype: str) -> List[Tuple[str, object, Dict[str, str], Dict[str, object]]]:
+def _specs(dtype: str) -> List[Spec]:
+    """(name, jit function, signature, constexprs, options) of every build the runtime makes."""
+    import torch
     import triton.language as tl
 
     import kernels.similarity_triton as S
     import kernels.spectral_norm_triton as N
     t = "*fp32" if dtype == "fp32" else "*bf16"
     f32, i64 = "*fp32", "*i64"
-    blocks = dict(BI=64, BJ=64, BK=64)
+    torch_dtype = torch.float32 if dtype == "fp32" else torch.bfloat16
+    prec = S.precision(torch_dtype)
+    if prec == "tf32":  # what runs under torch's default (TF32 off for matmuls): three TF32 products
+        prec = "tf32x3"
+    tiles = S.gpu_tiles(torch_dtype)
+    warps = {"num_warps": tiles["num_warps"]}
+    blocks = dict(BI=tiles["BI"], BJ=tiles["BJ"], BK=tiles["BK"])
     sim_common = {"A": t, "B": t, "RA": f32, "RB": f32, "LA": i64, "LB": i64}
     scal = {"N": "i32", "M": "i32", "D": "i32", "row_offset": "i32", "m_n": "fp32", "inv_t": "fp32"}
-    prec = "tf32" if dtype == "fp32" else "ieee"
-    specs = [
+    specs: List[Spec] = [
         ("inv_norm", S.inv_norm_kernel, {"X": t, "OUT": f32, "N": "i32", "D": "i32", "eps": "fp32"},
-         dict(BR=64, BD=64)),
+         dict(BR=tiles["BI"], BD=tiles["BD"]), {}),
         ("cosine", S.cosine_kernel, {"A": t, "B": t, "S": t, "N": "i32", "M": "i32", "D": "i32", "eps": "fp32"},
-         dict(PREC=prec, **blocks)),
+         dict(PREC=prec, **blocks), warps),
     ]
+    split = S.neg_lse_split_kernel  # autotuned: every candidate of this dtype is a build the runtime may pick
     for studiogan in (False, True):
-        specs.append((f"d2d_fwd(studiogan={studiogan})", S.neg_lse_fwd_kernel,
-                      {**sim_common, "LSE": f32, "OUT": f32, **scal}, dict(STUDIOGAN=studiogan, PREC=prec, **blocks)))
-    bwd = {**sim_common, "LSE": f32, "G": f32, "ACC": f32}
-    specs.append(("d2d_bwd_rows", S.neg_lse_bwd_rows_kernel, {**bwd, "DA": t, **scal}, dict(PREC=prec, BD=64, **blocks)))
-    specs.append(("d2d_bwd_cols", S.neg_lse_bwd_cols_kernel, {**bwd, "DB": t, **scal}, dict(PREC=prec, BD=64, **blocks)))
+        for cfg in S.split_configs(torch_dtype):
+            specs.append((f"d2d_split(studiogan={studiogan}, {cfg.kwargs}, w{cfg.num_warps}s{cfg.num_stages})",
+                          split.fn, {**sim_common, "PMAX": f32, "PSUM": f32, "PSHIFT": f32, **scal, "CS": "i32"},
+                          dict(STUDIOGAN=studiogan, PREC=prec, **cfg.kwargs),
+                          {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}))
+        specs.append((f"d2d_combine(studiogan={studiogan})", S.neg_lse_combine_kernel,
+                      {"PMAX": f32, "PSUM": f32, "PSHIFT": f32, "LSE": f32, "OUT": f32, "N": "i32", "S": "i32"},
+                      dict(STUDIOGAN=studiogan, BR=64, BS=32), {}))
+    bwd = {**sim_common, "LSE": f32, "G": f32}
+    specs.append(("d2d_grad_matrix", S.neg_lse_grad_matrix_kernel,
+                  {**bwd, "P": f32, "CROW": f32, "CCOL": f32, **scal}, dict(PREC=prec, **blocks), warps))
+    specs.append(("d2d_bwd_rows", S.neg_lse_bwd_rows_kernel, {**bwd, "ACC": f32, "DA": t, **scal},
+                  dict(PREC=prec, BD=tiles["BD"], **blocks), warps))
+    specs.append(("d2d_bwd_cols", S.neg_lse_bwd_cols_kernel, {**bwd, "ACC": f32, "DB": t, **scal},
+                  dict(PREC=prec, BD=tiles["BD"], **blocks), warps))
     wdt = tl.float32 if dtype == "fp32" else tl.bfloat16
     table = {k: i64 for k in ("TILE_MAT", "TILE_START", "ROWS", "COLS", "UOFF", "VOFF")}
     for from_flat in (False, True):
         specs.append((f"sn_v(u_from_flat={from_flat})", N.sn_v_kernel,
                       {"W_PTRS": i64, "U_PTRS": i64, "U_FLAT": f32, "V_OUT": f32, **table},
-                      dict(U_FROM_FLAT=from_flat, W_DTYPE=wdt, BR=32, BC=128)))
-    specs.append(("sn_u", N.sn_u_kernel, {"W_PTRS": i64, "U_OUT": f32, "V_OUT": f32, "SIGMA": f32, "TILE_MAT": i64,
-                                           "TILE_START": i64, "NTILES": i64, "COUNT": "*i32", "ROWS": i64,
-                                           "COLS": i64, "UOFF": i64, "VOFF": i64, "eps": "fp32"},
-                  dict(W_DTYPE=wdt, BR=32, BC=128)))
+                      dict(U_FROM_FLAT=from_flat, W_DTYPE=wdt, BR=32, BC=128), {}))
+    specs.append(("sn_u", N.sn_u_kernel, {"W_PTRS": i64, "U_OUT": f32, "U_PART": f32, "V_OUT": f32, "SIGMA": f32,
+                                          "TILE_MAT": i64, "TILE_START": i64, "TILE_CHUNK": i64, "NTILES": i64,
+                                          "COUNT": "*i32", "ROWS": i64, "COLS": i64, "UOFF": i64, "VOFF": i64,
+                                          "NCHUNK": i64, "n_u": "i32", "eps": "fp32"},
+                  dict(W_DTYPE=wdt, BR=32, BC=128, CH=4096), {}))
     specs.append(("sn_grad", N.sn_grad_kernel, {"GRAD": t, "GSIG": f32, "U_OUT": f32, "V_OUT": f32, **table,
-                                                 "WOFF": i64}, dict(BR=32, BC=128)))
+                                                "WOFF": i64}, dict(BR=32, BC=128), {}))
     return specs
 
 
+def _divisibility(fn: object, signature: Dict[str, str]) -> Dict[tuple, list]:
+    """The runtime's specialization at training shapes: aligned pointers, 16-divisible shape ints."""
+    names = fn.arg_names  # type: ignore[attr-defined]
+    return {(names.index(k),): [["tt.divisibility", 16]] for k, v in signature.items()
+            if v.startswith("*") or k in DIV16_INTS}
+
+
+def ptxas_report(ptx: str, arch: int) -> Tuple[Optional[int], int]:
+    """(registers, spill-store bytes) of the PTX's kernel, from the bundled ptxas -v; (None, 0) without it."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        ptxas = get_ptxas(arch).path
+    except Exception:  # noqa: BLE001 -- no bundled ptxas: skip the register check, say so in the line
+        return None, 0
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        proc = subprocess.run([ptxas, "-v", f"--gpu-name=sm_{arch}{'a' if arch == 90 else ''}", src, "-o",
+                               os.path.join(tmp, "k.cubin")], capture_output=True, text=True)
+    log = proc.stdout + proc.stderr
+    regs = [int(x) for x in re.findall(r"Used (\d+) registers", log)]
+    spills = [int(x) for x in re.findall(r"(\d+) bytes spill stores", log)]
+    return (max(regs) if regs else None), sum(spills)
+
+
 def compile_all(archs: List[int], dtypes: List[str], log=print) -> int:
-    """Compile every kernel for every (arch, dtype); returns the number of failures."""
+    """Compile every build for every (arch, dtype); returns the number of failures."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     failures = 0
     for arch in archs:
+        limit = SHARED_LIMIT.get(arch, 101376)
         for dtype in dtypes:
-            for name, fn, sig, consts in _specs(dtype):
+            seen_generic = set()
+            for name, fn, sig, consts, options in _specs(dtype):
                 signature = {**sig, **{k: "constexpr" for k in consts}}
-                t0 = time.time()
-                try:
-                    k = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts),
-                                       target=GPUTarget("cuda", arch, 32))
-                    ok = "cubin" in k.asm
-                    msg = f"{len(k.asm['cubin'])} B cubin" if ok else "no cubin"
-                except Exception as e:  # noqa: BLE001 -- report every kernel, then fail at the end
-                    ok, msg = False, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-                failures += not ok
-                log(f"sm_{arch} {dtype:4s} {name:28s} {'ok  ' if ok else 'FAIL'} {msg} ({time.time() - t0:.1f} s)")
+                variants = [("aligned", _divisibility(fn, sig))]
+                base = name.split("(")[0]
+                if dtype == "fp32" and base not in seen_generic:  # one generic build per kernel: odd shapes
+                    variants.append(("generic", {}))
+                    seen_generic.add(base)
+                for variant, attrs in variants:
+                    t0 = time.time()
+                    try:
+                        k = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs),
+                                           target=GPUTarget("cuda", arch, 32), options=options or None)
+                        shared = k.metadata.shared
+                        regs, spills = ptxas_report(k.asm["ptx"], arch)
+                        problems = ([f"{shared} B shared memory > {limit}"] if shared > limit else []) + \
+                                   ([f"{spills} B register spills"] if spills else [])
+                        ok = "cubin" in k.asm and not problems
+                        msg = (f"{len(k.asm['cubin'])} B cubin, {shared} B shared, "
+                               f"{'?' if regs is None else regs} registers" + "".join(f"; {p}" for p in problems))
+                    except Exception as e:  # noqa: BLE001 -- report every kernel, then fail at the end
+                        ok, msg = False, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                    failures += not ok
+                    log(f"sm_{arch} {dtype:4s} {variant:7s} {name:60s} {'ok  ' if ok else 'FAIL'} {msg} "
+                        f"({time.time() - t0:.1f} s)")
     return failures
 
 
@@ -89,7 +163,7 @@ def main(argv: List[str] = None) -> int:
         print("kernels.compile_check: unset TRITON_INTERPRET (the interpreter does not compile)", file=sys.stderr)
         return 2
     failures = compile_all(args.arch, args.dtype)
-    print(f"{failures} of the kernels failed to compile" if failures else "all kernels compile")
+    print(f"{failures} of the kernel builds failed" if failures else "all kernels compile")
     return 1 if failures else 0
 
 

@@ -39,7 +39,8 @@ def _acc(x: torch.Tensor) -> torch.Tensor:
 
 def d2d_ce(embed: torch.Tensor, proxy: torch.Tensor, labels: torch.Tensor, temperature: float, m_p: float,
            m_n: Optional[float] = None, mode: str = "paper", backend: str = "torch",
-           negatives: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, row_offset: int = 0) -> torch.Tensor:
+           negatives: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, row_offset: int = 0,
+           split_cols: int = 0, triton_backward: str = "auto") -> torch.Tensor:
     """Mean D2D-CE over the rows of ``embed``.
 
     embed, proxy: raw (N, d) sample embeddings and the proxies of their labels (normalized here).
@@ -50,11 +51,14 @@ def d2d_ce(embed: torch.Tensor, proxy: torch.Tensor, labels: torch.Tensor, tempe
     negatives: optional (embed_all, labels_all), the columns (e.g. the global batch gathered over ranks); row i of
         ``embed`` is column ``row_offset + i`` there and is excluded as its own negative. Gradients flow into embed_all.
     backend: "torch" (this reference), "triton" (the fused kernel), "auto" (Triton on CUDA, torch otherwise).
+    split_cols, triton_backward: the Triton path's forward column split (0: sized to the GPU) and backward mode
+        ("auto", "matrix", "stream"), for benchmarks and tests; see similarity_triton.py.
     """
     _check_inputs(embed, proxy, labels, temperature, mode, backend)
     cols_in = (embed, labels) if negatives is None else negatives
     if use_triton(backend, embed, proxy, cols_in[0], op="d2d_ce"):
-        return _d2d_ce_triton(embed, proxy, labels, temperature, m_p, m_n, mode, cols_in, row_offset)
+        return _d2d_ce_triton(embed, proxy, labels, temperature, m_p, m_n, mode, cols_in, row_offset, split_cols,
+                              triton_backward)
     m_n = 1.0 - m_p if m_n is None else m_n
     f = F.normalize(_acc(embed), dim=1)
     v = F.normalize(_acc(proxy), dim=1)
@@ -88,12 +92,12 @@ def _positive_logits(f: torch.Tensor, v: torch.Tensor, temperature: float, m_p: 
 
 def _d2d_ce_triton(embed: torch.Tensor, proxy: torch.Tensor, labels: torch.Tensor, temperature: float, m_p: float,
                    m_n: Optional[float], mode: str, cols: Tuple[torch.Tensor, torch.Tensor],
-                   row_offset: int) -> torch.Tensor:
+                   row_offset: int, split_cols: int, backward: str) -> torch.Tensor:
     from kernels.similarity_triton import NegLogSumExp
     m_n = 1.0 - m_p if m_n is None else m_n
     pos = _positive_logits(F.normalize(_acc(embed), dim=1), F.normalize(_acc(proxy), dim=1), temperature, m_p)
     neg = NegLogSumExp.apply(embed, cols[0], labels, cols[1], int(row_offset), float(m_n), float(temperature),
-                             mode == "studiogan")
+                             mode == "studiogan", int(split_cols), backward)
     return (torch.logaddexp(pos, neg) - pos).mean()
 
 

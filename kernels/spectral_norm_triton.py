@@ -1,10 +1,16 @@
 """Triton power iteration for a whole list of weight matrices: two launches per iteration, one for the backward.
 
 Launch 1 tiles every matrix by columns: v_raw = W^T u (each program sums over all rows of its column tile, so no
-atomics and a deterministic result). Launch 2 tiles by rows: u_raw = W v_raw / |v_raw|; the last program to finish a
-matrix (an integer atomic counter per matrix) normalizes u and v and writes sigma = |W v|, which equals u^T W v.
-Weights are read through a table of data pointers, so nothing is packed or copied; the table is cached while the
-parameters stay where they are (they do across optimizer steps), so a step adds no host-to-device copy.
+atomics and a deterministic result). Launch 2 tiles by rows and, for wide matrices (BigGAN-128's D has 1536 x 13824),
+by chunks of U_CHUNK columns: partial W v_raw into a (chunks, rows) buffer; the last program to finish a matrix (an
+integer atomic counter per matrix, acq_rel at GPU scope) sums the chunks in a fixed order, normalizes u and v and
+writes sigma = |W v|, which equals u^T W v. Tiles are ordered largest matrix first, so the longest programs start
+first. Weights are read through a table of data pointers, so nothing is packed or copied; the table is cached while
+the parameters stay where they are (they do across optimizer steps), so a step adds no host-to-device copy. Where a
+matrix's row length is a multiple of 4, loads carry alignment hints (128-bit vector loads).
+
+HPC_GAN_KERNEL_DEBUG=1 fills sigma with NaN before each launch and checks afterwards (a host sync) that every
+matrix's last program ran.
 """
 from __future__ import annotations
 
@@ -14,11 +20,25 @@ import torch
 import triton
 import triton.language as tl
 
+import os
+
 from kernels.dispatch import interpreting, tl_dtype
 
 
-def _blocks(device: torch.device) -> Tuple[int, int]:
-    return (32, 32) if device.type != "cuda" or interpreting() else (32, 128)
+def _blocks(device: torch.device) -> Tuple[int, int, int]:
+    """(rows per tile, columns per tile, columns per u-pass chunk)."""
+    return (32, 32, 64) if device.type != "cuda" or interpreting() else (32, 128, 4096)
+
+
+@triton.jit
+def _load_w(w, rs, cs, n_rows, n_cols, col_end, ALIGNED: tl.constexpr):
+    """The tile (rows rs, columns cs < col_end) of a (n_rows, n_cols) weight; ALIGNED: every row starts 16-byte
+    aligned (n_cols % 4 == 0)."""
+    mask = (rs[:, None] < n_rows) & (cs[None, :] < col_end)
+    if ALIGNED:
+        n_cols = tl.multiple_of(n_cols, 4)
+        cs = tl.max_contiguous(tl.multiple_of(cs, 4), 4)
+    return tl.load(w + rs[:, None] * n_cols + cs[None, :], mask=mask, other=0.0)
 
 
 @triton.jit
@@ -59,42 +79,63 @@ def sn_v_kernel(W_PTRS, U_PTRS, U_FLAT, V_OUT, TILE_MAT, TILE_START, ROWS, COLS,
     cs = c0 + tl.arange(0, BC)
     cm = cs < n_cols
     acc = tl.zeros((BC,), tl.float32)
+    aligned = n_cols % 4 == 0
     for r0 in range(0, n_rows, BR):
         rs = r0 + tl.arange(0, BR)
-        rm = rs < n_rows
-        wt = tl.load(w + rs[:, None] * n_cols + cs[None, :], mask=rm[:, None] & cm[None, :], other=0.0)
-        u = tl.load(u_base + rs, mask=rm, other=0.0)
+        if aligned:
+            wt = _load_w(w, rs, cs, n_rows, n_cols, n_cols, True)
+        else:
+            wt = _load_w(w, rs, cs, n_rows, n_cols, n_cols, False)
+        u = tl.load(u_base + rs, mask=rs < n_rows, other=0.0)
         acc += tl.sum(wt.to(tl.float32) * u[:, None], axis=0)
     tl.store(V_OUT + tl.load(VOFF + m) + cs, acc, mask=cm)
 
 
 @triton.jit
-def sn_u_kernel(W_PTRS, U_OUT, V_OUT, SIGMA, TILE_MAT, TILE_START, NTILES, COUNT, ROWS, COLS, UOFF, VOFF, eps,
-                 W_DTYPE: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+def sn_u_kernel(W_PTRS, U_OUT, U_PART, V_OUT, SIGMA, TILE_MAT, TILE_START, TILE_CHUNK, NTILES, COUNT, ROWS, COLS,
+                UOFF, VOFF, NCHUNK, n_u, eps, W_DTYPE: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
+                CH: tl.constexpr):
+    """Tile (matrix, row block, column chunk): partial (W v_raw)[rows] over the chunk's CH columns into
+    U_PART[chunk, rows]; the matrix's last tile sums the chunks, normalizes u and v and writes sigma."""
+    pid = tl.program_id(0)
     m, r0, n_rows, n_cols = _tile(TILE_MAT, TILE_START, ROWS, COLS)
+    chunk = tl.load(TILE_CHUNK + pid)
     w = tl.load(W_PTRS + m).to(tl.pointer_type(W_DTYPE))
     vb = V_OUT + tl.load(VOFF + m)
     ub = U_OUT + tl.load(UOFF + m)
-    inv_v = 1.0 / tl.maximum(tl.sqrt(_sum_squares(vb, n_cols, BC)), eps)
     rs = r0 + tl.arange(0, BR)
     rm = rs < n_rows
     acc = tl.zeros((BR,), tl.float32)
-    for c0 in range(0, n_cols, BC):
+    c_hi = tl.minimum(chunk * CH + CH, n_cols)
+    aligned = n_cols % 4 == 0
+    for c0 in range(chunk * CH, c_hi, BC):
         cs = c0 + tl.arange(0, BC)
-        cm = cs < n_cols
-        wt = tl.load(w + rs[:, None] * n_cols + cs[None, :], mask=rm[:, None] & cm[None, :], other=0.0)
-        v = tl.load(vb + cs, mask=cm, other=0.0)
+        if aligned:
+            wt = _load_w(w, rs, cs, n_rows, n_cols, c_hi, True)
+        else:
+            wt = _load_w(w, rs, cs, n_rows, n_cols, c_hi, False)
+        v = tl.load(vb + cs, mask=cs < c_hi, other=0.0)
         acc += tl.sum(wt.to(tl.float32) * v[None, :], axis=1)
-    tl.store(ub + rs, acc * inv_v, mask=rm)
+    tl.store(U_PART + chunk * n_u + tl.load(UOFF + m) + rs, acc, mask=rm)
     tl.debug_barrier()  # this program's stores happen before its arrival is counted
-    arrived = tl.atomic_add(COUNT + m, 1)
-    if arrived == tl.load(NTILES + m) - 1:  # last tile of this matrix: normalize u, v and write sigma
+    arrived = tl.atomic_add(COUNT + m, 1, sem="acq_rel", scope="gpu")
+    if arrived == tl.load(NTILES + m) - 1:  # last tile of this matrix: sum the chunks, normalize u, v; sigma
+        inv_v = 1.0 / tl.maximum(tl.sqrt(_sum_squares(vb, n_cols, BC)), eps)
+        n_chunks = tl.load(NCHUNK + m)
+        for q0 in range(0, n_rows, BR):
+            qs = q0 + tl.arange(0, BR)
+            total = tl.zeros((BR,), tl.float32)
+            for k in range(0, n_chunks):  # a fixed order: bitwise reproducible
+                total += tl.load(U_PART + k * n_u + tl.load(UOFF + m) + qs, mask=qs < n_rows, other=0.0,
+                                 cache_modifier=".cg")
+            tl.store(ub + qs, total * inv_v, mask=qs < n_rows)
+        tl.debug_barrier()
         sq = _sum_squares(ub, n_rows, BR)
         norm_u = tl.maximum(tl.sqrt(sq), eps)
         tl.store(SIGMA + m, sq / norm_u)
         _scale(ub, n_rows, 1.0 / norm_u, BR)
         _scale(vb, n_cols, inv_v, BC)
-        tl.atomic_xchg(COUNT + m, 0)  # ready for the next launch
+        tl.atomic_xchg(COUNT + m, 0, sem="relaxed", scope="gpu")  # ready for the next launch (a kernel boundary)
 
 
 @triton.jit
@@ -120,18 +161,25 @@ class _Plan:
 
     def __init__(self, shapes: Tuple[Tuple[int, int], ...], device: torch.device) -> None:
         self.shapes = shapes
-        self.br, self.bc = _blocks(device)
+        self.br, self.bc, self.ch = _blocks(device)
         rows = [r for r, _ in shapes]
         cols = [c for _, c in shapes]
         off = lambda xs: [sum(xs[:i]) for i in range(len(xs))]  # noqa: E731
         self.n_u, self.n_v, self.n_w = sum(rows), sum(cols), sum(r * c for r, c in shapes)
         self.u_off, self.v_off, self.w_off = off(rows), off(cols), off([r * c for r, c in shapes])
-        v_tiles = [(m, c0) for m, c in enumerate(cols) for c0 in range(0, c, self.bc)]
-        u_tiles = [(m, r0) for m, r in enumerate(rows) for r0 in range(0, r, self.br)]
+        chunks = [(c + self.ch - 1) // self.ch for c in cols]
+        self.max_chunks = max(chunks)
+        largest_first = sorted(range(len(shapes)), key=lambda m: -rows[m] * cols[m])
+        v_tiles = [(m, c0) for m in largest_first for c0 in range(0, cols[m], self.bc)]
+        u_tiles = [(m, r0, k) for m in largest_first for r0 in range(0, rows[m], self.br) for k in range(chunks[m])]
+        grad_tiles = [(m, r0) for m in largest_first for r0 in range(0, rows[m], self.br)]
         i64 = lambda xs: torch.tensor(xs, dtype=torch.int64, device=device)  # noqa: E731
         self.v_mat, self.v_start = i64([m for m, _ in v_tiles]), i64([s for _, s in v_tiles])
-        self.u_mat, self.u_start = i64([m for m, _ in u_tiles]), i64([s for _, s in u_tiles])
-        self.ntiles = i64([(r + self.br - 1) // self.br for r in rows])
+        self.u_mat, self.u_start = i64([t[0] for t in u_tiles]), i64([t[1] for t in u_tiles])
+        self.u_chunk = i64([t[2] for t in u_tiles])
+        self.g_mat, self.g_start = i64([m for m, _ in grad_tiles]), i64([s for _, s in grad_tiles])
+        self.nchunk = i64(chunks)
+        self.ntiles = i64([(r + self.br - 1) // self.br * k for r, k in zip(rows, chunks)])
         self.count = torch.zeros(len(shapes), dtype=torch.int32, device=device)
         self.rows, self.cols = i64(rows), i64(cols)
         self.uoff, self.voff, self.woff = i64(self.u_off), i64(self.v_off), i64(self.w_off)
@@ -165,15 +213,23 @@ class _FusedSN(torch.autograd.Function):
         w_ptrs, u_ptrs = plan.pointers(list(ws)), plan.pointers(list(us))
         wdt = tl_dtype(ws[0].dtype)
         u_out = torch.empty(plan.n_u, device=dev, dtype=torch.float32)
+        u_part = torch.empty(plan.max_chunks, plan.n_u, device=dev, dtype=torch.float32)
         v_out = torch.empty(plan.n_v, device=dev, dtype=torch.float32)
-        sigmas = torch.empty(n, device=dev, dtype=torch.float32)
+        debug = os.environ.get("HPC_GAN_KERNEL_DEBUG") == "1"
+        sigmas = torch.full((n,), float("nan"), device=dev) if debug else \
+            torch.empty(n, device=dev, dtype=torch.float32)
         for it in range(n_iters):
             sn_v_kernel[(plan.v_mat.numel(),)](
                 w_ptrs, u_ptrs, u_out, v_out, plan.v_mat, plan.v_start, plan.rows, plan.cols, plan.uoff, plan.voff,
                 U_FROM_FLAT=it > 0, W_DTYPE=wdt, BR=plan.br, BC=plan.bc)
             sn_u_kernel[(plan.u_mat.numel(),)](
-                w_ptrs, u_out, v_out, sigmas, plan.u_mat, plan.u_start, plan.ntiles, plan.count, plan.rows,
-                plan.cols, plan.uoff, plan.voff, eps, W_DTYPE=wdt, BR=plan.br, BC=plan.bc)
+                w_ptrs, u_out, u_part, v_out, sigmas, plan.u_mat, plan.u_start, plan.u_chunk, plan.ntiles,
+                plan.count, plan.rows, plan.cols, plan.uoff, plan.voff, plan.nchunk, plan.n_u, eps, W_DTYPE=wdt,
+                BR=plan.br, BC=plan.bc, CH=plan.ch)
+        if debug and torch.isnan(sigmas).any():  # a matrix whose last program never ran leaves its NaN
+            missed = torch.isnan(sigmas).nonzero().flatten().tolist()
+            raise RuntimeError(f"sn_u_kernel: no last program ran for matrices {missed} of shapes "
+                               f"{[plan.shapes[i] for i in missed]}: the arrival counter is broken")
         ctx.plan, ctx.w_dtype = plan, ws[0].dtype
         ctx.save_for_backward(u_out, v_out)
         ctx.mark_non_differentiable(u_out, v_out)
@@ -185,8 +241,8 @@ class _FusedSN(torch.autograd.Function):
         u_out, v_out = ctx.saved_tensors
         n = len(plan.shapes)
         grad = torch.empty(plan.n_w, device=u_out.device, dtype=ctx.w_dtype)
-        sn_grad_kernel[(plan.u_mat.numel(),)](
-            grad, g_sigma.contiguous().float(), u_out, v_out, plan.u_mat, plan.u_start, plan.rows, plan.cols,
+        sn_grad_kernel[(plan.g_mat.numel(),)](
+            grad, g_sigma.contiguous().float(), u_out, v_out, plan.g_mat, plan.g_start, plan.rows, plan.cols,
             plan.uoff, plan.voff, plan.woff, BR=plan.br, BC=plan.bc)
         gws = [grad[o:o + r * c].view(r, c) for o, (r, c) in zip(plan.w_off, plan.shapes)]
         return (None, None, None, None, *gws, *([None] * n))
