@@ -199,15 +199,19 @@ def _bench(args: argparse.Namespace) -> int:
     rows = []
     if args.kernels:
         from hpc_gan.info import sn_shapes
-        n_local, n_global = (256, 2048) if gpu else (64, 512)  # the CPU times reference paths at a size it affords
-        dims = (512, 2048) if gpu else (128, 512)
-        dtypes = (torch.float32, torch.bfloat16) if gpu else (torch.float32,)
-        d2d_variants = ("triton", "eager", "compile", "studiogan_broadcast") if gpu else ("eager", "studiogan_broadcast")
+        if gpu:  # the training shapes: 8-256 local rows against 2048 gathered columns
+            shapes = [(n, 2048, d, dt) for n in (8, 32, 64, 256) for d in (512, 2048)
+                      for dt in (torch.float32, torch.bfloat16)]
+            d2d_variants = ("triton", "triton_1d", "eager", "torch_bf16", "compile")
+        else:  # the CPU times the reference paths at a size it affords
+            shapes = [(64, 512, d, torch.float32) for d in (128, 512)]
+            d2d_variants = ("eager", "torch_bf16", "studiogan_broadcast")
         args.config = args.config or "configs/imagenet128_reacgan_b2048.yaml"
-        shapes = sn_shapes(load(args.config, args.overrides))
-        print(f"# kernel benchmarks on {name}; SN shapes of {args.config} ({len(shapes)} layers)", flush=True)
-        rows += bench.bench_d2d(device, n_local, n_global, dims, dtypes, d2d_variants)
-        rows += bench.bench_sn(device, shapes, ("torch_loop", "triton_fused") if gpu else ("torch_loop",))
+        sn = sn_shapes(load(args.config, args.overrides))
+        print(f"# kernel benchmarks on {name}; SN shapes of {args.config} ({len(sn)} layers)", flush=True)
+        rows += bench.bench_d2d(device, shapes, d2d_variants)
+        rows += bench.bench_sn(device, sn, ("torch_loop", "foreach", "triton_fused") if gpu else
+                               ("torch_loop", "foreach"))
     if args.data:
         from hpc_gan.data.bench import bench_data
         print(f"# data pipelines on {name}: {args.data_path or 'generated 128 px JPEG shards'}", flush=True)

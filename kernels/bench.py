@@ -67,50 +67,78 @@ def _studiogan_d2d(embed: torch.Tensor, proxy: torch.Tensor, labels: torch.Tenso
     return (torch.logsumexp(torch.cat([pos[:, None], neg], 1), 1) - pos).mean()
 
 
-def bench_d2d(device: torch.device, n_local: int, n_global: int, dims: Sequence[int], dtypes: Sequence[torch.dtype],
-              variants: Sequence[str]) -> List[Dict]:
+def _torch_bf16_d2d(embed: torch.Tensor, proxy: torch.Tensor, labels: torch.Tensor, cols: torch.Tensor,
+                    col_labels: torch.Tensor, offset: int, t: float, m_p: float) -> torch.Tensor:
+    """The fastest plain-torch form: normalize, a bf16 matmul, the log-sum-exp in fp32."""
+    m_n = 1.0 - m_p
+    f = F.normalize(embed.float(), dim=1)
+    c = F.normalize(cols.float(), dim=1)
+    sim = (f.bfloat16() @ c.bfloat16().t()).float()
+    n = f.shape[0]
+    neg_mask = labels[:, None] != col_labels[None, :]
+    idx = torch.arange(n, device=f.device)
+    neg_mask[idx, idx + offset] = False
+    pos = torch.clamp((f * F.normalize(proxy.float(), dim=1)).sum(1) - m_p, max=0.0) / t
+    neg = torch.clamp((sim - m_n) / t, min=0.0).masked_fill(~neg_mask, float("-inf"))
+    return (torch.logsumexp(torch.cat([pos[:, None], neg], 1), 1) - pos).mean()
+
+
+D2D_VARIANTS = ("triton", "triton_1d", "eager", "torch_bf16", "compile", "studiogan_broadcast")
+
+
+def bench_d2d(device: torch.device, shapes: Sequence[Tuple[int, int, int, torch.dtype]],
+              variants: Sequence[str] = D2D_VARIANTS) -> List[Dict]:
+    """D2D-CE forward + backward at (local rows, gathered columns, d, dtype), per variant: "triton" (the kernel as
+    it runs: columns split across the grid, autotuned, matrix or streaming backward), "triton_1d" (one column
+    split and the streaming backward: the kernel before the split), "eager" (the torch reference), "torch_bf16"
+    (normalize + bf16 matmul + fp32 log-sum-exp), "compile" (torch.compile of the reference), and StudioGAN's
+    broadcast similarity."""
     rows = []
-    for d in dims:
-        for dtype in dtypes:
-            g = torch.Generator(device=device).manual_seed(0)
-            cols = torch.randn(n_global, d, device=device, dtype=dtype, generator=g).requires_grad_()
-            col_labels = torch.randint(0, 1000, (n_global,), device=device, generator=g)
-            proxy = torch.randn(n_local, d, device=device, dtype=dtype, generator=g).requires_grad_()
-            offset = n_global // 2
-            labels = col_labels[offset:offset + n_local]
+    for n_local, n_global, d, dtype in shapes:
+        g = torch.Generator(device=device).manual_seed(0)
+        cols = torch.randn(n_global, d, device=device, dtype=dtype, generator=g).requires_grad_()
+        col_labels = torch.randint(0, 1000, (n_global,), device=device, generator=g)
+        proxy = torch.randn(n_local, d, device=device, dtype=dtype, generator=g).requires_grad_()
+        offset = (n_global - n_local) // 2
+        labels = col_labels[offset:offset + n_local]
 
-            def make(variant: str) -> Callable[[], object]:
-                if variant == "studiogan_broadcast":
-                    loss_fn = lambda e: _studiogan_d2d(e, proxy, labels, cols, col_labels, offset, 0.5, 0.98)  # noqa
-                else:
-                    backend = "triton" if variant == "triton" else "torch"
-                    loss_fn = lambda e: d2d_ce(e, proxy, labels, 0.5, 0.98, backend=backend,  # noqa: E731
-                                               negatives=(cols, col_labels), row_offset=offset)
-                    if variant == "compile":
-                        loss_fn = torch.compile(loss_fn)
+        def make(variant: str) -> Callable[[], object]:
+            if variant == "studiogan_broadcast":
+                loss_fn = lambda e: _studiogan_d2d(e, proxy, labels, cols, col_labels, offset, 0.5, 0.98)  # noqa
+            elif variant == "torch_bf16":
+                loss_fn = lambda e: _torch_bf16_d2d(e, proxy, labels, cols, col_labels, offset, 0.5, 0.98)  # noqa
+            else:
+                backend = "triton" if variant.startswith("triton") else "torch"
+                extra = dict(split_cols=1 << 30, triton_backward="stream") if variant == "triton_1d" else {}
+                loss_fn = lambda e: d2d_ce(e, proxy, labels, 0.5, 0.98, backend=backend,  # noqa: E731
+                                           negatives=(cols, col_labels), row_offset=offset, **extra)
+                if variant == "compile":
+                    loss_fn = torch.compile(loss_fn)
 
-                def step() -> None:
-                    embed = cols[offset:offset + n_local]
-                    loss_fn(embed).backward()
-                return step
-
-            for variant in variants:
-                fn = make(variant)
-                row = {"bench": "d2d_ce fwd+bwd", "variant": variant, "n_local": n_local, "n_global": n_global,
-                       "d": d, "dtype": str(dtype).replace("torch.", "")}
-                try:
-                    row["median_ms"] = median_ms(fn, device)
-                    row["peak_extra_mb"] = peak_extra_mb(fn, device)
-                except (RuntimeError, torch.OutOfMemoryError) as e:  # e.g. the broadcast's N x M x d OOM
-                    row["error"] = str(e).splitlines()[0][:120]
-                rows.append(row)
+            def step() -> None:
                 cols.grad = proxy.grad = None
+                embed = cols[offset:offset + n_local]
+                loss_fn(embed).backward()
+            return step
+
+        for variant in variants:
+            row = {"bench": "d2d_ce fwd+bwd", "variant": variant, "n_local": n_local, "n_global": n_global,
+                   "d": d, "dtype": str(dtype).replace("torch.", "")}
+            try:
+                fn = make(variant)
+                row["median_ms"] = median_ms(fn, device)
+                row["peak_extra_mb"] = peak_extra_mb(fn, device)
+            except (RuntimeError, torch.OutOfMemoryError) as e:  # e.g. the broadcast's N x M x d OOM
+                row["error"] = str(e).splitlines()[0][:120]
+            rows.append(row)
+            cols.grad = proxy.grad = None
     return rows
 
 
 def bench_sn(device: torch.device, shapes: Sequence[Tuple[int, int]], variants: Sequence[str],
              dtype: torch.dtype = torch.float32) -> List[Dict]:
-    """Power iteration + sigma + its backward for every SN matrix of a network, per training step."""
+    """Power iteration + sigma + its backward for every SN matrix of a network, per training step. Variants:
+    "torch_loop" (per layer), "foreach", "triton_fused"."""
     g = torch.Generator(device=device).manual_seed(0)
     ws = [torch.randn(*s, device=device, dtype=dtype, generator=g).div_(s[1] ** 0.5).requires_grad_()
           for s in shapes]
@@ -118,7 +146,7 @@ def bench_sn(device: torch.device, shapes: Sequence[Tuple[int, int]], variants: 
     coef = torch.randn(len(shapes), device=device, generator=g)
     rows = []
     for variant in variants:
-        backend = "triton" if variant == "triton_fused" else "torch"
+        backend = {"triton_fused": "triton", "foreach": "foreach"}.get(variant, "torch")
 
         def step() -> None:
             for w in ws:  # as the optimizer's zero_grad does: no gradient accumulation in the timing

@@ -252,7 +252,7 @@ def test_doctor_checks_this_node_and_compiles_the_kernels():
     lines = {line.split()[1]: line.split()[0] for line in proc.stdout.splitlines()[:-1]}
     for name in ("gpus", "cuda/nccl", "triton", "dali", "deepspeed", "mpi4py", "data", "disk", "launch"):
         assert name in lines, proc.stdout
-    assert lines["triton"] == "ok" and "kernel builds for sm_90 and sm_80" in proc.stdout
+    assert lines["triton"] == "ok" and "kernel builds for sm_90 and sm_80, bf16" in proc.stdout
     assert lines["gpus"] in ("ok", "skip") and lines["disk"] == "ok"
 
 
@@ -264,3 +264,20 @@ def test_doctor_fails_on_missing_data_and_a_batch_the_job_cannot_make(tmp_path):
     assert re.search(r"fail\s+data\s+.*no dataset.json", proc.stdout)
     assert re.search(r"fail\s+launch\s+Slurm job 77: 2 nodes x 4 tasks: .*does not split over 8 ranks", proc.stdout)
     assert re.search(r"warn\s+slurm cpus\s+.*SRUN_CPUS_PER_TASK", proc.stdout)
+
+
+def test_the_gpu_check_pack_runs_every_stage_in_smoke_mode(tmp_path):
+    """scripts/gpu-check.sh --smoke: every stage at toy sizes on the CPU (kernels in Triton's interpreter), each
+    reported in report.json and report.md, so the pack a GPU session runs cannot rot."""
+    out = tmp_path / "gc"
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu-check.sh"), "--smoke", "--out", str(out)],
+                          capture_output=True, text=True, env=env(), cwd=ROOT, timeout=900)
+    report = json.loads((out / "report.json").read_text())
+    stages = {s["name"]: s for s in report["stages"]}
+    assert list(stages) == ["env", "tests", "accuracy", "determinism", "kernels", "sn", "train", "dali", "deepspeed"]
+    assert all(s["status"] in ("ok", "skip") for s in stages.values()), (proc.stdout, stages)
+    assert proc.returncode == 0 and report["smoke"] is True
+    assert stages["accuracy"]["worst_fp32_rel_error"] < 1e-4 and stages["determinism"]["bitwise_equal"]
+    assert stages["train"]["runs"][0]["sec_per_step"] > 0
+    md = (out / "report.md").read_text()
+    assert all(f"| {name} |" in md for name in stages)

@@ -1,0 +1,363 @@
+"""The GPU check pack: everything a first GPU session must measure, in one prepared call (scripts/gpu-check.sh).
+
+Stages, each in its own subprocess with a time box, each written to DIR/report.json and DIR/report.md as soon as
+it ends (a run that is cut off still reports what it did):
+
+  env          GPU, versions, measured device-to-device copy bandwidth and bf16 matmul rate
+  tests        tests/test_kernels.py on the GPU
+  accuracy     the kernels against float64 at the real shapes, fp32 and bf16: |out - ref| / |ref|, gradients too
+  determinism  20 runs of each kernel, bitwise equal
+  kernels      D2D-CE forward + backward: the kernel, the kernel before the column split, torch fp32, a torch bf16
+               path, torch.compile of the reference (medians of triton.testing.do_bench)
+  sn           spectral norm of BigGAN-128's 65 layers: per-layer loop, foreach, Triton, and the bandwidth floor
+  train        the BigGAN-128 ReACGAN step in bf16 at 32 and 256 samples per GPU: eager, compiled, CUDA graphs;
+               MFU, host vs device time, kernels per iteration
+  dali         nvJPEG decode img/s (where DALI is installed)
+  deepspeed    one ZeRO-2 bf16 step (where DeepSpeed is installed and 2 GPUs are visible)
+
+``--smoke`` (also chosen where no GPU is visible) runs every stage at toy sizes on the CPU, the kernels in Triton's
+interpreter, so the pack cannot rot; it is tested.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+ROOT = Path(__file__).resolve().parents[1]
+# (name, seconds allowed on a GPU, seconds allowed in smoke mode): 8 minutes in all on one H100
+STAGES: List[Tuple[str, int, int]] = [
+    ("env", 30, 60), ("tests", 90, 240), ("accuracy", 45, 120), ("determinism", 30, 120), ("kernels", 75, 120),
+    ("sn", 45, 120), ("train", 150, 240), ("dali", 20, 60), ("deepspeed", 15, 60),
+]
+
+
+# ---- the stages: each returns a dict of numbers (status "ok" unless it says otherwise) --------------------------------
+def stage_env(smoke: bool) -> Dict[str, Any]:
+    import torch
+    import triton
+    out: Dict[str, Any] = {"torch": torch.__version__, "triton": triton.__version__,
+                           "python": sys.version.split()[0]}
+    dev = torch.device("cuda" if torch.cuda.is_available() and not smoke else "cpu")
+    if dev.type == "cuda":
+        props = torch.cuda.get_device_properties(dev)
+        out.update(gpu=props.name, memory_gib=round(props.total_memory / 2 ** 30, 1), sms=props.multi_processor_count,
+                   cuda=torch.version.cuda, capability=".".join(map(str, torch.cuda.get_device_capability())))
+    n = (1 << 28) if dev.type == "cuda" else (1 << 20)  # 1 GiB of fp32 on a GPU
+    src = torch.empty(n, device=dev)
+    dst = torch.empty_like(src)
+    out["copy_gb_per_s"] = round(2 * src.numel() * 4 / _time_ms(lambda: dst.copy_(src), dev) / 1e6, 1)
+    k = 8192 if dev.type == "cuda" else 256
+    a = torch.randn(k, k, device=dev, dtype=torch.bfloat16)
+    b = torch.randn(k, k, device=dev, dtype=torch.bfloat16)
+    out["bf16_matmul_tflops"] = round(2 * k ** 3 / _time_ms(lambda: a @ b, dev) / 1e9, 1)
+    return out
+
+
+def stage_tests(smoke: bool) -> Dict[str, Any]:
+    args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(ROOT / "tests" / "test_kernels.py")]
+    if smoke:
+        args += ["-k", "split_columns and 8-200"]
+    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
+    tail = (proc.stdout.strip().splitlines() or ["no output"])[-1]
+    return {"status": "ok" if proc.returncode == 0 else "fail", "pytest": tail,
+            "failures": [x for x in proc.stdout.splitlines() if x.startswith("FAILED")][:10]}
+
+
+def _rel(a: Any, b: Any) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+def stage_accuracy(smoke: bool) -> Dict[str, Any]:
+    import torch
+
+    from kernels import d2d_ce, sn_power_iteration
+    dev = _device(smoke)
+    shapes = [(8, 64, 32)] if smoke else [(32, 2048, 512), (256, 2048, 2048)]
+    dtypes = [torch.float32] if smoke else [torch.float32, torch.bfloat16]
+    out: Dict[str, Any] = {"d2d_ce": [], "sn": []}
+    for n, m, d in shapes:
+        g = torch.Generator().manual_seed(0)
+        cols64 = torch.randn(m, d, generator=g, dtype=torch.float64)
+        proxy64 = torch.randn(n, d, generator=g, dtype=torch.float64)
+        labels_all = torch.randint(0, 1000, (m,), generator=g)
+        off = (m - n) // 2
+        leaves = [cols64[off:off + n].clone().requires_grad_(), proxy64.clone().requires_grad_(),
+                  cols64.clone().requires_grad_()]
+        ref = d2d_ce(leaves[0], leaves[1], labels_all[off:off + n], 0.25, 0.9, backend="torch",
+                     negatives=(leaves[2], labels_all), row_offset=off)
+        ref_g = torch.autograd.grad(ref, leaves)
+        for dt in dtypes:
+            got_leaves = [x.detach().to(dev, dt).requires_grad_() for x in leaves]
+            lab = labels_all.to(dev)
+            got = d2d_ce(got_leaves[0], got_leaves[1], lab[off:off + n], 0.25, 0.9, backend="triton",
+                         negatives=(got_leaves[2], lab), row_offset=off)
+            got_g = torch.autograd.grad(got, got_leaves)
+            out["d2d_ce"].append({"shape": [n, m, d], "dtype": str(dt)[6:], "loss": _rel(got.cpu(), ref),
+                                  **{f"grad_{k}": _rel(a.cpu(), b) for k, a, b in
+                                     zip(("embed", "proxy", "cols"), got_g, ref_g)}})
+    sn = [(64, 40), (33, 70)] if smoke else _sn_shapes()
+    g = torch.Generator().manual_seed(1)
+    w64 = [torch.randn(*s, generator=g, dtype=torch.float64) / s[1] ** 0.5 for s in sn]
+    u64 = [torch.nn.functional.normalize(torch.randn(s[0], generator=g, dtype=torch.float64), dim=0) for s in sn]
+    ws_ref = [w.clone().requires_grad_() for w in w64]
+    s_ref, _, _ = sn_power_iteration(ws_ref, u64, 1, backend="torch")
+    coef = torch.randn(len(sn), generator=g, dtype=torch.float64)
+    ref_g = torch.autograd.grad((s_ref * coef).sum(), ws_ref)
+    for dt in dtypes:
+        ws = [w.to(dev, dt).requires_grad_() for w in w64]
+        sig, _, _ = sn_power_iteration(ws, [u.to(dev, torch.float32) for u in u64], 1, backend="triton")
+        grads = torch.autograd.grad((sig * coef.to(dev).float()).sum(), ws)
+        out["sn"].append({"layers": len(sn), "dtype": str(dt)[6:], "sigma": _rel(sig.cpu(), s_ref),
+                          "grad_max": max(_rel(a.cpu(), b) for a, b in zip(grads, ref_g))})
+    worst = max([r["loss"] for r in out["d2d_ce"] if r["dtype"] == "float32"] +
+                [r["sigma"] for r in out["sn"] if r["dtype"] == "float32"])
+    out["status"] = "ok" if worst < 1e-4 else "fail"
+    out["worst_fp32_rel_error"] = worst
+    return out
+
+
+def stage_determinism(smoke: bool) -> Dict[str, Any]:
+    import torch
+
+    from kernels import d2d_ce, sn_power_iteration
+    dev = _device(smoke)
+    runs = 3 if smoke else 20
+    n, m, d = (8, 64, 32) if smoke else (64, 2048, 512)
+    g = torch.Generator().manual_seed(2)
+    cols = torch.randn(m, d, generator=g).to(dev)
+    labels = torch.randint(0, 100, (m,), generator=g).to(dev)
+    proxy = torch.randn(n, d, generator=g).to(dev)
+    ws = [torch.randn(*s, generator=g).to(dev).requires_grad_() for s in ([(64, 40)] if smoke else _sn_shapes())]
+    us = [torch.nn.functional.normalize(torch.randn(w.shape[0], generator=g), dim=0).to(dev) for w in ws]
+    outs = []
+    for _ in range(runs):
+        leaves = [cols[:n].clone().requires_grad_(), proxy.clone().requires_grad_(), cols.clone().requires_grad_()]
+        loss = d2d_ce(leaves[0], leaves[1], labels[:n], 0.5, 0.9, backend="triton", negatives=(leaves[2], labels))
+        sig, u, _ = sn_power_iteration(ws, us, 1, backend="triton")
+        outs.append([loss.detach(), *torch.autograd.grad(loss, leaves), sig.detach(), *u,
+                     *torch.autograd.grad(sig.sum(), ws)])
+    equal = all(torch.equal(a, b) for other in outs[1:] for a, b in zip(outs[0], other))
+    return {"status": "ok" if equal else "fail", "repeats": runs, "bitwise_equal": equal}
+
+
+def stage_kernels(smoke: bool) -> Dict[str, Any]:
+    import torch
+
+    from kernels.bench import bench_d2d
+    dev = _device(smoke)
+    if smoke:
+        shapes = [(8, 64, 32, torch.float32)]
+        variants = ("triton", "triton_1d", "eager", "torch_bf16")
+    else:
+        shapes = [(n, 2048, d, dt) for n in (8, 32, 64, 256) for d in (512, 2048)
+                  for dt in (torch.float32, torch.bfloat16)]
+        variants = ("triton", "triton_1d", "eager", "torch_bf16", "compile")
+    rows = bench_d2d(dev, shapes, variants)
+    best: Dict[str, Any] = {}
+    for r in rows:  # the kernel against the best torch path, per shape
+        key = f"{r['n_local']}x{r['n_global']}x{r['d']} {r['dtype']}"
+        best.setdefault(key, {})[r["variant"]] = r.get("median_ms")
+    speedups = {k: (min(v[x] for x in ("eager", "torch_bf16", "compile") if v.get(x)) / v["triton"])
+                for k, v in best.items() if v.get("triton")}
+    return {"rows": rows, "speedup_vs_best_torch": speedups}
+
+
+def stage_sn(smoke: bool) -> Dict[str, Any]:
+    import torch
+
+    from kernels.bench import bench_sn
+    dev = _device(smoke)
+    shapes = [(64, 40), (33, 70), (8, 300)] if smoke else _sn_shapes()
+    variants = ("torch_loop", "foreach", "triton_fused")
+    rows = bench_sn(dev, shapes, variants)
+    n_w = sum(r * c for r, c in shapes)
+    copy = stage_env(smoke)["copy_gb_per_s"]
+    # the floor: W read twice (v and u passes) and the gradient written once, fp32
+    floor_ms = 3 * n_w * 4 / (copy * 1e9) * 1e3
+    ms = {r["variant"]: r["median_ms"] for r in rows}
+    return {"rows": rows, "layers": len(shapes), "floor_ms": floor_ms,
+            "triton_vs_floor": ms["triton_fused"] / floor_ms, "triton_speedup_vs_loop": ms["torch_loop"] /
+            ms["triton_fused"], "foreach_speedup_vs_loop": ms["torch_loop"] / ms["foreach"]}
+
+
+def stage_train(smoke: bool, deadline: float) -> Dict[str, Any]:
+    from hpc_gan.config import load
+    from hpc_gan.train.bench import bench_train
+    common = ["data.name=synthetic", "data.num_classes=10", "train.standing_stats=0", "run.tensorboard=false"]
+    if smoke:
+        cases = [("demo", ["model.g_ch=8", "model.d_ch=8", "run.device=cpu"], [("eager", [])], [8])]
+        preset = ROOT / "configs" / "demo.yaml"
+    else:
+        cases = [("imagenet128_reacgan_b2048", ["train.precision=bf16"],
+                  [("eager", []), ("compile", ["train.compile=default"]), ("cuda_graphs", ["train.cuda_graphs=true"])],
+                  [32, 256])]
+        preset = ROOT / "configs" / "imagenet128_reacgan_b2048.yaml"
+    results = []
+    for _, extra, modes, batches in cases:
+        for batch in batches:
+            for mode, flags in modes:
+                if time.time() > deadline - 20:
+                    results.append({"batch": batch, "mode": mode, "status": "skip", "why": "out of time"})
+                    continue
+                cfg = load(preset, common + extra + flags + [f"train.batch_size={batch}",
+                                                             f"data.synthetic_size={2 * batch}"])
+                try:
+                    r = bench_train(cfg, steps=3 if smoke else 8, warmup=1 if smoke else 3)
+                    results.append({"batch": batch, "mode": mode, **{k: r[k] for k in (
+                        "sec_per_step", "samples_per_s_per_device", "tflops_per_device", "mfu", "host_bound",
+                        "aten_ops_per_iteration", "cuda_kernels_per_iteration", "first_step_seconds",
+                        "peak_memory_gib", "phase_ms_per_step", "phase_host_ms_per_step")}})
+                except Exception as e:  # noqa: BLE001 -- one mode failing must not hide the others
+                    results.append({"batch": batch, "mode": mode, "status": "fail",
+                                    "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"})
+    failed = any(r.get("status") == "fail" for r in results)
+    return {"status": "fail" if failed else "ok", "runs": results}
+
+
+def stage_dali(smoke: bool) -> Dict[str, Any]:
+    from hpc_gan.data.dali import dali_available
+    if not dali_available():
+        return {"status": "skip", "why": "DALI is not installed here"}
+    import torch
+
+    from hpc_gan.data.bench import bench_data
+    return {"rows": bench_data(None, _device(smoke), batches=3 if smoke else 20)}
+
+
+def stage_deepspeed(smoke: bool) -> Dict[str, Any]:
+    import importlib.util
+
+    import torch
+    if importlib.util.find_spec("deepspeed") is None:
+        return {"status": "skip", "why": "DeepSpeed is not installed here"}
+    if smoke or torch.cuda.device_count() < 2:
+        return {"status": "skip", "why": "a ZeRO-2 step needs 2 ranks, and NCCL one GPU per rank: 2 GPUs"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "hpc_gan.cli", "bench",
+           "--config", str(ROOT / "configs" / "demo.yaml"), "--steps", "2", "--warmup", "1", "dist.strategy=zero2",
+           "train.precision=bf16", "run.device=cuda"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    return {"status": "ok" if proc.returncode == 0 else "fail", "tail": proc.stdout[-800:] + proc.stderr[-800:]}
+
+
+# ---- plumbing ------------------------------------------------------------------------------------------------------
+def _device(smoke: bool) -> Any:
+    import torch
+    return torch.device("cuda" if torch.cuda.is_available() and not smoke else "cpu")
+
+
+def _time_ms(fn: Callable[[], Any], dev: Any) -> float:
+    import torch
+    if dev.type == "cuda":
+        from triton.testing import do_bench
+        return float(do_bench(fn, warmup=5, rep=50, return_mode="median"))
+    fn()
+    t0 = time.perf_counter()
+    for _ in range(3):
+        fn()
+    return (time.perf_counter() - t0) / 3 * 1e3
+
+
+def _sn_shapes() -> List[Tuple[int, int]]:
+    from hpc_gan.config import load
+    from hpc_gan.info import sn_shapes
+    return sn_shapes(load(ROOT / "configs" / "imagenet128_reacgan_b2048.yaml"))
+
+
+def run_stage(name: str, smoke: bool, deadline: float) -> Dict[str, Any]:
+    fn = globals()[f"stage_{name}"]
+    return fn(smoke, deadline) if name == "train" else fn(smoke)
+
+
+def _child(name: str, smoke: bool, deadline: float, out: Path) -> int:
+    """One stage, in this process: its result to ``out`` as JSON."""
+    t0 = time.time()
+    try:
+        result = run_stage(name, smoke, deadline)
+        result.setdefault("status", "ok")
+    except Exception as e:  # noqa: BLE001 -- a stage's failure is its result
+        result = {"status": "fail", "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}",
+                  "traceback": traceback.format_exc()[-2000:]}
+    result.update(name=name, seconds=round(time.time() - t0, 1))
+    out.write_text(json.dumps(result, indent=1, default=str))
+    return 0
+
+
+def write_report(out_dir: Path, report: Dict[str, Any]) -> None:
+    (out_dir / "report.json").write_text(json.dumps(report, indent=1, default=str))
+    lines = [f"# GPU check, {report['started']}", "", f"command: `{report['command']}`", "",
+             "| stage | status | seconds | summary |", "|---|---|---|---|"]
+    for s in report["stages"]:
+        keep = {k: v for k, v in s.items() if k not in ("name", "status", "seconds", "rows", "runs", "traceback",
+                                                        "d2d_ce", "sn", "speedup_vs_best_torch")}
+        summary = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in keep.items())
+        lines.append(f"| {s['name']} | {s['status']} | {s['seconds']} | {summary[:300]} |")
+    for s in report["stages"]:
+        if s.get("speedup_vs_best_torch"):
+            lines += ["", "D2D-CE: the kernel's speed-up over the best torch path", "",
+                      "| shape | speed-up |", "|---|---|"]
+            lines += [f"| {k} | {v:.2f}x |" for k, v in s["speedup_vs_best_torch"].items()]
+        for r in s.get("runs", []):
+            if "sec_per_step" in r:
+                mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "n/a"
+                lines.append(f"- train, batch {r['batch']}, {r['mode']}: {1e3 * r['sec_per_step']:.1f} ms/step, "
+                             f"MFU {mfu}, host-bound {r['host_bound']}, kernels/iteration "
+                             f"{r['cuda_kernels_per_iteration']}, first step {r['first_step_seconds']:.1f} s")
+    (out_dir / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description="the GPU check pack (see docs/gpu-check.md)")
+    p.add_argument("--out", default="runs/gpu-check", help="where report.json and report.md go")
+    p.add_argument("--smoke", action="store_true", help="every stage at toy sizes on the CPU (Triton interpreter)")
+    p.add_argument("--stages", nargs="*", default=[s for s, _, _ in STAGES], help="a subset of the stages")
+    p.add_argument("--child", nargs=3, metavar=("STAGE", "DEADLINE", "OUT"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        return _child(args.child[0], args.smoke, float(args.child[1]), Path(args.child[2]))
+    import torch
+    smoke = args.smoke or not torch.cuda.is_available()
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report: Dict[str, Any] = {"started": datetime.datetime.now().isoformat(timespec="seconds"),
+                              "command": " ".join(["scripts/gpu-check.sh", *(argv if argv is not None else
+                                                                               sys.argv[1:])]),
+                              "smoke": smoke, "stages": []}
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               PYTHONUNBUFFERED="1")
+    if smoke:
+        env["TRITON_INTERPRET"] = "1"  # the kernels run on the CPU, in Triton's interpreter
+    for name, gpu_s, smoke_s in STAGES:
+        if name not in args.stages:
+            continue
+        limit = smoke_s if smoke else gpu_s
+        out = out_dir / f"stage-{name}.json"
+        out.unlink(missing_ok=True)
+        t0 = time.time()
+        print(f"gpu-check: {name} (at most {limit} s) ...", flush=True)
+        cmd = [sys.executable, "-m", "hpc_gan.gpucheck", "--child", name, str(t0 + limit), str(out)]
+        try:
+            proc = subprocess.run(cmd + (["--smoke"] if smoke else []), cwd=ROOT, env=env, timeout=limit,
+                                  capture_output=True, text=True)
+            result = json.loads(out.read_text()) if out.exists() else \
+                {"name": name, "status": "fail", "error": (proc.stderr.strip().splitlines() or ["no result"])[-1]}
+        except subprocess.TimeoutExpired:
+            result = {"name": name, "status": "timeout", "error": f"over its {limit} s"}
+        result.setdefault("seconds", round(time.time() - t0, 1))
+        report["stages"].append(result)
+        write_report(out_dir, report)
+        print(f"gpu-check: {name}: {result['status']} in {result['seconds']} s", flush=True)
+    bad = [s["name"] for s in report["stages"] if s["status"] in ("fail", "timeout")]
+    print(f"gpu-check: report in {out_dir}/report.md" + (f"; not ok: {', '.join(bad)}" if bad else "; all ok"))
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
