@@ -1,4 +1,4 @@
-"""The ``hpc-gan`` command: train | sample | eval | plot | info | prepare-data | bench | sweep | doctor.
+"""The ``hpc-gan`` command: train | sample | eval | plot | info | prepare-data | bench | sweep | doctor | checkpoints.
 
 Bad input (a :class:`hpc_gan.errors.UserError`) ends in one line on stderr that names the problem and the fix
 (exit 2); set HPC_GAN_TRACEBACK=1 to see the traceback instead. Anything else is a bug and shows its traceback."""
@@ -103,6 +103,24 @@ def _eval(args: argparse.Namespace) -> int:
             path.write_text(json.dumps(result, indent=1))
             print(json.dumps(result, indent=1))
             print(f"wrote {path}" + (f" and {out_dir / 'truncation-sweep.png'}" if args.sweep else ""))
+    return 0
+
+
+def _checkpoints(args: argparse.Namespace) -> int:
+    from hpc_gan.train.checkpoint import describe
+    root = Path(args.run) / "checkpoints" if (Path(args.run) / "checkpoints").is_dir() else Path(args.run)
+    rows = describe(root, full=not args.quick)
+    if not rows:
+        raise UserError(f"{args.run} has no checkpoints (expected RUN_DIR/checkpoints/step-N)")
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(f"{'checkpoint':<24} {'step':>9} {'size':>10} {'age':>9}  status")
+    for r in rows:
+        age = r["age_s"]
+        age_s = f"{age / 86400:.1f}d" if age >= 86400 else f"{age / 3600:.1f}h" if age >= 3600 else f"{age / 60:.0f}m"
+        print(f"{r['name']:<24} {r['step'] if r['step'] is not None else '':>9} {r['bytes'] / 2 ** 20:>8.1f}MB "
+              f"{age_s:>9}  {r['status']}")
     return 0
 
 
@@ -261,6 +279,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--backbone", choices=choices("eval.backbone"), default=None)
     e.add_argument("--inception-path", default=None, help="pt_inception-2015-12-05-6726825d.pth")
     e.set_defaults(fn=_eval)
+
+    ck = sub.add_parser("checkpoints", help="a run's checkpoints: step, size, age, intact or damaged (verified)")
+    ck.add_argument("run", help="run dir (or its checkpoints/)")
+    ck.add_argument("--quick", action="store_true", help="sizes only, no SHA-256 (one read of every file)")
+    ck.add_argument("--json", action="store_true")
+    ck.set_defaults(fn=_checkpoints)
 
     dr = sub.add_parser("doctor", help="preflight of this node and a config: GPUs, NCCL, kernels, DALI, DeepSpeed, "
                                        "MPI, data, disk, Slurm placement, rendezvous port")

@@ -144,6 +144,7 @@ class TrainConfig:
     sample_every: int = 500
     checkpoint_every: int = 500
     keep_checkpoints: int = 3              # newest complete checkpoints kept (0: keep all)
+    verify_checkpoints: bool = True        # resume: SHA-256 of the checkpoint against its manifest (else size only)
     diagnostics: bool = True               # ReACGAN Fig. 2 norms at logging steps
     demo_classifier: bool = False          # report class accuracy of samples under a classifier of the data set
     nonfinite: NonFinite = "stop"          # a step with a non-finite loss or gradient: stop the run, or skip its update

@@ -31,14 +31,17 @@ def prepare_run_dir(cfg: Config) -> Path:
     return run_dir
 
 
-def find_resume(run_dir: Path, resume: Optional[str]) -> Optional[Path]:
+def find_resume(run_dir: Path, resume: Optional[str], verify_hash: bool = True,
+                log: Callable[[str], None] = print) -> Optional[Path]:
+    """The checkpoint to continue from: with "auto" the newest intact one of the run (damaged newer ones moved
+    aside, each with one line), with a path that one, without --resume none (refused where checkpoints exist)."""
     if not resume:
-        if checkpoint.latest(run_dir / "checkpoints") is not None:
+        if checkpoint.any_checkpoints(run_dir / "checkpoints"):
             raise UserError(f"run dir {run_dir} already has checkpoints; pass --resume auto to continue it, or "
                             f"set run.dir=... for a new run (nothing was overwritten)")
         return None
     if resume == "auto":
-        return checkpoint.latest(run_dir / "checkpoints")
+        return checkpoint.newest_intact(run_dir / "checkpoints", verify_hash, log)
     return checkpoint.resolve(resume)
 
 
@@ -61,7 +64,7 @@ def _start(cfg: Config, resume: Optional[str], log: Callable[[str], None], info:
     device = resolve_device(cfg.run.device, info)
     check_precision(cfg.train.precision, device)  # before the run dir is touched
     # rank 0 decides, everyone follows: ranks reading a shared file system on their own may disagree (NFS caches)
-    ckpt = launch.agree(lambda: find_resume(Path(cfg.run.dir), resume), info)
+    ckpt = launch.agree(lambda: find_resume(Path(cfg.run.dir), resume, cfg.train.verify_checkpoints, log), info)
     if info.is_main:
         prepare_run_dir(cfg)
     launch.barrier(info)
@@ -75,7 +78,8 @@ def _start(cfg: Config, resume: Optional[str], log: Callable[[str], None], info:
             f"{info.master_port}), strategy {cfg.dist.strategy}, sync BN {cfg.dist.sync_bn}, global negatives "
             f"{cfg.loss.global_negatives}")
     if ckpt is not None:
-        trainer.load_state_dict(checkpoint.load_consolidated(ckpt, map_location=device))
+        # rank 0 verified the hash above; every rank checks the size of what it reads
+        trainer.load_state_dict(checkpoint.load_consolidated(ckpt, map_location=device, verify_hash=False, log=log))
         log(f"resumed from {ckpt} at step {trainer.step}")
     return trainer
 
