@@ -63,6 +63,7 @@ CondMethod = Literal[tuple(CONDITIONING)]
 @dataclass
 class RunConfig:
     dir: str = "runs/demo"                 # run directory: config.yaml, metrics.jsonl, samples/, checkpoints/
+    preset: str = ""                       # the recipe this config came from (configs/NAME.yaml; docs/presets.md)
     device: Device = "auto"
     tensorboard: bool = True               # write TensorBoard events when tensorboard is installed
     preempt_signals: str = "USR1"          # signals that mean: checkpoint, requeue (Slurm), exit 0 ("" = none)
@@ -82,7 +83,7 @@ class ModelConfig:
     sn_eps: float = 1e-6
     bn_eps: float = 1e-4
     sn_backend: SNBackend = "auto"         # auto: triton on CUDA, foreach elsewhere; torch: per layer (reference)
-    attn_impl: AttnImpl = "sdpa"           # self-attention: torch's scaled_dot_product_attention, or explicit (reference)
+    attn_impl: AttnImpl = "sdpa"           # self-attention: torch's scaled_dot_product_attention, explicit (reference)
     memory_format: MemoryFormat = "auto"   # of activations; auto: channels_last on CPUs (measured 1.3-1.8x), contiguous
                                            # on CUDA until measured there
 
@@ -157,8 +158,8 @@ class DistConfig:
     sync_bn: bool = True                   # G's BatchNorm statistics over the global batch (cross-replica BN)
     bn_group_size: int = 0                 # BN over groups of this many ranks (0: all ranks)
     timeout_s: float = 600.0               # process-group timeout at start-up and around checkpoints / evaluation
-    step_timeout_s: float = 120.0          # ... and during training steps, once the first step is done (0: keep timeout_s)
-    hang_dump_factor: float = 10.0         # dump every rank's Python stacks when a step takes this x the median (0: off)
+    step_timeout_s: float = 120.0          # ... and during steps, once the first step is done (0: keep timeout_s)
+    hang_dump_factor: float = 10.0         # dump all ranks' Python stacks when a step takes this x the median (0: off)
     backend: DistBackend = "auto"          # auto: nccl on GPUs, gloo on CPUs
     check_every: int = 0                   # also check that replicas agree every k steps (0: at checkpoints only)
 

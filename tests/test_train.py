@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import yaml
 
 from hpc_gan.eval.sampling import truncated_normal
 from hpc_gan.train import checkpoint
@@ -133,7 +134,8 @@ def test_run_dir_layout(tiny_cfg, tmp_path):
     import json
     train(tiny_cfg(), log=lambda s: None)
     run = tmp_path / "run"
-    assert (run / "config.yaml").is_file()
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["run"]["preset"] == "demo" and saved["model"]["g_ch"] == 8  # the recipe, and what was overridden
     assert (run / "samples" / "step-00000004.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "d_loss" in r] == [2, 4]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import ipaddress
 import os
 import re
@@ -207,6 +208,10 @@ def init(timeout_s: float = 600.0, backend: str = "auto", device_type: str = "au
 def shutdown(info: DistInfo) -> None:
     """Wait for every rank, then destroy the process group we created (ZeRO-3 aborts at exit otherwise)."""
     if info.initialized and dist.is_initialized():
+        # Free what still holds a group (DDP reducers in reference cycles): a gloo group that outlives
+        # destroy_process_group is destroyed at interpreter exit, where its threads can abort the process
+        # ("terminate called without an active exception", seen once under Slurm after a clean run).
+        gc.collect()
         dist.barrier()  # no rank tears its connections down while a peer still reads from them
         dist.destroy_process_group()
         info.initialized = False

@@ -30,7 +30,7 @@ class ConditioningHead(nn.Module):
             self.linear_p = which_linear(feat, embed_dim)
             self.proxy = SNEmbedding(n_classes, embed_dim, sn_eps=sn_eps)
         elif self.kind == "classifier":
-            self.classifier = which_linear(feat, n_classes)
+            self.classifier = which_linear(feat, n_classes, bias=False)  # as StudioGAN's AC head
 
     def cond_parameter_names(self) -> List[str]:
         """Names of the conditioning head's weights (all but the adversarial linear layer), whose gradient norm
