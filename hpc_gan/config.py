@@ -37,6 +37,9 @@ OrthoImpl = Literal["auto", "autograd", "grad"]
 AttnImpl = Literal["sdpa", "explicit"]
 MemoryFormat = Literal["auto", "channels_last", "contiguous"]
 CompileMode = Literal["off", "default", "max-autotune", "reduce-overhead"]
+NegBackward = Literal["reduce_scatter", "all_reduce"]
+GradCompression = Literal["none", "bf16"]
+ZeroCommDtype = Literal["fp32", "bf16"]
 DIFFAUG_POLICIES = ("color", "translation", "cutout")   # loss.diffaug: a comma list of these
 METRICS = ("fid", "is", "prd", "prdc")                  # eval.metrics: a comma list of these
 
@@ -99,6 +102,7 @@ class DataConfig:
     backend: DataBackend = "auto"          # auto: DALI on GPUs for shards / folders
     decode_device: DecodeDevice = "auto"   # mixed: nvJPEG on the GPU
     dali_threads: int = 4
+    dali_workers: int = 4                  # processes reading encoded files for DALI (0: on the training thread)
 
 
 @dataclass
@@ -161,6 +165,13 @@ class DistConfig:
     step_timeout_s: float = 120.0          # ... and during steps, once the first step is done (0: keep timeout_s)
     hang_dump_factor: float = 10.0         # dump all ranks' Python stacks when a step takes this x the median (0: off)
     backend: DistBackend = "auto"          # auto: nccl on GPUs, gloo on CPUs
+    dedicated_groups: bool = True          # BN statistics and D2D-CE negatives on their own communicators
+    negatives_backward: NegBackward = "reduce_scatter"  # gathered negatives' gradient (all_reduce: the reference)
+    bucket_cap_mb: float = 25.0            # DDP gradient bucket size
+    static_graph: bool = True              # DDP static_graph where valid (not with accumulation or a gradient penalty)
+    grad_compression: GradCompression = "none"  # bf16: DDP all-reduces gradients in bf16 (a communication hook)
+    zero_bucket_mb: float = 200.0          # ZeRO reduce / all-gather bucket size
+    zero_comm_dtype: ZeroCommDtype = "fp32"  # ZeRO gradient communication and accumulation dtype under bf16
     check_every: int = 0                   # also check that replicas agree every k steps (0: at checkpoints only)
 
 
@@ -214,12 +225,12 @@ def comma_list(value: str) -> List[str]:
 POSITIVE = ("model.g_ch", "model.d_ch", "model.z_dim", "model.shared_dim", "model.embed_dim", "data.num_classes",
             "loss.temperature", "train.steps", "train.batch_size", "train.n_dis", "train.g_lr", "train.d_lr",
             "train.log_every", "train.sample_every", "train.checkpoint_every", "train.nonfinite_max", "dist.timeout_s",
-            "data.dali_threads", "eval.n", "eval.ref_n", "eval.batch")
+            "data.dali_threads", "eval.n", "eval.ref_n", "eval.batch", "dist.bucket_cap_mb", "dist.zero_bucket_mb")
 NON_NEGATIVE = ("train.micro_batch", "train.ema_start", "train.standing_stats", "train.truncation",
                 "train.keep_checkpoints", "loss.gp_lambda", "loss.ortho_beta", "loss.cr_lambda",
                 "loss.cond_lambda_d", "loss.cond_lambda_g", "data.num_workers", "model.g_attn_res", "model.d_attn_res",
-                "dist.bn_group_size", "dist.check_every", "dist.step_timeout_s", "dist.hang_dump_factor", "eval.every",
-                "eval.truncation")
+                "dist.bn_group_size", "dist.check_every", "data.dali_workers", "dist.step_timeout_s",
+                "dist.hang_dump_factor", "eval.every", "eval.truncation")
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:
@@ -311,6 +322,9 @@ def validate(cfg: Config) -> None:
     if t.nonfinite == "skip" and t.optimizer_impl in ("torch", "foreach", "apex"):
         raise UserError(f"train.nonfinite=skip skips updates on the device through fused Adam; use "
                         f"train.optimizer_impl=auto or fused (not {t.optimizer_impl})")
+    if cfg.dist.grad_compression != "none" and cfg.dist.strategy != "ddp":
+        raise UserError(f"dist.grad_compression={cfg.dist.grad_compression} is a DDP communication hook; with "
+                        f"dist.strategy={cfg.dist.strategy} set dist.zero_comm_dtype instead")
     if cfg.dist.strategy != "ddp" and t.nonfinite == "skip":
         raise UserError(f"train.nonfinite=skip needs the gradients that dist.strategy={cfg.dist.strategy} partitions "
                         f"over ranks; use train.nonfinite=stop or dist.strategy=ddp")

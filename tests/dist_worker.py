@@ -75,9 +75,10 @@ def mode_steps(out: Path, info: launch.DistInfo, cases: list) -> None:
         cfg = load(ROOT / "configs" / "demo.yaml", overrides)
         tr = Trainer(cfg, torch.device("cpu"), info)
         tr.train_step(diagnostics=True)
-        tr.check_replicas()
+        sharded = tr.ema.stale  # ZeRO: each rank averaged only its own master slices
+        tr.check_replicas()     # assembles G_ema first
         state = {"G": tr.g.weights_state_dict(), "D": tr.d.weights_state_dict(),
-                 "G_ema": tr.ema.model.state_dict(), "metrics": tr.pop_metrics()}
+                 "G_ema": tr.ema_model().state_dict(), "metrics": tr.pop_metrics(), "ema_sharded": sharded}
         if info.rank == 0:
             torch.save(state, out / f"case-{i}.pt")
         del tr

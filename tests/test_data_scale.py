@@ -131,8 +131,11 @@ def test_dali_reads_the_shards_natively(prepared):
 
 
 @needs_dali
-@pytest.mark.parametrize("source", ["shards", "folder"])
-def test_dali_cpu_pipeline_equals_torch_loader_per_rank(prepared, tree, source):
+@pytest.mark.parametrize("source,workers", [("shards", 0), ("folder", 0), ("shards", 2)],
+                         ids=["shards", "folder", "shards-parallel-source"])
+def test_dali_cpu_pipeline_equals_torch_loader_per_rank(prepared, tree, source, workers):
+    """The same samples per rank and step as the torch loader; with workers, the file reads run in DALI's
+    parallel external source (spawned processes), which must not change what each step gets."""
     from hpc_gan.data.dali import DaliStream
     if source == "folder":  # a raw tree without the corrupt file (raw folders are not cleaned; shards are)
         clean = prepared[0].parent / "clean_tree"
@@ -147,7 +150,7 @@ def test_dali_cpu_pipeline_equals_torch_loader_per_rank(prepared, tree, source):
     for rank in range(2):
         ref = RealStream(ds, StepPlan(6, world=2, rank=rank, seed=4), hflip=True, device=CPU)
         dali = DaliStream(ds, StepPlan(6, world=2, rank=rank, seed=4), hflip=True, device=CPU, decoder="cpu",
-                          threads=1, resize=resize)
+                          threads=1, resize=resize, workers=workers)
         for step in range(5):  # crosses epochs: 15 images, 2 global batches of 6 per epoch
             xr, yr = ref.next()
             xd, yd = dali.next()
@@ -217,3 +220,12 @@ def test_encoded_datasets_declare_what_they_are(prepared, tree):
     from hpc_gan.data import EncodedDataset, InMemoryDataset
     for ds in (ShardDataset(str(prepared[0]), 16), FolderDataset(str(tree / "train"), 16)):
         assert isinstance(ds, EncodedDataset) and not isinstance(ds, InMemoryDataset)
+
+
+def test_raw_folders_are_refused_beyond_one_node(tree, tiny_cfg):
+    """Above 8 ranks a class-folder data set is refused in one line that names prepare-data; at 8 it loads."""
+    cfg = tiny_cfg("data.name=folder", f"data.path={tree / 'train'}", "data.num_classes=3")
+    with pytest.raises(UserError, match=r"data.name=folder at 16 ranks.*hpc-gan prepare-data.*data.name=shards") as e:
+        build_dataset(cfg.data, 16, 0, world=16)
+    assert "\n" not in str(e.value)
+    assert len(build_dataset(cfg.data, 16, 0, world=8)) > 0

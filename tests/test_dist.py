@@ -185,20 +185,35 @@ def test_two_ranks_equal_one_rank_with_twice_the_micro_batch(strategy, tmp_path)
     fused = case_overrides(strategy, "d2d_ce", True, 8, 2, ranks=2) + ["model.sn_backend=triton", "loss.backend=triton"]
     control = case_overrides(strategy, "d2d_ce", False, 8, 4, ranks=2)  # local negatives: must NOT equal
     # torch.compile under DDP (compile is for ddp only), against one compiled process
-    compiled = [case_overrides(strategy, "d2d_ce", True, 8, 2, ranks=2) + ["train.compile=default"]] \
-        if strategy == "ddp" else []
-    torchrun(WORKER, "steps", tmp_path, json.dumps(cases + [fused, control] + compiled))
+    # the communication fast paths' reference twins: BN and negatives on the default group, the negatives'
+    # gradient all-reduced, no static graph (the cases above run the defaults: dedicated groups, reduce-scatter)
+    reference = case_overrides(strategy, "d2d_ce", True, 8, 4, ranks=2) + [
+        "dist.dedicated_groups=false", "dist.negatives_backward=all_reduce", "dist.static_graph=false"]
+    extra = [reference]
+    if strategy == "ddp":
+        extra += [case_overrides(strategy, "d2d_ce", True, 8, 2, ranks=2) + ["train.compile=default"],
+                  case_overrides(strategy, "d2d_ce", True, 8, 4, ranks=2) + ["dist.grad_compression=bf16"]]
+    torchrun(WORKER, "steps", tmp_path, json.dumps(cases + [fused, control] + extra))
+    got = [torch.load(tmp_path / f"case-{i}.pt") for i in range(len(cases) + 2 + len(extra))]
     for i, c in enumerate(CASES + [("d2d_ce", True, 8, 2)]):
         want = single_process_step(case_overrides(strategy, *c, ranks=1))
-        got = torch.load(tmp_path / f"case-{i}.pt")
-        assert_same_nets(got, want, f"{strategy} {c}" + (" fused kernels" if i == len(CASES) else ""))
+        assert_same_nets(got[i], want, f"{strategy} {c}" + (" fused kernels" if i == len(CASES) else ""))
+        assert got[i]["ema_sharded"] == (strategy != "ddp")  # ZeRO: G_ema from each rank's fp32 master slices
     want = single_process_step(case_overrides(strategy, "d2d_ce", True, 8, 4, ranks=1))
-    got = torch.load(tmp_path / f"case-{len(CASES) + 1}.pt")
     with pytest.raises(AssertionError):
-        assert_same_nets(got, want, "local negatives differ from the global batch's")
-    if compiled:
+        assert_same_nets(got[len(CASES) + 1], want, "local negatives differ from the global batch's")
+    i = len(CASES) + 2
+    assert_same_nets(got[i], want, f"{strategy}: default groups, all-reduced negatives' gradient")
+    if strategy == "ddp":
         want = single_process_step(case_overrides(strategy, "d2d_ce", True, 8, 2, ranks=1) + ["train.compile=default"])
-        assert_same_nets(torch.load(tmp_path / f"case-{len(CASES) + 2}.pt"), want, "compiled, 2 ranks vs 1")
+        assert_same_nets(got[i + 1], want, "compiled, 2 ranks vs 1")
+        # bf16 gradient all-reduce: gradients carry 8 mantissa bits (relative error <= 2^-8 per element); with
+        # adam_eps=1 an update is ~lr x gradient, so weights may differ by ~lr x |g| x 2^-8 from fp32's
+        want = single_process_step(case_overrides(strategy, "d2d_ce", True, 8, 4, ranks=1))
+        for net in ("G", "D"):
+            for k, w in want[net].items():
+                torch.testing.assert_close(got[i + 2][net][k].float(), w.float(), rtol=1e-3, atol=1e-4,
+                                           msg=lambda m: f"bf16 compression: {net}.{k}: {m}")
 
 
 # ---- checkpoints are world-size (and strategy) independent -----------------------------------------------------

@@ -13,6 +13,7 @@ distributed training contract rules out; the reader's job here is reading bytes 
 from __future__ import annotations
 
 import importlib.util
+import itertools
 from typing import Any, Iterator, List, Optional, Tuple
 
 import numpy as np
@@ -46,39 +47,60 @@ def decode_device(requested: str, device: torch.device) -> str:
     return requested
 
 
+class RankBatchSource:
+    """Encoded bytes, labels and mirror flags of this rank's share of global batch ``start + iteration``, for
+    ``fn.external_source`` in batch mode. Stateless given the batch index (the plan decides everything), so DALI can
+    run it in its worker processes (``parallel=True``): file reads leave the training thread, and several batches are
+    read ahead at once. Picklable: spawned workers rebuild it (a shard set reopens its memory maps there)."""
+
+    def __init__(self, dataset: Any, plan: StepPlan, hflip: bool, start: int) -> None:
+        self.dataset, self.plan, self.hflip, self.start = dataset, plan, hflip, start
+
+    def batch(self, k: int) -> Tuple[List[np.ndarray], List[np.ndarray], List[np.ndarray]]:
+        idx = self.plan.rank_indices(len(self.dataset), k)
+        flips = self.plan.flips(k) if self.hflip else torch.zeros(len(idx), dtype=torch.bool)
+        enc = [np.frombuffer(self.dataset.read_bytes(int(i)), dtype=np.uint8) for i in idx]
+        labels = [np.asarray(v, dtype=np.int64) for v in self.dataset.labels[idx].numpy()]  # one gather
+        return enc, labels, [np.asarray(int(f), dtype=np.int32) for f in flips]
+
+    def __call__(self, info: Any) -> Tuple[List[np.ndarray], List[np.ndarray], List[np.ndarray]]:
+        return self.batch(self.start + info.iteration)  # info: DALI's BatchInfo (iteration counts from 0)
+
+
 class DaliStream(StreamBase):
-    """Endless per-rank batches of (images in [-1, 1] float NCHW on ``device``, labels int64), like RealStream."""
+    """Endless per-rank batches of (images in [-1, 1] float NCHW on ``device``, labels int64), like RealStream.
+    ``workers`` > 0: the source runs in that many DALI worker processes (0: on the training thread, the reference)."""
 
     def __init__(self, dataset: Any, plan: StepPlan, hflip: bool, device: torch.device, decoder: str = "auto",
-                 threads: int = 4, resize: Optional[int] = None) -> None:
+                 threads: int = 4, resize: Optional[int] = None, workers: int = 0) -> None:
         require_dali()
         if not isinstance(dataset, EncodedDataset):
             raise UserError("data.backend=dali reads encoded images: use data.name=shards (hpc-gan prepare-data) "
                             "or folder; in-memory sets (synthetic, npz) use data.backend=torch")
         super().__init__(dataset, plan, hflip, device)
         self.decoder, self.threads, self.resize = decode_device(decoder, device), threads, resize
-
-    def _source(self) -> Iterator[Tuple[List[np.ndarray], List[np.ndarray], List[np.ndarray]]]:
-        k = self.consumed
-        for idx in RankBatches(len(self.dataset), self.plan, self.consumed):
-            flips = self.plan.flips(k) if self.hflip else torch.zeros(len(idx), dtype=torch.bool)
-            enc = [np.frombuffer(self.dataset.read_bytes(i), dtype=np.uint8) for i in idx]
-            labels = list(self.dataset.labels[torch.as_tensor(idx)].numpy())  # one gather per batch
-            yield enc, labels, [np.asarray(int(f), dtype=np.int32) for f in flips]
-            k += 1
+        self.workers = workers
 
     def _pipeline(self) -> Any:
         from nvidia.dali import fn, pipeline_def, types
 
-        source = self._source()
+        source = RankBatchSource(self.dataset, self.plan, self.hflip, self.consumed)
+        dtypes = [types.UINT8, types.INT64, types.INT32]
+        serial = (source.batch(k) for k in itertools.count(self.consumed))
 
-        # seed: DALI's own operators draw nothing here (flips come from the plan); any fixed value does
+        # seed: DALI's own operators draw nothing here (flips come from the plan); any fixed value does.
+        # spawn, not fork: the training process may already hold a CUDA context
         @pipeline_def(batch_size=self.plan.local_batch, num_threads=self.threads,
                       device_id=(self.device.index or 0) if self.device.type == "cuda" else None,
-                      seed=0, prefetch_queue_depth=2)
+                      seed=0, prefetch_queue_depth=2, py_num_workers=max(1, self.workers), py_start_method="spawn")
         def pipe():
-            enc, labels, mirror = fn.external_source(source=lambda: next(source), num_outputs=3, batch=True,
-                                                     dtype=[types.UINT8, types.INT64, types.INT32])
+            if self.workers:
+                enc, labels, mirror = fn.external_source(source=source, num_outputs=3, batch=True, batch_info=True,
+                                                         parallel=True, prefetch_queue_depth=self.workers,
+                                                         dtype=dtypes)
+            else:
+                enc, labels, mirror = fn.external_source(source=lambda: next(serial), num_outputs=3, batch=True,
+                                                         dtype=dtypes)
             images = fn.decoders.image(enc, device=self.decoder, output_type=types.RGB)
             if self.resize:  # raw class folders: BigGAN's centre square crop, then an antialiased resize
                 images = fn.resize(images, resize_shorter=self.resize, antialias=True)
@@ -90,6 +112,8 @@ class DaliStream(StreamBase):
             return images, labels
 
         p = pipe()
+        if self.workers:
+            p.start_py_workers()
         p.build()
         return p
 

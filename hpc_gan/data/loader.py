@@ -103,7 +103,18 @@ def load_npz(path: str) -> Tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-def build_dataset(data_cfg: Any, resolution: int, seed: int) -> Dataset:
+FOLDER_MAX_RANKS = 8  # beyond one node, every rank walking ~1.3M files at start-up floods a shared file system
+
+
+def build_dataset(data_cfg: Any, resolution: int, seed: int, world: int = 1) -> Dataset:
+    """The data set of ``data.name``. Raw class folders are refused above FOLDER_MAX_RANKS ranks: each rank lists
+    and stats every file at start-up and opens one file per sample; prepared shards are a few large files read at
+    index offsets."""
+    if data_cfg.name == "folder" and world > FOLDER_MAX_RANKS:
+        raise UserError(f"data.name=folder at {world} ranks (more than {FOLDER_MAX_RANKS}): every rank would list "
+                        f"every file under {data_cfg.path or 'data.path'}; prepare shards once (hpc-gan prepare-data "
+                        f"--src {data_cfg.path or 'DIR'} --out OUT --resolution {resolution}) and set "
+                        f"data.name=shards data.path=OUT")
     if data_cfg.name == "synthetic":
         from hpc_gan.data.synthetic import make_synthetic
         images, labels = make_synthetic(data_cfg.synthetic_size, resolution, data_cfg.num_classes, seed=seed)

@@ -87,4 +87,4 @@ def build_stream(cfg: Any, dataset: Any, plan: StepPlan, device: torch.device) -
         decode_device(d.decode_device, device)  # the same one-line error for a GPU-only option on a CPU
         return RealStream(dataset, plan, d.hflip, device, d.num_workers)
     resize = cfg.model.resolution if d.name == "folder" else None
-    return DaliStream(dataset, plan, d.hflip, device, d.decode_device, d.dali_threads, resize)
+    return DaliStream(dataset, plan, d.hflip, device, d.decode_device, d.dali_threads, resize, d.dali_workers)

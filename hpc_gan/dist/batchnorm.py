@@ -101,11 +101,13 @@ def convert_cross_replica_bn(module: nn.Module, group: Optional[dist.ProcessGrou
     return module
 
 
-def bn_process_group(group_size: int, rank: int, world: int) -> Optional[dist.ProcessGroup]:
-    """BN over groups of ``group_size`` consecutive ranks (0 or >= world: all ranks, the default group). Every rank
-    must call this, since new_group is collective."""
+def bn_process_group(group_size: int, rank: int, world: int, dedicated: bool = True
+                     ) -> Optional[dist.ProcessGroup]:
+    """BN over groups of ``group_size`` consecutive ranks (0 or >= world: all ranks). Every rank must call this, since
+    new_group is collective. ``dedicated``: all ranks get a communicator of their own rather than the default group
+    (which carries DDP's gradient buckets: a BN all-reduce in G's backward would queue behind them)."""
     if group_size <= 0 or group_size >= world:
-        return None
+        return dist.new_group(list(range(world))) if dedicated else None
     if world % group_size:
         raise UserError(f"dist.bn_group_size={group_size} does not divide the world size {world}")
     mine = None

@@ -24,7 +24,8 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
-from typing import Any, Dict, Iterator, List, Optional
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -32,6 +33,36 @@ import torch.nn as nn
 
 from hpc_gan.config import choices
 from hpc_gan.errors import UserError
+
+
+@dataclass(frozen=True)
+class CommOptions:
+    """How gradients travel (``dist.*``); docs/scaling.md explains each choice."""
+    bucket_cap_mb: float = 25.0      # DDP bucket size: buckets all-reduce while the backward still runs
+    static_graph: bool = False       # DDP: the same parameters every iteration (bucket order learned once)
+    grad_compression: str = "none"   # "bf16": DDP all-reduces bf16 copies of the buckets (half the bytes)
+    zero_bucket_mb: float = 200.0    # ZeRO reduce-scatter / all-gather bucket size
+    zero_comm_dtype: str = "fp32"    # ZeRO gradient communication and accumulation dtype under bf16
+
+    @staticmethod
+    def from_config(d: Any, static_graph_valid: bool) -> "CommOptions":
+        return CommOptions(d.bucket_cap_mb, d.static_graph and static_graph_valid, d.grad_compression,
+                           d.zero_bucket_mb, d.zero_comm_dtype)
+
+
+def bf16_allreduce_hook(group, bucket):  # no annotations: DDP compares them with real types, not strings
+    """DDP communication hook (group: Optional[ProcessGroup], bucket: GradBucket) -> Future[Tensor]: all-reduce a
+    bf16 copy of each gradient bucket (half the bytes of fp32), averaged, written back into the fp32 bucket.
+    torch's own bf16 hook refuses non-NCCL backends by name; this one runs on gloo too, so the CPU tests run it."""
+    buf = bucket.buffer()
+    low = buf.to(torch.bfloat16).div_(dist.get_world_size(group))
+    fut = dist.all_reduce(low, group=group, async_op=True).get_future()
+
+    def back(f: torch.futures.Future) -> torch.Tensor:
+        buf.copy_(f.value()[0])
+        return buf
+
+    return fut.then(back)
 
 
 def broadcast_state(module: nn.Module, src: int = 0) -> None:
@@ -67,6 +98,11 @@ class Net:
         """Apply the accumulated gradients and clear them; not applied where ``found_inf`` is 1."""
         raise NotImplementedError
 
+    def master_fragments(self) -> Optional[List[Tuple[int, int, torch.Tensor]]]:
+        """The fp32 master weights this rank owns, as (parameter index, flat offset, fp32 fragment), where they are
+        sharded (ZeRO); None where the module's parameters are the masters."""
+        return None
+
     def weights_state_dict(self) -> Dict[str, torch.Tensor]:
         return self.module.state_dict()
 
@@ -83,7 +119,8 @@ class Net:
 class TorchNet(Net):
     """Single process, or DDP when ``ddp``; fp16 through a GradScaler."""
 
-    def __init__(self, module: nn.Module, opt: torch.optim.Optimizer, ddp: bool, fp16: bool) -> None:
+    def __init__(self, module: nn.Module, opt: torch.optim.Optimizer, ddp: bool, fp16: bool,
+                 comm: CommOptions = CommOptions()) -> None:
         self.module, self.opt = module, opt
         self.scaler = torch.amp.GradScaler("cuda", enabled=fp16)
         self.params = [p for p in module.parameters() if p.requires_grad]
@@ -95,7 +132,12 @@ class TorchNet(Net):
             # buffers stay identical without a per-forward broadcast (see the module docstring)
             no_buffer_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in \
                 inspect.signature(ddp.__init__).parameters else {"broadcast_buffers": False}
-            self.wrapped = ddp(module, device_ids=[dev.index] if dev.type == "cuda" else None, **no_buffer_sync)
+            # gradients as views of the buckets: no copy in and out of them, and no second gradient-sized buffer
+            self.wrapped = ddp(module, device_ids=[dev.index] if dev.type == "cuda" else None,
+                               bucket_cap_mb=comm.bucket_cap_mb, gradient_as_bucket_view=True,
+                               static_graph=comm.static_graph, **no_buffer_sync)
+            if comm.grad_compression == "bf16":
+                self.wrapped.register_comm_hook(None, bf16_allreduce_hook)
 
     def __call__(self, *args: Any) -> Any:
         return self.wrapped(*args)
@@ -147,7 +189,7 @@ class TorchNet(Net):
 
 class DeepSpeedNet(Net):
     def __init__(self, module: nn.Module, opt: torch.optim.Optimizer, stage: int, micro: int, accum: int,
-                 world: int, bf16: bool) -> None:
+                 world: int, bf16: bool, comm: CommOptions = CommOptions()) -> None:
         if next(module.parameters()).device.type == "cpu":
             os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
         try:
@@ -155,12 +197,7 @@ class DeepSpeedNet(Net):
         except ImportError as e:
             raise UserError(f"dist.strategy=zero{stage} needs DeepSpeed ({e}); "
                             f"DS_BUILD_OPS=0 pip install -e .[deepspeed], or dist.strategy=ddp") from None
-        config = {
-            "train_batch_size": micro * accum * world, "train_micro_batch_size_per_gpu": micro,
-            "gradient_accumulation_steps": accum, "zero_optimization": {"stage": stage},
-            "bf16": {"enabled": bf16}, "gradient_clipping": 0.0, "zero_allow_untested_optimizer": True,
-            "steps_per_print": 2 ** 62, "wall_clock_breakdown": False,
-        }
+        config = zero_config(stage, micro, accum, world, bf16, comm, next(module.parameters()).device.type == "cuda")
         self.module = module
         self.engine, self.opt, _, _ = deepspeed.initialize(model=module, optimizer=opt, config=config,
                                                            dist_init_required=False)
@@ -190,6 +227,16 @@ class DeepSpeedNet(Net):
         if not self._boundary:
             raise RuntimeError("DeepSpeedNet.optimizer_step before the last micro-batch's backward")
         self.engine.step()
+
+    def master_fragments(self) -> Optional[List[Tuple[int, int, torch.Tensor]]]:
+        # DeepSpeed links each parameter to the slice of the flat fp32 partition this rank owns (the mapping its
+        # own safe_get_full_fp32_param reads); a parameter wholly owned by other ranks has no fragment here
+        out = []
+        for i, p in enumerate(self._params):
+            mapping = getattr(p, "_hp_mapping", None)
+            if mapping is not None:
+                out.append((i, mapping.lp_fragment_address.start, mapping.get_hp_fragment()))
+        return out
 
     # ---- world-size independent state -----------------------------------------------------------------------
     def weights_state_dict(self) -> Dict[str, torch.Tensor]:
@@ -265,7 +312,8 @@ def build_optimizer(params: List[nn.Parameter], impl: str, lr: float, betas: tup
             from apex.optimizers import FusedAdam
         except ImportError:
             raise UserError("train.optimizer_impl=apex needs NVIDIA apex (not on PyPI: NVIDIA's PyTorch containers "
-                            "ship it, or build it from github.com/NVIDIA/apex); use train.optimizer_impl=auto") from None
+                            "ship it, or build it from github.com/NVIDIA/apex); use train.optimizer_impl=auto"
+                            ) from None
         return FusedAdam(params, adam_w_mode=False, **kw)
     if impl in ("auto", "fused"):
         try:
@@ -276,14 +324,34 @@ def build_optimizer(params: List[nn.Parameter], impl: str, lr: float, betas: tup
     return torch.optim.Adam(params, foreach=impl != "torch", **kw)
 
 
+def zero_config(stage: int, micro: int, accum: int, world: int, bf16: bool, comm: CommOptions, cuda: bool
+                ) -> Dict[str, Any]:
+    """DeepSpeed's config for one network. Under bf16 DeepSpeed would otherwise reduce and accumulate gradients in
+    bf16 (8 mantissa bits: a sum over 256 ranks drops the small terms); here both are fp32 unless
+    dist.zero_comm_dtype says bf16. overlap_comm runs the reduce-scatter on a side stream (CUDA only)."""
+    bucket = int(comm.zero_bucket_mb * 2 ** 20 / 4)  # DeepSpeed counts bucket sizes in elements
+    config: Dict[str, Any] = {
+        "train_batch_size": micro * accum * world, "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        "zero_optimization": {"stage": stage, "overlap_comm": cuda, "contiguous_gradients": True,
+                              "reduce_scatter": True, "reduce_bucket_size": bucket, "allgather_bucket_size": bucket},
+        "bf16": {"enabled": bf16}, "gradient_clipping": 0.0, "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2 ** 62, "wall_clock_breakdown": False,
+    }
+    if bf16:
+        config["communication_data_type"] = comm.zero_comm_dtype
+        config["data_types"] = {"grad_accum_dtype": comm.zero_comm_dtype}
+    return config
+
+
 def build_net(module: nn.Module, strategy: str, lr: float, betas: tuple, eps: float, micro: int, accum: int,
-              world: int, precision: str, optimizer_impl: str = "auto") -> Net:
+              world: int, precision: str, optimizer_impl: str = "auto", comm: CommOptions = CommOptions()) -> Net:
     """The training handle of one network."""
     opt = build_optimizer(list(module.parameters()), optimizer_impl, lr, betas, eps)
     if strategy == "ddp" or (strategy in ("zero1", "zero2") and world == 1):  # one rank: nothing to shard
-        return TorchNet(module, opt, ddp=world > 1, fp16=precision == "fp16")
+        return TorchNet(module, opt, ddp=world > 1, fp16=precision == "fp16", comm=comm)
     if strategy in ("zero1", "zero2"):
         if precision == "fp16":
             raise UserError(f"dist.strategy={strategy} supports train.precision fp32 or bf16; use bf16 (or ddp)")
-        return DeepSpeedNet(module, opt, int(strategy[-1]), micro, accum, world, precision == "bf16")
+        return DeepSpeedNet(module, opt, int(strategy[-1]), micro, accum, world, precision == "bf16", comm)
     raise UserError(f"dist.strategy={strategy!r} is not one of {', '.join(choices('dist.strategy'))}")

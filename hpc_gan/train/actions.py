@@ -65,7 +65,12 @@ class RunContext:
 
 
 class Action:
+    """One periodic part of a run. Every rank builds every action and asks ``due`` at every step, so all ranks
+    agree on which steps are busy; ``main_only`` actions then run on rank 0 alone, and the loop assembles G_ema
+    (collective) before actions that ``reads_ema`` run."""
     name = "action"
+    main_only = False
+    reads_ema = False
 
     def at_start(self, step: int) -> None:
         pass
@@ -115,6 +120,7 @@ class Logger(Action):
 class SampleSheets(Action):
     """G_ema sheets (one row per class, the run's fixed z) in RUN/samples/ (rank 0)."""
     name = "sample"
+    main_only = reads_ema = True
 
     def __init__(self, ctx: RunContext) -> None:
         self.ctx, self.every = ctx, ctx.cfg.train.sample_every
@@ -133,17 +139,14 @@ class DemoClassifier(Action):
     """Trains a small classifier on the run's (in-memory) data set, then reports the fraction of G_ema's samples
     that it assigns to the class they were drawn for: at step 0, at every sheet and at the end (rank 0)."""
     name = "classifier"
+    main_only = reads_ema = True
 
     def __init__(self, ctx: RunContext) -> None:
         from hpc_gan.data import InMemoryDataset
-        from hpc_gan.eval.classifier import train_classifier
-        ds, rng = ctx.trainer.dataset, ctx.trainer.plan.rng
-        if not isinstance(ds, InMemoryDataset):
+        if not isinstance(ctx.trainer.dataset, InMemoryDataset):
             raise UserError("train.demo_classifier needs an in-memory data set (data.name=synthetic or npz)")
         self.ctx, self.every = ctx, ctx.cfg.train.sample_every
-        self.model, acc, secs = train_classifier(ds.images, ds.labels, ctx.cfg.data.num_classes,
-                                                 rng.demo_classifier(), rng.demo_classifier_init())
-        ctx.log(f"demo classifier: {acc:.3f} accuracy on held-out real images (trained in {secs:.0f} s)")
+        self.model: Optional[nn.Module] = None
 
     def score(self, step: int) -> float:
         from hpc_gan.eval.classifier import sample_accuracy
@@ -161,6 +164,11 @@ class DemoClassifier(Action):
         return acc
 
     def at_start(self, step: int) -> None:
+        from hpc_gan.eval.classifier import train_classifier
+        ctx, ds, rng = self.ctx, self.ctx.trainer.dataset, self.ctx.trainer.plan.rng
+        self.model, acc, secs = train_classifier(ds.images, ds.labels, ctx.cfg.data.num_classes,
+                                                 rng.demo_classifier(), rng.demo_classifier_init())
+        ctx.log(f"demo classifier: {acc:.3f} accuracy on held-out real images (trained in {secs:.0f} s)")
         if step == 0:
             self.score(0)
 
@@ -178,6 +186,7 @@ class DemoClassifier(Action):
 class Evaluation(Action):
     """FID / IS / precision-recall of G_ema every ``eval.every`` steps (every rank: sampling is sharded)."""
     name = "eval"
+    reads_ema = True
 
     def __init__(self, ctx: RunContext) -> None:
         from hpc_gan.eval.evaluate import RunEvaluator
@@ -231,12 +240,10 @@ class Checkpointer(Action):
 
 def build_actions(ctx: RunContext, preemption: Preemption) -> List[Action]:
     """The run's actions, in the order they run after each step."""
-    cfg, main = ctx.cfg, ctx.info.is_main
-    actions: List[Action] = [Logger(ctx), Checkpointer(ctx, preemption)]
-    if main:
-        actions.append(SampleSheets(ctx))
-        if cfg.train.demo_classifier:
-            actions.append(DemoClassifier(ctx))
+    cfg = ctx.cfg
+    actions: List[Action] = [Logger(ctx), Checkpointer(ctx, preemption), SampleSheets(ctx)]
+    if cfg.train.demo_classifier:
+        actions.append(DemoClassifier(ctx))
     if cfg.eval.every:
         actions.append(Evaluation(ctx))
     return actions

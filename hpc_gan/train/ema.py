@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Optional
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from hpc_gan.plan import RandomStreams
@@ -13,7 +14,12 @@ from hpc_gan.plan import RandomStreams
 class EMA:
     """G_ema = decay * G_ema + (1 - decay) * G from ``start`` on; before it G_ema copies G. Buffers (BN running
     statistics, SN vectors) are copied, as BigGAN does. Follows the tensors of ``model`` as given here (optimizers
-    and engines update them in place)."""
+    and engines update them in place).
+
+    Where the fp32 master weights are sharded (ZeRO), :meth:`follow_masters` makes each rank average only the
+    master slices it owns: the EMA is taken of the fp32 masters, not of the engine's bf16 weights (at lr 5e-5 most
+    updates are below one bf16 unit), and each rank does 1/W of the work. :meth:`synchronize` (collective) then
+    assembles the whole EMA on every rank before anything reads it."""
 
     def __init__(self, model: nn.Module, decay: float, start: int) -> None:
         self.decay, self.start = decay, start
@@ -22,17 +28,47 @@ class EMA:
         self._dst = list(self.model.parameters())
         self._src_buffers = list(model.buffers())
         self._dst_buffers = list(self.model.buffers())
+        self._fragments: Optional[List[Tuple[int, int, torch.Tensor]]] = None
+        self.stale = False  # sharded updates not yet assembled
+
+    def follow_masters(self, fragments: Optional[List[Tuple[int, int, torch.Tensor]]]) -> None:
+        """Average these (parameter index, flat offset, fp32 master fragment) instead of the module's weights
+        (None: keep following the weights). Parameter indices are in ``model.parameters()`` order."""
+        self._fragments = fragments
 
     @torch.no_grad()
     def update(self, step: int) -> None:
         """Call after G's optimizer step ``step`` (1-based). A few foreach ops, whatever the number of tensors."""
-        src = [p.float() for p in self._src]  # no copy for fp32 weights (bf16 engines: an fp32 copy)
-        if step < self.start:
-            torch._foreach_copy_(self._dst, src)
+        if self._fragments is not None:
+            dst = [self._dst[i].view(-1).narrow(0, start, f.numel()) for i, start, f in self._fragments]
+            src = [f for _, _, f in self._fragments]
+            self.stale = True
         else:
-            torch._foreach_lerp_(self._dst, src, 1.0 - self.decay)
+            dst, src = self._dst, [p.float() for p in self._src]  # no copy for fp32 weights
+        if dst and step < self.start:
+            torch._foreach_copy_(dst, src)
+        elif dst:
+            torch._foreach_lerp_(dst, src, 1.0 - self.decay)
         if self._dst_buffers:
             torch._foreach_copy_(self._dst_buffers, self._src_buffers)
+
+    @torch.no_grad()
+    def synchronize(self) -> None:
+        """Assemble the sharded EMA on every rank (collective; nothing to do unless sharded updates are pending):
+        each rank writes the slices it owns into a zero vector and one all-reduce sums them (the slices of all ranks
+        cover every element once)."""
+        if not self.stale:
+            return
+        sizes = [p.numel() for p in self._dst]
+        offsets = [0]
+        for n in sizes[:-1]:
+            offsets.append(offsets[-1] + n)
+        flat = torch.zeros(sum(sizes), dtype=torch.float32, device=self._dst[0].device)
+        for i, start, frag in self._fragments or []:
+            flat.narrow(0, offsets[i] + start, frag.numel()).copy_(self._dst[i].view(-1).narrow(0, start, frag.numel()))
+        dist.all_reduce(flat)
+        torch._foreach_copy_(self._dst, [v.view_as(p) for v, p in zip(flat.split(sizes), self._dst)])
+        self.stale = False
 
 
 @torch.no_grad()

@@ -96,8 +96,9 @@ def _train(cfg: Config, resume: Optional[str], log: Callable[[str], None], info:
     timeouts = launch.StepTimeouts(info, d.timeout_s, d.step_timeout_s)
     try:
         actions = build_actions(ctx, preemption)
+        mine = [a for a in actions if info.is_main or not a.main_only]  # what runs on this rank
         logger = next(a for a in actions if isinstance(a, Logger))
-        for action in actions:
+        for action in mine:
             action.at_start(trainer.step)
         while trainer.step < cfg.train.steps and not ctx.summary.get("preempted"):
             with hang.watch(), ctx.timer.phase("train"):
@@ -107,14 +108,18 @@ def _train(cfg: Config, resume: Optional[str], log: Callable[[str], None], info:
                 log(f"first step {ctx.summary['first_step_seconds']:.1f} s (torch.compile, mode "
                     f"{trainer.compile_mode}: later steps with new input shapes or grad modes compile too)")
             step, final = trainer.step, trainer.step == cfg.train.steps
-            due = [a for a in actions if a.due(step, final)]  # every rank, every step, in order
+            due = [a for a in actions if a.due(step, final)]  # every rank, every step, in order: the same list
             _check_nonfinite(trainer, run_dir, now=bool(due))
             with timeouts.between_steps(busy=bool(due)):
+                if any(a.reads_ema for a in due):
+                    trainer.sync_ema()  # collective: before a rank-0-only action reads G_ema
                 for action in due:
-                    with ctx.timer.phase(action.name):
-                        action.run(step, final)
+                    if action in mine:
+                        with ctx.timer.phase(action.name):
+                            action.run(step, final)
             ctx.sampler.clear()
-        for action in actions:
+        trainer.sync_ema()
+        for action in mine:
             action.at_end()
     except BaseException:
         preemption.close(wait=False)

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from hpc_gan.augment import Draws, consistency_augment, diff_augment
@@ -25,7 +27,7 @@ from hpc_gan.dist import DistInfo
 from hpc_gan.dist.launch import local_device_index
 from hpc_gan.dist.batchnorm import average_running_stats, bn_process_group, convert_cross_replica_bn
 from hpc_gan.dist.consistency import check_replicas
-from hpc_gan.dist.engines import TorchNet, broadcast_state, build_net
+from hpc_gan.dist.engines import CommOptions, TorchNet, broadcast_state, build_net
 from hpc_gan.dist.gather import gather_negatives
 from hpc_gan.errors import UserError
 from hpc_gan.losses import (add_orthogonal_grad_, cond_loss, d_adv_loss, g_adv_loss, gradient_penalty, has_cond_loss,
@@ -98,8 +100,13 @@ class Trainer:
         G, D = (net.to(device) for net in build_models(cfg))
         self.channels_last = set_memory_format(cfg.model.memory_format, device, G, D)
         self.ema = EMA(G, t.ema_decay, t.ema_start)  # before the BN swap: G_ema samples on one rank alone
-        if self.world > 1 and cfg.dist.sync_bn:
-            convert_cross_replica_bn(G, bn_process_group(cfg.dist.bn_group_size, self.rank, self.world))
+        d = cfg.dist
+        if self.world > 1 and d.sync_bn:  # communicators are created collectively, in this order, on every rank
+            convert_cross_replica_bn(G, bn_process_group(d.bn_group_size, self.rank, self.world, d.dedicated_groups))
+        self.negatives = None
+        if self.world > 1 and lc.global_negatives and lc.cond == "d2d_ce":
+            group = dist.new_group(list(range(self.world))) if d.dedicated_groups else None
+            self.negatives = partial(gather_negatives, group=group, all_reduce=d.negatives_backward == "all_reduce")
         # after the EMA copy: G_ema samples in eval mode, where every layer computes its own sigma
         self.fused_sn = [attach_fused_sn(net, cfg.model.sn_backend) for net in (G, D)]
         if self.compile_mode:  # the forward only: hooks (the whole-network SN) stay eager; G_ema stays eager
@@ -108,12 +115,16 @@ class Trainer:
         broadcast_state(G)
         broadcast_state(D)
         p = self.plan
+        # static_graph: each DDP forward is followed by exactly one synchronizing backward, except where the
+        # gradient penalty backpropagates through D a second time or accumulation runs backwards under no_sync
+        # (torch's reducer asserts there: measured)
+        comm = CommOptions.from_config(d, static_graph_valid=lc.adv != "wasserstein" and p.accum == 1)
         common = dict(betas=(t.beta1, t.beta2), eps=t.adam_eps, micro=p.micro, accum=p.accum, world=self.world,
-                      precision=t.precision, optimizer_impl=t.optimizer_impl)
-        self.g = build_net(G, cfg.dist.strategy, t.g_lr, **common)
-        self.d = build_net(D, cfg.dist.strategy, t.d_lr, **common)
-        self.negatives = gather_negatives if self.world > 1 and lc.global_negatives else None
-        self.dataset = build_dataset(cfg.data, cfg.model.resolution, t.seed)
+                      precision=t.precision, optimizer_impl=t.optimizer_impl, comm=comm)
+        self.g = build_net(G, d.strategy, t.g_lr, **common)
+        self.d = build_net(D, d.strategy, t.d_lr, **common)
+        self.ema.follow_masters(self.g.master_fragments())
+        self.dataset = build_dataset(cfg.data, cfg.model.resolution, t.seed, self.world)
         self.real = build_stream(cfg, self.dataset, self.plan, device)
         self.positions = self.plan.positions.to(device)  # this rank's rows of every global draw
         self.policies = comma_list(lc.diffaug)
@@ -297,23 +308,35 @@ class Trainer:
         self.guard.end_step(self.step)
 
     # ---- sampling --------------------------------------------------------------------------------------------
+    def sync_ema(self) -> None:
+        """Assemble a sharded G_ema on every rank (collective; see EMA.synchronize): before anything reads it."""
+        self.ema.synchronize()
+
+    def ema_model(self) -> nn.Module:
+        if self.ema.stale:
+            raise RuntimeError("G_ema read while sharded updates are pending: call Trainer.sync_ema() on every "
+                               "rank first")
+        return self.ema.model
+
     def sampling_generator(self, n_passes: Optional[int] = None) -> nn.Module:
         """A copy of G_ema with standing statistics (train.standing_stats passes), ready for sampling."""
-        G = copy.deepcopy(self.ema.model).eval()
+        G = copy.deepcopy(self.ema_model()).eval()
         sampling_standing_stats(G, self.cfg, n_passes)
         return G
 
     # ---- state ---------------------------------------------------------------------------------------------
     def check_replicas(self) -> None:
         """Raise if any rank's G, D or G_ema differs from rank 0's (collective)."""
-        check_replicas({"G": self.g.module, "D": self.d.module, "G_ema": self.ema.model})
+        self.sync_ema()
+        check_replicas({"G": self.g.module, "D": self.d.module, "G_ema": self.ema_model()})
 
     def state_dict(self) -> Dict[str, Any]:
         """The full, world-size independent state (collective under ZeRO: every rank must call it)."""
         if self.world > 1 and not self.cfg.dist.sync_bn:
             average_running_stats(self.g.module)  # per-rank BN statistics: agree on their mean before saving
+        self.sync_ema()
         return {"step": self.step, "G": self.g.weights_state_dict(), "D": self.d.weights_state_dict(),
-                "G_ema": self.ema.model.state_dict(), "g_opt": self.g.optimizer_state_dict(),
+                "G_ema": self.ema_model().state_dict(), "g_opt": self.g.optimizer_state_dict(),
                 "d_opt": self.d.optimizer_state_dict(), "data": self.real.state_dict(),
                 "world_size": self.world, "strategy": self.cfg.dist.strategy, "config": to_dict(self.cfg)}
 
