@@ -8,6 +8,7 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import List, Optional
 
@@ -62,6 +63,52 @@ def _sample(args: argparse.Namespace) -> int:
 def _info(args: argparse.Namespace) -> int:
     from hpc_gan.info import model_info
     print(json.dumps(model_info(load(args.config, args.overrides)), indent=2))
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from hpc_gan import scaling
+    if args.measure_allreduce:
+        return _measure_allreduce(args)
+    if not args.config or not args.gpus:
+        raise UserError("hpc-gan plan: --config and --gpus are required, e.g. --config "
+                        "configs/imagenet128_reacgan_b2048.yaml --gpus 8 64 256")
+    from hpc_gan.info import model_info
+    cfg = load(args.config, args.overrides)
+    fabric = scaling.Fabric(args.gpus_per_node, args.link_gbps, args.nvlink_gbps, args.alpha_inter_us,
+                            args.alpha_intra_us, args.bus_efficiency)
+    bench = scaling.load_bench(args.bench) if args.bench else None
+    rows = scaling.plan_rows(cfg, model_info(cfg), args.gpus, fabric, args.mfu, args.peak_tflops, bench)
+    notes = scaling.assumptions(cfg, fabric, args.mfu, args.peak_tflops, bench)
+    if args.json:
+        print(json.dumps({"config": args.config, "global_batch": cfg.train.batch_size, "fabric": asdict(fabric),
+                          "assumptions": notes, "rows": scaling.rows_json(rows)}, indent=1))
+    else:
+        print(f"{args.config}: global batch {cfg.train.batch_size}, {cfg.train.n_dis} D steps + 1 G step per "
+              f"iteration\n{scaling.format_rows(rows)}\nassumptions:\n" + "\n".join(f"  - {n}" for n in notes))
+    return 0
+
+
+def _measure_allreduce(args: argparse.Namespace) -> int:
+    """All-reduce times on this launch's process group, and the alpha-beta fit's prediction for each size."""
+    from hpc_gan import scaling
+    with launch.session(600.0, "auto", "cpu") as info:
+        if info.world < 2:
+            raise UserError("hpc-gan plan --measure-allreduce measures a process group: launch it with 2+ ranks, "
+                            "e.g. torchrun --nproc-per-node 2 -m hpc_gan.cli plan --measure-allreduce")
+        measured = scaling.measure_allreduce([2 ** k for k in range(12, 27, 2)])
+        backend = launch.backend_name()
+    if info.is_main:
+        # fit on the two smallest and the two largest sizes; the sizes between are predictions to check
+        fit = scaling.fit_alpha_beta(measured[:2], measured[-2:], info.world)
+        for m in measured:
+            m["predicted"] = scaling.ring_allreduce_s(m["bytes"], info.world, fit["gbps"], fit["alpha_us"])
+            m["error"] = m["predicted"] / m["seconds"] - 1
+        result = {"world": info.world, "backend": backend, "fit": fit,
+                  "fitted_on": [m["bytes"] for m in measured[:2] + measured[-2:]], "measured": measured}
+        print(json.dumps(result, indent=1))
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=1))
     return 0
 
 
@@ -268,6 +315,26 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--config", required=True)
     i.add_argument("overrides", nargs="*")
     i.set_defaults(fn=_info)
+
+    pn = sub.add_parser("plan", help="alpha-beta model of one iteration at each GPU count: compute, exposed "
+                                     "gradient communication, BN and negatives collectives (docs/scaling.md)")
+    pn.add_argument("--config")
+    pn.add_argument("--gpus", type=int, nargs="+", help="GPU counts, e.g. 8 64 256")
+    pn.add_argument("--gpus-per-node", type=int, default=8)
+    pn.add_argument("--link-gbps", type=float, default=400.0, help="inter-node Gbit/s per node (8 x 400: 3200)")
+    pn.add_argument("--nvlink-gbps", type=float, default=3600.0, help="NVLink Gbit/s per GPU, one direction")
+    pn.add_argument("--alpha-inter-us", type=float, default=10.0, help="latency of one inter-node ring step")
+    pn.add_argument("--alpha-intra-us", type=float, default=3.0, help="latency of one NVLink ring step")
+    pn.add_argument("--bus-efficiency", type=float, default=0.8, help="fraction of the link rate collectives reach")
+    pn.add_argument("--bench", help="an hpc-gan bench JSON: compute time measured instead of peak x MFU")
+    pn.add_argument("--mfu", type=float, default=0.45)
+    pn.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100 SXM: 989)")
+    pn.add_argument("--json", action="store_true")
+    pn.add_argument("--measure-allreduce", action="store_true",
+                    help="(under torchrun/srun) measure all-reduce times here and check the alpha-beta formula")
+    pn.add_argument("--out", help="with --measure-allreduce: write the JSON here")
+    pn.add_argument("overrides", nargs="*")
+    pn.set_defaults(fn=_plan)
 
     e = sub.add_parser("eval", help="FID / IS / precision-recall of a run's G_ema (sharded under torchrun/srun)")
     e.add_argument("--run", required=True, help="run dir (newest checkpoint) or a checkpoint dir")

@@ -52,6 +52,7 @@ def model_info(cfg: Config, batch: int = 2) -> Dict[str, Any]:
         loss.backward()
         D.requires_grad_(True)
 
+    g_bn = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in G.modules())
     d_flops, g_flops = _count(d_step), _count(g_step)
     with torch.no_grad():
         g_fwd = _count(lambda: G(z, y))
@@ -64,6 +65,9 @@ def model_info(cfg: Config, batch: int = 2) -> Dict[str, Any]:
         "d_params": d_params,
         "g_forward_gflops_per_sample": g_fwd / batch / 1e9,
         "d_forward_gflops_per_sample": d_fwd / batch / 1e9,
+        "d_step_gflops_per_sample": d_flops / batch / 1e9,
+        "g_step_gflops_per_sample": g_flops / batch / 1e9,
+        "g_bn_layers": g_bn,
         "gflops_per_sample_iteration": per_sample / 1e9,
         "gflops_per_iteration": per_sample * cfg.train.batch_size / 1e9,
     }

@@ -254,6 +254,16 @@ def test_resume_at_another_world_size_continues_exactly(tmp_path, first, second)
         assert steps == ({4.0} if key == "g_opt" else {8.0})  # D: 2 updates per step
 
 
+def test_rank0_only_actions_on_their_own_steps_keep_ranks_in_step(tmp_path):
+    """Sheets (rank 0 only) due at steps where nothing else is: every rank must still agree on which steps are busy
+    (a barrier on rank 0 alone would pair with the other rank's training collectives)."""
+    run_dir = tmp_path / "run"
+    torchrun("-m", "hpc_gan.cli", "train", "--config", ROOT / "configs" / "demo.yaml", *BASE, f"run.dir={run_dir}",
+             "train.steps=6", "train.batch_size=8", "train.log_every=2", "train.checkpoint_every=4",
+             "train.sample_every=3", "train.demo_classifier=false", "train.standing_stats=0", timeout=300)
+    assert sorted(p.name for p in (run_dir / "samples").glob("*.png")) == ["step-00000003.png", "step-00000006.png"]
+
+
 def test_replica_check_catches_divergence(tmp_path):
     """A rank whose weights were nudged makes the consistency check fail, naming the tensor (real 2-rank run)."""
     script = tmp_path / "diverge.py"

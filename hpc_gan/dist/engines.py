@@ -8,12 +8,14 @@ DeepSpeed's accumulation boundary both need it then), the backward is ``net.micr
 last micro-batch ``net.optimizer_step()`` applies the update (DeepSpeed's ``engine.step()``, once, at the boundary).
 
 - ``ddp``: torch DistributedDataParallel (plain module on one rank); ``no_sync`` on accumulation micro-steps;
-  buffers are not re-broadcast every forward (they stay identical: SN vectors are computed from identical weights,
-  BN statistics are global with cross-replica BN or averaged before checkpoints without it).
+  gradients as views of the buckets, bucket size and static graph from :class:`CommOptions`, optional bf16 gradient
+  all-reduce; buffers are not re-broadcast every forward (they stay identical: SN vectors are computed from
+  identical weights, BN statistics are global with cross-replica BN or averaged before checkpoints without it).
 - ``zero1`` / ``zero2``: a DeepSpeed engine per network (separate configs), optimizer states (and gradients for
   ZeRO-2) sharded over the ranks. What makes ZeRO work for a GAN (measured): D sees real and fake in one forward;
   in the G step D is frozen and called as the plain module, never through its engine; the process group is
-  destroyed at exit. The EMA of G stays fp32 outside the engines.
+  destroyed at exit. Gradients are reduced and accumulated in fp32 under bf16 (:func:`zero_config`); the EMA of G
+  stays fp32 outside the engines and follows the fp32 master slices each rank owns (:meth:`Net.master_fragments`).
 
 Every strategy saves the same world-size-independent state: full fp32 weights and a torch.optim.Adam state dict
 (ZeRO shards are gathered with DeepSpeed's safe_get_full_* and re-scattered with safe_set_full_* on load), so a run

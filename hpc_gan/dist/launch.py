@@ -229,6 +229,11 @@ def abort(info: DistInfo) -> None:
             dist.destroy_process_group()
 
 
+def backend_name() -> str:
+    """The default process group's backend ("gloo", "nccl"), or "none" outside a process group."""
+    return str(dist.get_backend()) if dist.is_initialized() else "none"
+
+
 def barrier(info: DistInfo) -> None:
     if info.world > 1:
         dist.barrier()
