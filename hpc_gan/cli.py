@@ -112,6 +112,27 @@ def _measure_allreduce(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import(args: argparse.Namespace) -> int:
+    from hpc_gan import interop
+    base = load(args.base) if args.base else None
+    if args.source == "biggan-pytorch":
+        if args.which != "best" or args.config:
+            raise UserError("hpc-gan import biggan-pytorch takes a weights folder (G.pth, D.pth, state_dict.pth); "
+                            "--config and --which are for studiogan; the hpc-gan preset is --base")
+        interop.import_biggan_pytorch(args.src, args.out, base, args.overrides)
+    else:
+        if not args.config:
+            raise UserError("hpc-gan import studiogan needs --config STUDIOGAN.yaml (the run's StudioGAN config)")
+        interop.import_studiogan(args.src, args.config, args.out, args.which, base, args.overrides)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from hpc_gan import interop
+    interop.export_biggan_pytorch(args.run, args.out)
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
     from hpc_gan.config import apply_overrides, from_dict
     from hpc_gan.data import build_dataset
@@ -315,6 +336,24 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--config", required=True)
     i.add_argument("overrides", nargs="*")
     i.set_defaults(fn=_info)
+
+    im = sub.add_parser("import", help="a BigGAN-PyTorch or StudioGAN checkpoint as an hpc-gan run dir (sample, "
+                                       "eval, train --resume auto), outputs equal to the reference's")
+    im.add_argument("source", choices=["biggan-pytorch", "studiogan"])
+    im.add_argument("src", help="BigGAN-PyTorch weights folder, or StudioGAN checkpoint folder")
+    im.add_argument("--out", required=True, help="the new run dir")
+    im.add_argument("--config", help="studiogan: the run's StudioGAN YAML config")
+    im.add_argument("--which", choices=["best", "current"], default="best", help="studiogan: which checkpoint")
+    im.add_argument("--base", help="hpc-gan preset for data, loss and training settings (default: "
+                                   "imagenet128_biggan_b2048 / cifar10_reacgan)")
+    im.add_argument("overrides", nargs="*", help="section.key=value on top of --base (e.g. data.path=...)")
+    im.set_defaults(fn=_import)
+
+    ex = sub.add_parser("export", help="an hpc-gan BigGAN run as a BigGAN-PyTorch weights folder")
+    ex.add_argument("target", choices=["biggan-pytorch"])
+    ex.add_argument("run", help="run dir (newest intact checkpoint) or a checkpoint dir")
+    ex.add_argument("--out", required=True)
+    ex.set_defaults(fn=_export)
 
     pn = sub.add_parser("plan", help="alpha-beta model of one iteration at each GPU count: compute, exposed "
                                      "gradient communication, BN and negatives collectives (docs/scaling.md)")

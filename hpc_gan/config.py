@@ -38,6 +38,7 @@ AttnImpl = Literal["sdpa", "explicit"]
 MemoryFormat = Literal["auto", "channels_last", "contiguous"]
 CompileMode = Literal["off", "default", "max-autotune", "reduce-overhead"]
 NegBackward = Literal["reduce_scatter", "all_reduce"]
+DShortcut = Literal["biggan", "studiogan"]
 GradCompression = Literal["none", "bf16"]
 ZeroCommDtype = Literal["fp32", "bf16"]
 DIFFAUG_POLICIES = ("color", "translation", "cutout")   # loss.diffaug: a comma list of these
@@ -85,6 +86,8 @@ class ModelConfig:
     d_attn_res: int = 0
     sn_eps: float = 1e-6
     bn_eps: float = 1e-4
+    out_bn_eps: Optional[float] = None     # G's output BatchNorm (None: bn_eps; BigGAN-PyTorch's is 1e-5)
+    d_shortcut: DShortcut = "biggan"       # studiogan: D blocks' shortcuts see ReLU(x), as StudioGAN's (ReACGAN's) D
     sn_backend: SNBackend = "auto"         # auto: triton on CUDA, foreach elsewhere; torch: per layer (reference)
     attn_impl: AttnImpl = "sdpa"           # self-attention: torch's scaled_dot_product_attention, explicit (reference)
     memory_format: MemoryFormat = "auto"   # of activations; auto: channels_last on CPUs (measured 1.3-1.8x), contiguous
@@ -299,6 +302,9 @@ def validate(cfg: Config) -> None:
                             f"comma list of {', '.join(allowed)}")
     if not 0.0 <= cfg.train.ema_decay < 1.0:
         raise UserError(f"train.ema_decay: must be in [0, 1), got {cfg.train.ema_decay}")
+    if cfg.model.arch != "biggan" and cfg.model.d_shortcut != "biggan":
+        raise UserError(f"model.d_shortcut={cfg.model.d_shortcut} is StudioGAN's big_resnet D; model.arch="
+                        f"{cfg.model.arch} has its own blocks: use model.d_shortcut=biggan")
     if cfg.model.arch == "biggan_deep" and cfg.model.resolution not in (128, 256):
         raise UserError(f"model.resolution: biggan_deep is defined at 128 and 256 px, not {cfg.model.resolution}")
     t = cfg.train

@@ -11,7 +11,8 @@ from hpc_gan.config import load
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 # StudioGAN defaults (src/config.py) that the ReACGAN configs below rely on where they leave a key out.
-SG_DEFAULTS = {"train.n_dis": 5, "train.beta1": 0.5, "train.beta2": 0.999, "train.steps": 100_000,
+SG_DEFAULTS = {"model.d_shortcut": "studiogan",  # big_resnet's DiscBlock: the shortcut sees ReLU(x)
+               "train.n_dis": 5, "train.beta1": 0.5, "train.beta2": 0.999, "train.steps": 100_000,
                "train.batch_size": 64, "train.g_lr": 2e-4, "train.d_lr": 2e-4,
                "train.adam_eps": 1e-6}  # define_optimizer: Adam(..., eps=1e-6)
 
@@ -58,6 +59,7 @@ AUTHORS = {
     },
     "imagenet128_biggan_b2048": {  # ImageNet BigGAN-2048 (BigGAN-Mod2048.yaml) + BigGAN paper §3.1 (ortho reg)
         **SG_DEFAULTS,
+        "model.d_shortcut": "biggan",  # BigGAN's D, as the preset's name says (docs/presets.md)
         "loss.cond": "pd", "loss.adv": "hinge", "loss.ortho_beta": 1e-4,
         "train.batch_size": 512 * 4, "train.g_lr": 5e-5, "train.d_lr": 2e-4, "train.beta1": 0.0,
         "train.beta2": 0.999, "train.n_dis": 2, "train.steps": 200_000, "train.ema_decay": 0.9999,

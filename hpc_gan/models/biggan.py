@@ -61,7 +61,7 @@ class Generator(nn.Module):
 
     def __init__(self, resolution: int, ch: int, n_classes: int, z_dim: int, shared_dim: int,
                  attn_res: int = 0, sn_eps: float = 1e-6, bn_eps: float = 1e-4,
-                 attn_impl: str = "sdpa") -> None:
+                 attn_impl: str = "sdpa", out_bn_eps: Optional[float] = None) -> None:
         super().__init__()
         if resolution not in G_ARCH:
             raise ValueError(f"BigGAN resolution {resolution} is not one of {sorted(G_ARCH)}")
@@ -89,7 +89,8 @@ class Generator(nn.Module):
                 self.attn[str(i)] = SelfAttention(cout * ch, which_conv, attn_impl)
         if attn_res and not len(self.attn):
             raise UserError(f"model.g_attn_res={attn_res} is not a G block resolution at {resolution} px")
-        self.out = GOutput(arch["out"][-1] * ch, which_conv, which_bn)
+        out_bn = which_bn if out_bn_eps is None else make_bn(out_bn_eps)
+        self.out = GOutput(arch["out"][-1] * ch, which_conv, out_bn)
         orthogonal_init(self)
 
     def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -102,9 +103,15 @@ class Generator(nn.Module):
 
 
 class DBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, which_conv: Callable, preactivation: bool, downsample: bool) -> None:
+    """D's residual block. ``relu_shortcut`` (pre-activation blocks only): the shortcut gets ReLU(x) rather than x,
+    which is what StudioGAN's DiscBlock computes (its in-place ReLU also rewrites the tensor its shortcut holds), and
+    so the function behind the ReACGAN paper's numbers (model.d_shortcut=studiogan)."""
+
+    def __init__(self, cin: int, cout: int, which_conv: Callable, preactivation: bool, downsample: bool,
+                 relu_shortcut: bool = False) -> None:
         super().__init__()
         self.preactivation, self.downsample = preactivation, downsample
+        self.relu_shortcut = relu_shortcut and preactivation
         self.conv1 = which_conv(cin, cout)
         self.conv2 = which_conv(cout, cout)
         self.conv_sc = which_conv(cin, cout, kernel_size=1, padding=0) if (cin != cout or downsample) else None
@@ -118,18 +125,19 @@ class DBlock(nn.Module):
         return self.conv_sc(x) if self.conv_sc is not None else x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.relu(x) if self.preactivation else x  # out of place: x feeds the shortcut unchanged
-        h = self.conv2(F.relu(self.conv1(h)))
+        a = F.relu(x) if self.preactivation else x  # out of place: x feeds the shortcut unchanged (BigGAN)
+        h = self.conv2(F.relu(self.conv1(a)))
         if self.downsample:
             h = F.avg_pool2d(h, 2)
-        return h + self.shortcut(x)
+        return h + self.shortcut(a if self.relu_shortcut else x)
 
 
 class Discriminator(nn.Module):
     memory_format = torch.contiguous_format  # of the activations; torch.channels_last: NHWC (see model.memory_format)
 
     def __init__(self, resolution: int, ch: int, n_classes: int, cond: str, embed_dim: int,
-                 attn_res: int = 0, sn_eps: float = 1e-6, attn_impl: str = "sdpa") -> None:
+                 attn_res: int = 0, sn_eps: float = 1e-6, attn_impl: str = "sdpa", shortcut: str = "biggan"
+                 ) -> None:
         super().__init__()
         if resolution not in D_ARCH:
             raise ValueError(f"BigGAN resolution {resolution} is not one of {sorted(D_ARCH)}")
@@ -140,7 +148,8 @@ class Discriminator(nn.Module):
         res = resolution
         for i, (cin, cout, down) in enumerate(zip(arch["in"], arch["out"], arch["down"])):
             cin = 3 if cin is None else cin * ch
-            self.blocks.append(DBlock(cin, cout * ch, which_conv, preactivation=i > 0, downsample=down))
+            self.blocks.append(DBlock(cin, cout * ch, which_conv, preactivation=i > 0, downsample=down,
+                                      relu_shortcut=shortcut == "studiogan"))
             res = res // 2 if down else res
             if res == attn_res and down:
                 self.attn[str(i)] = SelfAttention(cout * ch, which_conv, attn_impl)

@@ -15,7 +15,7 @@ def build_generator(m: Any, n_classes: int) -> nn.Module:
         return biggan_deep.Generator(m.resolution, m.g_ch, n_classes, m.z_dim, m.shared_dim, m.g_attn_res,
                                      m.sn_eps, m.bn_eps, m.attn_impl)
     return biggan.Generator(m.resolution, m.g_ch, n_classes, m.z_dim, m.shared_dim, m.g_attn_res, m.sn_eps, m.bn_eps,
-                            m.attn_impl)
+                            m.attn_impl, m.out_bn_eps)
 
 
 def build_discriminator(m: Any, n_classes: int, cond: str) -> nn.Module:
@@ -24,7 +24,7 @@ def build_discriminator(m: Any, n_classes: int, cond: str) -> nn.Module:
         return biggan_deep.Discriminator(m.resolution, m.d_ch, n_classes, cond, m.embed_dim, m.d_attn_res, m.sn_eps,
                                          m.attn_impl)
     return biggan.Discriminator(m.resolution, m.d_ch, n_classes, cond, m.embed_dim, m.d_attn_res, m.sn_eps,
-                                m.attn_impl)
+                                m.attn_impl, m.d_shortcut)
 
 
 def build_models(cfg: Any) -> Tuple[nn.Module, nn.Module]:
