@@ -454,7 +454,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise
         if not getattr(e, launch.REPORTED, False):  # a distributed run printed it already, with its rank
             print(f"hpc-gan {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     except Exception as e:
         if getattr(e, launch.REPORTED, False):  # its traceback is printed (first, before the peers' errors)
             return 1

@@ -39,6 +39,7 @@ MemoryFormat = Literal["auto", "channels_last", "contiguous"]
 CompileMode = Literal["off", "default", "max-autotune", "reduce-overhead"]
 NegBackward = Literal["reduce_scatter", "all_reduce"]
 DShortcut = Literal["biggan", "studiogan"]
+OnAlarm = Literal["warn", "stop", "rollback"]
 GradCompression = Literal["none", "bf16"]
 ZeroCommDtype = Literal["fp32", "bf16"]
 DIFFAUG_POLICIES = ("color", "translation", "cutout")   # loss.diffaug: a comma list of these
@@ -153,7 +154,18 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 3              # newest complete checkpoints kept (0: keep all)
     verify_checkpoints: bool = True        # resume: SHA-256 of the checkpoint against its manifest (else size only)
-    diagnostics: bool = True               # ReACGAN Fig. 2 norms at logging steps
+    diagnostics: bool = True               # ReACGAN Fig. 2 norms and BigGAN's sigma_0 every diag_every steps
+    diag_every: int = 0                    # steps between diagnostics (0: log_every); the watchdog reads them
+    watchdog: bool = True                  # collapse alarms (docs/stability.md) to RUN/alarms.jsonl
+    on_alarm: OnAlarm = "warn"             # warn; stop (exit 3); rollback to the newest checkpoint before the alarm
+    rollback_lr_scale: float = 0.5         # rollback: both learning rates times this, each time
+    max_rollbacks: int = 2                 # rollback: then stop
+    watch_window: int = 5                  # alarms compare a value with the previous this many observations
+    watch_sigma_factor: float = 3.0        # sigma_0 max of G or D above this x its window minimum
+    watch_grad_factor: float = 10.0        # conditioning-loss gradient norm above this x its window minimum
+    watch_gap_fraction: float = 0.25       # D's real-fake logit gap below this x its best for a whole window
+    watch_acc_drop: float = 0.15           # demo class accuracy of samples this far below its best
+    watch_fid_rise: float = 0.25           # FID this fraction above its best
     demo_classifier: bool = False          # report class accuracy of samples under a classifier of the data set
     nonfinite: NonFinite = "stop"          # a step with a non-finite loss or gradient: stop the run, or skip its update
     nonfinite_max: int = 10                # skip: stop after this many consecutive steps with a skipped update
@@ -228,8 +240,10 @@ def comma_list(value: str) -> List[str]:
 POSITIVE = ("model.g_ch", "model.d_ch", "model.z_dim", "model.shared_dim", "model.embed_dim", "data.num_classes",
             "loss.temperature", "train.steps", "train.batch_size", "train.n_dis", "train.g_lr", "train.d_lr",
             "train.log_every", "train.sample_every", "train.checkpoint_every", "train.nonfinite_max", "dist.timeout_s",
-            "data.dali_threads", "eval.n", "eval.ref_n", "eval.batch", "dist.bucket_cap_mb", "dist.zero_bucket_mb")
-NON_NEGATIVE = ("train.micro_batch", "train.ema_start", "train.standing_stats", "train.truncation",
+            "data.dali_threads", "eval.n", "eval.ref_n", "eval.batch", "dist.bucket_cap_mb", "dist.zero_bucket_mb",
+            "train.watch_window", "train.watch_sigma_factor", "train.watch_grad_factor", "train.watch_gap_fraction",
+            "train.watch_acc_drop", "train.watch_fid_rise", "train.rollback_lr_scale")
+NON_NEGATIVE = ("train.diag_every", "train.max_rollbacks", "train.micro_batch", "train.ema_start", "train.standing_stats", "train.truncation",
                 "train.keep_checkpoints", "loss.gp_lambda", "loss.ortho_beta", "loss.cr_lambda",
                 "loss.cond_lambda_d", "loss.cond_lambda_g", "data.num_workers", "model.g_attn_res", "model.d_attn_res",
                 "dist.bn_group_size", "dist.check_every", "data.dali_workers", "dist.step_timeout_s",

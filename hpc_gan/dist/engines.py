@@ -105,6 +105,13 @@ class Net:
         sharded (ZeRO); None where the module's parameters are the masters."""
         return None
 
+    def scale_lr(self, factor: float) -> None:
+        for group in self.param_groups():
+            group["lr"] *= factor
+
+    def param_groups(self) -> List[Dict[str, Any]]:
+        raise NotImplementedError
+
     def weights_state_dict(self) -> Dict[str, torch.Tensor]:
         return self.module.state_dict()
 
@@ -143,6 +150,9 @@ class TorchNet(Net):
 
     def __call__(self, *args: Any) -> Any:
         return self.wrapped(*args)
+
+    def param_groups(self) -> List[Dict[str, Any]]:
+        return self.opt.param_groups
 
     def micro(self, last: bool) -> contextlib.AbstractContextManager:
         if isinstance(self.wrapped, nn.parallel.DistributedDataParallel) and not last:
@@ -212,6 +222,9 @@ class DeepSpeedNet(Net):
 
     def __call__(self, *args: Any) -> Any:
         return self.engine(*args)
+
+    def param_groups(self) -> List[Dict[str, Any]]:
+        return self.opt.optimizer.param_groups  # the base Adam's groups, which DeepSpeed's wrapper steps with
 
     @contextlib.contextmanager
     def micro(self, last: bool) -> Iterator[None]:

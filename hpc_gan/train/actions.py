@@ -59,6 +59,11 @@ class RunContext:
     sampler: Sampler
     summary: Dict[str, Any] = field(default_factory=dict)
     stopping: bool = False                       # preempted: only the checkpoint still runs at this step
+    last_metrics: Dict[str, Any] = field(default_factory=dict)   # what the Logger popped, and at which step
+    last_metrics_step: int = -1
+    evals: Dict[str, float] = field(default_factory=dict)        # this step's evaluation results (cleared each step)
+    pinned: List[Path] = field(default_factory=list)             # checkpoints retention must keep (pre-alarm)
+    rollback_to: Optional[Path] = None                           # set by the watchdog: the loop reloads it
 
     def barrier(self) -> None:
         launch.barrier(self.info)
@@ -84,6 +89,9 @@ class Action:
     def at_end(self) -> None:
         pass
 
+    def at_rollback(self, step: int) -> None:
+        """The run went back to ``step`` (the watchdog's rollback)."""
+
 
 class Logger(Action):
     """Means of the step's losses since the last log, throughput and ETA, to metrics.jsonl and one printed line.
@@ -95,7 +103,13 @@ class Logger(Action):
         self.last_wall, self.last_step, self.last_train_ms = time.perf_counter(), ctx.trainer.step, 0.0
 
     def diagnostics_due(self, next_step: int) -> bool:
-        return self.ctx.cfg.train.diagnostics and next_step % self.every == 0
+        t = self.ctx.cfg.train
+        return t.diagnostics and next_step % (t.diag_every or self.every) == 0
+
+    def at_rollback(self, step: int) -> None:
+        self.ctx.trainer.pop_metrics()  # the abandoned steps' means (collective, like every pop)
+        self.last_wall, self.last_step = time.perf_counter(), step
+        self.last_train_ms = self.ctx.timer.totals_ms().get("train", 0.0)
 
     def due(self, step: int, final: bool) -> bool:
         return step % self.every == 0 or final
@@ -103,6 +117,7 @@ class Logger(Action):
     def run(self, step: int, final: bool) -> None:
         ctx, t = self.ctx, self.ctx.cfg.train
         values = ctx.trainer.pop_metrics()
+        ctx.last_metrics, ctx.last_metrics_step = dict(values), step
         # img/s counts training-step time only; the ETA uses wall time, sheets and checkpoints included
         now, train_ms = time.perf_counter(), ctx.timer.totals_ms().get("train", 0.0)
         n, train_s = step - self.last_step, (train_ms - self.last_train_ms) / 1e3
@@ -158,6 +173,7 @@ class DemoClassifier(Action):
             return G(torch.randn(len(y), cfg.model.z_dim, generator=g, device=dev), y.to(dev))
 
         acc = sample_accuracy(self.model, sample, cfg.data.num_classes, per_class=50)
+        ctx.evals["sample_class_accuracy"] = acc
         ctx.writer.write(step, {"sample_class_accuracy": acc})
         ctx.log(f"step {step}: class accuracy of samples {acc:.3f} (chance {1 / cfg.data.num_classes:.3f})")
         ctx.summary["sample_class_accuracy"] = acc
@@ -198,6 +214,7 @@ class Evaluation(Action):
 
     def run(self, step: int, final: bool) -> None:
         result = self.evaluator(self.ctx.sampler.get())
+        self.ctx.evals.update(result)
         self.ctx.writer.write(step, result)
         self.ctx.log(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in result.items()))
         self.ctx.summary.update(result)
@@ -232,10 +249,76 @@ class Checkpointer(Action):
         if ctx.info.is_main:
             root = ctx.run_dir / "checkpoints"
             checkpoint.save(root, step, state)
-            checkpoint.prune(root, ctx.cfg.train.keep_checkpoints)
+            checkpoint.prune(root, ctx.cfg.train.keep_checkpoints, pinned=tuple(ctx.pinned))
         ctx.barrier()
         if self.preempted:
             ctx.summary["preempted"] = True  # the loop stops; train() requeues once the process group is down
+
+
+class WatchdogAction(Action):
+    """The collapse watchdog (hpc_gan.train.watchdog) after each logging step and evaluation: rank 0 decides from
+    the step's metrics and evaluations, every rank acts alike (launch.agree). Each alarm goes to RUN/alarms.jsonl and
+    the metrics, and pins the newest checkpoint from before it against retention; then ``train.on_alarm``: warn,
+    stop (AlarmStop, exit 3), or rollback (the loop reloads that checkpoint with the learning rates scaled)."""
+    name = "watchdog"
+
+    def __init__(self, ctx: RunContext) -> None:
+        from hpc_gan.train.watchdog import Watchdog, read_alarms
+        self.ctx, t = ctx, ctx.cfg.train
+        self.dog = Watchdog(t)
+        past = read_alarms(ctx.run_dir)  # a restarted run keeps its pins and its rollback count
+        ctx.pinned.extend(Path(r["checkpoint"]) for r in past if r.get("checkpoint"))
+        self.rollbacks = sum(r.get("action") == "rollback" for r in past)
+
+    def due(self, step: int, final: bool) -> bool:
+        c = self.ctx.cfg
+        return not self.ctx.stopping and (step % c.train.log_every == 0 or final or
+                                          (c.train.demo_classifier and step % c.train.sample_every == 0) or
+                                          bool(c.eval.every and step % c.eval.every == 0))
+
+    def _checkpoint_before(self, step: int) -> Optional[Path]:
+        before = [c for c in checkpoint.complete_checkpoints(self.ctx.run_dir / "checkpoints")
+                  if int(c.name.split("-")[-1]) < step]
+        return before[-1] if before else None
+
+    def _decide(self, step: int) -> Dict[str, Any]:
+        from hpc_gan.errors import AlarmStop
+        from hpc_gan.train.watchdog import alarm_record, append_alarm
+        ctx, t = self.ctx, self.ctx.cfg.train
+        values = ctx.last_metrics if ctx.last_metrics_step == step else {}
+        alarms = self.dog.observe(step, values, dict(ctx.evals))
+        if not alarms:
+            return {}
+        back = self._checkpoint_before(step)
+        action = t.on_alarm
+        if action == "rollback" and (back is None or self.rollbacks >= t.max_rollbacks):
+            action = "stop"
+        for a in alarms:
+            a.checkpoint = str(back) if back else None
+            append_alarm(ctx.run_dir, alarm_record(a, action))
+            ctx.writer.write(step, {f"alarm_{a.kind}": a.value})
+        if action == "stop":
+            why = (f"rollbacks used up (train.max_rollbacks={t.max_rollbacks})" if t.on_alarm == "rollback" and back
+                   else "nothing to roll back to" if t.on_alarm == "rollback" else "train.on_alarm=stop")
+            go_back = (f"go back to {back}: hpc-gan train --config {ctx.run_dir / 'config.yaml'} --resume {back} "
+                       f"with lower learning rates" if back else "no checkpoint precedes it")
+            raise AlarmStop(f"{alarms[0].line().split(';')[0]} ({len(alarms)} alarm(s), RUN/alarms.jsonl); stopped: "
+                            f"{why}; {go_back}")
+        return {"lines": [a.line() for a in alarms], "action": action, "checkpoint": str(back) if back else None}
+
+    def run(self, step: int, final: bool) -> None:
+        ctx = self.ctx
+        decision = launch.agree(lambda: self._decide(step), ctx.info)
+        for line in decision.get("lines", []):
+            ctx.log(line)
+        if decision.get("checkpoint"):
+            ctx.pinned.append(Path(decision["checkpoint"]))
+        if decision.get("action") == "rollback" and not final:
+            self.rollbacks += 1
+            ctx.rollback_to = Path(decision["checkpoint"])
+
+    def at_rollback(self, step: int) -> None:
+        self.dog.reset()
 
 
 def build_actions(ctx: RunContext, preemption: Preemption) -> List[Action]:
@@ -246,4 +329,6 @@ def build_actions(ctx: RunContext, preemption: Preemption) -> List[Action]:
         actions.append(DemoClassifier(ctx))
     if cfg.eval.every:
         actions.append(Evaluation(ctx))
+    if cfg.train.watchdog:
+        actions.append(WatchdogAction(ctx))  # last: it sees this step's metrics, checkpoint and evaluations
     return actions

@@ -118,6 +118,9 @@ def _train(cfg: Config, resume: Optional[str], log: Callable[[str], None], info:
                         with ctx.timer.phase(action.name):
                             action.run(step, final)
             ctx.sampler.clear()
+            ctx.evals.clear()
+            if ctx.rollback_to is not None:
+                _rollback(ctx, mine)
         trainer.sync_ema()
         for action in mine:
             action.at_end()
@@ -128,6 +131,17 @@ def _train(cfg: Config, resume: Optional[str], log: Callable[[str], None], info:
         writer.close()
     preemption.close()
     return _finish(ctx)
+
+
+def _rollback(ctx: RunContext, actions: list) -> None:
+    """Continue from the watchdog's pre-alarm checkpoint with both learning rates scaled (every rank)."""
+    path, ctx.rollback_to = ctx.rollback_to, None
+    trainer, scale = ctx.trainer, ctx.cfg.train.rollback_lr_scale
+    trainer.load_state_dict(checkpoint.load_consolidated(path))
+    trainer.scale_lr(scale)
+    for action in actions:
+        action.at_rollback(trainer.step)
+    ctx.log(f"watchdog: rolled back to {path} (step {trainer.step}); learning rates x{scale:g}")
 
 
 def _check_nonfinite(trainer: Trainer, run_dir: Path, now: bool) -> None:

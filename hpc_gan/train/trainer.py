@@ -340,6 +340,11 @@ class Trainer:
                 "d_opt": self.d.optimizer_state_dict(), "data": self.real.state_dict(),
                 "world_size": self.world, "strategy": self.cfg.dist.strategy, "config": to_dict(self.cfg)}
 
+    def scale_lr(self, factor: float) -> None:
+        """Both learning rates times ``factor`` (the watchdog's rollback)."""
+        self.g.scale_lr(factor)
+        self.d.scale_lr(factor)
+
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Resume from a state saved at any world size under any strategy."""
         try:
