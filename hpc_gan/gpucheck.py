@@ -171,8 +171,6 @@ def stage_kernels(smoke: bool) -> Dict[str, Any]:
 
 
 def stage_sn(smoke: bool) -> Dict[str, Any]:
-    import torch
-
     from kernels.bench import bench_sn
     dev = _device(smoke)
     shapes = [(64, 40), (33, 70), (8, 300)] if smoke else _sn_shapes()
@@ -226,8 +224,6 @@ def stage_dali(smoke: bool) -> Dict[str, Any]:
     from hpc_gan.data.dali import dali_available
     if not dali_available():
         return {"status": "skip", "why": "DALI is not installed here"}
-    import torch
-
     from hpc_gan.data.bench import bench_data
     return {"rows": bench_data(None, _device(smoke), batches=3 if smoke else 20)}
 
@@ -254,7 +250,6 @@ def _device(smoke: bool) -> Any:
 
 
 def _time_ms(fn: Callable[[], Any], dev: Any) -> float:
-    import torch
     if dev.type == "cuda":
         from triton.testing import do_bench
         return float(do_bench(fn, warmup=5, rep=50, return_mode="median"))

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from hpc_gan.data.loader import EncodedDataset
-from hpc_gan.data.streams import RankBatches, StreamBase
+from hpc_gan.data.streams import StreamBase
 from hpc_gan.errors import UserError
 from hpc_gan.plan import StepPlan
 
