@@ -70,10 +70,12 @@ def _specs(dtype: str) -> List[Spec]:
     bwd = {**sim_common, "LSE": f32, "G": f32}
     specs.append(("d2d_grad_matrix", S.neg_lse_grad_matrix_kernel,
                   {**bwd, "P": f32, "CROW": f32, "CCOL": f32, **scal}, dict(PREC=prec, **blocks), warps))
+    stream = S.stream_tiles(torch_dtype)
+    stream_warps = {"num_warps": stream.pop("num_warps")}
     specs.append(("d2d_bwd_rows", S.neg_lse_bwd_rows_kernel, {**bwd, "ACC": f32, "DA": t, **scal},
-                  dict(PREC=prec, BD=tiles["BD"], **blocks), warps))
+                  dict(PREC=prec, **stream), stream_warps))
     specs.append(("d2d_bwd_cols", S.neg_lse_bwd_cols_kernel, {**bwd, "ACC": f32, "DB": t, **scal},
-                  dict(PREC=prec, BD=tiles["BD"], **blocks), warps))
+                  dict(PREC=prec, **stream), stream_warps))
     wdt = tl.float32 if dtype == "fp32" else tl.bfloat16
     table = {k: i64 for k in ("TILE_MAT", "TILE_START", "ROWS", "COLS", "UOFF", "VOFF")}
     for from_flat in (False, True):

@@ -42,11 +42,19 @@ def gpu_tiles(dtype: torch.dtype) -> dict:
     return dict(BI=64, BJ=64, BK=64, BD=64, num_warps=4)
 
 
-def _blocks(device: torch.device, dtype: torch.dtype) -> dict:
+def stream_tiles(dtype: torch.dtype) -> dict:
+    """Tiles of the streaming backward (used past MATRIX_BACKWARD_MAX): it holds a score tile and a gradient tile at
+    once, so it takes smaller tiles than ``gpu_tiles`` to stay free of register spills under Triton 3.6 and 3.9."""
+    if dtype == torch.float32:
+        return dict(BI=32, BJ=32, BK=32, BD=32, num_warps=8)
+    return dict(BI=32, BJ=32, BK=64, BD=64, num_warps=4)
+
+
+def _blocks(device: torch.device, dtype: torch.dtype, stream: bool = False) -> dict:
     # The interpreter pays per program and per loop trip, not per element: fewer, larger tiles are faster there.
     if device.type != "cuda" or interpreting():
         return dict(BI=32, BJ=32, BK=32, BD=32, num_warps=4)
-    return gpu_tiles(dtype)
+    return stream_tiles(dtype) if stream else gpu_tiles(dtype)
 
 
 def precision(dtype: torch.dtype) -> str:
@@ -355,7 +363,7 @@ class NegLogSumExp(torch.autograd.Function):
         row_offset, m_n, inv_t, prec = ctx.consts
         g = g.contiguous().float()
         n, m, d = a.shape[0], b.shape[0], a.shape[1]
-        bl = _blocks(a.device, a.dtype)
+        bl = _blocks(a.device, a.dtype, stream=not ctx.matrix)
         warps = bl.pop("num_warps")
         args = (la, lb, lse, g)
         need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]

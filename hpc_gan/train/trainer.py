@@ -175,6 +175,7 @@ class Trainer:
     def d_step(self, k: int, diagnostics: bool = False) -> None:
         """D update k (0-based) of the current step."""
         phase, p = d_phase(k), self.plan
+        self._begin_graph_step()
         z, yf = self._latents(phase)
         with self._phase("data"):
             xr, yr = self.real.next()
@@ -189,6 +190,13 @@ class Trainer:
             losses.append(loss.detach())
         with self._phase("d_optimizer"):
             self.d.optimizer_step(self._update_flag(losses, self.d))
+
+    def _begin_graph_step(self) -> None:
+        """Under CUDA graphs (reduce-overhead), each D or G update is a new iteration: the previous update's graph
+        outputs are dead, so the graphs may replay into them (torch otherwise guesses, and falls back to eager on
+        pending backwards)."""
+        if self.compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()
 
     def _d_loss(self, phase: int, m: int, real: Batch, latents: Batch, diagnostics: bool) -> torch.Tensor:
         """D's loss on micro-batch m of a D phase (forward only)."""
@@ -251,6 +259,7 @@ class Trainer:
 
     def g_step(self) -> None:
         p = self.plan
+        self._begin_graph_step()
         z, yf = self._latents(G_PHASE)
         D = self.d.module
         D.requires_grad_(False)  # frozen, and called as the plain module: D is only a function of the fakes
