@@ -36,7 +36,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 ROOT = Path(__file__).resolve().parents[1]
 # (name, seconds allowed on a GPU, seconds allowed in smoke mode): under 9 minutes in all on one H100
 STAGES: List[Tuple[str, int, int]] = [
-    ("env", 20, 60), ("accuracy", 45, 120), ("kernels", 75, 120), ("sn", 40, 120), ("train", 200, 240),
+    ("env", 20, 60), ("accuracy", 45, 120), ("kernels", 75, 120), ("sn", 40, 120), ("train", 240, 240),
     ("tests", 100, 240), ("determinism", 30, 120), ("dali", 10, 60), ("deepspeed", 10, 60),
 ]
 Save = Callable[[Dict[str, Any]], None]  # a looping stage's partial result, written after each case
@@ -63,11 +63,14 @@ def stage_env(smoke: bool, deadline: float, save: Save) -> Dict[str, Any]:
 
 def stage_tests(smoke: bool, deadline: float, save: Save) -> Dict[str, Any]:
     args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(ROOT / "tests" / "test_kernels.py")]
-    args += ["-k", "split_columns and 8-200" if smoke else "not compiles_for_h100"]
+    args += ["-k", "split_columns and 8-200" if smoke else "not compiles_for_h100", "--tb=short", "-rf"]
     proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
     tail = (proc.stdout.strip().splitlines() or ["no output"])[-1]
-    return {"status": "ok" if proc.returncode == 0 else "fail", "pytest": tail,
-            "failures": [x for x in proc.stdout.splitlines() if x.startswith("FAILED")][:10]}
+    out = {"status": "ok" if proc.returncode == 0 else "fail", "pytest": tail,
+           "failures": [x for x in proc.stdout.splitlines() if x.startswith("FAILED")][:10]}
+    if proc.returncode != 0:  # what failed and where, for the report
+        out["output_tail"] = proc.stdout[-4000:]
+    return out
 
 
 def _rel(a: Any, b: Any) -> float:
@@ -162,14 +165,18 @@ def stage_kernels(smoke: bool, deadline: float, save: Save) -> Dict[str, Any]:
         variants = ("triton", "triton_1d", "eager", "torch_bf16", "compile")
     rows: List[Dict[str, Any]] = []
 
-    def result() -> Dict[str, Any]:
+    def speedups(metric: str) -> Dict[str, float]:
         best: Dict[str, Any] = {}
         for r in rows:  # the kernel against the best torch path, per shape
-            key = f"{r['n_local']}x{r['n_global']}x{r['d']} {r['dtype']}"
-            best.setdefault(key, {})[r["variant"]] = r.get("median_ms")
-        speedups = {k: (min(v[x] for x in ("eager", "torch_bf16", "compile") if v.get(x)) / v["triton"])
-                    for k, v in best.items() if v.get("triton") and any(v.get(x) for x in ("eager", "torch_bf16"))}
-        return {"rows": rows, "speedup_vs_best_torch": speedups}
+            if "variant" in r:
+                best.setdefault(f"{r['n_local']}x{r['n_global']}x{r['d']} {r['dtype']}", {})[r["variant"]] = \
+                    r.get(metric)
+        return {k: (min(v[x] for x in ("eager", "torch_bf16", "compile") if v.get(x)) / v["triton"])
+                for k, v in best.items() if v.get("triton") and any(v.get(x) for x in ("eager", "torch_bf16"))}
+
+    def result() -> Dict[str, Any]:  # wall time with launches, and device time alone (replayed CUDA graphs)
+        return {"rows": rows, "speedup_vs_best_torch": speedups("median_ms"),
+                "graph_speedup_vs_best_torch": speedups("graph_ms")}
     for shape in shapes:
         if time.time() > deadline - 5:
             rows.append({"shape": list(shape[:3]), "dtype": str(shape[3])[6:], "skipped": "out of time"})
@@ -190,46 +197,81 @@ def stage_sn(smoke: bool, deadline: float, save: Save) -> Dict[str, Any]:
     # the floor: W read twice (v and u passes) and the gradient written once, fp32
     floor_ms = 3 * n_w * 4 / (copy * 1e9) * 1e3
     ms = {r["variant"]: r["median_ms"] for r in rows}
-    return {"rows": rows, "layers": len(shapes), "floor_ms": floor_ms,
-            "triton_vs_floor": ms["triton_fused"] / floor_ms, "triton_speedup_vs_loop": ms["torch_loop"] /
-            ms["triton_fused"], "foreach_speedup_vs_loop": ms["torch_loop"] / ms["foreach"]}
+    out = {"rows": rows, "layers": len(shapes), "floor_ms": floor_ms,
+           "triton_vs_floor": ms["triton_fused"] / floor_ms, "triton_speedup_vs_loop": ms["torch_loop"] /
+           ms["triton_fused"], "foreach_speedup_vs_loop": ms["torch_loop"] / ms["foreach"]}
+    graph = {r["variant"]: r.get("graph_ms") for r in rows}
+    if all(graph.values()):  # device time alone (replayed CUDA graphs): the kernels against the floor
+        out.update(graph_triton_vs_floor=graph["triton_fused"] / floor_ms,
+                   graph_triton_speedup_vs_loop=graph["torch_loop"] / graph["triton_fused"])
+    return out
+
+
+TRAIN_KEYS = ("sec_per_step", "samples_per_s_per_device", "tflops_per_device", "mfu", "gpu_busy", "host_bound",
+              "aten_ops_per_iteration", "cuda_kernels_per_iteration", "kernel_device_ms_per_iteration",
+              "first_step_seconds", "peak_memory_gib", "phase_ms_per_step", "phase_host_ms_per_step", "top_kernels")
+
+
+def train_cases(smoke: bool) -> Tuple[Path, List[str], List[Tuple[int, str, List[str]]]]:
+    """(preset, overrides for all, [(batch per GPU, label, overrides)]): the most telling first. NCHW against NHWC
+    in eager at 256 (the conv layout on tensor cores), then 32 per GPU (the operating point: host-bound or not),
+    then CUDA graphs and compile, whose first steps compile for a minute or more."""
+    if smoke:
+        return ROOT / "configs" / "demo.yaml", ["model.g_ch=8", "model.d_ch=8", "run.device=cpu"], \
+            [(8, "eager", [])]
+    nhwc = ["model.memory_format=channels_last"]
+    nchw = ["model.memory_format=contiguous"]
+    return ROOT / "configs" / "imagenet128_reacgan_b2048.yaml", ["train.precision=bf16"], [
+        (256, "eager nchw", nchw), (256, "eager nhwc", nhwc), (32, "eager nchw", nchw), (32, "eager nhwc", nhwc),
+        (32, "cuda_graphs nhwc", ["train.cuda_graphs=true", *nhwc]), (256, "compile nhwc", ["train.compile=default",
+                                                                                         *nhwc]),
+        (32, "compile nhwc", ["train.compile=default", *nhwc])]
 
 
 def stage_train(smoke: bool, deadline: float, save: Save) -> Dict[str, Any]:
-    """Eager first at both batches (host-bound or not; MFU), then CUDA graphs and compile, whose first steps compile
-    for a minute or more: the inductor cache that the CUDA-graph runs fill shortens the compiled runs after them."""
+    """Each case in a fresh process: torch.compile's caches live per process and are keyed by code, not by model
+    instance, so a second trainer in one process would run the first one's compiled (or given-up) frames."""
+    preset, extra, cases = train_cases(smoke)
+    common = ["data.name=synthetic", "data.num_classes=10", "train.standing_stats=0", "run.tensorboard=false"]
+    results: List[Dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for batch, label, flags in cases:
+            left = deadline - time.time() - 5
+            if left < 20:
+                results.append({"batch": batch, "mode": label, "status": "skip", "why": "out of time"})
+                continue
+            out = Path(tmp) / "case.json"
+            out.unlink(missing_ok=True)
+            overrides = common + extra + flags + [f"train.batch_size={batch}", f"data.synthetic_size={2 * batch}"]
+            env = dict(os.environ, TORCH_LOGS="recompiles,graph_breaks,cudagraphs")
+            cmd = [sys.executable, "-m", "hpc_gan.gpucheck", "--train-case", str(preset), str(out),
+                   "3" if smoke else "8", "1" if smoke else "3", *overrides]
+            rc, err = _run_boxed(cmd, env, left)
+            row: Dict[str, Any] = {"batch": batch, "mode": label}
+            if rc == 0 and out.exists():
+                row.update(json.loads(out.read_text()))
+            else:
+                row.update(status="timeout" if rc is None else "fail")
+            # what dynamo and the CUDA-graph trees said (recompiles, graph breaks, skipped graphs), and any error
+            said = [x for x in err.splitlines() if any(k in x for k in ("recompil", "graph break", "Graph break",
+                                                                        "cudagraph", "skipping", "Error", "error"))]
+            if rc != 0:
+                row["stderr"] = err[-2500:]
+            elif said:
+                row["stderr"] = "\n".join(said)[-2500:]
+            results.append(row)
+            save({"status": "ok", "runs": results})
+    failed = any(r.get("status") in ("fail", "timeout") for r in results)
+    return {"status": "fail" if failed else "ok", "runs": results}
+
+
+def train_case(preset: str, out: str, steps: int, warmup: int, overrides: List[str]) -> int:
+    """One training benchmark (the child process of stage_train): its numbers to ``out``."""
     from hpc_gan.config import load
     from hpc_gan.train.bench import bench_train
-    common = ["data.name=synthetic", "data.num_classes=10", "train.standing_stats=0", "run.tensorboard=false"]
-    if smoke:
-        preset, extra = ROOT / "configs" / "demo.yaml", ["model.g_ch=8", "model.d_ch=8", "run.device=cpu"]
-        cases = [(8, "eager", [])]
-    else:
-        preset, extra = ROOT / "configs" / "imagenet128_reacgan_b2048.yaml", ["train.precision=bf16"]
-        graphs, compiled = ["train.cuda_graphs=true"], ["train.compile=default"]
-        cases = [(32, "eager", []), (256, "eager", []), (32, "cuda_graphs", graphs), (32, "compile", compiled),
-                 (256, "cuda_graphs", graphs), (256, "compile", compiled)]
-    results: List[Dict[str, Any]] = []
-    for batch, mode, flags in cases:
-        if time.time() > deadline - 20:
-            results.append({"batch": batch, "mode": mode, "status": "skip", "why": "out of time"})
-            continue
-        cfg = load(preset, common + extra + flags + [f"train.batch_size={batch}", f"data.synthetic_size={2 * batch}"])
-        try:
-            r = bench_train(cfg, steps=3 if smoke else 8, warmup=1 if smoke else 3)
-            results.append({"batch": batch, "mode": mode, **{k: r[k] for k in (
-                "sec_per_step", "samples_per_s_per_device", "tflops_per_device", "mfu", "host_bound",
-                "aten_ops_per_iteration", "cuda_kernels_per_iteration", "first_step_seconds",
-                "peak_memory_gib", "phase_ms_per_step", "phase_host_ms_per_step")}})
-        except Exception as e:  # noqa: BLE001 -- one mode failing must not hide the others
-            results.append({"batch": batch, "mode": mode, "status": "fail",
-                            "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}",
-                            "traceback": traceback.format_exc()[-1500:]})
-        finally:
-            _release_gpu_memory()
-        save({"status": "ok", "runs": results})
-    failed = any(r.get("status") == "fail" for r in results)
-    return {"status": "fail" if failed else "ok", "runs": results}
+    r = bench_train(load(Path(preset), overrides), steps=steps, warmup=warmup)
+    Path(out).write_text(json.dumps({k: r[k] for k in TRAIN_KEYS}, default=str))
+    return 0
 
 
 def stage_dali(smoke: bool, deadline: float, save: Save) -> Dict[str, Any]:
@@ -325,20 +367,27 @@ def write_report(out_dir: Path, report: Dict[str, Any]) -> None:
              "| stage | status | seconds | summary |", "|---|---|---|---|"]
     for s in report["stages"]:
         keep = {k: v for k, v in s.items() if k not in ("name", "status", "seconds", "rows", "runs", "traceback",
-                                                        "d2d_ce", "sn", "speedup_vs_best_torch")}
+                                                        "d2d_ce", "sn", "speedup_vs_best_torch", "output_tail",
+                                                        "graph_speedup_vs_best_torch")}
         summary = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in keep.items())
         lines.append(f"| {s['name']} | {s['status']} | {s['seconds']} | {summary[:300]} |")
     for s in report["stages"]:
         if s.get("speedup_vs_best_torch"):
-            lines += ["", "D2D-CE: the kernel's speed-up over the best torch path", "",
-                      "| shape | speed-up |", "|---|---|"]
-            lines += [f"| {k} | {v:.2f}x |" for k, v in s["speedup_vs_best_torch"].items()]
+            graph = s.get("graph_speedup_vs_best_torch") or {}
+            lines += ["", "D2D-CE: the kernel's speed-up over the best torch path (wall with launches; device time "
+                      "alone, CUDA-graph replay)", "", "| shape | wall | device |", "|---|---|---|"]
+            lines += [f"| {k} | {v:.2f}x | " + (f"{graph[k]:.2f}x |" if k in graph else "n/a |")
+                      for k, v in s["speedup_vs_best_torch"].items()]
         for r in s.get("runs", []):
             if "sec_per_step" in r:
                 mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "n/a"
+                busy = f", GPU busy {100 * r['gpu_busy']:.0f}%" if r.get("gpu_busy") else ""
                 lines.append(f"- train, batch {r['batch']}, {r['mode']}: {1e3 * r['sec_per_step']:.1f} ms/step, "
-                             f"MFU {mfu}, host-bound {r['host_bound']}, kernels/iteration "
+                             f"MFU {mfu}, host-bound {r['host_bound']}{busy}, kernels/iteration "
                              f"{r['cuda_kernels_per_iteration']}, first step {r['first_step_seconds']:.1f} s")
+            elif "batch" in r:
+                lines.append(f"- train, batch {r['batch']}, {r['mode']}: {r.get('status')} "
+                             f"{r.get('why') or r.get('stderr', '')[-200:]}")
     (out_dir / "report.md").write_text("\n".join(lines) + "\n")
 
 
@@ -363,7 +412,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--smoke", action="store_true", help="every stage at toy sizes on the CPU (Triton interpreter)")
     p.add_argument("--stages", nargs="*", default=[s for s, _, _ in STAGES], help="a subset of the stages")
     p.add_argument("--child", nargs=3, metavar=("STAGE", "DEADLINE", "OUT"), help=argparse.SUPPRESS)
+    p.add_argument("--train-case", nargs="+", help=argparse.SUPPRESS)  # PRESET OUT STEPS WARMUP OVERRIDES...
     args = p.parse_args(argv)
+    if args.train_case:
+        preset, out, steps, warmup, *overrides = args.train_case
+        return train_case(preset, out, int(steps), int(warmup), overrides)
     if args.child:
         return _child(args.child[0], args.smoke, float(args.child[1]), Path(args.child[2]))
     import torch

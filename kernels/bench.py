@@ -31,6 +31,24 @@ def median_ms(fn: Callable[[], object], device: torch.device, reps: int = 20) ->
     return statistics.median(times)
 
 
+def graph_ms(fn: Callable[[], object], device: torch.device) -> Optional[float]:
+    """Median ms of fn captured once in a CUDA graph and replayed: the device time of its kernels without the
+    host's launch overhead (what a step captured whole, train.cuda_graphs, pays). None on a CPU."""
+    if device.type != "cuda":
+        return None
+    from triton.testing import do_bench
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture: autotuning, allocator, cuBLAS workspaces
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return float(do_bench(graph.replay, warmup=25, rep=100, return_mode="median"))
+
+
 def peak_extra_mb(fn: Callable[[], object], device: torch.device) -> Optional[float]:
     if device.type != "cuda":
         return None
@@ -128,8 +146,14 @@ def bench_d2d(device: torch.device, shapes: Sequence[Tuple[int, int, int, torch.
                 fn = make(variant)
                 row["median_ms"] = median_ms(fn, device)
                 row["peak_extra_mb"] = peak_extra_mb(fn, device)
+                row["launches"] = count_launches(fn, device)
             except (RuntimeError, torch.OutOfMemoryError) as e:  # e.g. the broadcast's N x M x d OOM
                 row["error"] = str(e).splitlines()[0][:120]
+            if variant != "studiogan_broadcast" and "error" not in row:  # it syncs with the host: not capturable
+                try:
+                    row["graph_ms"] = graph_ms(fn, device)
+                except RuntimeError as e:
+                    row["graph_error"] = str(e).splitlines()[0][:120]
             rows.append(row)
             cols.grad = proxy.grad = None
     return rows
@@ -157,6 +181,10 @@ def bench_sn(device: torch.device, shapes: Sequence[Tuple[int, int]], variants: 
                "params_m": round(sum(r * c for r, c in shapes) / 1e6, 2), "dtype": str(dtype).replace("torch.", "")}
         row["median_ms"] = median_ms(step, device)
         row["launches"] = count_launches(step, device)
+        try:
+            row["graph_ms"] = graph_ms(step, device)
+        except RuntimeError as e:
+            row["graph_error"] = str(e).splitlines()[0][:120]
         rows.append(row)
         for w in ws:
             w.grad = None

@@ -9,6 +9,10 @@ import torch
 # imported; on a machine with CUDA the kernel tests use the GPU instead.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+else:  # fast paths are compared with references at fp32 tolerances: TF32 convolutions and matmuls would round
+    # both sides' inputs to 10 mantissa bits, so a 1e-7 difference in a weight flips roundings (seen on an H100)
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

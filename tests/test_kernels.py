@@ -87,9 +87,9 @@ def test_gathered_negatives_get_the_full_gradient():
     seed = fresh_seed()
     g = torch.Generator().manual_seed(seed)
     n, world, d = 6, 3, 8
-    embed_all = torch.randn(n * world, d, generator=g, requires_grad=True)
-    proxy_all = torch.randn(n * world, d, generator=g)
-    labels_all = torch.randint(0, 4, (n * world,), generator=g)
+    embed_all = torch.randn(n * world, d, generator=g).to(DEV).requires_grad_()
+    proxy_all = torch.randn(n * world, d, generator=g).to(DEV)
+    labels_all = torch.randint(0, 4, (n * world,), generator=g).to(DEV)
     full = d2d_ce(embed_all, proxy_all, labels_all, 0.5, 0.9, backend="torch") * world
     want = torch.autograd.grad(full, embed_all)[0]
     cols = embed_all.detach().clone().requires_grad_()

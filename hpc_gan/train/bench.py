@@ -26,6 +26,7 @@ from hpc_gan.train.trainer import Trainer, resolve_device
 # dense peak TFLOP/s by device name fragment and precision (tensor cores; fp32 means TF32 where torch allows it)
 PEAKS = {"H100": {"bf16": 989.4, "fp16": 989.4, "fp32": 494.7}, "H200": {"bf16": 989.4, "fp16": 989.4, "fp32": 494.7},
          "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 156.0}}
+HOST_BOUND_BUSY = 0.8  # a step whose kernels keep the GPU busy less than this share of its wall time is host-bound
 PHASES = ("data", "d_forward", "d_backward", "d_optimizer", "g_forward", "g_backward", "g_optimizer", "ema")
 
 
@@ -73,15 +74,20 @@ def count_ops(fn: Callable[[], Any]) -> int:
     return counter.n
 
 
-def count_kernels(fn: Callable[[], Any]) -> Optional[int]:
-    """CUDA kernels launched by fn (the profiler's device events); None without a GPU."""
-    if not torch.cuda.is_available():
-        return None
+def profile_kernels(fn: Callable[[], Any], top: int = 12) -> Dict[str, Any]:
+    """CUDA kernels launched by one call of fn (the profiler's device events): their count, their summed device
+    time, and the ``top`` kernels by device time (name, ms, calls). Needs a GPU."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    by_name: Dict[str, List[float]] = {}
+    for e in kernels:
+        by_name.setdefault(e.name, []).append(e.time_range.elapsed_us() / 1e3)  # a kernel: its own span
+    ranked = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:top]
+    return {"count": len(kernels), "device_ms": sum(sum(v) for v in by_name.values()),
+            "top": [(name[:100], round(sum(ms), 3), len(ms)) for name, ms in ranked]}
 
 
 def bench_train(cfg: Config, steps: int = 10, warmup: int = 2, info: Optional[DistInfo] = None,
@@ -109,8 +115,11 @@ def bench_train(cfg: Config, steps: int = 10, warmup: int = 2, info: Optional[Di
     wall = time.perf_counter() - t0
     phases, host = timer.totals_ms(), timer.host_ms()
     trainer.timer = None
-    ops = count_ops(trainer.train_step)           # one more step each: after the timed ones
-    kernels = count_kernels(trainer.train_step) if device.type == "cuda" else None
+    # one more step each, after the timed ones. No op count under torch.compile: a TorchDispatchMode makes dynamo
+    # give up on the compiled frames for good (measured), and what it would count is not what runs
+    ops = None if trainer.compile_mode else count_ops(trainer.train_step)
+    prof = profile_kernels(trainer.train_step) if device.type == "cuda" else None
+    kernels = prof["count"] if prof else None
     trainer.pop_metrics()
     t = cfg.train
     samples_s = steps * t.batch_size / wall / info.world            # per device
@@ -128,9 +137,14 @@ def bench_train(cfg: Config, steps: int = 10, warmup: int = 2, info: Optional[Di
         "n_dis": t.n_dis, "steps": steps, "warmup": warmup, "sec_per_step": wall / steps,
         "phase_ms_per_step": {p: phases.get(p, 0.0) / steps for p in PHASES},
         "phase_host_ms_per_step": {p: host.get(p, 0.0) / steps for p in PHASES},
-        "host_bound": (sum(host.values()) > sum(phases.values())) if device.type == "cuda" else None,
+        # the GPU's busy share of a step: kernel time (profiled step) over wall time (timed steps). Phase events
+        # cannot tell: a phase's device time includes the gaps in which the GPU waits for the host
+        "gpu_busy": prof["device_ms"] / (wall / steps * 1e3) if prof else None,
+        "host_bound": prof["device_ms"] < HOST_BOUND_BUSY * wall / steps * 1e3 if prof else None,
         "other_ms_per_step": max(0.0, wall / steps * 1e3 - sum(phases.values()) / steps),
         "aten_ops_per_iteration": ops, "cuda_kernels_per_iteration": kernels,
+        "kernel_device_ms_per_iteration": prof["device_ms"] if prof else None,
+        "top_kernels": prof["top"] if prof else None,
         "compile": trainer.compile_mode or "off",
         "first_step_seconds": first,
         "allreduce_all_grads_ms": _allreduce_ms(trainer),
@@ -150,9 +164,10 @@ def print_bench(r: Dict[str, Any]) -> None:
     for p, ms in r["phase_ms_per_step"].items():
         print(f"  {p:<12} {ms:9.2f}" + (f" {r['phase_host_ms_per_step'][p]:9.2f}" if gpu else ""))
     print(f"  {'other':<12} {r['other_ms_per_step']:9.2f}")
-    print(f"aten ops/iteration {r['aten_ops_per_iteration']}"
+    print(f"aten ops/iteration {r['aten_ops_per_iteration'] or 'n/a (compiled)'}"
           + (f" | CUDA kernels/iteration {r['cuda_kernels_per_iteration']} | "
-             f"{'host-bound' if r['host_bound'] else 'device-bound'}" if gpu else ""))
+             f"{'host-bound' if r['host_bound'] else 'device-bound'} (GPU busy {100 * r['gpu_busy']:.0f}%)"
+             if gpu else ""))
     print(f"samples/s/device {r['samples_per_s_per_device']:.1f} | images/s/device {r['images_per_s_per_device']:.1f}"
           f" | {r['tflops_per_device']:.3f} TFLOP/s/device"
           + (f" | MFU {100 * r['mfu']:.1f}% of {r['peak_tflops']:.0f}" if r["mfu"] is not None else " | MFU n/a (no peak)")
