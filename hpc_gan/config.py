@@ -91,8 +91,8 @@ class ModelConfig:
     d_shortcut: DShortcut = "biggan"       # studiogan: D blocks' shortcuts see ReLU(x), as StudioGAN's (ReACGAN's) D
     sn_backend: SNBackend = "auto"         # auto: triton on CUDA, foreach elsewhere; torch: per layer (reference)
     attn_impl: AttnImpl = "sdpa"           # self-attention: torch's scaled_dot_product_attention, explicit (reference)
-    memory_format: MemoryFormat = "auto"   # of activations; auto: channels_last on CPUs (measured 1.3-1.8x), contiguous
-                                           # on CUDA until measured there
+    memory_format: MemoryFormat = "auto"   # of activations; auto: channels_last (measured faster on CPUs, 1.3-1.8x,
+                                           # and on an H100, 12%: docs/benchmarks.md)
 
 
 @dataclass

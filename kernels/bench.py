@@ -92,10 +92,9 @@ def _torch_bf16_d2d(embed: torch.Tensor, proxy: torch.Tensor, labels: torch.Tens
     f = F.normalize(embed.float(), dim=1)
     c = F.normalize(cols.float(), dim=1)
     sim = (f.bfloat16() @ c.bfloat16().t()).float()
-    n = f.shape[0]
-    neg_mask = labels[:, None] != col_labels[None, :]
-    idx = torch.arange(n, device=f.device)
-    neg_mask[idx, idx + offset] = False
+    n, m = f.shape[0], c.shape[0]
+    is_self = torch.arange(m, device=f.device)[None, :] == torch.arange(n, device=f.device)[:, None] + offset
+    neg_mask = (labels[:, None] != col_labels[None, :]) & ~is_self
     pos = torch.clamp((f * F.normalize(proxy.float(), dim=1)).sum(1) - m_p, max=0.0) / t
     neg = torch.clamp((sim - m_n) / t, min=0.0).masked_fill(~neg_mask, float("-inf"))
     return (torch.logsumexp(torch.cat([pos[:, None], neg], 1), 1) - pos).mean()

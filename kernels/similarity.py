@@ -67,9 +67,9 @@ def d2d_ce(embed: torch.Tensor, proxy: torch.Tensor, labels: torch.Tensor, tempe
     else:
         cols, col_labels = F.normalize(_acc(negatives[0]), dim=1), negatives[1]
     n, m = f.shape[0], cols.shape[0]
-    rows = torch.arange(n, device=f.device)
-    is_self = torch.zeros(n, m, dtype=torch.bool, device=f.device)
-    is_self[rows, rows + row_offset] = True
+    # a comparison, not is_self[i, i + offset] = True: that index_put copies a host scalar to the GPU each call
+    # (a pageable copy, which also makes the loss uncapturable in a CUDA graph: seen on an H100)
+    is_self = torch.arange(m, device=f.device)[None, :] == torch.arange(n, device=f.device)[:, None] + row_offset
     is_neg = (labels[:, None] != col_labels[None, :]) & ~is_self
 
     pos = _positive_logits(f, v, temperature, m_p)                               # [s_i - m_p]_- / t
