@@ -32,8 +32,13 @@ def test_each_method_trains_without_nan(tiny_cfg, cond, adv, extra):
     m = tr.pop_metrics()
     assert all(math.isfinite(v) for v in m.values()), m
     assert {"d_loss", "g_loss", "d_adv", "g_adv"} <= set(m)
+    # sigma_0 and D's feature norm under every conditioning (the watchdog's sigma alarms need them; projection
+    # once had none), the conditioning gradient where there is a conditioning loss
+    assert {"diag_feature_norm", "diag_sigma_G_max", "diag_sigma_D_max"} <= set(m)
     if cond in ("d2d_ce", "2c", "ac", "mh"):
-        assert {"d_cond", "g_cond", "diag_feature_norm", "diag_cond_grad_norm"} <= set(m)
+        assert {"d_cond", "g_cond", "diag_cond_grad_norm"} <= set(m)
+    else:
+        assert "diag_cond_grad_norm" not in m
     assert any(not torch.equal(before[k], v) for k, v in tr.g.module.state_dict().items())
     assert all(torch.isfinite(p).all() for p in tr.g.module.parameters())
 

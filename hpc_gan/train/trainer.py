@@ -219,8 +219,8 @@ class Trainer:
         if self.has_cond_loss:
             values["d_cond"] = loss_c = self._cond_loss(out["real"], yr)
             loss = loss + lc.cond_lambda_d * loss_c
-            if diagnostics:
-                self._diagnostics(out["real"]["h"], yr)
+        if diagnostics:  # every conditioning: sigma_0 and the feature norm do not need a conditioning loss
+            self._diagnostics(out["real"]["h"], yr)
         if lc.cr_lambda > 0:
             values["d_cr"] = loss_cr = ((out["consistency"]["adv"].float() - adv_r) ** 2).mean()
             loss = loss + lc.cr_lambda * loss_cr
@@ -241,6 +241,9 @@ class Trainer:
         for tag, net in (("G", self.g.module), ("D", self.d.module)):
             sig = torch.stack(list(sn_sigmas(net).values()))
             values[f"diag_sigma_{tag}_max"], values[f"diag_sigma_{tag}_mean"] = sig.max(), sig.mean()
+        if not self.has_cond_loss:  # projection: no conditioning loss, so no gradient of one
+            self.metrics.add(**values)
+            return
         head = self.d.module.head
         params = {n: p.detach().requires_grad_() for n, p in head.named_parameters()}
         cond = [params[n] for n in head.cond_parameter_names()]
