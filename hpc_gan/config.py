@@ -243,7 +243,8 @@ POSITIVE = ("model.g_ch", "model.d_ch", "model.z_dim", "model.shared_dim", "mode
             "data.dali_threads", "eval.n", "eval.ref_n", "eval.batch", "dist.bucket_cap_mb", "dist.zero_bucket_mb",
             "train.watch_window", "train.watch_sigma_factor", "train.watch_grad_factor", "train.watch_gap_fraction",
             "train.watch_acc_drop", "train.watch_fid_rise", "train.rollback_lr_scale")
-NON_NEGATIVE = ("train.diag_every", "train.max_rollbacks", "train.micro_batch", "train.ema_start", "train.standing_stats", "train.truncation",
+NON_NEGATIVE = ("train.diag_every", "train.max_rollbacks", "train.micro_batch", "train.ema_start",
+                "train.standing_stats", "train.truncation",
                 "train.keep_checkpoints", "loss.gp_lambda", "loss.ortho_beta", "loss.cr_lambda",
                 "loss.cond_lambda_d", "loss.cond_lambda_g", "data.num_workers", "model.g_attn_res", "model.d_attn_res",
                 "dist.bn_group_size", "dist.check_every", "data.dali_workers", "dist.step_timeout_s",

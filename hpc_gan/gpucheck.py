@@ -43,7 +43,7 @@ STAGES: List[Tuple[str, int, int]] = [
 Save = Callable[[Dict[str, Any]], None]  # a looping stage's partial result, written after each case
 
 
-# ---- the stages: each returns a dict of numbers (status "ok" unless it says otherwise) --------------------------------
+# ---- the stages: each returns a dict of numbers (status "ok" unless it says otherwise) -------------------------------
 def stage_env(smoke: bool, deadline: float, save: Save) -> Dict[str, Any]:
     import torch
     import triton

@@ -25,7 +25,8 @@ def _check_inputs(embed: torch.Tensor, proxy: torch.Tensor, labels: torch.Tensor
     if backend not in BACKENDS:
         raise ValueError(f"d2d_ce: backend={backend!r} is not one of {BACKENDS}")
     if embed.dim() != 2 or proxy.shape != embed.shape:
-        raise ValueError(f"d2d_ce: embed and proxy must both be (N, d); got {tuple(embed.shape)} and {tuple(proxy.shape)}")
+        raise ValueError(f"d2d_ce: embed and proxy must both be (N, d); got {tuple(embed.shape)} and "
+                         f"{tuple(proxy.shape)}")
     if labels.shape != (embed.shape[0],):
         raise ValueError(f"d2d_ce: labels must be ({embed.shape[0]},); got {tuple(labels.shape)}")
     if not temperature > 0:

@@ -97,7 +97,8 @@ def test_gathered_negatives_get_the_full_gradient():
     for r in range(world):
         sl = slice(r * n, (r + 1) * n)
         rows = cols[sl]  # the rank's own rows are its slice of the gathered tensor, as after a gather
-        total = total + d2d_ce(rows, proxy_all[sl], labels_all[sl], 0.5, 0.9, backend="triton", negatives=(cols, labels_all), row_offset=r * n)
+        total = total + d2d_ce(rows, proxy_all[sl], labels_all[sl], 0.5, 0.9, backend="triton",
+                               negatives=(cols, labels_all), row_offset=r * n)
     got = torch.autograd.grad(total, cols)[0]
     close(got, want, "summed per-rank gradient", seed)
 
@@ -225,7 +226,8 @@ def test_model_with_fused_sn_equals_reference(backend):
             if name == "G":
                 inputs = (torch.randn(4, 24, generator=g).to(DEV), torch.randint(0, 3, (4,), generator=g).to(DEV))
             else:
-                inputs = (torch.randn(4, 3, 16, 16, generator=g).to(DEV), torch.randint(0, 3, (4,), generator=g).to(DEV))
+                inputs = (torch.randn(4, 3, 16, 16, generator=g).to(DEV),
+                          torch.randint(0, 3, (4,), generator=g).to(DEV))
             outs = [net(*inputs) for net in (ref, fused)]
             outs = [o["adv"].sum() + o["embed"].sum() if isinstance(o, dict) else o.square().mean() for o in outs]
             close(outs[1], outs[0], f"{name} output, step {step}", seed, tol=1e-4)

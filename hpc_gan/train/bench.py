@@ -133,7 +133,8 @@ def bench_train(cfg: Config, steps: int = 10, warmup: int = 2, info: Optional[Di
         "config": cfg.run.dir, "arch": cfg.model.arch, "resolution": cfg.model.resolution,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "world": info.world, "nodes": max(1, info.world // max(1, info.local_world)), "strategy": cfg.dist.strategy,
-        "precision": t.precision, "batch_size": t.batch_size, "micro_batch": trainer.plan.micro, "accum": trainer.plan.accum,
+        "precision": t.precision, "batch_size": t.batch_size, "micro_batch": trainer.plan.micro,
+        "accum": trainer.plan.accum,
         "n_dis": t.n_dis, "steps": steps, "warmup": warmup, "sec_per_step": wall / steps,
         "phase_ms_per_step": {p: phases.get(p, 0.0) / steps for p in PHASES},
         "phase_host_ms_per_step": {p: host.get(p, 0.0) / steps for p in PHASES},
@@ -156,8 +157,8 @@ def bench_train(cfg: Config, steps: int = 10, warmup: int = 2, info: Optional[Di
 
 
 def print_bench(r: Dict[str, Any]) -> None:
-    print(f"{r['arch']} {r['resolution']}px on {r['world']} x {r['device']} ({r['strategy']}, {r['precision']}, compile "
-          f"{r['compile']}), batch {r['batch_size']} = {r['micro_batch']} x {r['accum']} x {r['world']}: "
+    print(f"{r['arch']} {r['resolution']}px on {r['world']} x {r['device']} ({r['strategy']}, {r['precision']}, "
+          f"compile {r['compile']}), batch {r['batch_size']} = {r['micro_batch']} x {r['accum']} x {r['world']}: "
           f"{r['sec_per_step'] * 1e3:.1f} ms/step; first step {r['first_step_seconds']:.1f} s")
     gpu = r["host_bound"] is not None
     print(f"  {'phase':<12} {'device ms' if gpu else 'ms':>9}" + (f" {'host ms':>9}" if gpu else ""))
@@ -170,7 +171,8 @@ def print_bench(r: Dict[str, Any]) -> None:
              if gpu else ""))
     print(f"samples/s/device {r['samples_per_s_per_device']:.1f} | images/s/device {r['images_per_s_per_device']:.1f}"
           f" | {r['tflops_per_device']:.3f} TFLOP/s/device"
-          + (f" | MFU {100 * r['mfu']:.1f}% of {r['peak_tflops']:.0f}" if r["mfu"] is not None else " | MFU n/a (no peak)")
+          + (f" | MFU {100 * r['mfu']:.1f}% of {r['peak_tflops']:.0f}" if r["mfu"] is not None
+             else " | MFU n/a (no peak)")
           + f" | peak memory {r['peak_memory_gib']:.2f} GiB ({r['peak_memory_kind']})")
 
 
@@ -178,7 +180,8 @@ def scaling_table(paths: Sequence[str], out_png: Optional[str] = None) -> List[D
     """Weak-scaling efficiency of bench JSONs: per-device throughput relative to the smallest run."""
     runs = sorted((json.loads(Path(p).read_text()) for p in paths), key=lambda r: r["world"])
     base = runs[0]["samples_per_s_per_device"]
-    rows = [{"world": r["world"], "nodes": r["nodes"], "samples_per_s_total": r["samples_per_s_per_device"] * r["world"],
+    rows = [{"world": r["world"], "nodes": r["nodes"],
+             "samples_per_s_total": r["samples_per_s_per_device"] * r["world"],
              "samples_per_s_per_device": r["samples_per_s_per_device"],
              "efficiency": r["samples_per_s_per_device"] / base} for r in runs]
     if out_png:

@@ -38,7 +38,8 @@ class Alarm:
 
     def line(self) -> str:
         back = f"; newest checkpoint before it: {self.checkpoint}" if self.checkpoint else "; no checkpoint before it"
-        return f"watchdog: {self.kind} alarm at step {self.step}: {self.value:.4g} (threshold {self.threshold:.4g}){back}"
+        return (f"watchdog: {self.kind} alarm at step {self.step}: {self.value:.4g} "
+                f"(threshold {self.threshold:.4g}){back}")
 
 
 class Watchdog:
