@@ -166,6 +166,7 @@ class TrainConfig:
     watch_gap_fraction: float = 0.25       # D's real-fake logit gap below this x its best for a whole window
     watch_acc_drop: float = 0.15           # demo class accuracy of samples this far below its best
     watch_fid_rise: float = 0.25           # FID this fraction above its best
+    watch_div_fraction: float = 0.5        # demo within-class diversity of samples below this x its best
     demo_classifier: bool = False          # report class accuracy of samples under a classifier of the data set
     nonfinite: NonFinite = "stop"          # a step with a non-finite loss or gradient: stop the run, or skip its update
     nonfinite_max: int = 10                # skip: stop after this many consecutive steps with a skipped update
@@ -242,7 +243,7 @@ POSITIVE = ("model.g_ch", "model.d_ch", "model.z_dim", "model.shared_dim", "mode
             "train.log_every", "train.sample_every", "train.checkpoint_every", "train.nonfinite_max", "dist.timeout_s",
             "data.dali_threads", "eval.n", "eval.ref_n", "eval.batch", "dist.bucket_cap_mb", "dist.zero_bucket_mb",
             "train.watch_window", "train.watch_sigma_factor", "train.watch_grad_factor", "train.watch_gap_fraction",
-            "train.watch_acc_drop", "train.watch_fid_rise", "train.rollback_lr_scale")
+            "train.watch_acc_drop", "train.watch_fid_rise", "train.watch_div_fraction", "train.rollback_lr_scale")
 NON_NEGATIVE = ("train.diag_every", "train.max_rollbacks", "train.micro_batch", "train.ema_start",
                 "train.standing_stats", "train.truncation",
                 "train.keep_checkpoints", "loss.gp_lambda", "loss.ortho_beta", "loss.cr_lambda",

@@ -24,11 +24,12 @@ def test_demo_config_trains_end_to_end(tmp_path):
     run = tmp_path / "demo"
     out = hpc_gan("train", "--config", "configs/demo.yaml", f"run.dir={run}", "train.steps=3", *TINY).stdout
     assert "step 2/3" in out and "step 3/3" in out and "img/s" in out and "eta" in out
-    assert "class accuracy of samples" in out  # the demo's learning check runs at step 0 and at the end
+    assert "class accuracy of samples" in out and "within-class diversity" in out  # at step 0 and at the end
     assert (run / "checkpoints" / "step-00000003" / "state.pt").is_file()
     assert (run / "samples" / "step-00000003.png").is_file()
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert any("sample_class_accuracy" in r for r in records) and any("summary" in r for r in records)
+    assert any("sample_class_accuracy" in r and "sample_class_diversity" in r for r in records)
+    assert any("summary" in r for r in records)
 
     # the same command again refuses to overwrite; --resume auto continues to a raised step count
     again = hpc_gan("train", "--config", "configs/demo.yaml", f"run.dir={run}", "train.steps=3", *TINY, check=False)

@@ -69,6 +69,34 @@ def test_each_rule_fires_and_then_stays_quiet_for_a_window():
     assert [x.kind for x in Watchdog(T).observe(0, {"d_loss": float("nan")})] == ["nonfinite"]
 
 
+def test_a_within_class_collapse_raises_a_diversity_alarm():
+    """docs/stability.md's runs, by checkpoint: ACGAN's diversity fell from 0.405 to 0.057 while its accuracy rose
+    (no other alarm saw it); ReACGAN's and projection's stayed within 0.91 of their best."""
+    acgan = [0.405, 0.320, 0.229, 0.187, 0.095, 0.057]
+    dog = Watchdog(T)
+    fired = [dog.observe(i, {}, {"sample_class_diversity": v}) for i, v in enumerate(acgan)]
+    assert [len(f) for f in fired] == [0, 0, 0, 1, 0, 0]  # at 0.187 < 0.5 x 0.405, then quiet for a window
+    assert fired[3][0].kind == "diversity" and fired[3][0].threshold == T.watch_div_fraction * 0.405
+    for healthy in ([0.528, 0.509, 0.520, 0.497, 0.497, 0.524], [0.501, 0.496, 0.526, 0.525, 0.528, 0.547]):
+        dog = Watchdog(T)
+        assert all(dog.observe(i, {}, {"sample_class_diversity": v}) == [] for i, v in enumerate(healthy))
+
+
+def test_sample_scores_measure_accuracy_and_within_class_diversity():
+    from hpc_gan.eval.classifier import sample_scores
+
+    class Oracle(torch.nn.Module):  # reads the class off the first pixel
+        def forward(self, x):
+            return torch.nn.functional.one_hot(x[:, 0, 0, 0].long(), 3).float()
+    same = sample_scores(Oracle(), lambda y: y.float()[:, None, None, None].expand(-1, 3, 4, 4), 3, per_class=5)
+    assert same == (1.0, 0.0)  # one image per class: every sample right, no variety
+    g = torch.Generator().manual_seed(0)
+    noisy = lambda y: torch.cat([y.float()[:, None, None, None].expand(-1, 1, 4, 4),  # noqa: E731
+                                 torch.randn(len(y), 2, 4, 4, generator=g) * 2.0], 1)
+    acc, div = sample_scores(Oracle(), noisy, 3, per_class=400)
+    assert acc == 1.0 and abs(div - 2.0 * 2 / 3) < 0.1  # std 2 in 2 of 3 channels, 0 in the label channel
+
+
 def test_the_gap_rule_waits_until_d_separates():
     dog = Watchdog(T)  # a gap that never reached 0.5 (the first steps of any run) is not a collapse
     assert all(dog.observe(i, {"d_real": 0.01, "d_fake": 0.0}) == [] for i in range(20))

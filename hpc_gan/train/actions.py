@@ -152,7 +152,8 @@ class SampleSheets(Action):
 
 class DemoClassifier(Action):
     """Trains a small classifier on the run's (in-memory) data set, then reports the fraction of G_ema's samples
-    that it assigns to the class they were drawn for: at step 0, at every sheet and at the end (rank 0)."""
+    that it assigns to the class they were drawn for, and their within-class diversity: at step 0, at every sheet
+    and at the end (rank 0)."""
     name = "classifier"
     main_only = reads_ema = True
 
@@ -164,7 +165,7 @@ class DemoClassifier(Action):
         self.model: Optional[nn.Module] = None
 
     def score(self, step: int) -> float:
-        from hpc_gan.eval.classifier import sample_accuracy
+        from hpc_gan.eval.classifier import sample_scores
         ctx, cfg = self.ctx, self.ctx.cfg
         G, dev = ctx.sampler.get(), ctx.trainer.device
         g = ctx.trainer.plan.rng.demo_samples(dev)
@@ -172,11 +173,13 @@ class DemoClassifier(Action):
         def sample(y: torch.Tensor) -> torch.Tensor:
             return G(torch.randn(len(y), cfg.model.z_dim, generator=g, device=dev), y.to(dev))
 
-        acc = sample_accuracy(self.model, sample, cfg.data.num_classes, per_class=50)
-        ctx.evals["sample_class_accuracy"] = acc
-        ctx.writer.write(step, {"sample_class_accuracy": acc})
-        ctx.log(f"step {step}: class accuracy of samples {acc:.3f} (chance {1 / cfg.data.num_classes:.3f})")
-        ctx.summary["sample_class_accuracy"] = acc
+        acc, div = sample_scores(self.model, sample, cfg.data.num_classes, per_class=50)
+        scores = {"sample_class_accuracy": acc, "sample_class_diversity": div}
+        ctx.evals.update(scores)
+        ctx.writer.write(step, scores)
+        ctx.log(f"step {step}: class accuracy of samples {acc:.3f} (chance {1 / cfg.data.num_classes:.3f}), "
+                f"within-class diversity {div:.3f}")
+        ctx.summary.update(scores)
         return acc
 
     def at_start(self, step: int) -> None:

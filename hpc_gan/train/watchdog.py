@@ -10,6 +10,8 @@
   above ``watch_grad_factor`` x its window minimum.
 - ``accuracy`` / ``fid``: the demo's class accuracy of samples ``watch_acc_drop`` below its best, or FID
   ``watch_fid_rise`` (relative) above its best.
+- ``diversity``: the within-class diversity of the demo's samples below ``watch_div_fraction`` x its best: G
+  drawing one image per class, which no other signal sees (ACGAN's collapse in docs/stability.md).
 - ``nonfinite``: a logged value is NaN or inf, or updates were skipped (train.nonfinite=skip).
 
 A kind that fired stays quiet for one window. Observations are the means the Logger pops at logging steps (the
@@ -54,6 +56,7 @@ class Watchdog:
         self.gap_low = 0
         self.best_acc: Optional[float] = None
         self.best_fid: Optional[float] = None
+        self.best_div: Optional[float] = None
 
     def reset(self) -> None:
         """Forget the trailing windows (after a rollback the run continues from an earlier state)."""
@@ -98,6 +101,10 @@ class Watchdog:
                 if self.best_fid is not None and v > self.best_fid * (1 + t.watch_fid_rise):
                     self._fire(out, step, "fid", v, self.best_fid * (1 + t.watch_fid_rise))
                 self.best_fid = v if self.best_fid is None else min(self.best_fid, v)
+            elif key == "sample_class_diversity":
+                if self.best_div is not None and v < t.watch_div_fraction * self.best_div:
+                    self._fire(out, step, "diversity", v, t.watch_div_fraction * self.best_div)
+                self.best_div = v if self.best_div is None else max(self.best_div, v)
         return out
 
 
