@@ -47,9 +47,11 @@ Save = Callable[[Dict[str, Any]], None]  # a looping stage's partial result, wri
 def stage_env(smoke: bool, deadline: float, save: Save) -> Dict[str, Any]:
     import torch
     import triton
+
+    from kernels.bench import median_ms
     out: Dict[str, Any] = {"torch": torch.__version__, "triton": triton.__version__,
                            "python": sys.version.split()[0]}
-    dev = torch.device("cuda" if torch.cuda.is_available() and not smoke else "cpu")
+    dev = _device(smoke)
     if dev.type == "cuda":
         props = torch.cuda.get_device_properties(dev)
         out.update(gpu=props.name, memory_gib=round(props.total_memory / 2 ** 30, 1), sms=props.multi_processor_count,
@@ -58,7 +60,7 @@ def stage_env(smoke: bool, deadline: float, save: Save) -> Dict[str, Any]:
     k = 8192 if dev.type == "cuda" else 256
     a = torch.randn(k, k, device=dev, dtype=torch.bfloat16)
     b = torch.randn(k, k, device=dev, dtype=torch.bfloat16)
-    out["bf16_matmul_tflops"] = round(2 * k ** 3 / _time_ms(lambda: a @ b, dev) / 1e9, 1)
+    out["bf16_matmul_tflops"] = round(2 * k ** 3 / median_ms(lambda: a @ b, dev) / 1e9, 1)
     return out
 
 
@@ -306,38 +308,20 @@ def _device(smoke: bool) -> Any:
 
 
 def _copy_gb_per_s(dev: Any) -> float:
-    """Device-to-device copy bandwidth, bytes read plus bytes written, of 1 GiB of random fp32 (128 MiB on a CPU)."""
+    """Device-to-device copy bandwidth, bytes read plus bytes written, of 1 GiB of random fp32 (4 MiB on a CPU)."""
     import torch
+
+    from kernels.bench import median_ms
     n = (1 << 28) if dev.type == "cuda" else (1 << 20)
     src = torch.randn(n, device=dev)
     dst = torch.empty_like(src)
-    return round(2 * src.numel() * 4 / _time_ms(lambda: dst.copy_(src), dev) / 1e6, 1)
-
-
-def _time_ms(fn: Callable[[], Any], dev: Any) -> float:
-    if dev.type == "cuda":
-        from triton.testing import do_bench
-        return float(do_bench(fn, warmup=5, rep=50, return_mode="median"))
-    fn()
-    t0 = time.perf_counter()
-    for _ in range(3):
-        fn()
-    return (time.perf_counter() - t0) / 3 * 1e3
+    return round(2 * src.numel() * 4 / median_ms(lambda: dst.copy_(src), dev) / 1e6, 1)
 
 
 def _sn_shapes() -> List[Tuple[int, int]]:
     from hpc_gan.config import load
     from hpc_gan.info import sn_shapes
     return sn_shapes(load(ROOT / "configs" / "imagenet128_reacgan_b2048.yaml"))
-
-
-def _release_gpu_memory() -> None:
-    import gc
-
-    import torch
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def run_stage(name: str, smoke: bool, deadline: float, save: Optional[Save] = None) -> Dict[str, Any]:

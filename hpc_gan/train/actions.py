@@ -281,7 +281,7 @@ class WatchdogAction(Action):
 
     def _checkpoint_before(self, step: int) -> Optional[Path]:
         before = [c for c in checkpoint.complete_checkpoints(self.ctx.run_dir / "checkpoints")
-                  if int(c.name.split("-")[-1]) < step]
+                  if checkpoint.step_of(c) < step]
         return before[-1] if before else None
 
     def _decide(self, step: int) -> Dict[str, Any]:

@@ -150,6 +150,14 @@ def verify(ckpt: Path, full: bool = True) -> Verdict:
     return Verdict(ckpt, True)
 
 
+def step_of(ckpt: Union[str, Path]) -> int:
+    """The step of a step-N checkpoint directory."""
+    m = _STEP_DIR.match(Path(ckpt).name)
+    if m is None:
+        raise ValueError(f"{ckpt} is not a step-N checkpoint directory")
+    return int(m.group(1))
+
+
 def step_dirs(ckpt_root: Union[str, Path]) -> List[Path]:
     """Every step-N directory (complete or not), oldest first."""
     root = Path(ckpt_root)

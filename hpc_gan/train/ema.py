@@ -29,19 +29,22 @@ class EMA:
         self._src_buffers = list(model.buffers())
         self._dst_buffers = list(self.model.buffers())
         self._fragments: Optional[List[Tuple[int, int, torch.Tensor]]] = None
+        self._frag_src: List[torch.Tensor] = []  # the fp32 master fragments, and the EMA slices (views) they
+        self._frag_dst: List[torch.Tensor] = []  # average into: built once, not every step
         self.stale = False  # sharded updates not yet assembled
 
     def follow_masters(self, fragments: Optional[List[Tuple[int, int, torch.Tensor]]]) -> None:
         """Average these (parameter index, flat offset, fp32 master fragment) instead of the module's weights
         (None: keep following the weights). Parameter indices are in ``model.parameters()`` order."""
         self._fragments = fragments
+        self._frag_src = [f for _, _, f in fragments or []]
+        self._frag_dst = [self._dst[i].view(-1).narrow(0, start, f.numel()) for i, start, f in fragments or []]
 
     @torch.no_grad()
     def update(self, step: int) -> None:
         """Call after G's optimizer step ``step`` (1-based). A few foreach ops, whatever the number of tensors."""
         if self._fragments is not None:
-            dst = [self._dst[i].view(-1).narrow(0, start, f.numel()) for i, start, f in self._fragments]
-            src = [f for _, _, f in self._fragments]
+            dst, src = self._frag_dst, self._frag_src
             self.stale = True
         else:
             dst, src = self._dst, [p.float() for p in self._src]  # no copy for fp32 weights
@@ -64,8 +67,8 @@ class EMA:
         for n in sizes[:-1]:
             offsets.append(offsets[-1] + n)
         flat = torch.zeros(sum(sizes), dtype=torch.float32, device=self._dst[0].device)
-        for i, start, frag in self._fragments or []:
-            flat.narrow(0, offsets[i] + start, frag.numel()).copy_(self._dst[i].view(-1).narrow(0, start, frag.numel()))
+        for (i, start, frag), mine in zip(self._fragments or [], self._frag_dst):
+            flat.narrow(0, offsets[i] + start, frag.numel()).copy_(mine)
         dist.all_reduce(flat)
         torch._foreach_copy_(self._dst, [v.view_as(p) for v, p in zip(flat.split(sizes), self._dst)])
         self.stale = False

@@ -92,7 +92,9 @@ def _train(cfg: Config, resume: Optional[str], log: Callable[[str], None], info:
     ctx = RunContext(cfg, trainer, info, run_dir, writer, log, PhaseTimer(), Sampler(trainer),
                      summary={"run_dir": str(run_dir), "start_step": start})
     preemption = Preemption(cfg.run.preempt_signals, info)
-    hang = HangDump(d.hang_dump_factor)
+    # a dump explains a hang before the collective times out, not a slow step on a shared machine: at least a
+    # quarter of the timeout that ends the job (a busy 2-core demo dumped every few steps at the old 1 s floor)
+    hang = HangDump(d.hang_dump_factor, min_seconds=max(1.0, (d.step_timeout_s or d.timeout_s) / 4))
     timeouts = launch.StepTimeouts(info, d.timeout_s, d.step_timeout_s)
     try:
         actions = build_actions(ctx, preemption)
