@@ -286,9 +286,7 @@ def _bench(args: argparse.Namespace) -> int:
     if args.kernels:
         from hpc_gan.info import sn_shapes
         if gpu:  # the training shapes: 8-256 local rows against 2048 gathered columns
-            shapes = [(n, 2048, d, dt) for n in (8, 32, 64, 256) for d in (512, 2048)
-                      for dt in (torch.float32, torch.bfloat16)]
-            d2d_variants = ("triton", "triton_1d", "eager", "torch_bf16", "compile")
+            shapes, d2d_variants = bench.D2D_GPU_SHAPES, bench.D2D_GPU_VARIANTS
         else:  # the CPU times the reference paths at a size it affords
             shapes = [(64, 512, d, torch.float32) for d in (128, 512)]
             d2d_variants = ("eager", "torch_bf16", "studiogan_broadcast")

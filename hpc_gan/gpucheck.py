@@ -156,16 +156,13 @@ def stage_determinism(smoke: bool, deadline: float, save: Save) -> Dict[str, Any
 def stage_kernels(smoke: bool, deadline: float, save: Save) -> Dict[str, Any]:
     import torch
 
-    from kernels.bench import bench_d2d
+    from kernels.bench import D2D_GPU_SHAPES, D2D_GPU_VARIANTS, bench_d2d
     dev = _device(smoke)
     if smoke:
         shapes = [(8, 64, 32, torch.float32)]
         variants = ("triton", "triton_1d", "eager", "torch_bf16")
-    else:  # the goal's shape and the operating point's first: a cut-off run still has them
-        first = [(256, 2048, 2048, torch.bfloat16), (32, 2048, 512, torch.bfloat16)]
-        shapes = first + [(n, 2048, d, dt) for dt in (torch.bfloat16, torch.float32) for n in (8, 32, 64, 256)
-                          for d in (512, 2048) if (n, 2048, d, dt) not in first]
-        variants = ("triton", "triton_1d", "eager", "torch_bf16", "compile")
+    else:
+        shapes, variants = D2D_GPU_SHAPES, D2D_GPU_VARIANTS
     rows: List[Dict[str, Any]] = []
 
     def speedups(metric: str) -> Dict[str, float]:

@@ -101,6 +101,12 @@ def _torch_bf16_d2d(embed: torch.Tensor, proxy: torch.Tensor, labels: torch.Tens
 
 
 D2D_VARIANTS = ("triton", "triton_1d", "eager", "torch_bf16", "compile", "studiogan_broadcast")
+D2D_GPU_VARIANTS = ("triton", "triton_1d", "eager", "torch_bf16", "compile")  # StudioGAN's broadcast: CPU table
+# the training shapes on a GPU, (local rows, gathered columns, d, dtype): 8-256 rows per GPU against a 2048 global
+# batch; the goal's shape and the operating point first, so a run cut short still has them
+_FIRST = [(256, 2048, 2048, torch.bfloat16), (32, 2048, 512, torch.bfloat16)]
+D2D_GPU_SHAPES = _FIRST + [(n, 2048, d, dt) for dt in (torch.bfloat16, torch.float32) for n in (8, 32, 64, 256)
+                           for d in (512, 2048) if (n, 2048, d, dt) not in _FIRST]
 
 
 def bench_d2d(device: torch.device, shapes: Sequence[Tuple[int, int, int, torch.dtype]],
