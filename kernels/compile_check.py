@@ -11,7 +11,7 @@ configuration and each target, mirroring what the runtime compiles:
 - limits: a build fails when it needs more shared memory than the target has (232,448 B on sm_90, 166,912 B on
   sm_80) or when ptxas reports register spills (``ptxas -v`` on the build's PTX).
 
-    python -m kernels.compile_check [--arch 90 80] [--dtype fp32 bf16]
+    python -m kernels.compile_check [--arch 90 80] [--dtype fp32 bf16] [--only NAME]
 
 Must run without TRITON_INTERPRET=1 (the interpreter replaces the kernels with Python functions). It proves
 compilation, not speed or results.
@@ -38,6 +38,7 @@ def _specs(dtype: str) -> List[Spec]:
     import torch
     import triton.language as tl
 
+    import kernels.cosine_triton as C
     import kernels.similarity_triton as S
     import kernels.spectral_norm_triton as N
     t = "*fp32" if dtype == "fp32" else "*bf16"
@@ -51,31 +52,40 @@ def _specs(dtype: str) -> List[Spec]:
     blocks = dict(BI=tiles["BI"], BJ=tiles["BJ"], BK=tiles["BK"])
     sim_common = {"A": t, "B": t, "RA": f32, "RB": f32, "LA": i64, "LB": i64}
     scal = {"N": "i32", "M": "i32", "D": "i32", "row_offset": "i32", "m_n": "fp32", "inv_t": "fp32"}
+    rows = S.row_tiles(torch.device("cuda"))  # the GPU's tiles: this runs without the interpreter
     specs: List[Spec] = [
-        ("inv_norm", S.inv_norm_kernel, {"X": t, "OUT": f32, "N": "i32", "D": "i32", "eps": "fp32"},
-         dict(BR=tiles["BI"], BD=tiles["BD"]), {}),
-        ("cosine", S.cosine_kernel, {"A": t, "B": t, "S": t, "N": "i32", "M": "i32", "D": "i32", "eps": "fp32"},
+        ("cosine", C.cosine_kernel, {"A": t, "B": t, "S": t, "N": "i32", "M": "i32", "D": "i32", "eps": "fp32"},
          dict(PREC=prec, **blocks), warps),
     ]
     split = S.neg_lse_split_kernel  # autotuned: every candidate of this dtype is a build the runtime may pick
     for studiogan in (False, True):
         for cfg in S.split_configs(torch_dtype):
             specs.append((f"d2d_split(studiogan={studiogan}, {cfg.kwargs}, w{cfg.num_warps}s{cfg.num_stages})",
-                          split.fn, {**sim_common, "PMAX": f32, "PSUM": f32, "PSHIFT": f32, **scal, "CS": "i32"},
+                          split.fn, {**sim_common, "PMAX": f32, "PSUM": f32, "PSHIFT": f32, **scal, "CS": "i32",
+                                     "eps": "fp32"},
                           dict(STUDIOGAN=studiogan, PREC=prec, **cfg.kwargs),
                           {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}))
-        specs.append((f"d2d_combine(studiogan={studiogan})", S.neg_lse_combine_kernel,
-                      {"PMAX": f32, "PSUM": f32, "PSHIFT": f32, "LSE": f32, "OUT": f32, "N": "i32", "S": "i32"},
-                      dict(STUDIOGAN=studiogan, BR=64, BS=32), {}))
-    bwd = {**sim_common, "LSE": f32, "G": f32}
-    specs.append(("d2d_grad_matrix", S.neg_lse_grad_matrix_kernel,
-                  {**bwd, "P": f32, "CROW": f32, "CCOL": f32, **scal}, dict(PREC=prec, **blocks), warps))
+        specs.append((f"d2d_combine(studiogan={studiogan})", S.d2d_combine_kernel,
+                      {"PMAX": f32, "PSUM": f32, "PSHIFT": f32, "A": t, "V": t, "RA": f32, "ROWS": f32, "N": "i32",
+                       "S": "i32", "D": "i32", "m_p": "fp32", "inv_t": "fp32", "eps": "fp32"},
+                      dict(STUDIOGAN=studiogan, BS=32, **rows), {}))
+    bwd = {**sim_common, "ROWS": f32, "G": f32}
+    scal_b = {**scal, "inv_n": "fp32"}
+    q = f32 if dtype == "fp32" else t
+    specs.append(("d2d_grad_matrix", S.d2d_grad_matrix_kernel,
+                  {**bwd, "Q": q, "CROW": f32, "CCOL": f32, **scal_b}, dict(PREC=prec, **blocks), warps))
     stream = S.stream_tiles(torch_dtype)
     stream_warps = {"num_warps": stream.pop("num_warps")}
-    specs.append(("d2d_bwd_rows", S.neg_lse_bwd_rows_kernel, {**bwd, "ACC": f32, "DA": t, **scal},
+    specs.append(("d2d_stream_rows", S.d2d_stream_rows_kernel, {**bwd, "ACC": f32, "CROW": f32, **scal_b},
                   dict(PREC=prec, **stream), stream_warps))
-    specs.append(("d2d_bwd_cols", S.neg_lse_bwd_cols_kernel, {**bwd, "ACC": f32, "DB": t, **scal},
+    specs.append(("d2d_stream_cols", S.d2d_stream_cols_kernel, {**bwd, "ACC": f32, "CCOL": f32, **scal_b},
                   dict(PREC=prec, **stream), stream_warps))
+    for acc in sorted({q, f32}):  # the matrix backward's products (Q's dtype), the streaming one's fp32 buffers
+        for two, pos in ((False, True), (True, True), (False, False)):
+            specs.append((f"d2d_finish(acc={acc[1:]}, two={two}, pos={pos})", S.d2d_finish_kernel,
+                          {"X": t, "OUT": t, "N": "i32", "D": "i32", "ACC": acc, "R": f32, "C": f32, "SC": "i32",
+                           "ACC2": acc, "R2": f32, "C2": f32, "SC2": "i32", "V": t, "ROWS": f32, "G": f32, "DV": t,
+                           "inv_n": "fp32"}, dict(TWO=two, POS=pos, WANT_DV=pos, **rows), {}))
     wdt = tl.float32 if dtype == "fp32" else tl.bfloat16
     table = {k: i64 for k in ("TILE_MAT", "TILE_START", "ROWS", "COLS", "UOFF", "VOFF")}
     for from_flat in (False, True):
@@ -118,8 +128,9 @@ def ptxas_report(ptx: str, arch: int) -> Tuple[Optional[int], int]:
     return (max(regs) if regs else None), sum(spills)
 
 
-def compile_all(archs: List[int], dtypes: List[str], log=print) -> int:
-    """Compile every build for every (arch, dtype); returns the number of failures."""
+def compile_all(archs: List[int], dtypes: List[str], log=print, only: str = "") -> int:
+    """Compile every build (whose name contains ``only``) for every (arch, dtype); returns the number of
+    failures."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -129,6 +140,8 @@ def compile_all(archs: List[int], dtypes: List[str], log=print) -> int:
         for dtype in dtypes:
             seen_generic = set()
             for name, fn, sig, consts, options in _specs(dtype):
+                if only not in name:
+                    continue
                 signature = {**sig, **{k: "constexpr" for k in consts}}
                 variants = [("aligned", _divisibility(fn, sig))]
                 base = name.split("(")[0]
@@ -159,12 +172,13 @@ def main(argv: List[str] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", type=int, nargs="*", default=[90], help="compute capabilities, e.g. 90 (H100) 80 (A100)")
     p.add_argument("--dtype", nargs="*", default=["fp32", "bf16"], choices=("fp32", "bf16"))
+    p.add_argument("--only", default="", help="only the builds whose name contains this, e.g. d2d_split")
     args = p.parse_args(argv)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, stated (silences its warning)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("kernels.compile_check: unset TRITON_INTERPRET (the interpreter does not compile)", file=sys.stderr)
         return 2
-    failures = compile_all(args.arch, args.dtype)
+    failures = compile_all(args.arch, args.dtype, only=args.only)
     print(f"{failures} of the kernel builds failed" if failures else "all kernels compile")
     return 1 if failures else 0
 

@@ -56,9 +56,8 @@ def d2d_ce(embed: torch.Tensor, proxy: torch.Tensor, labels: torch.Tensor, tempe
         ("auto", "matrix", "stream"), for benchmarks and tests; see similarity_triton.py.
     """
     _check_inputs(embed, proxy, labels, temperature, mode, backend)
-    cols_in = (embed, labels) if negatives is None else negatives
-    if use_triton(backend, embed, proxy, cols_in[0], op="d2d_ce"):
-        return _d2d_ce_triton(embed, proxy, labels, temperature, m_p, m_n, mode, cols_in, row_offset, split_cols,
+    if use_triton(backend, embed, proxy, *([] if negatives is None else [negatives[0]]), op="d2d_ce"):
+        return _d2d_ce_triton(embed, proxy, labels, temperature, m_p, m_n, mode, negatives, row_offset, split_cols,
                               triton_backward)
     m_n = 1.0 - m_p if m_n is None else m_n
     f = F.normalize(_acc(embed), dim=1)
@@ -86,20 +85,18 @@ def d2d_ce(embed: torch.Tensor, proxy: torch.Tensor, labels: torch.Tensor, tempe
 
 
 def _positive_logits(f: torch.Tensor, v: torch.Tensor, temperature: float, m_p: float) -> torch.Tensor:
-    """[s_i - m_p]_- / t of normalized embeddings f and proxies v: a row-wise dot product, O(N d), left to torch
-    in both backends."""
+    """[s_i - m_p]_- / t of normalized embeddings f and proxies v: a row-wise dot product, O(N d)."""
     return torch.clamp((f * v).sum(1) - m_p, max=0.0) / temperature
 
 
 def _d2d_ce_triton(embed: torch.Tensor, proxy: torch.Tensor, labels: torch.Tensor, temperature: float, m_p: float,
-                   m_n: Optional[float], mode: str, cols: Tuple[torch.Tensor, torch.Tensor],
+                   m_n: Optional[float], mode: str, negatives: Optional[Tuple[torch.Tensor, torch.Tensor]],
                    row_offset: int, split_cols: int, backward: str) -> torch.Tensor:
-    from kernels.similarity_triton import NegLogSumExp
+    from kernels.similarity_triton import D2DCE
     m_n = 1.0 - m_p if m_n is None else m_n
-    pos = _positive_logits(F.normalize(_acc(embed), dim=1), F.normalize(_acc(proxy), dim=1), temperature, m_p)
-    neg = NegLogSumExp.apply(embed, cols[0], labels, cols[1], int(row_offset), float(m_n), float(temperature),
-                             mode == "studiogan", int(split_cols), backward)
-    return (torch.logaddexp(pos, neg) - pos).mean()
+    cols, col_labels = (None, None) if negatives is None else negatives
+    return D2DCE.apply(embed, proxy, labels, cols, col_labels, int(row_offset), float(m_p), float(m_n),
+                       float(temperature), mode == "studiogan", int(split_cols), backward)
 
 
 def normalized_similarity(a: torch.Tensor, b: torch.Tensor, backend: str = "auto") -> torch.Tensor:
@@ -115,7 +112,7 @@ def normalized_similarity(a: torch.Tensor, b: torch.Tensor, backend: str = "auto
 class _CosineMatrix(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        from kernels.similarity_triton import cosine_matrix
+        from kernels.cosine_triton import cosine_matrix
         ctx.save_for_backward(a, b)
         return cosine_matrix(a, b)
 

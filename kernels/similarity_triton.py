@@ -1,16 +1,19 @@
-"""Triton kernels behind ``kernels.d2d_ce(backend="triton")`` and ``kernels.normalized_similarity``.
+"""Triton kernels behind ``kernels.d2d_ce(backend="triton")``: the whole loss, forward and backward, in ~8 launches.
 
-Forward: the N x M similarity matrix of D2D-CE is never stored. Rows are L2-normalized inside the tiles (the dot
-products of raw rows are scaled by per-row inverse norms, an O(N) vector), margins, temperature and the label / self
-masks are applied per tile, and the log-sum-exp over negatives is streamed over column tiles. Training has few
-rows per GPU (8-64 local rows against 2048 gathered columns), so the columns are also split across the grid
-(flash-decoding): program (i, s) keeps a running (max, sum, StudioGAN shift) for row block i over column split s,
-and a combine kernel merges the splits; the grid fills the GPU whatever N. Tile sizes are autotuned per (N, M, d).
+Forward (3 launches): the N x M similarity matrix is never stored. The split kernel computes raw dot products tile
+by tile and L2-normalizes them with the row and column norms it accumulates itself (written out for the backward),
+applies margins, temperature and the label / self masks, and streams the log-sum-exp over the negatives. Training
+has few rows per GPU (8-64 local rows against 2048 gathered columns), so the columns are split across the grid too
+(flash-decoding): program (i, s) keeps a running (max, sum, StudioGAN shift) for row block i over column split s.
+The combine kernel merges the splits, adds the positive term (its own pass over the rows and their proxies) and
+writes each row's loss and the per-row weights the backward needs; torch takes the mean.
 
-Backward, two modes: "matrix" (N * M small enough to hold: the default up to 2^26 entries) writes the (N, M)
-matrix P = dLoss/dsim in one fully parallel launch, with partial row / column sums of P * sim, and leaves the
-products P B^ and P^T A^ to torch.mm (cuBLAS); "stream" (any size) recomputes tiles and accumulates in an fp32
-(N, d) buffer per side: extra memory O((N + M) d).
+Backward (4-5 launches): "matrix" (N * M small enough to hold: the default up to 2^26 entries) writes the (N, M)
+matrix Q = ra_i (dLoss/dsim_ij) rb_j in one fully parallel launch, with partial row / column sums of
+(dLoss/dsim) * sim, and leaves the products Q B and Q^T A to torch.mm (cuBLAS); "stream" (any size) recomputes
+tiles and accumulates the same products in fp32 (N, d) and (M, d) buffers: extra memory O((N + M) d). Either way
+one finishing kernel per side applies the normalizations' chain rule and the positive term's gradient (and, when
+the columns are the rows themselves, adds both sides in one pass).
 
 Precision: fp32 inputs multiply as "tf32x3" (three TF32 products: fp32 accuracy on tensor cores; "tf32" where torch
 itself allows TF32), never as FMA loops; bf16 inputs multiply in bf16 and accumulate in fp32. No float atomics:
@@ -50,13 +53,6 @@ def stream_tiles(dtype: torch.dtype) -> dict:
     return dict(BI=32, BJ=32, BK=64, BD=64, num_warps=4)
 
 
-def _blocks(device: torch.device, dtype: torch.dtype, stream: bool = False) -> dict:
-    # The interpreter pays per program and per loop trip, not per element: fewer, larger tiles are faster there.
-    if device.type != "cuda" or interpreting():
-        return dict(BI=32, BJ=32, BK=32, BD=32, num_warps=4)
-    return stream_tiles(dtype) if stream else gpu_tiles(dtype)
-
-
 def precision(dtype: torch.dtype) -> str:
     """tl.dot's input precision for inputs of ``dtype`` (see the module docstring)."""
     if dtype == torch.float32:
@@ -67,8 +63,8 @@ def precision(dtype: torch.dtype) -> str:
 # The forward's autotuning candidates per input dtype, (BI, BJ, BK, warps, stages): each compiles for sm_90 without
 # register spills (kernels.compile_check checks every one).
 SPLIT_TILES = {
-    torch.bfloat16: ((16, 64, 64, 4, 3), (32, 64, 64, 4, 3), (64, 64, 64, 4, 3), (64, 128, 32, 8, 3),
-                     (128, 64, 32, 8, 2), (32, 128, 64, 4, 4)),
+    torch.bfloat16: ((16, 64, 64, 4, 3), (32, 64, 64, 8, 3), (64, 64, 64, 4, 3), (64, 128, 32, 8, 3),
+                     (128, 64, 32, 8, 2)),
     torch.float32: ((16, 32, 64, 4, 3), (64, 64, 32, 8, 3), (64, 128, 16, 8, 3), (128, 64, 16, 8, 3)),
 }
 
@@ -94,29 +90,34 @@ def column_splits(n: int, m: int, device: torch.device) -> int:
     return triton.cdiv(triton.cdiv(m, splits), SPLIT_COLS) * SPLIT_COLS
 
 
+def row_tiles(device: torch.device) -> dict:
+    """Tiles of the row-wise kernels (combine, finish): (BR rows, BD features) per program."""
+    if device.type != "cuda" or interpreting():
+        return dict(BR=32, BD=64)
+    return dict(BR=16, BD=128)
+
+
 @triton.jit
-def inv_norm_kernel(X, OUT, N, D, eps, BR: tl.constexpr, BD: tl.constexpr):
-    rows = tl.program_id(0) * BR + tl.arange(0, BR)
-    ss = tl.zeros((BR,), tl.float32)
-    for d0 in range(0, D, BD):
-        ds = d0 + tl.arange(0, BD)
-        x = tl.load(X + rows[:, None] * D + ds[None, :], mask=(rows[:, None] < N) & (ds[None, :] < D), other=0.0)
-        x = x.to(tl.float32)
-        ss += tl.sum(x * x, axis=1)
-    tl.store(OUT + rows, 1.0 / tl.maximum(tl.sqrt(ss), eps), mask=rows < N)
+def _inv_norm(ss, eps):
+    """1 / max(|x|, eps) from the sum of squares: F.normalize's divisor, which the reference uses."""
+    return 1.0 / tl.maximum(tl.sqrt(ss), eps)
 
 
 @triton.jit
 def _dot_tile(A, B, rows, cols, N, M, D, BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr,
               PREC: tl.constexpr):
-    """Raw dot products a_i . b_j of a (BI, BJ) tile, accumulated in fp32 over d."""
+    """Raw dot products a_i . b_j of a (BI, BJ) tile accumulated in fp32 over d, and the columns' sums of squares
+    from the same loads (dead code where the caller does not use them)."""
     acc = tl.zeros((BI, BJ), tl.float32)
+    ssb = tl.zeros((BJ,), tl.float32)
     for k0 in range(0, D, BK):
         ks = k0 + tl.arange(0, BK)
         a = tl.load(A + rows[:, None] * D + ks[None, :], mask=(rows[:, None] < N) & (ks[None, :] < D), other=0.0)
         b = tl.load(B + cols[None, :] * D + ks[:, None], mask=(cols[None, :] < M) & (ks[:, None] < D), other=0.0)
         acc += tl.dot(a, b, input_precision=PREC)
-    return acc
+        bf = b.to(tl.float32)
+        ssb += tl.sum(bf * bf, axis=0)
+    return acc, ssb
 
 
 @triton.jit
@@ -130,15 +131,24 @@ def _tile_masks(rows, cols, la, lb, bound, row_offset):
 @triton.autotune(configs=split_configs(torch.bfloat16) + (split_configs(torch.float32) if not interpreting() else []),
                  key=["N", "M", "D", "CS"], prune_configs_by={"early_config_prune": _keep_configs_of_the_dtype})
 @triton.jit
-def neg_lse_split_kernel(A, B, RA, RB, LA, LB, PMAX, PSUM, PSHIFT, N, M, D, CS, row_offset, m_n, inv_t,
+def neg_lse_split_kernel(A, B, RA, RB, LA, LB, PMAX, PSUM, PSHIFT, N, M, D, CS, row_offset, m_n, inv_t, eps,
                          STUDIOGAN: tl.constexpr, PREC: tl.constexpr,
                          BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr):
     """Program (i, s): rows block i against columns [s CS, (s + 1) CS): running max, sum of exp and StudioGAN's
-    shift of the negatives' clamped logits, written to row s of the (splits, N) partial buffers."""
+    shift of the negatives' clamped logits, written to row s of the (splits, N) partial buffers. The inverse norms
+    it normalizes with go to RA (split 0's programs) and RB (row block 0's programs) for the backward."""
     rows = tl.program_id(0) * BI + tl.arange(0, BI)
     split = tl.program_id(1)
     rmask = rows < N
-    ra = tl.load(RA + rows, mask=rmask, other=0.0)
+    ssa = tl.zeros((BI,), tl.float32)
+    for k0 in range(0, D, BK):
+        ks = k0 + tl.arange(0, BK)
+        a = tl.load(A + rows[:, None] * D + ks[None, :], mask=rmask[:, None] & (ks[None, :] < D), other=0.0)
+        a = a.to(tl.float32)
+        ssa += tl.sum(a * a, axis=1)
+    ra = _inv_norm(ssa, eps)
+    if split == 0:
+        tl.store(RA + rows, ra, mask=rmask)
     la = tl.load(LA + rows, mask=rmask, other=-1)
     c_lo = split * CS
     c_hi = tl.minimum(c_lo + CS, M)
@@ -148,10 +158,12 @@ def neg_lse_split_kernel(A, B, RA, RB, LA, LB, PMAX, PSUM, PSHIFT, N, M, D, CS, 
     for j0 in range(c_lo, c_hi, BJ):
         cols = j0 + tl.arange(0, BJ)
         cmask = cols < c_hi
-        rb = tl.load(RB + cols, mask=cmask, other=0.0)
         lb = tl.load(LB + cols, mask=cmask, other=-2)
-        sim = _dot_tile(A, B, rows, cols, N, M, D, BI, BJ, BK, PREC) * ra[:, None] * rb[None, :]
-        x = (sim - m_n) * inv_t
+        dots, ssb = _dot_tile(A, B, rows, cols, N, M, D, BI, BJ, BK, PREC)
+        rb = _inv_norm(ssb, eps)
+        if tl.program_id(0) == 0:
+            tl.store(RB + cols, rb, mask=cmask)
+        x = (dots * ra[:, None] * rb[None, :] - m_n) * inv_t
         others, neg = _tile_masks(rows, cols, la, lb, c_hi, row_offset)
         xn = tl.where(neg, tl.maximum(x, 0.0), float("-inf"))
         new_max = tl.maximum(run_max, tl.max(xn, axis=1))
@@ -167,12 +179,16 @@ def neg_lse_split_kernel(A, B, RA, RB, LA, LB, PMAX, PSUM, PSHIFT, N, M, D, CS, 
 
 
 @triton.jit
-def neg_lse_combine_kernel(PMAX, PSUM, PSHIFT, LSE, OUT, N, S, STUDIOGAN: tl.constexpr, BR: tl.constexpr,
-                           BS: tl.constexpr):
-    """Merge the splits of a block of rows: log-sum-exp (-inf: no negatives) and, for StudioGAN, minus the shift."""
+def d2d_combine_kernel(PMAX, PSUM, PSHIFT, A, V, RA, ROWS, N, S, D, m_p, inv_t, eps,
+                       STUDIOGAN: tl.constexpr, BR: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr):
+    """Per block of rows: merge the splits into the negatives' log-sum-exp (-inf: no negatives; StudioGAN: minus
+    the shift), compute the positive logit [s_i - m_p]_- / t from the rows and their proxies, and write to the
+    (6, N) ROWS buffer: loss_i = logaddexp(pos_i, neg_i) - pos_i, and for the backward rv_i (the proxy's inverse
+    norm), s_i, the unshifted lse_i, w_i = dloss_i/dneg_i and dloss_i/ds_i (both per unit upstream gradient)."""
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    rmask = rows < N
     splits = tl.arange(0, BS)
-    mask = (splits[:, None] < S) & (rows[None, :] < N)
+    mask = (splits[:, None] < S) & rmask[None, :]
     offs = splits[:, None] * N + rows[None, :]
     pmax = tl.load(PMAX + offs, mask=mask, other=float("-inf"))
     psum = tl.load(PSUM + offs, mask=mask, other=0.0)
@@ -180,26 +196,76 @@ def neg_lse_combine_kernel(PMAX, PSUM, PSHIFT, LSE, OUT, N, S, STUDIOGAN: tl.con
     base = tl.where(m == float("-inf"), 0.0, m)
     total = tl.sum(psum * tl.exp(pmax - base[None, :]), axis=0)
     lse = tl.where(total > 0.0, m + tl.log(tl.maximum(total, 1e-30)), float("-inf"))
-    tl.store(LSE + rows, lse, mask=rows < N)
+    neg = lse
     if STUDIOGAN:
         shift = tl.max(tl.load(PSHIFT + offs, mask=mask, other=float("-inf")), axis=0)
-        lse = lse - tl.where(shift == float("-inf"), 0.0, shift)
-    tl.store(OUT + rows, lse, mask=rows < N)
+        neg = lse - tl.where(shift == float("-inf"), 0.0, shift)
+    dot = tl.zeros((BR,), tl.float32)
+    ssv = tl.zeros((BR,), tl.float32)
+    for d0 in range(0, D, BD):
+        ds = d0 + tl.arange(0, BD)
+        dmask = rmask[:, None] & (ds[None, :] < D)
+        a = tl.load(A + rows[:, None] * D + ds[None, :], mask=dmask, other=0.0).to(tl.float32)
+        v = tl.load(V + rows[:, None] * D + ds[None, :], mask=dmask, other=0.0).to(tl.float32)
+        dot += tl.sum(a * v, axis=1)
+        ssv += tl.sum(v * v, axis=1)
+    rv = _inv_norm(ssv, eps)
+    s = dot * tl.load(RA + rows, mask=rmask, other=0.0) * rv
+    pos = tl.minimum(s - m_p, 0.0) * inv_t
+    hi = tl.maximum(pos, neg)  # pos is finite
+    tot = hi + tl.log(tl.exp(pos - hi) + tl.exp(neg - hi))
+    w = tl.exp(neg - tot)  # d(tot - pos)/dneg = softmax weight of the negatives; 0 for rows without any
+    # d(tot - pos)/dpos = (1 - w) - 1 = -w; through the clamp (which passes at its boundary, as torch's does)
+    wpos = tl.where(s - m_p <= 0.0, -w * inv_t, 0.0)
+    tl.store(ROWS + rows, tot - pos, mask=rmask)
+    tl.store(ROWS + N + rows, rv, mask=rmask)
+    tl.store(ROWS + 2 * N + rows, s, mask=rmask)
+    tl.store(ROWS + 3 * N + rows, lse, mask=rmask)
+    tl.store(ROWS + 4 * N + rows, w, mask=rmask)
+    tl.store(ROWS + 5 * N + rows, wpos, mask=rmask)
 
 
 @triton.jit
-def _grad_tile(sim, la, lb, lse, g, rows, cols, M, row_offset, m_n, inv_t):
-    """dLoss/dsim of a tile, for loss = sum_i g_i * lse_i over negatives of clamp((sim - m_n)/t, min=0)."""
+def _bwd_tile(A, B, RA, RB, LA, LB, ROWS, G, rows, cols, N, M, D, row_offset, m_n, inv_t, inv_n,
+              BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    """Recompute one (rows, cols) tile: (P = dLoss/dsim, sim, ra, rb), zero outside the matrix. The upstream
+    gradient is read from G on the device (no host sync); P_ij = g/N w_i softmax_ij / t on live negatives."""
+    rmask, cmask = rows < N, cols < M
+    ra = tl.load(RA + rows, mask=rmask, other=0.0)
+    rb = tl.load(RB + cols, mask=cmask, other=0.0)
+    la = tl.load(LA + rows, mask=rmask, other=-1)
+    lb = tl.load(LB + cols, mask=cmask, other=-2)
+    lse = tl.load(ROWS + 3 * N + rows, mask=rmask, other=0.0)
+    w = tl.load(ROWS + 4 * N + rows, mask=rmask, other=0.0) * (tl.load(G) * inv_n)  # 0 on padding rows
+    dots, ssb = _dot_tile(A, B, rows, cols, N, M, D, BI, BJ, BK, PREC)
+    sim = dots * ra[:, None] * rb[None, :]
     x = (sim - m_n) * inv_t
     others, neg = _tile_masks(rows, cols, la, lb, M, row_offset)
     live = neg & (x >= 0.0)  # torch's clamp passes the gradient at the boundary too
     p = tl.where(live, tl.exp(x - lse[:, None]), 0.0)
-    return g[:, None] * p * inv_t
+    return w[:, None] * p * inv_t, sim, ra, rb
 
 
 @triton.jit
-def _accumulate(ACC, idx, imask, g, X, xidx, xmask, D, BD: tl.constexpr, PREC: tl.constexpr):
-    """ACC[idx, :] += g @ X[xidx, :] over d in BD chunks; ACC's rows ``idx`` belong to this program alone."""
+def d2d_grad_matrix_kernel(A, B, RA, RB, LA, LB, ROWS, G, Q, CROW, CCOL, N, M, D, row_offset, m_n, inv_t, inv_n,
+                           PREC: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr):
+    """Program (i, j): the (BI, BJ) tile of Q = ra_i P_ij rb_j (so that Q B = ra (P B^), Q^T A = rb (P^T A^)), and
+    the tile's row sums (into row j of CROW) and column sums (into row i of CCOL) of P * sim."""
+    rows = tl.program_id(0) * BI + tl.arange(0, BI)
+    cols = tl.program_id(1) * BJ + tl.arange(0, BJ)
+    p, sim, ra, rb = _bwd_tile(A, B, RA, RB, LA, LB, ROWS, G, rows, cols, N, M, D, row_offset, m_n, inv_t, inv_n,
+                               BI, BJ, BK, PREC)
+    rmask, cmask = rows < N, cols < M
+    q = p * ra[:, None] * rb[None, :]
+    tl.store(Q + rows[:, None] * M + cols[None, :], q.to(Q.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+    tl.store(CROW + tl.program_id(1) * N + rows, tl.sum(p * sim, axis=1), mask=rmask)
+    tl.store(CCOL + tl.program_id(0) * M + cols, tl.sum(p * sim, axis=0), mask=cmask)
+
+
+@triton.jit
+def _accumulate(ACC, idx, imask, q, X, xidx, xmask, D, keep, BD: tl.constexpr, PREC: tl.constexpr):
+    """ACC[idx, :] = (ACC[idx, :] if keep else 0) + q @ X[xidx, :], over d in BD chunks; ACC's rows ``idx``
+    belong to this program alone."""
     for d0 in range(0, D, BD):
         ds = d0 + tl.arange(0, BD)
         x = tl.load(X + xidx[:, None] * D + ds[None, :], mask=xmask[:, None] & (ds[None, :] < D), other=0.0)
@@ -208,202 +274,190 @@ def _accumulate(ACC, idx, imask, g, X, xidx, xmask, D, BD: tl.constexpr, PREC: t
         # memory between a program's threads only across a barrier (triton-lang/triton#10924)
         tl.debug_barrier()
         amask = imask[:, None] & (ds[None, :] < D)
-        tl.store(acc_ptr, tl.load(acc_ptr, mask=amask, other=0.0) + tl.dot(g, x, input_precision=PREC), mask=amask)
+        upd = tl.dot(q, x, input_precision=PREC)
+        if keep:
+            upd += tl.load(acc_ptr, mask=amask, other=0.0)
+        tl.store(acc_ptr, upd, mask=amask)
 
 
 @triton.jit
-def _normalization_grad(ACC, X, OUT, idx, imask, r, c, D, BD: tl.constexpr):
-    """Chain rule through x -> x r (r = 1 / |x|): OUT_i = r_i (acc_i - c_i r_i x_i), c_i = sum_j G_ij sim_ij."""
-    tl.debug_barrier()  # ACC's last stores, by other threads of this program, before these loads
-    for d0 in range(0, D, BD):
-        ds = d0 + tl.arange(0, BD)
-        amask = imask[:, None] & (ds[None, :] < D)
-        acc = tl.load(ACC + idx[:, None] * D + ds[None, :], mask=amask, other=0.0)
-        x = tl.load(X + idx[:, None] * D + ds[None, :], mask=amask, other=0.0).to(tl.float32)
-        out = r[:, None] * (acc - (c * r)[:, None] * x)
-        tl.store(OUT + idx[:, None] * D + ds[None, :], out.to(OUT.dtype.element_ty), mask=amask)
-
-
-@triton.jit
-def _bwd_tile(A, B, RA, RB, LA, LB, LSE, G, rows, cols, N, M, D, row_offset, m_n, inv_t,
-              BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
-    """Recompute one (rows, cols) tile: (dLoss/dsim, sim, ra, rb), zero outside the matrix."""
-    rmask, cmask = rows < N, cols < M
-    ra = tl.load(RA + rows, mask=rmask, other=0.0)
-    rb = tl.load(RB + cols, mask=cmask, other=0.0)
-    la = tl.load(LA + rows, mask=rmask, other=-1)
-    lb = tl.load(LB + cols, mask=cmask, other=-2)
-    lse = tl.load(LSE + rows, mask=rmask, other=0.0)
-    g = tl.load(G + rows, mask=rmask, other=0.0)  # 0 on padding rows: their gradient vanishes
-    sim = _dot_tile(A, B, rows, cols, N, M, D, BI, BJ, BK, PREC) * ra[:, None] * rb[None, :]
-    return _grad_tile(sim, la, lb, lse, g, rows, cols, M, row_offset, m_n, inv_t), sim, ra, rb
-
-
-@triton.jit
-def neg_lse_grad_matrix_kernel(A, B, RA, RB, LA, LB, LSE, G, P, CROW, CCOL, N, M, D, row_offset, m_n, inv_t,
-                               PREC: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr):
-    """Program (i, j): the (BI, BJ) tile of P = dLoss/dsim, and this tile's row sums (into row j of CROW) and
-    column sums (into row i of CCOL) of P * sim, for the normalization's chain rule."""
-    rows = tl.program_id(0) * BI + tl.arange(0, BI)
-    cols = tl.program_id(1) * BJ + tl.arange(0, BJ)
-    gs, sim, ra, rb = _bwd_tile(A, B, RA, RB, LA, LB, LSE, G, rows, cols, N, M, D, row_offset, m_n, inv_t,
-                                BI, BJ, BK, PREC)
-    rmask, cmask = rows < N, cols < M
-    tl.store(P + rows[:, None] * M + cols[None, :], gs, mask=rmask[:, None] & cmask[None, :])
-    tl.store(CROW + tl.program_id(1) * N + rows, tl.sum(gs * sim, axis=1), mask=rmask)
-    tl.store(CCOL + tl.program_id(0) * M + cols, tl.sum(gs * sim, axis=0), mask=cmask)
-
-
-@triton.jit
-def neg_lse_bwd_rows_kernel(A, B, RA, RB, LA, LB, LSE, G, ACC, DA, N, M, D, row_offset, m_n, inv_t,
-                             PREC: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr,
-                             BD: tl.constexpr):
-    """dA for a block of rows: sum_j G_ij rb_j b_j accumulated in fp32 ACC, then the normalization's chain rule."""
+def d2d_stream_rows_kernel(A, B, RA, RB, LA, LB, ROWS, G, ACC, CROW, N, M, D, row_offset, m_n, inv_t, inv_n,
+                           PREC: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr,
+                           BD: tl.constexpr):
+    """Streaming backward, a block of rows: ACC = Q B accumulated in fp32 over column tiles, CROW = row sums of
+    P * sim (what the matrix mode gets from its Q and torch.mm)."""
     rows = tl.program_id(0) * BI + tl.arange(0, BI)
     rmask = rows < N
-    ra = tl.load(RA + rows, mask=rmask, other=0.0)
     c = tl.zeros((BI,), tl.float32)
     for j0 in range(0, M, BJ):
         cols = j0 + tl.arange(0, BJ)
-        gs, sim, ra, rb = _bwd_tile(A, B, RA, RB, LA, LB, LSE, G, rows, cols, N, M, D, row_offset, m_n, inv_t,
-                                    BI, BJ, BK, PREC)
-        c += tl.sum(gs * sim, axis=1)
-        _accumulate(ACC, rows, rmask, (gs * rb[None, :]).to(B.dtype.element_ty), B, cols, cols < M, D, BD, PREC)
-    _normalization_grad(ACC, A, DA, rows, rmask, ra, c, D, BD)
+        p, sim, ra, rb = _bwd_tile(A, B, RA, RB, LA, LB, ROWS, G, rows, cols, N, M, D, row_offset, m_n, inv_t,
+                                   inv_n, BI, BJ, BK, PREC)
+        c += tl.sum(p * sim, axis=1)
+        q = (p * ra[:, None] * rb[None, :]).to(B.dtype.element_ty)
+        _accumulate(ACC, rows, rmask, q, B, cols, cols < M, D, j0 > 0, BD, PREC)
+    tl.store(CROW + rows, c, mask=rmask)
 
 
 @triton.jit
-def neg_lse_bwd_cols_kernel(A, B, RA, RB, LA, LB, LSE, G, ACC, DB, N, M, D, row_offset, m_n, inv_t,
-                             PREC: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr,
-                             BD: tl.constexpr):
-    """dB for a block of columns (the gathered negatives): the transpose of the rows kernel."""
+def d2d_stream_cols_kernel(A, B, RA, RB, LA, LB, ROWS, G, ACC, CCOL, N, M, D, row_offset, m_n, inv_t, inv_n,
+                           PREC: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr,
+                           BD: tl.constexpr):
+    """Streaming backward, a block of columns (the gathered negatives): the transpose of the rows kernel."""
     cols = tl.program_id(0) * BJ + tl.arange(0, BJ)
     cmask = cols < M
-    rb = tl.load(RB + cols, mask=cmask, other=0.0)
     c = tl.zeros((BJ,), tl.float32)
     for i0 in range(0, N, BI):
         rows = i0 + tl.arange(0, BI)
-        gs, sim, ra, rb = _bwd_tile(A, B, RA, RB, LA, LB, LSE, G, rows, cols, N, M, D, row_offset, m_n, inv_t,
-                                    BI, BJ, BK, PREC)
-        c += tl.sum(gs * sim, axis=0)
-        _accumulate(ACC, cols, cmask, tl.trans(gs * ra[:, None]).to(A.dtype.element_ty), A, rows, rows < N, D,
-                    BD, PREC)
-    _normalization_grad(ACC, B, DB, cols, cmask, rb, c, D, BD)
+        p, sim, ra, rb = _bwd_tile(A, B, RA, RB, LA, LB, ROWS, G, rows, cols, N, M, D, row_offset, m_n, inv_t,
+                                   inv_n, BI, BJ, BK, PREC)
+        c += tl.sum(p * sim, axis=0)
+        q = tl.trans(p * ra[:, None] * rb[None, :]).to(A.dtype.element_ty)
+        _accumulate(ACC, cols, cmask, q, A, rows, rows < N, D, i0 > 0, BD, PREC)
+    tl.store(CCOL + cols, c, mask=cmask)
 
 
 @triton.jit
-def cosine_kernel(A, B, S, N, M, D, eps, PREC: tl.constexpr,
-                   BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr):
-    rows = tl.program_id(0) * BI + tl.arange(0, BI)
-    cols = tl.program_id(1) * BJ + tl.arange(0, BJ)
-    acc = tl.zeros((BI, BJ), tl.float32)
-    ssa = tl.zeros((BI,), tl.float32)
-    ssb = tl.zeros((BJ,), tl.float32)
-    for k0 in range(0, D, BK):
-        ks = k0 + tl.arange(0, BK)
-        a = tl.load(A + rows[:, None] * D + ks[None, :], mask=(rows[:, None] < N) & (ks[None, :] < D), other=0.0)
-        b = tl.load(B + cols[None, :] * D + ks[:, None], mask=(cols[None, :] < M) & (ks[:, None] < D), other=0.0)
-        acc += tl.dot(a, b, input_precision=PREC)
-        af, bf = a.to(tl.float32), b.to(tl.float32)
-        ssa += tl.sum(af * af, axis=1)
-        ssb += tl.sum(bf * bf, axis=0)
-    s = acc / (tl.maximum(tl.sqrt(ssa), eps)[:, None] * tl.maximum(tl.sqrt(ssb), eps)[None, :])
-    tl.store(S + rows[:, None] * M + cols[None, :], s.to(S.dtype.element_ty),
-             mask=(rows[:, None] < N) & (cols[None, :] < M))
+def _partial_sum(C, S, idx, n, imask):
+    """sum_s C[s, idx] over the S partial rows of a (S, n) buffer, in a fixed order (no atomics)."""
+    c = tl.load(C + idx, mask=imask, other=0.0)
+    for s in range(1, S):
+        c += tl.load(C + s * n + idx, mask=imask, other=0.0)
+    return c
 
 
-def inv_norms(x: torch.Tensor) -> torch.Tensor:
-    out = torch.empty(x.shape[0], device=x.device, dtype=torch.float32)
-    bl = _blocks(x.device, x.dtype)
-    inv_norm_kernel[(triton.cdiv(x.shape[0], bl["BI"]),)](x, out, x.shape[0], x.shape[1], NORM_EPS,
-                                                            BR=bl["BI"], BD=bl["BD"])
-    return out
+@triton.jit
+def d2d_finish_kernel(X, OUT, N, D, ACC, R, C, SC, ACC2, R2, C2, SC2, V, ROWS, G, DV, inv_n,
+                      TWO: tl.constexpr, POS: tl.constexpr, WANT_DV: tl.constexpr, BR: tl.constexpr,
+                      BD: tl.constexpr):
+    """Program (i, k): rows block i, features block k of the gradient of one side (x = A or B):
+        OUT = ACC - r^2 c x                        the normalization's chain rule, with c = sum of C's SC partials
+            (+ ACC2 - r2^2 c2 x                    TWO: the columns are the rows themselves, both sides at once)
+            (+ r gp (rv v - s r x)                 POS: the positive term, gp = g/N dloss/ds; and its proxy's
+                                                   gradient DV = rv gp (r x - s rv v))"""
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    ds = tl.program_id(1) * BD + tl.arange(0, BD)
+    rmask = rows < N
+    mask = rmask[:, None] & (ds[None, :] < D)
+    offs = rows[:, None] * D + ds[None, :]
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    r = tl.load(R + rows, mask=rmask, other=0.0)
+    coef = r * r * _partial_sum(C, SC, rows, N, rmask)
+    out = tl.load(ACC + offs, mask=mask, other=0.0).to(tl.float32)
+    if TWO:
+        r2 = tl.load(R2 + rows, mask=rmask, other=0.0)
+        out += tl.load(ACC2 + offs, mask=mask, other=0.0).to(tl.float32)
+        out -= (r2 * r2 * _partial_sum(C2, SC2, rows, N, rmask))[:, None] * x
+    if POS:
+        rv = tl.load(ROWS + N + rows, mask=rmask, other=0.0)
+        s = tl.load(ROWS + 2 * N + rows, mask=rmask, other=0.0)
+        gp = tl.load(ROWS + 5 * N + rows, mask=rmask, other=0.0) * (tl.load(G) * inv_n)
+        v = tl.load(V + offs, mask=mask, other=0.0).to(tl.float32)
+        coef += r * r * gp * s
+        out += (r * gp * rv)[:, None] * v
+        if WANT_DV:
+            dv = (rv * gp * r)[:, None] * x - (rv * gp * s * rv)[:, None] * v
+            tl.store(DV + offs, dv.to(DV.dtype.element_ty), mask=mask)
+    out -= coef[:, None] * x
+    tl.store(OUT + offs, out.to(OUT.dtype.element_ty), mask=mask)
 
 
-class NegLogSumExp(torch.autograd.Function):
-    """Per row i of ``a``: log sum_{j in negatives(i)} exp(clamp((cos(a_i, b_j) - m_n) / t, min=0)), minus, in
-    StudioGAN mode, the detached row max over j != i of (cos - m_n) / t. -inf for rows without negatives.
+def _finish(x: torch.Tensor, acc: torch.Tensor, r: torch.Tensor, c: torch.Tensor, two=None, pos=None) -> tuple:
+    """Launch d2d_finish_kernel for one side; ``two`` = (acc2, r2, c2), ``pos`` = (v, rows, g, inv_n, want_dv).
+    Returns (dx, dv or None)."""
+    n, d = x.shape
+    out = torch.empty_like(x)
+    dv = torch.empty_like(pos[0]) if pos is not None and pos[4] else None
+    tiles = row_tiles(x.device)
+    acc2, r2, c2 = two if two is not None else (acc, r, c)
+    v, rows, g, inv_n, _ = pos if pos is not None else (x, r, r, 0.0, False)
+    d2d_finish_kernel[(triton.cdiv(n, tiles["BR"]), triton.cdiv(d, tiles["BD"]))](
+        x, out, n, d, acc, r, c, c.shape[0], acc2, r2, c2, c2.shape[0], v, rows, g, out if dv is None else dv,
+        inv_n, TWO=two is not None, POS=pos is not None, WANT_DV=dv is not None, **tiles)
+    return out, dv
 
-    ``split_cols``: the column split width of the forward (0: chosen for the GPU; a large value: one split, the
-    1-D grid); ``backward``: "auto" | "matrix" | "stream" (see the module docstring)."""
+
+class D2DCE(torch.autograd.Function):
+    """The mean D2D-CE of kernels.d2d_ce (see similarity.py for the arguments) on the Triton kernels.
+
+    ``cols`` / ``col_labels``: the columns (gathered negatives), or None for the rows themselves. ``split_cols``:
+    the column split width of the forward (0: chosen for the GPU; a large value: one split, the 1-D grid);
+    ``backward``: "auto" | "matrix" | "stream" (see the module docstring)."""
 
     @staticmethod
-    def forward(ctx, a: torch.Tensor, b: torch.Tensor, la: torch.Tensor, lb: torch.Tensor, row_offset: int,
-                m_n: float, t: float, studiogan: bool, split_cols: int = 0, backward: str = "auto") -> torch.Tensor:
-        a, b, la, lb = a.contiguous(), b.contiguous(), la.contiguous(), lb.contiguous()
+    def forward(ctx, embed: torch.Tensor, proxy: torch.Tensor, labels: torch.Tensor, cols, col_labels,
+                row_offset: int, m_p: float, m_n: float, t: float, studiogan: bool, split_cols: int = 0,
+                backward: str = "auto") -> torch.Tensor:
+        a, v, la = embed.contiguous(), proxy.contiguous(), labels.contiguous()
+        same = cols is None
+        b, lb = (a, la) if same else (cols.contiguous(), col_labels.contiguous())
         n, m, d = a.shape[0], b.shape[0], a.shape[1]
         if max(n, m) * d >= 2 ** 31:  # the kernels index with 32-bit offsets
             raise ValueError(f"d2d_ce(backend='triton'): {max(n, m)} x {d} elements exceed 32-bit offsets; split "
                              f"the batch or use backend='torch'")
         if backward not in ("auto", "matrix", "stream"):
             raise ValueError(f"d2d_ce: backward={backward!r} is not auto, matrix or stream")
-        ra = inv_norms(a)
-        rb = ra if b is a else inv_norms(b)
+        f32 = dict(device=a.device, dtype=torch.float32)
+        ra, rb = torch.empty(n, **f32), torch.empty(m, **f32)  # two buffers even for b is a: one writer each
         cs = split_cols or column_splits(n, m, a.device)
         splits = triton.cdiv(m, cs)
-        partial = torch.empty(3, splits, n, device=a.device, dtype=torch.float32)
+        partial = torch.empty(3, splits, n, **f32)
         prec = precision(a.dtype)
         neg_lse_split_kernel[lambda meta: (triton.cdiv(n, meta["BI"]), splits)](
             a, b, ra, rb, la, lb, partial[0], partial[1], partial[2], n, m, d, cs, row_offset, m_n, 1.0 / t,
-            STUDIOGAN=studiogan, PREC=prec)
-        lse = torch.empty(n, device=a.device, dtype=torch.float32)
-        out = torch.empty_like(lse)
-        br = 64
-        neg_lse_combine_kernel[(triton.cdiv(n, br),)](partial[0], partial[1], partial[2], lse, out, n, splits,
-                                                      STUDIOGAN=studiogan, BR=br,
-                                                      BS=max(triton.next_power_of_2(splits), 2))
-        ctx.save_for_backward(a, b, la, lb, ra, rb, lse)
+            NORM_EPS, STUDIOGAN=studiogan, PREC=prec)
+        rows = torch.empty(6, n, **f32)
+        tiles = row_tiles(a.device)
+        d2d_combine_kernel[(triton.cdiv(n, tiles["BR"]),)](
+            partial[0], partial[1], partial[2], a, v, ra, rows, n, splits, d, m_p, 1.0 / t, NORM_EPS,
+            STUDIOGAN=studiogan, BS=max(triton.next_power_of_2(splits), 2), **tiles)
+        ctx.save_for_backward(a, v, b, la, lb, ra, rb, rows)
+        ctx.same = same
         ctx.consts = (row_offset, m_n, 1.0 / t, prec)
         ctx.matrix = backward == "matrix" or (backward == "auto" and n * m <= MATRIX_BACKWARD_MAX)
-        return out
+        return rows[0].mean()
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
-        a, b, la, lb, ra, rb, lse = ctx.saved_tensors
+        a, v, b, la, lb, ra, rb, rows = ctx.saved_tensors
         row_offset, m_n, inv_t, prec = ctx.consts
-        g = g.contiguous().float()
+        g = g.float()  # a 0-d tensor, read by the kernels on the device
         n, m, d = a.shape[0], b.shape[0], a.shape[1]
-        bl = _blocks(a.device, a.dtype, stream=not ctx.matrix)
-        warps = bl.pop("num_warps")
-        args = (la, lb, lse, g)
-        need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        da = db = None
+        inv_n = 1.0 / n
+        need_a, need_v, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3]
+        args = (a, b, ra, rb, la, lb, rows, g)
+        scal = (n, m, d, row_offset, m_n, inv_t, inv_n)
         if ctx.matrix:
+            bl = gpu_tiles(a.dtype) if a.is_cuda and not interpreting() else dict(BI=32, BJ=32, BK=32, num_warps=4)
             grid = (triton.cdiv(n, bl["BI"]), triton.cdiv(m, bl["BJ"]))
-            p = torch.empty(n, m, device=a.device, dtype=torch.float32)
+            # Q in the inputs' dtype for bf16 (bf16 products, fp32 accumulation in cuBLAS); fp32 otherwise (fp16's
+            # range could overflow with large inverse norms)
+            mm_dtype = a.dtype if a.dtype == torch.bfloat16 else torch.float32
+            q = torch.empty(n, m, device=a.device, dtype=mm_dtype)
             crow = torch.empty(grid[1], n, device=a.device, dtype=torch.float32)
             ccol = torch.empty(grid[0], m, device=a.device, dtype=torch.float32)
-            neg_lse_grad_matrix_kernel[grid](a, b, ra, rb, *args, p, crow, ccol, n, m, d, row_offset, m_n, inv_t,
-                                             PREC=prec, BI=bl["BI"], BJ=bl["BJ"], BK=bl["BK"], num_warps=warps)
-            mm_dtype = torch.float32 if a.dtype == torch.float32 else a.dtype  # bf16 products, fp32 accumulation
-            a_hat, b_hat = a.float() * ra[:, None], b.float() * rb[:, None]
-            pm = p.to(mm_dtype)
-            if need_a:  # dA = ra (P B^ - c_row A^)
-                da = (ra[:, None] * (torch.mm(pm, b_hat.to(mm_dtype)).float() - crow.sum(0)[:, None] * a_hat))
-                da = da.to(a.dtype)
-            if need_b:
-                db = (rb[:, None] * (torch.mm(pm.t(), a_hat.to(mm_dtype)).float() - ccol.sum(0)[:, None] * b_hat))
-                db = db.to(b.dtype)
-            return da, db, None, None, None, None, None, None, None, None
-        if need_a:
-            acc = torch.zeros(n, d, device=a.device, dtype=torch.float32)
-            da = acc if a.dtype == torch.float32 else torch.empty_like(a)  # finalized in place where it can
-            neg_lse_bwd_rows_kernel[(triton.cdiv(n, bl["BI"]),)](
-                a, b, ra, rb, *args, acc, da, n, m, d, row_offset, m_n, inv_t, PREC=prec, num_warps=warps, **bl)
-        if need_b:
-            acc = torch.zeros(m, d, device=b.device, dtype=torch.float32)
-            db = acc if b.dtype == torch.float32 else torch.empty_like(b)
-            neg_lse_bwd_cols_kernel[(triton.cdiv(m, bl["BJ"]),)](
-                a, b, ra, rb, *args, acc, db, n, m, d, row_offset, m_n, inv_t, PREC=prec, num_warps=warps, **bl)
-        return da, db, None, None, None, None, None, None, None, None
-
-
-def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    a, b = a.contiguous(), b.contiguous()
-    n, m, d = a.shape[0], b.shape[0], a.shape[1]
-    s = torch.empty(n, m, device=a.device, dtype=torch.promote_types(a.dtype, b.dtype))
-    bl = _blocks(a.device, a.dtype)
-    grid = (triton.cdiv(n, bl["BI"]), triton.cdiv(m, bl["BJ"]))
-    cosine_kernel[grid](a, b, s, n, m, d, NORM_EPS, PREC=precision(a.dtype), BI=bl["BI"], BJ=bl["BJ"], BK=bl["BK"],
-                        num_warps=bl["num_warps"])
-    return s
+            d2d_grad_matrix_kernel[grid](*args, q, crow, ccol, *scal, PREC=prec, BI=bl["BI"], BJ=bl["BJ"],
+                                         BK=bl["BK"], num_warps=bl["num_warps"])
+            acc_a = torch.mm(q, b.to(mm_dtype)) if need_a else None
+            acc_b = torch.mm(q.t(), a.to(mm_dtype)) if need_b or (ctx.same and need_a) else None
+        else:
+            bl = stream_tiles(a.dtype) if a.is_cuda and not interpreting() else dict(BI=32, BJ=32, BK=32, BD=32,
+                                                                                       num_warps=4)
+            acc_a = acc_b = None
+            crow = torch.empty(1, n, device=a.device, dtype=torch.float32)
+            ccol = torch.empty(1, m, device=a.device, dtype=torch.float32)
+            if need_a or need_v:
+                acc_a = torch.empty(n, d, device=a.device, dtype=torch.float32)
+                d2d_stream_rows_kernel[(triton.cdiv(n, bl["BI"]),)](*args, acc_a, crow, *scal, PREC=prec, **bl)
+            if need_b or (ctx.same and need_a):
+                acc_b = torch.empty(m, d, device=a.device, dtype=torch.float32)
+                d2d_stream_cols_kernel[(triton.cdiv(m, bl["BJ"]),)](*args, acc_b, ccol, *scal, PREC=prec, **bl)
+        da = dv = db = None
+        if need_a or need_v:
+            if acc_a is None:  # only the proxy's gradient is wanted: the rows' terms are computed and dropped
+                acc_a = torch.zeros(n, d, device=a.device, dtype=torch.float32)
+            two = (acc_b, rb, ccol) if ctx.same and need_a else None
+            da, dv = _finish(a, acc_a, ra, crow, two=two, pos=(v, rows, g, inv_n, need_v))
+        if need_b and not ctx.same:
+            db, _ = _finish(b, acc_b, rb, ccol)
+        return (da if need_a else None), dv, None, db, None, None, None, None, None, None, None, None

@@ -1,0 +1,44 @@
+"""Triton kernel behind ``kernels.normalized_similarity``: the (N, M) cosine-similarity matrix, with the row norms
+accumulated in the same pass over d as the dot products (no normalized copies of the inputs)."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.dispatch import interpreting
+from kernels.similarity_triton import NORM_EPS, gpu_tiles, precision
+
+
+@triton.jit
+def cosine_kernel(A, B, S, N, M, D, eps, PREC: tl.constexpr,
+                   BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr):
+    rows = tl.program_id(0) * BI + tl.arange(0, BI)
+    cols = tl.program_id(1) * BJ + tl.arange(0, BJ)
+    acc = tl.zeros((BI, BJ), tl.float32)
+    ssa = tl.zeros((BI,), tl.float32)
+    ssb = tl.zeros((BJ,), tl.float32)
+    for k0 in range(0, D, BK):
+        ks = k0 + tl.arange(0, BK)
+        a = tl.load(A + rows[:, None] * D + ks[None, :], mask=(rows[:, None] < N) & (ks[None, :] < D), other=0.0)
+        b = tl.load(B + cols[None, :] * D + ks[:, None], mask=(cols[None, :] < M) & (ks[:, None] < D), other=0.0)
+        acc += tl.dot(a, b, input_precision=PREC)
+        af, bf = a.to(tl.float32), b.to(tl.float32)
+        ssa += tl.sum(af * af, axis=1)
+        ssb += tl.sum(bf * bf, axis=0)
+    s = acc / (tl.maximum(tl.sqrt(ssa), eps)[:, None] * tl.maximum(tl.sqrt(ssb), eps)[None, :])
+    tl.store(S + rows[:, None] * M + cols[None, :], s.to(S.dtype.element_ty),
+             mask=(rows[:, None] < N) & (cols[None, :] < M))
+
+
+def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    a, b = a.contiguous(), b.contiguous()
+    n, m, d = a.shape[0], b.shape[0], a.shape[1]
+    s = torch.empty(n, m, device=a.device, dtype=torch.promote_types(a.dtype, b.dtype))
+    # the interpreter pays per program and per loop trip, not per element: 32-wide tiles
+    bl = gpu_tiles(a.dtype) if a.device.type == "cuda" and not interpreting() else dict(BI=32, BJ=32, BK=32,
+                                                                                            num_warps=4)
+    grid = (triton.cdiv(n, bl["BI"]), triton.cdiv(m, bl["BJ"]))
+    cosine_kernel[grid](a, b, s, n, m, d, NORM_EPS, PREC=precision(a.dtype), BI=bl["BI"], BJ=bl["BJ"], BK=bl["BK"],
+                        num_warps=bl["num_warps"])
+    return s
