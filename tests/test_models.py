@@ -163,3 +163,47 @@ def test_sdpa_attention_equals_the_explicit_map(ch, h, w):
     gb = torch.autograd.grad(b, [x, *ref.parameters()], g)
     for u, v in zip(ga, gb):  # summation orders differ (flash attention's online softmax): ~1e-6 of the scale
         torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-5 * float(v.abs().max()), msg=f"seed {seed}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("shape", [(2, 5, 8, 8), (3, 4, 7, 10), (1, 6, 9, 5)])
+def test_pool_with_upsampled_gradient_is_avg_pool2d_bit_for_bit(dtype, fmt, shape):
+    """model.pool_impl=nearest_grad (the backward as an upsampling of grad / 4) against torch's avg_pool2d: values
+    and gradients bitwise equal on fresh random inputs, odd sizes (a trailing row / column gets no gradient) and
+    both memory formats; the gradient keeps the input's memory format."""
+    from hpc_gan.models.layers import make_pool
+    x = torch.randn(*shape).to(dtype).contiguous(memory_format=fmt).requires_grad_()
+    fast, ref = make_pool("nearest_grad")(x), make_pool("avg_pool2d")(x)
+    assert torch.equal(fast, ref)
+    g = torch.randn_like(ref)
+    gf, = torch.autograd.grad(fast, x, g)
+    gr, = torch.autograd.grad(ref, x, g)
+    assert torch.equal(gf, gr) and gf.dtype == dtype
+    if fmt == torch.channels_last and shape[-1] % 2 == 0 and shape[-2] % 2 == 0:
+        assert gf.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_g_block_shortcut_conv_before_the_upsampling_is_the_same_function():
+    """GBlock runs its 1x1 shortcut conv before the nearest upsampling (a quarter of the pixels): the same function
+    as BigGAN's upsample-then-conv, outputs and gradients, and its upsampling stays in the activations' dtype under
+    autocast (CUDA's autocast would run it in fp32)."""
+    import torch.nn.functional as F
+
+    from hpc_gan.models.layers import upsample2x
+    torch.manual_seed(int(torch.randint(0, 2 ** 31, (1,))))
+    G = biggan.Generator(32, 8, 10, 40, 16)
+    block = G.blocks[0].eval()
+    x = torch.randn(3, block.conv_sc.in_channels, 4, 4, requires_grad=True)
+    cond = torch.randn(3, block.bn1.gain.in_features)
+    h = block.conv2(F.relu(block.bn2(block.conv1(F.interpolate(F.relu(block.bn1(x, cond)), scale_factor=2.0)),
+                                     cond)))
+    want = h + block.conv_sc(F.interpolate(x, scale_factor=2.0))
+    got = block(x, cond)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.autograd.grad(got.sum(), x)[0], torch.autograd.grad(want.sum(), x)[0],
+                               rtol=1e-5, atol=1e-6)
+    xb = torch.randn(2, 3, 4, 4, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        up = upsample2x(xb)
+    assert up.dtype == torch.bfloat16 and torch.equal(up, F.interpolate(xb.float(), scale_factor=2.0).bfloat16())

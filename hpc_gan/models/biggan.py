@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from hpc_gan.errors import UserError
 from hpc_gan.models.heads import ConditioningHead
 from hpc_gan.models.layers import (ConditionalBatchNorm2d, GOutput, SelfAttention, SNConv2d, SNLinear, make_bn,
-                                   orthogonal_init, run_blocks)
+                                   make_pool, orthogonal_init, run_blocks, upsample2x)
 
 # Channel multipliers per block: G blocks go in[i] -> out[i] and double the resolution, starting at 4x4.
 G_ARCH: Dict[int, Dict[str, List[int]]] = {
@@ -49,11 +49,11 @@ class GBlock(nn.Module):
         self.conv_sc = which_conv(cin, cout, kernel_size=1, padding=0)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        h = F.relu(self.bn1(x, cond))
-        h = F.interpolate(h, scale_factor=2.0, mode="nearest")
+        h = upsample2x(F.relu(self.bn1(x, cond)))
         h = self.conv2(F.relu(self.bn2(self.conv1(h), cond)))
-        x = self.conv_sc(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-        return h + x
+        # the 1x1 shortcut conv before the upsampling: the same function (a pointwise map commutes with copying
+        # pixels), on a quarter of the pixels
+        return h + upsample2x(self.conv_sc(x))
 
 
 class Generator(nn.Module):
@@ -108,9 +108,9 @@ class DBlock(nn.Module):
     so the function behind the ReACGAN paper's numbers (model.d_shortcut=studiogan)."""
 
     def __init__(self, cin: int, cout: int, which_conv: Callable, preactivation: bool, downsample: bool,
-                 relu_shortcut: bool = False) -> None:
+                 relu_shortcut: bool = False, which_pool: Callable = make_pool("avg_pool2d")) -> None:
         super().__init__()
-        self.preactivation, self.downsample = preactivation, downsample
+        self.preactivation, self.downsample, self.pool = preactivation, downsample, which_pool
         self.relu_shortcut = relu_shortcut and preactivation
         self.conv1 = which_conv(cin, cout)
         self.conv2 = which_conv(cout, cout)
@@ -120,15 +120,15 @@ class DBlock(nn.Module):
         # Pooling before the 1x1 conv is cheaper and, without a preceding ReLU, equivalent.
         if self.preactivation:
             x = self.conv_sc(x) if self.conv_sc is not None else x
-            return F.avg_pool2d(x, 2) if self.downsample else x
-        x = F.avg_pool2d(x, 2) if self.downsample else x
+            return self.pool(x) if self.downsample else x
+        x = self.pool(x) if self.downsample else x
         return self.conv_sc(x) if self.conv_sc is not None else x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = F.relu(x) if self.preactivation else x  # out of place: x feeds the shortcut unchanged (BigGAN)
         h = self.conv2(F.relu(self.conv1(a)))
         if self.downsample:
-            h = F.avg_pool2d(h, 2)
+            h = self.pool(h)
         return h + self.shortcut(a if self.relu_shortcut else x)
 
 
@@ -136,8 +136,8 @@ class Discriminator(nn.Module):
     memory_format = torch.contiguous_format  # of the activations; torch.channels_last: NHWC (see model.memory_format)
 
     def __init__(self, resolution: int, ch: int, n_classes: int, cond: str, embed_dim: int,
-                 attn_res: int = 0, sn_eps: float = 1e-6, attn_impl: str = "sdpa", shortcut: str = "biggan"
-                 ) -> None:
+                 attn_res: int = 0, sn_eps: float = 1e-6, attn_impl: str = "sdpa", shortcut: str = "biggan",
+                 pool_impl: str = "nearest_grad") -> None:
         super().__init__()
         if resolution not in D_ARCH:
             raise ValueError(f"BigGAN resolution {resolution} is not one of {sorted(D_ARCH)}")
@@ -149,7 +149,7 @@ class Discriminator(nn.Module):
         for i, (cin, cout, down) in enumerate(zip(arch["in"], arch["out"], arch["down"])):
             cin = 3 if cin is None else cin * ch
             self.blocks.append(DBlock(cin, cout * ch, which_conv, preactivation=i > 0, downsample=down,
-                                      relu_shortcut=shortcut == "studiogan"))
+                                      relu_shortcut=shortcut == "studiogan", which_pool=make_pool(pool_impl)))
             res = res // 2 if down else res
             if res == attn_res and down:
                 self.attn[str(i)] = SelfAttention(cout * ch, which_conv, attn_impl)

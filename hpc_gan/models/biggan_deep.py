@@ -14,7 +14,7 @@ from hpc_gan.errors import UserError
 from hpc_gan.models.biggan import BOTTOM
 from hpc_gan.models.heads import ConditioningHead
 from hpc_gan.models.layers import (ConditionalBatchNorm2d, GOutput, SelfAttention, SNConv2d, SNLinear, make_bn,
-                                   orthogonal_init, run_blocks)
+                                   make_pool, orthogonal_init, run_blocks, upsample2x)
 
 G_ARCH = {128: {"in": [16, 16, 8, 4, 2], "out": [16, 8, 4, 2, 1]},
           256: {"in": [16, 16, 8, 8, 4, 2], "out": [16, 8, 8, 4, 2, 1]}}
@@ -40,8 +40,7 @@ class DeepGBlock(nn.Module):
         h = F.relu(self.bn2(h, cond))
         x = x[:, :self.cout]  # identity skip: keep the first channels
         if self.upsample:
-            h = F.interpolate(h, scale_factor=2.0, mode="nearest")
-            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+            h, x = upsample2x(h), upsample2x(x)
         h = self.conv3(F.relu(self.bn3(self.conv2(h), cond)))
         h = self.conv4(F.relu(self.bn4(h, cond)))
         return h + x
@@ -89,9 +88,10 @@ class Generator(nn.Module):
 
 
 class DeepDBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, which_conv: Callable, downsample: bool) -> None:
+    def __init__(self, cin: int, cout: int, which_conv: Callable, downsample: bool,
+                 which_pool: Callable = make_pool("avg_pool2d")) -> None:
         super().__init__()
-        hidden, self.downsample = cout // 4, downsample
+        hidden, self.downsample, self.pool = cout // 4, downsample, which_pool
         self.conv1 = which_conv(cin, hidden, kernel_size=1, padding=0)
         self.conv2 = which_conv(hidden, hidden)
         self.conv3 = which_conv(hidden, hidden)
@@ -104,8 +104,7 @@ class DeepDBlock(nn.Module):
         h = self.conv3(F.relu(self.conv2(F.relu(h))))
         h = F.relu(h)
         if self.downsample:
-            h = F.avg_pool2d(h, 2)
-            x = F.avg_pool2d(x, 2)
+            h, x = self.pool(h), self.pool(x)
         if self.conv_sc is not None:
             x = torch.cat([x, self.conv_sc(x)], dim=1)
         return self.conv4(h) + x
@@ -115,7 +114,8 @@ class Discriminator(nn.Module):
     memory_format = torch.contiguous_format  # of the activations; torch.channels_last: NHWC (see model.memory_format)
 
     def __init__(self, resolution: int, ch: int, n_classes: int, cond: str, embed_dim: int,
-                 attn_res: int = 64, sn_eps: float = 1e-6, attn_impl: str = "sdpa") -> None:
+                 attn_res: int = 64, sn_eps: float = 1e-6, attn_impl: str = "sdpa",
+                 pool_impl: str = "nearest_grad") -> None:
         super().__init__()
         if resolution not in D_ARCH:
             raise ValueError(f"BigGAN-deep resolution {resolution} is not one of {sorted(D_ARCH)}")
@@ -128,7 +128,7 @@ class Discriminator(nn.Module):
         for cin, cout in zip(arch["in"], arch["out"]):
             for j in range(DEPTH):
                 self.blocks.append(DeepDBlock((cin if j == 0 else cout) * ch, cout * ch, which_conv,
-                                              downsample=j == 0))
+                                              downsample=j == 0, which_pool=make_pool(pool_impl)))
             res //= 2
             if res == attn_res:
                 self.attn[str(len(self.blocks) - 1)] = SelfAttention(cout * ch, which_conv, attn_impl)

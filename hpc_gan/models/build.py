@@ -22,9 +22,9 @@ def build_discriminator(m: Any, n_classes: int, cond: str) -> nn.Module:
     if m.arch == "biggan_deep":
         from hpc_gan.models import biggan_deep
         return biggan_deep.Discriminator(m.resolution, m.d_ch, n_classes, cond, m.embed_dim, m.d_attn_res, m.sn_eps,
-                                         m.attn_impl)
+                                         m.attn_impl, m.pool_impl)
     return biggan.Discriminator(m.resolution, m.d_ch, n_classes, cond, m.embed_dim, m.d_attn_res, m.sn_eps,
-                                m.attn_impl, m.d_shortcut)
+                                m.attn_impl, m.d_shortcut, m.pool_impl)
 
 
 def build_models(cfg: Any) -> Tuple[nn.Module, nn.Module]:
