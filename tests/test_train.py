@@ -218,6 +218,37 @@ def test_compiled_steps_equal_eager_and_resume(tiny_cfg, tmp_path):
             torch.testing.assert_close(b[net][k], v, rtol=1e-5, atol=1e-7, msg=f"{net}.{k}")
 
 
+def test_sn_weights_enter_a_compiled_forward_as_ordinary_inputs():
+    """CUDA graphs (train.cuda_graphs) take a compiled graph's static inputs to keep their addresses. The
+    whole-network SN hands the layers new W / sigma tensors every forward, so they must not be static: dynamo marks
+    tensors it finds on modules as static, which made torch's CUDA-graph trees re-record every step (and fail an
+    assertion doing so, on an H100). Checked here with a dynamo backend that reads each graph input's static mark."""
+    from hpc_gan.models.biggan import Discriminator
+    from hpc_gan.models.sn_fused import attach_fused_sn
+
+    torch._dynamo.reset()
+    D = Discriminator(16, 4, 10, "d2d_ce", 16)
+    fused = attach_fused_sn(D, "foreach")
+    n_weights = len(fused.layers)
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.append([(tuple(t.shape), getattr(t, "_dynamo_static_input_type", None)) for t in example_inputs
+                     if isinstance(t, torch.Tensor)])
+        return gm
+
+    D.forward = torch.compile(D.forward, backend=backend)
+    for _ in range(2):
+        D(torch.randn(2, 3, 16, 16), torch.randint(0, 10, (2,)))["adv"].sum().backward()
+    assert len(seen) == 1, f"recompiled: {len(seen)} graphs"
+    weight_shapes = sorted(tuple(m.weight.shape) for m in fused.layers)
+    plain = sorted(shape for shape, static in seen[0] if static is None)
+    static = [shape for shape, mark in seen[0] if mark is not None]
+    assert all(shape in plain for shape in weight_shapes) and len(plain) >= n_weights + 2, (plain, weight_shapes)
+    assert static and not set(static) & set(weight_shapes), static  # biases, u / v buffers: static, as they should be
+    torch._dynamo.reset()
+
+
 def test_cuda_graphs_are_refused_on_the_cpu(tiny_cfg):
     from hpc_gan.errors import UserError
     with pytest.raises(UserError, match="train.cuda_graphs=true needs a CUDA device"):

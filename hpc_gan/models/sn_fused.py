@@ -6,10 +6,17 @@ each training-mode forward, with ``model.sn_backend``: "foreach" (two matrix-vec
 foreach ops over the list, one backward for all) or "triton" (two launches per iteration), and hands each layer its
 W / sigma. In eval mode the layers do their own (iteration-free) sigma, as before. The per-layer path ("torch")
 stays the reference.
+
+The normalized weights travel into the network's forward as a keyword argument (``sn_weights``), which the forward
+hands to the layers. Set as module attributes by the hook instead, they reached a torch.compile'd forward through a
+module, and dynamo marks tensors found on modules as static inputs: fixed addresses, which CUDA graphs (train.
+cuda_graphs) then re-recorded every step, since the weights are new tensors each time (and torch 2.11's cudagraph
+trees failed an internal assertion while logging that re-record, on an H100). As arguments they are ordinary inputs,
+copied into the graph's buffers at each replay.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -30,22 +37,30 @@ class FusedSpectralNorm:
         self.backend = backend
         self.us = [m.sn_u for m in self.layers]
         self.vs = [m.sn_v for m in self.layers]
-        self.handle = model.register_forward_pre_hook(self._before_forward)
+        self.model, self.inner_forward = model, model.forward
+        model.forward = self._forward  # what a later torch.compile of model.forward compiles
+        self.handle = model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
 
-    def _before_forward(self, module: nn.Module, args: tuple) -> None:
+    def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> Optional[Tuple[tuple, dict]]:
         if not module.training:
-            return
+            return None
         weights = [m.weight for m in self.layers]
         with no_autocast(weights[0].device.type):
             normalized, us, vs, _ = spectral_normalize(weights, self.us, self.n_iters, self.eps, self.backend)
         with torch.no_grad():
             torch._foreach_copy_(self.us, us)
             torch._foreach_copy_(self.vs, vs)
-        for m, w in zip(self.layers, normalized):
-            m.fused_weight = w
+        return args, {**kwargs, "sn_weights": tuple(normalized)}
+
+    def _forward(self, *args, sn_weights: Optional[Tuple[torch.Tensor, ...]] = None, **kwargs):
+        if sn_weights is not None:
+            for m, w in zip(self.layers, sn_weights):
+                m.fused_weight = w
+        return self.inner_forward(*args, **kwargs)
 
     def remove(self) -> None:
         self.handle.remove()
+        self.model.forward = self.inner_forward
         for m in self.layers:
             m.fused_weight = None
 
