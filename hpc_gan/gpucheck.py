@@ -215,8 +215,9 @@ TRAIN_KEYS = ("sec_per_step", "samples_per_s_per_device", "tflops_per_device", "
 def train_cases(smoke: bool) -> Tuple[Path, List[str], List[Tuple[int, str, List[str]]]]:
     """(preset, overrides for all, [(batch per GPU, label, overrides)]): the most telling first. Eager at 256 and 32
     per GPU (MFU; host-bound or not), then CUDA graphs and compile at 32 (the operating point; their first steps
-    compile for a minute or more), then compile at 256 and NCHW at 256 (the layout `auto` no longer picks: 12% slower
-    on the first H100 run)."""
+    compile for a minute or more), then compile at 256, and last D's pooling through torch's avg_pool2d (the
+    reference twin of model.pool_impl: what the upsampled gradient saves). NCHW is measured no more: 12% slower in
+    both runs of the first H100 session."""
     if smoke:
         return ROOT / "configs" / "demo.yaml", ["model.g_ch=8", "model.d_ch=8", "run.device=cpu"], \
             [(8, "eager", [])]
@@ -226,7 +227,7 @@ def train_cases(smoke: bool) -> Tuple[Path, List[str], List[Tuple[int, str, List
         (256, "eager nhwc", nhwc), (32, "eager nhwc", nhwc),
         (32, "cuda_graphs nhwc", ["train.cuda_graphs=true", *nhwc]),
         (32, "compile nhwc", compiled), (256, "compile nhwc", compiled),
-        (256, "eager nchw", ["model.memory_format=contiguous"])]
+        (256, "eager nhwc avg_pool2d", ["model.pool_impl=avg_pool2d", *nhwc])]
 
 
 def stage_train(smoke: bool, deadline: float, save: Save) -> Dict[str, Any]:

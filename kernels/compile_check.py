@@ -53,9 +53,10 @@ def _specs(dtype: str) -> List[Spec]:
     sim_common = {"A": t, "B": t, "RA": f32, "RB": f32, "LA": i64, "LB": i64}
     scal = {"N": "i32", "M": "i32", "D": "i32", "row_offset": "i32", "m_n": "fp32", "inv_t": "fp32"}
     rows = S.row_tiles(torch.device("cuda"))  # the GPU's tiles: this runs without the interpreter
+    cos = C.cosine_tiles(torch_dtype)
     specs: List[Spec] = [
         ("cosine", C.cosine_kernel, {"A": t, "B": t, "S": t, "N": "i32", "M": "i32", "D": "i32", "eps": "fp32"},
-         dict(PREC=prec, **blocks), warps),
+         dict(PREC=prec, BI=cos["BI"], BJ=cos["BJ"], BK=cos["BK"]), {"num_warps": cos["num_warps"]}),
     ]
     split = S.neg_lse_split_kernel  # autotuned: every candidate of this dtype is a build the runtime may pick
     for studiogan in (False, True):
@@ -85,7 +86,7 @@ def _specs(dtype: str) -> List[Spec]:
             specs.append((f"d2d_finish(acc={acc[1:]}, two={two}, pos={pos})", S.d2d_finish_kernel,
                           {"X": t, "OUT": t, "N": "i32", "D": "i32", "ACC": acc, "R": f32, "C": f32, "SC": "i32",
                            "ACC2": acc, "R2": f32, "C2": f32, "SC2": "i32", "V": t, "ROWS": f32, "G": f32, "DV": t,
-                           "inv_n": "fp32"}, dict(TWO=two, POS=pos, WANT_DV=pos, **rows), {}))
+                           "inv_n": "fp32"}, dict(TWO=two, POS=pos, WANT_DV=pos, BS=32, **rows), {}))
     wdt = tl.float32 if dtype == "fp32" else tl.bfloat16
     table = {k: i64 for k in ("TILE_MAT", "TILE_START", "ROWS", "COLS", "UOFF", "VOFF")}
     for from_flat in (False, True):

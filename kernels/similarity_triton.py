@@ -41,7 +41,7 @@ def gpu_tiles(dtype: torch.dtype) -> dict:
     """Tile sizes and warps of the kernels that are not autotuned, per input dtype. fp32 multiplies as tf32x3 (three
     products per dot): smaller k tiles and 8 warps keep it free of register spills (kernels.compile_check)."""
     if dtype == torch.float32:
-        return dict(BI=64, BJ=64, BK=32, BD=32, num_warps=8)
+        return dict(BI=64, BJ=64, BK=16, BD=32, num_warps=8)
     return dict(BI=64, BJ=64, BK=64, BD=64, num_warps=4)
 
 
@@ -65,7 +65,7 @@ def precision(dtype: torch.dtype) -> str:
 SPLIT_TILES = {
     torch.bfloat16: ((16, 64, 64, 4, 3), (32, 64, 64, 8, 3), (64, 64, 64, 4, 3), (64, 128, 32, 8, 3),
                      (128, 64, 32, 8, 2)),
-    torch.float32: ((16, 32, 64, 4, 3), (64, 64, 32, 8, 3), (64, 128, 16, 8, 3), (128, 64, 16, 8, 3)),
+    torch.float32: ((16, 32, 32, 4, 3), (64, 64, 32, 8, 3), (64, 128, 16, 8, 3), (128, 64, 16, 8, 3)),
 }
 
 
@@ -318,18 +318,18 @@ def d2d_stream_cols_kernel(A, B, RA, RB, LA, LB, ROWS, G, ACC, CCOL, N, M, D, ro
 
 
 @triton.jit
-def _partial_sum(C, S, idx, n, imask):
-    """sum_s C[s, idx] over the S partial rows of a (S, n) buffer, in a fixed order (no atomics)."""
-    c = tl.load(C + idx, mask=imask, other=0.0)
-    for s in range(1, S):
-        c += tl.load(C + s * n + idx, mask=imask, other=0.0)
-    return c
+def _partial_sum(C, S, idx, n, imask, BS: tl.constexpr):
+    """sum_s C[s, idx] over the S <= BS partial rows of a (S, n) buffer: one (BS, len(idx)) load and a fixed-order
+    reduction (no atomics)."""
+    s = tl.arange(0, BS)
+    return tl.sum(tl.load(C + s[:, None] * n + idx[None, :], mask=(s[:, None] < S) & imask[None, :], other=0.0),
+                  axis=0)
 
 
 @triton.jit
 def d2d_finish_kernel(X, OUT, N, D, ACC, R, C, SC, ACC2, R2, C2, SC2, V, ROWS, G, DV, inv_n,
                       TWO: tl.constexpr, POS: tl.constexpr, WANT_DV: tl.constexpr, BR: tl.constexpr,
-                      BD: tl.constexpr):
+                      BD: tl.constexpr, BS: tl.constexpr):
     """Program (i, k): rows block i, features block k of the gradient of one side (x = A or B):
         OUT = ACC - r^2 c x                        the normalization's chain rule, with c = sum of C's SC partials
             (+ ACC2 - r2^2 c2 x                    TWO: the columns are the rows themselves, both sides at once)
@@ -342,12 +342,12 @@ def d2d_finish_kernel(X, OUT, N, D, ACC, R, C, SC, ACC2, R2, C2, SC2, V, ROWS, G
     offs = rows[:, None] * D + ds[None, :]
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     r = tl.load(R + rows, mask=rmask, other=0.0)
-    coef = r * r * _partial_sum(C, SC, rows, N, rmask)
+    coef = r * r * _partial_sum(C, SC, rows, N, rmask, BS)
     out = tl.load(ACC + offs, mask=mask, other=0.0).to(tl.float32)
     if TWO:
         r2 = tl.load(R2 + rows, mask=rmask, other=0.0)
         out += tl.load(ACC2 + offs, mask=mask, other=0.0).to(tl.float32)
-        out -= (r2 * r2 * _partial_sum(C2, SC2, rows, N, rmask))[:, None] * x
+        out -= (r2 * r2 * _partial_sum(C2, SC2, rows, N, rmask, BS))[:, None] * x
     if POS:
         rv = tl.load(ROWS + N + rows, mask=rmask, other=0.0)
         s = tl.load(ROWS + 2 * N + rows, mask=rmask, other=0.0)
@@ -373,7 +373,8 @@ def _finish(x: torch.Tensor, acc: torch.Tensor, r: torch.Tensor, c: torch.Tensor
     v, rows, g, inv_n, _ = pos if pos is not None else (x, r, r, 0.0, False)
     d2d_finish_kernel[(triton.cdiv(n, tiles["BR"]), triton.cdiv(d, tiles["BD"]))](
         x, out, n, d, acc, r, c, c.shape[0], acc2, r2, c2, c2.shape[0], v, rows, g, out if dv is None else dv,
-        inv_n, TWO=two is not None, POS=pos is not None, WANT_DV=dv is not None, **tiles)
+        inv_n, TWO=two is not None, POS=pos is not None, WANT_DV=dv is not None,
+        BS=max(triton.next_power_of_2(max(c.shape[0], c2.shape[0])), 2), **tiles)
     return out, dv
 
 
