@@ -37,8 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # (name, seconds allowed on a GPU, seconds allowed in smoke mode): 465 s in all on one H100, under the 8 minutes
 # that one call may take (the first H100 run took 380 s)
 STAGES: List[Tuple[str, int, int]] = [
-    ("env", 20, 60), ("accuracy", 40, 120), ("kernels", 70, 120), ("sn", 30, 120), ("train", 200, 240),
-    ("tests", 60, 240), ("determinism", 25, 120), ("dali", 10, 60), ("deepspeed", 10, 60),
+    ("env", 15, 60), ("accuracy", 40, 120), ("kernels", 70, 120), ("sn", 45, 120), ("train", 200, 240),
+    ("tests", 50, 240), ("determinism", 25, 120), ("dali", 10, 60), ("deepspeed", 10, 60),
 ]
 Save = Callable[[Dict[str, Any]], None]  # a looping stage's partial result, written after each case
 
@@ -190,20 +190,26 @@ def stage_sn(smoke: bool, deadline: float, save: Save) -> Dict[str, Any]:
     from kernels.bench import bench_sn
     dev = _device(smoke)
     shapes = [(64, 40), (33, 70), (8, 300)] if smoke else _sn_shapes()
-    variants = ("torch_loop", "foreach", "triton_fused")
+    variants = ("torch_loop", "foreach", "triton_fused", "normalize_loop", "normalize_foreach", "normalize_triton")
     rows = bench_sn(dev, shapes, variants)
     n_w = sum(r * c for r, c in shapes)
     copy = _copy_gb_per_s(dev)
-    # the floor: W read twice (v and u passes) and the gradient written once, fp32
-    floor_ms = 3 * n_w * 4 / (copy * 1e9) * 1e3
+    # the floors, fp32 weights: sigma alone reads W twice (v and u passes) and writes its gradient once (12 B per
+    # weight); the whole normalization reads W 3 times, writes bf16 W / sigma, reads the bf16 upstream gradient
+    # twice and W once more, and writes the fp32 gradient (26 B)
+    floor_ms = 12 * n_w / (copy * 1e9) * 1e3
+    floor_norm_ms = 26 * n_w / (copy * 1e9) * 1e3
     ms = {r["variant"]: r["median_ms"] for r in rows}
-    out = {"rows": rows, "layers": len(shapes), "floor_ms": floor_ms,
+    out = {"rows": rows, "layers": len(shapes), "floor_ms": floor_ms, "normalize_floor_ms": floor_norm_ms,
            "triton_vs_floor": ms["triton_fused"] / floor_ms, "triton_speedup_vs_loop": ms["torch_loop"] /
-           ms["triton_fused"], "foreach_speedup_vs_loop": ms["torch_loop"] / ms["foreach"]}
+           ms["triton_fused"], "foreach_speedup_vs_loop": ms["torch_loop"] / ms["foreach"],
+           "normalize_triton_vs_floor": ms["normalize_triton"] / floor_norm_ms,
+           "normalize_triton_speedup_vs_loop": ms["normalize_loop"] / ms["normalize_triton"]}
     graph = {r["variant"]: r.get("graph_ms") for r in rows}
     if all(graph.values()):  # device time alone (replayed CUDA graphs): the kernels against the floor
         out.update(graph_triton_vs_floor=graph["triton_fused"] / floor_ms,
-                   graph_triton_speedup_vs_loop=graph["torch_loop"] / graph["triton_fused"])
+                   graph_triton_speedup_vs_loop=graph["torch_loop"] / graph["triton_fused"],
+                   graph_normalize_triton_vs_floor=graph["normalize_triton"] / floor_norm_ms)
     return out
 
 

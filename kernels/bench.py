@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.similarity import d2d_ce
-from kernels.spectral_norm import sn_power_iteration
+from kernels.spectral_norm import sn_power_iteration, spectral_normalize
 
 
 def median_ms(fn: Callable[[], object], device: torch.device, reps: int = 20) -> float:
@@ -167,19 +167,26 @@ def bench_d2d(device: torch.device, shapes: Sequence[Tuple[int, int, int, torch.
 def bench_sn(device: torch.device, shapes: Sequence[Tuple[int, int]], variants: Sequence[str],
              dtype: torch.dtype = torch.float32) -> List[Dict]:
     """Power iteration + sigma + its backward for every SN matrix of a network, per training step. Variants:
-    "torch_loop" (per layer), "foreach", "triton_fused"."""
+    "torch_loop" (per layer), "foreach", "triton_fused"; and the whole per-forward job, W / sigma in bf16 (what
+    layers under bf16 autocast take) and its backward: "normalize_loop", "normalize_foreach", "normalize_triton"."""
     g = torch.Generator(device=device).manual_seed(0)
     ws = [torch.randn(*s, device=device, dtype=dtype, generator=g).div_(s[1] ** 0.5).requires_grad_()
           for s in shapes]
     us = [F.normalize(torch.randn(s[0], device=device, generator=g), dim=0) for s in shapes]
     coef = torch.randn(len(shapes), device=device, generator=g)
     rows = []
+    grads = [torch.randn(*s, device=device, generator=g).to(torch.bfloat16) for s in shapes]
     for variant in variants:
-        backend = {"triton_fused": "triton", "foreach": "foreach"}.get(variant, "torch")
+        backend = {"triton_fused": "triton", "foreach": "foreach", "normalize_triton": "triton",
+                   "normalize_foreach": "foreach"}.get(variant, "torch")
 
         def step() -> None:
             for w in ws:  # as the optimizer's zero_grad does: no gradient accumulation in the timing
                 w.grad = None
+            if variant.startswith("normalize"):
+                normalized = spectral_normalize(ws, us, 1, backend=backend, out_dtype=torch.bfloat16)[0]
+                torch.autograd.backward(normalized, grads)
+                return
             sigmas, _, _ = sn_power_iteration(ws, us, 1, backend=backend)
             (sigmas * coef).sum().backward()
         row = {"bench": "spectral norm, all layers", "variant": variant, "layers": len(shapes),

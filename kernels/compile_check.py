@@ -100,6 +100,15 @@ def _specs(dtype: str) -> List[Spec]:
                   dict(W_DTYPE=wdt, BR=32, BC=128, CH=4096), {}))
     specs.append(("sn_grad", N.sn_grad_kernel, {"GRAD": t, "GSIG": f32, "U_OUT": f32, "V_OUT": f32, **table,
                                                 "WOFF": i64}, dict(BR=32, BC=128), {}))
+    tiles_ = {k: i64 for k in ("TILE_MAT", "TILE_START", "ROWS", "COLS", "WOFF")}
+    for out in sorted({t, "*bf16"}):  # W / sigma in the weights' dtype, or bf16 for layers under autocast
+        specs.append((f"sn_scale(out={out[1:]})", N.sn_scale_kernel, {"W_PTRS": i64, "OUT": out, "SIGMA": f32,
+                                                                      **tiles_}, dict(W_DTYPE=wdt, BR=32, BC=128), {}))
+        specs.append((f"sn_dot(g={out[1:]})", N.sn_dot_kernel, {"W_PTRS": i64, "G": out, "PART": f32, **tiles_},
+                      dict(W_DTYPE=wdt, BR=32, BC=128), {}))
+        specs.append((f"sn_normalize_grad(g={out[1:]})", N.sn_normalize_grad_kernel,
+                      {"GRAD": t, "G": out, "PART": f32, "SIGMA": f32, "U_OUT": f32, "V_OUT": f32, **tiles_,
+                       "UOFF": i64, "VOFF": i64, "FIRST": i64, "NTILES": i64}, dict(BR=32, BC=128, BT=64), {}))
     return specs
 
 

@@ -11,13 +11,14 @@ to a list of matrices: conv weights viewed as (out, in*kh*kw). Three implementat
   matrix-vector products per layer, every normalization and the division W / sigma as foreach ops over the list;
   backward dW = G / sigma - <G, W> / sigma^2 u v^T, again mostly foreach): for CPUs, and where Triton is missing.
 - ``triton`` (spectral_norm_triton.py): the whole list in two launches per iteration, deterministically (no float
-  atomics).
+  atomics); ``spectral_normalize`` adds one launch for every W / sigma (in the dtype the layers compute in) and two
+  for their backward.
 
 u, v and sigma are fp32 whatever the weights' dtype.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -81,19 +82,27 @@ def sn_power_iteration(weights: Sequence[torch.Tensor], us: Sequence[torch.Tenso
 
 
 def spectral_normalize(weights: Sequence[torch.Tensor], us: Sequence[torch.Tensor], n_iters: int = 1,
-                       eps: float = 1e-12, backend: str = "auto"
+                       eps: float = 1e-12, backend: str = "auto", out_dtype: Optional[torch.dtype] = None
                        ) -> Tuple[List[torch.Tensor], List[torch.Tensor], List[torch.Tensor], torch.Tensor]:
     """(W_i / sigma_i for every weight, us, vs, sigmas detached): what a spectrally normalized network needs per
-    training forward, for all its layers at once. The normalized weights have each weight's shape and are
-    differentiable w.r.t. the weights, with torch's spectral_norm semantics (u, v constants)."""
+    training forward, for all its layers at once. The normalized weights have each weight's shape, ``out_dtype``
+    (default: the weights'; e.g. bf16 for layers under autocast, where the triton backend writes them in it rather
+    than leaving a cast per layer to autocast), and are differentiable w.r.t. the weights, with torch's
+    spectral_norm semantics (u, v constants)."""
     mats = [w.reshape(w.shape[0], -1) for w in weights]
     _check(mats, us, n_iters)
     which = resolve_sn_backend(backend, *weights)
+    out_dtype = out_dtype or weights[0].dtype
+    if which == "triton":  # W / sigma, its cast and its backward in the kernels
+        from kernels.spectral_norm_triton import fused_normalize
+        return fused_normalize(list(weights), list(us), n_iters, eps, out_dtype)
     if which == "foreach":
         out, n = _ForeachSN.apply(n_iters, eps, True, len(weights), *weights, *us), len(weights)
-        return list(out[1 + 2 * n:]), list(out[1:1 + n]), list(out[1 + n:1 + 2 * n]), out[0]
-    sigmas, u, v = sn_power_iteration(mats, us, n_iters, eps, which)
-    return [w / s for w, s in zip(weights, sigmas.unbind(0))], u, v, sigmas.detach()
+        normalized, u, v, sigmas = list(out[1 + 2 * n:]), list(out[1:1 + n]), list(out[1 + n:1 + 2 * n]), out[0]
+    else:
+        sigmas, u, v = sn_power_iteration(mats, us, n_iters, eps, which)
+        normalized, sigmas = [w / s for w, s in zip(weights, sigmas.unbind(0))], sigmas.detach()
+    return [w.to(out_dtype) for w in normalized], u, v, sigmas
 
 
 _VIEWS: Dict[tuple, Tuple[List[torch.Tensor], List[torch.Tensor]]] = {}

@@ -253,6 +253,32 @@ def test_spectral_normalize_matches_float64_autograd():
             close(wf[i].grad, want_g, f"{backend}: gradient of weight {i}", seed)
 
 
+@pytest.mark.parametrize("backend", ["triton", "foreach"])
+def test_spectral_normalize_writes_the_layers_compute_dtype(backend):
+    """out_dtype=bf16 (what layers under bf16 autocast compute in): W / sigma rounded once to bf16, as autocast's
+    cast of the fp32 result would (within one bf16 step: sigma's last bits differ from the loop's, and Triton's CPU
+    interpreter truncates to bf16 where a GPU rounds to nearest), and fp32 gradients for the fp32 weights equal to
+    the loop's."""
+    from kernels import spectral_normalize
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(7, 5, 3, 3), (4, 9), (33, 70)]
+    ws = [torch.randn(*s, generator=g).to(DEV) for s in shapes]
+    us = [torch.nn.functional.normalize(torch.randn(s[0], generator=g), dim=0).to(DEV) for s in shapes]
+    outs = {}
+    for which in (backend, "torch"):
+        leaves = [w.clone().requires_grad_() for w in ws]
+        got = spectral_normalize(leaves, us, 1, 1e-12, which, out_dtype=torch.bfloat16)[0]
+        assert all(x.dtype == torch.bfloat16 and x.shape == w.shape for x, w in zip(got, ws))
+        grads = torch.autograd.grad(got, leaves, [torch.ones_like(x) for x in got])
+        outs[which] = (got, grads)
+    for a, b in zip(outs[backend][0], outs["torch"][0]):
+        close(a.float(), b.float(), f"{backend}: bf16 W / sigma", seed, tol=8e-3)
+    for a, b in zip(outs[backend][1], outs["torch"][1]):
+        assert a.dtype == torch.float32
+        close(a, b, f"{backend}: gradient", seed, tol=1e-4)
+
+
 def test_sn_power_iteration_converges_to_the_spectral_norm():
     """Random orthogonal factors around a spectrum with a clear gap (sigma_2 / sigma_1 <= 0.7), so 40 iterations
     reach 1e-5; torch.linalg.matrix_norm(ord=2) is the independent answer."""
@@ -270,6 +296,34 @@ def test_sn_power_iteration_converges_to_the_spectral_norm():
     sigmas, _, _ = sn_power_iteration([w.to(DEV) for w in ws], [u.to(DEV) for u in us], 40, backend="triton")
     want = torch.stack([torch.linalg.matrix_norm(w.double(), ord=2) for w in ws]).float().to(DEV)
     close(sigmas, want, "sigma after 40 iterations", seed, tol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["triton", "foreach"])
+def test_fused_sn_hands_autocast_layers_their_compute_dtype(backend):
+    """Under bf16 autocast, convs and linears get W / sigma in bf16 (no cast per layer and forward), the embedding
+    (D's proxies) keeps fp32, as autocast itself would; D's outputs match the per-layer reference's under autocast."""
+    from hpc_gan.models.layers import spectral_norm_layers
+    seed = fresh_seed()
+    torch.manual_seed(seed)
+    ref = biggan.Discriminator(16, 4, 3, "d2d_ce", 8, 8).to(DEV).train()
+    fused = biggan.Discriminator(16, 4, 3, "d2d_ce", 8, 8).to(DEV).train()
+    fused.load_state_dict(ref.state_dict())
+    FusedSpectralNorm(fused, backend=backend)
+    seen = {}
+    for m in spectral_norm_layers(fused):
+        m.register_forward_pre_hook(lambda mod, args: seen.__setitem__(type(mod).__name__ + str(id(mod)),
+                                                                        (type(mod).__name__, mod.fused_weight.dtype)))
+    x, y = torch.randn(4, 3, 16, 16).to(DEV), torch.randint(0, 3, (4,)).to(DEV)
+    with torch.autocast(DEV.type, dtype=torch.bfloat16):
+        outs = [net(x, y) for net in (ref, fused)]
+    dtypes = set(seen.values())
+    assert dtypes == {("SNConv2d", torch.bfloat16), ("SNLinear", torch.bfloat16), ("SNEmbedding", torch.float32)}, \
+        dtypes
+    # bf16 activations; and Triton's CPU interpreter truncates fp32 -> bf16 where a GPU rounds to nearest (seen
+    # here: the interpreted path lands ~1% from the fp32 outputs, autocast's rounding ~0.3%)
+    for key in ("adv", "embed"):
+        a, b = outs[1][key].detach().float(), outs[0][key].detach().float()
+        assert float((a - b).norm() / b.norm()) < 5e-2, f"D {key} under autocast (seed {seed})"
 
 
 @pytest.mark.parametrize("backend", ["triton", "foreach"])
@@ -422,9 +476,12 @@ def test_fused_kernels_are_bitwise_deterministic(backward):
                       negatives=(leaves[2], col_labels), row_offset=32, split_cols=32, triton_backward=backward)
         runs.append([loss.detach(), *torch.autograd.grad(loss, leaves)])
     ws, us = sn_case(seed)
+    from kernels import spectral_normalize
     for run in runs:
         sig, u, v = sn_power_iteration(ws, us, 2, backend="triton")
         run.extend([sig.detach(), *u, *v, *torch.autograd.grad(sig.sum(), ws)])
+        normalized = spectral_normalize(ws, us, 1, 1e-12, "triton")[0]
+        run.extend([*normalized, *torch.autograd.grad(normalized, ws, [torch.ones_like(x) for x in normalized])])
     assert len(runs[0]) == len(runs[1]) > 20
     for a, b in zip(runs[0], runs[1]):
         assert torch.equal(a, b), f"not bitwise reproducible (seed {seed})"

@@ -68,6 +68,7 @@ class SpectralNormMixin:
 
     weight: torch.Tensor
     fused_weight: Optional[torch.Tensor] = None
+    autocasts = True  # the layer's op (conv, linear) runs in autocast's dtype, weight included
 
     def _init_sn(self, n_power_iterations: int, eps: float) -> None:
         out = self.weight.shape[0]
@@ -130,6 +131,7 @@ class SNLinear(nn.Linear, SpectralNormMixin):
 
 
 class SNEmbedding(nn.Embedding, SpectralNormMixin):
+    autocasts = False  # embedding lookups keep the weight's dtype under autocast
     def __init__(self, *args, sn_iters: int = 1, sn_eps: float = 1e-6, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._init_sn(sn_iters, sn_eps)

@@ -44,9 +44,23 @@ class FusedSpectralNorm:
     def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> Optional[Tuple[tuple, dict]]:
         if not module.training:
             return None
-        weights = [m.weight for m in self.layers]
-        with no_autocast(weights[0].device.type):
-            normalized, us, vs, _ = spectral_normalize(weights, self.us, self.n_iters, self.eps, self.backend)
+        device = self.layers[0].weight.device.type
+        amp = torch.get_autocast_dtype(device) if device in ("cpu", "cuda") and torch.is_autocast_enabled(device) \
+            else None
+        # conv and linear layers get W / sigma in autocast's dtype (the triton backend writes it so: no cast per
+        # layer and forward); embeddings keep the weights' dtype, as autocast would
+        groups: Dict[Optional[torch.dtype], list] = {}
+        for i, m in enumerate(self.layers):
+            groups.setdefault(amp if m.autocasts else None, []).append(i)
+        normalized: list = [None] * len(self.layers)
+        us: list = [None] * len(self.layers)
+        vs: list = [None] * len(self.layers)
+        with no_autocast(device):
+            for dtype, idx in groups.items():
+                out = spectral_normalize([self.layers[i].weight for i in idx], [self.us[i] for i in idx],
+                                         self.n_iters, self.eps, self.backend, out_dtype=dtype)
+                for k, i in enumerate(idx):
+                    normalized[i], us[i], vs[i] = out[0][k], out[1][k], out[2][k]
         with torch.no_grad():
             torch._foreach_copy_(self.us, us)
             torch._foreach_copy_(self.vs, vs)
