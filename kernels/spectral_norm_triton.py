@@ -49,6 +49,16 @@ def _load_w(w, rs, cs, n_rows, n_cols, col_end, ALIGNED: tl.constexpr):
 
 
 @triton.jit
+def _load_tile(w, rs, cs, n_rows, n_cols, col_end):
+    """_load_w with the alignment hints where the matrix allows them (a branch on a loop-invariant condition)."""
+    if n_cols % 4 == 0:
+        wt = _load_w(w, rs, cs, n_rows, n_cols, col_end, True)
+    else:
+        wt = _load_w(w, rs, cs, n_rows, n_cols, col_end, False)
+    return wt
+
+
+@triton.jit
 def _tile(TILE_MAT, TILE_START, ROWS, COLS):
     """(matrix, first row or column, rows, columns) of this program's tile."""
     pid = tl.program_id(0)
@@ -88,13 +98,9 @@ def sn_v_kernel(W_PTRS, U_PTRS, U_FLAT, V_OUT, TILE_MAT, TILE_START, ROWS, COLS,
     # a (BR, BC) accumulator reduced once after the loop: a reduction across rows every trip costs a
     # shared-memory exchange and a barrier per tile, which serializes the loads (H100: 4.2x the bandwidth floor)
     acc = tl.zeros((BR, BC), tl.float32)
-    aligned = n_cols % 4 == 0
     for r0 in range(0, n_rows, BR):
         rs = r0 + tl.arange(0, BR)
-        if aligned:
-            wt = _load_w(w, rs, cs, n_rows, n_cols, n_cols, True)
-        else:
-            wt = _load_w(w, rs, cs, n_rows, n_cols, n_cols, False)
+        wt = _load_tile(w, rs, cs, n_rows, n_cols, n_cols)
         u = tl.load(u_base + rs, mask=rs < n_rows, other=0.0)
         acc += wt.to(tl.float32) * u[:, None]
     tl.store(V_OUT + tl.load(VOFF + m) + cs, tl.sum(acc, axis=0), mask=cm)
@@ -116,13 +122,9 @@ def sn_u_kernel(W_PTRS, U_OUT, U_PART, V_OUT, SIGMA, TILE_MAT, TILE_START, TILE_
     rm = rs < n_rows
     acc = tl.zeros((BR, BC), tl.float32)  # reduced once after the loop, as in sn_v_kernel
     c_hi = tl.minimum(chunk * CH + CH, n_cols)
-    aligned = n_cols % 4 == 0
     for c0 in range(chunk * CH, c_hi, BC):
         cs = c0 + tl.arange(0, BC)
-        if aligned:
-            wt = _load_w(w, rs, cs, n_rows, n_cols, c_hi, True)
-        else:
-            wt = _load_w(w, rs, cs, n_rows, n_cols, c_hi, False)
+        wt = _load_tile(w, rs, cs, n_rows, n_cols, c_hi)
         v = tl.load(vb + cs, mask=cs < c_hi, other=0.0)
         acc += wt.to(tl.float32) * v[None, :]
     tl.store(U_PART + chunk * n_u + tl.load(UOFF + m) + rs, tl.sum(acc, axis=1), mask=rm)
@@ -174,13 +176,9 @@ def sn_scale_kernel(W_PTRS, OUT, SIGMA, TILE_MAT, TILE_START, ROWS, COLS, WOFF, 
     inv = 1.0 / tl.load(SIGMA + m)
     ob = OUT + tl.load(WOFF + m)
     rs = r0 + tl.arange(0, BR)
-    aligned = n_cols % 4 == 0
     for c0 in range(0, n_cols, BC):
         cs = c0 + tl.arange(0, BC)
-        if aligned:
-            wt = _load_w(w, rs, cs, n_rows, n_cols, n_cols, True)
-        else:
-            wt = _load_w(w, rs, cs, n_rows, n_cols, n_cols, False)
+        wt = _load_tile(w, rs, cs, n_rows, n_cols, n_cols)
         tl.store(ob + rs[:, None] * n_cols + cs[None, :], (wt.to(tl.float32) * inv).to(OUT.dtype.element_ty),
                  mask=(rs[:, None] < n_rows) & (cs[None, :] < n_cols))
 
@@ -194,13 +192,9 @@ def sn_dot_kernel(W_PTRS, G, PART, TILE_MAT, TILE_START, ROWS, COLS, WOFF, W_DTY
     gb = G + tl.load(WOFF + m)
     rs = r0 + tl.arange(0, BR)
     acc = tl.zeros((BR, BC), tl.float32)
-    aligned = n_cols % 4 == 0
     for c0 in range(0, n_cols, BC):
         cs = c0 + tl.arange(0, BC)
-        if aligned:
-            wt = _load_w(w, rs, cs, n_rows, n_cols, n_cols, True)
-        else:
-            wt = _load_w(w, rs, cs, n_rows, n_cols, n_cols, False)
+        wt = _load_tile(w, rs, cs, n_rows, n_cols, n_cols)
         gt = tl.load(gb + rs[:, None] * n_cols + cs[None, :], mask=(rs[:, None] < n_rows) & (cs[None, :] < n_cols),
                      other=0.0)
         acc += wt.to(tl.float32) * gt.to(tl.float32)
