@@ -15,6 +15,7 @@ from typing import List, Optional
 from hpc_gan.config import METRICS, choices, dump, load
 from hpc_gan.dist import launch
 from hpc_gan.errors import UserError
+from hpc_gan.peaks import H100_BF16_TFLOPS
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -365,7 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     pn.add_argument("--bus-efficiency", type=float, default=0.8, help="fraction of the link rate collectives reach")
     pn.add_argument("--bench", help="an hpc-gan bench JSON: compute time measured instead of peak x MFU")
     pn.add_argument("--mfu", type=float, default=0.45)
-    pn.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100 SXM: 989)")
+    pn.add_argument("--peak-tflops", type=float, default=H100_BF16_TFLOPS,
+                    help=f"dense bf16 peak (H100 SXM: {H100_BF16_TFLOPS})")
     pn.add_argument("--json", action="store_true")
     pn.add_argument("--measure-allreduce", action="store_true",
                     help="(under torchrun/srun) measure all-reduce times here and check the alpha-beta formula")

@@ -26,6 +26,7 @@ from typing import Any, Dict, List, Optional
 
 from hpc_gan.config import Config
 from hpc_gan.errors import UserError
+from hpc_gan.peaks import H100_BF16_TFLOPS
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,7 @@ class Row:
 
 
 def plan_rows(cfg: Config, info: Dict[str, Any], gpus_list: List[int], fabric: Fabric, mfu: float = 0.45,
-              peak_tflops: float = 989.0, bench: Optional[Dict[str, Any]] = None) -> List[Row]:
+              peak_tflops: float = H100_BF16_TFLOPS, bench: Optional[Dict[str, Any]] = None) -> List[Row]:
     t = cfg.train
     grad_bytes = 2 if cfg.dist.grad_compression == "bf16" else 4
     gather_negatives = cfg.loss.cond == "d2d_ce" and cfg.loss.global_negatives

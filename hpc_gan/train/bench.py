@@ -20,12 +20,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from hpc_gan.config import Config
 from hpc_gan.dist import DistInfo
+from hpc_gan.peaks import PEAK_TFLOPS
 from hpc_gan.train.timing import PhaseTimer
 from hpc_gan.train.trainer import Trainer, resolve_device
 
-# dense peak TFLOP/s by device name fragment and precision (tensor cores; fp32 means TF32 where torch allows it)
-PEAKS = {"H100": {"bf16": 989.4, "fp16": 989.4, "fp32": 494.7}, "H200": {"bf16": 989.4, "fp16": 989.4, "fp32": 494.7},
-         "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 156.0}}
 HOST_BOUND_BUSY = 0.8  # a step whose kernels keep the GPU busy less than this share of its wall time is host-bound
 PHASES = ("data", "d_forward", "d_backward", "d_optimizer", "g_forward", "g_backward", "g_optimizer", "ema")
 
@@ -34,7 +32,7 @@ def device_peak_tflops(device: torch.device, precision: str) -> Optional[float]:
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    for key, peaks in PEAKS.items():
+    for key, peaks in PEAK_TFLOPS.items():
         if key in name:
             return peaks[precision]
     return None
