@@ -1,7 +1,8 @@
 """ReACGAN's Data-to-Data Cross-Entropy (D2D-CE), Eq. 6 of Kang et al. (NeurIPS 2021).
 
-This file holds the readable torch reference, which is the spec, and the dispatch to the fused Triton kernel
-(similarity_triton.py: no N x N matrix in memory) behind ``backend="triton"`` / ``"auto"``; tests compare the two.
+This file holds the readable torch reference, which is the spec, and the dispatch to the fused Triton kernels
+(similarity_triton.py: the whole loss, forward and backward, in ~8 launches; no N x M matrix in the forward) behind
+``backend="triton"`` / ``"auto"``; tests compare the two.
 
     L = -1/N sum_i log( exp([s_i - m_p]_- / t) / (exp([s_i - m_p]_- / t) + sum_{j in N(i)} exp([s_ij - m_n]_+ / t)) )
 
