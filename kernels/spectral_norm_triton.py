@@ -353,8 +353,11 @@ def fused_power_iteration(weights: List[torch.Tensor], us: List[torch.Tensor], n
 
 
 class _FusedNormalize(torch.autograd.Function):
-    """Outputs: the flat buffer of W_i / sigma_i for every matrix (``out_dtype``), sigmas, u, v (the last three
-    constants: torch's spectral_norm differentiates W / sigma through W only)."""
+    """Outputs: sigmas, u, v (constants: torch's spectral_norm differentiates W / sigma through W only), then
+    W_i / sigma_i for every matrix (``out_dtype``), each its own output though they share one buffer. Had the
+    buffer been the output and the matrices slices of it taken outside, autograd would have given each slice's
+    gradient as a zero-filled buffer of the whole size (slice_backward), and summed them: 65 x 162M elements per
+    backward at BigGAN-128 (seen in an op count)."""
 
     @staticmethod
     def forward(ctx, plan: _Plan, n_iters: int, eps: float, out_dtype: torch.dtype, n: int, *tensors: torch.Tensor):
@@ -364,16 +367,19 @@ class _FusedNormalize(torch.autograd.Function):
         sn_scale_kernel[(plan.g_mat.numel(),)](
             w_ptrs, flat, sigmas, plan.g_mat, plan.g_start, plan.rows, plan.cols, plan.woff,
             W_DTYPE=tl_dtype(ws[0].dtype), BR=plan.br, BC=plan.bc)
-        ctx.plan, ctx.w_dtype = plan, ws[0].dtype
+        ctx.plan, ctx.w_dtype, ctx.out_dtype = plan, ws[0].dtype, out_dtype
         ctx.save_for_backward(sigmas, u_out, v_out, *ws)
         ctx.mark_non_differentiable(sigmas, u_out, v_out)
-        return flat, sigmas, u_out, v_out
+        return (sigmas, u_out, v_out, *[flat[o:o + r * c].view(r, c) for o, (r, c) in zip(plan.w_off, plan.shapes)])
 
     @staticmethod
-    def backward(ctx, g_flat: torch.Tensor, *_):
+    def backward(ctx, _gs, _gu, _gv, *grads: torch.Tensor):
         plan: _Plan = ctx.plan
         sigmas, u_out, v_out, *ws = ctx.saved_tensors
-        g_flat = g_flat.contiguous()
+        # the kernels read one flat gradient: one copy (a layer whose output went unused has none: zeros)
+        g_flat = torch.cat([g.reshape(-1) if g is not None else torch.zeros(r * c, device=sigmas.device,
+                                                                              dtype=ctx.out_dtype)
+                            for g, (r, c) in zip(grads, plan.shapes)])
         w_ptrs = plan.pointers(ws)
         part = torch.empty(plan.g_mat.numel(), device=g_flat.device, dtype=torch.float32)
         grid = (plan.g_mat.numel(),)
@@ -396,8 +402,8 @@ def fused_normalize(weights: List[torch.Tensor], us: List[torch.Tensor], n_iters
     mats = [w.view(w.shape[0], -1) for w in weights]
     _check_inputs(mats, us)
     plan = _plan(mats)
-    flat, sigmas, u_out, v_out = _FusedNormalize.apply(plan, n_iters, eps, out_dtype, len(mats), *mats, *us)
-    normalized = [flat[o:o + w.numel()].view(w.shape) for o, w in zip(plan.w_off, weights)]
+    sigmas, u_out, v_out, *mats_sn = _FusedNormalize.apply(plan, n_iters, eps, out_dtype, len(mats), *mats, *us)
+    normalized = [m.view(w.shape) for m, w in zip(mats_sn, weights)]
     u_list = [u_out[o:o + r] for o, (r, _) in zip(plan.u_off, plan.shapes)]
     v_list = [v_out[o:o + c] for o, (_, c) in zip(plan.v_off, plan.shapes)]
     return normalized, u_list, v_list, sigmas

@@ -168,6 +168,46 @@ def test_d2d_ce_runs_in_a_few_launches(gathered, monkeypatch):
         ["d2d_finish_kernel"] * (2 if gathered else 1), launches
 
 
+@pytest.mark.skipif(DEV.type == "cuda", reason="counts interpreter launches; on a GPU the check pack profiles them")
+def test_spectral_normalize_runs_in_a_few_launches(monkeypatch):
+    """A whole network's W / sigma: 3 Triton launches forward, one concatenation of the layers' gradients and 2
+    launches backward, whatever the number of layers. (Slices of one output buffer, taken outside the autograd
+    function, had made autograd build a zero-filled whole-size gradient per layer and sum them.)"""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from kernels import spectral_normalize
+    launches = []
+    run = InterpretedFunction.run
+    monkeypatch.setattr(InterpretedFunction, "run", lambda self, *a, **k: launches.append(self.fn.__name__) or
+                        run(self, *a, **k))
+    host_side = {"empty", "empty_like", "new_empty", "set_", "copy_", "select", "t", "detach", "view", "slice",
+                 "_unsafe_view", "alias", "reshape", "lift_fresh"}
+
+    class Ops(TorchDispatchMode):
+        ops: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name not in host_side:
+                self.ops.append(name)
+            return func(*args, **(kwargs or {}))
+
+    ws, us = sn_case(fresh_seed())
+    spectral_normalize(ws, us, 1, 1e-12, "triton")  # the first call builds the tile plan
+    launches.clear()
+    with Ops() as fwd:
+        normalized = spectral_normalize(ws, us, 1, 1e-12, "triton")[0]
+    assert launches == ["sn_v_kernel", "sn_u_kernel", "sn_scale_kernel"] and not fwd.ops, (launches, fwd.ops)
+    launches.clear()
+    Ops.ops = []
+    grads = [torch.ones_like(x) for x in normalized[:-1]]  # one layer's output unused
+    with Ops() as bwd:
+        torch.autograd.backward(normalized[:-1], grads)
+    assert launches == ["sn_dot_kernel", "sn_normalize_grad_kernel"], launches
+    assert sorted(set(bwd.ops)) == ["cat", "zeros"] and bwd.ops.count("cat") == 1, bwd.ops  # zeros: the unused one
+
+
 @pytest.mark.parametrize("n,m,d", [(13, 5, 7), (1, 40, 33), (32, 32, 32)])
 def test_normalized_similarity_matches_torch(n, m, d):
     seed = fresh_seed()
