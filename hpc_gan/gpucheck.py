@@ -83,7 +83,7 @@ def _rel(a: Any, b: Any) -> float:
 def stage_accuracy(smoke: bool, deadline: float, save: Save) -> Dict[str, Any]:
     import torch
 
-    from kernels import d2d_ce, sn_power_iteration
+    from kernels import d2d_ce, sn_power_iteration, spectral_normalize
     dev = _device(smoke)
     shapes = [(8, 64, 32)] if smoke else [(32, 2048, 512), (256, 2048, 2048)]
     dtypes = [torch.float32] if smoke else [torch.float32, torch.bfloat16]
@@ -122,8 +122,24 @@ def stage_accuracy(smoke: bool, deadline: float, save: Save) -> Dict[str, Any]:
         grads = torch.autograd.grad((sig * coef.to(dev).float()).sum(), ws)
         out["sn"].append({"layers": len(sn), "dtype": str(dt)[6:], "sigma": _rel(sig.cpu(), s_ref),
                           "grad_max": max(_rel(a.cpu(), b) for a, b in zip(grads, ref_g))})
+    # the whole W / sigma as training runs it (fp32 weights; fp32 or bf16 out), on every 5th layer: the float64
+    # reference of all 65 would cost the stage's time box
+    w_sub, u_sub = w64[::5], u64[::5]
+    ws_ref = [w.clone().requires_grad_() for w in w_sub]
+    norm_ref = spectral_normalize(ws_ref, u_sub, 1, 1e-12, "torch")[0]
+    upstream = [torch.randn(*w.shape, generator=g, dtype=torch.float64) for w in w_sub]
+    ref_g = torch.autograd.grad(norm_ref, ws_ref, upstream)
+    out["sn_normalize"] = []
+    for dt in dtypes:
+        ws = [w.to(dev, torch.float32).requires_grad_() for w in w_sub]
+        got = spectral_normalize(ws, [u.to(dev, torch.float32) for u in u_sub], 1, 1e-12, "triton", out_dtype=dt)[0]
+        grads = torch.autograd.grad(got, ws, [x.to(dev, dt) for x in upstream])
+        out["sn_normalize"].append({"layers": len(w_sub), "out_dtype": str(dt)[6:],
+                                    "w_sn_max": max(_rel(a.cpu(), b) for a, b in zip(got, norm_ref)),
+                                    "grad_max": max(_rel(a.cpu(), b) for a, b in zip(grads, ref_g))})
     worst = max([r["loss"] for r in out["d2d_ce"] if r["dtype"] == "float32"] +
-                [r["sigma"] for r in out["sn"] if r["dtype"] == "float32"])
+                [r["sigma"] for r in out["sn"] if r["dtype"] == "float32"] +
+                [r["w_sn_max"] for r in out["sn_normalize"] if r["out_dtype"] == "float32"])
     out["status"] = "ok" if worst < 1e-4 else "fail"
     out["worst_fp32_rel_error"] = worst
     return out
