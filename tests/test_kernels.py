@@ -129,37 +129,52 @@ def test_each_input_gradient_alone_in_both_backward_modes(backward, wanted):
             close(a, b, f"grads ({backward}, {wanted}, {n_global})", seed)
 
 
-@pytest.mark.skipif(DEV.type == "cuda", reason="counts interpreter launches; on a GPU the check pack profiles them")
-@pytest.mark.parametrize("gathered", [False, True])
-def test_d2d_ce_runs_in_a_few_launches(gathered, monkeypatch):
-    """The whole loss, forward and backward, is a handful of device launches: 4-5 Triton kernels, torch.mm twice
-    (the matrix backward's products) and the mean. The glue around the kernels (normalizations, positive term,
-    log-add-exp, casts, the chain rule) cost 94 launches per call on an H100 before it moved into the kernels."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from triton.runtime.interpreter import InterpretedFunction
+# ---- launch counts in Triton's interpreter: Triton launches, and the aten ops that would be device kernels ---------
+# what the interpreter itself dispatches to move arguments in and out; allocations and views launch nothing
+HOST_SIDE = {"empty", "empty_like", "new_empty", "set_", "copy_", "select", "t", "detach", "view", "slice",
+             "_unsafe_view", "alias", "reshape", "lift_fresh"}
 
+
+@pytest.fixture
+def interpreter_launches(monkeypatch):
+    """The names of the Triton kernels launched through the interpreter, in order (the list is cleared by tests)."""
+    from triton.runtime.interpreter import InterpretedFunction
     launches = []
     run = InterpretedFunction.run
     monkeypatch.setattr(InterpretedFunction, "run", lambda self, *a, **k: launches.append(self.fn.__name__) or
                         run(self, *a, **k))
-    # what the interpreter itself dispatches to move arguments in and out; allocations and views launch nothing
-    host_side = {"empty", "empty_like", "new_empty", "set_", "copy_", "select", "t", "detach", "view"}
+    return launches
+
+
+def device_ops():
+    """A dispatch mode that records the aten ops outside HOST_SIDE (``.ops``)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
 
     class Ops(TorchDispatchMode):
-        ops: list = []
+        def __init__(self):
+            super().__init__()
+            self.ops = []
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            name = func.overloadpacket.__name__
-            if name not in host_side:
-                self.ops.append(name)
+            if func.overloadpacket.__name__ not in HOST_SIDE:
+                self.ops.append(func.overloadpacket.__name__)
             return func(*args, **(kwargs or {}))
+    return Ops()
 
+
+@pytest.mark.skipif(DEV.type == "cuda", reason="counts interpreter launches; on a GPU the check pack profiles them")
+@pytest.mark.parametrize("gathered", [False, True])
+def test_d2d_ce_runs_in_a_few_launches(gathered, interpreter_launches):
+    """The whole loss, forward and backward, is a handful of device launches: 4-5 Triton kernels, torch.mm twice
+    (the matrix backward's products) and the mean. The glue around the kernels (normalizations, positive term,
+    log-add-exp, casts, the chain rule) cost 94 launches per call on an H100 before it moved into the kernels."""
+    launches = interpreter_launches
     embed, proxy, labels, negatives = d2d_case(24, 40, 5, fresh_seed(), 100 if gathered else None, 10)
     leaves = [x.clone().requires_grad_() for x in (embed, proxy) + ((negatives[0],) if gathered else ())]
     neg = (leaves[2], negatives[1]) if gathered else None
     d2d_ce(leaves[0], leaves[1], labels, 0.5, 0.9, backend="triton", negatives=neg, row_offset=10 if gathered else 0)
     launches.clear()  # the first call autotunes
-    with Ops() as ops:
+    with device_ops() as ops:
         loss = d2d_ce(leaves[0], leaves[1], labels, 0.5, 0.9, backend="triton", negatives=neg,
                       row_offset=10 if gathered else 0)
         torch.autograd.grad(loss, leaves)
@@ -169,40 +184,21 @@ def test_d2d_ce_runs_in_a_few_launches(gathered, monkeypatch):
 
 
 @pytest.mark.skipif(DEV.type == "cuda", reason="counts interpreter launches; on a GPU the check pack profiles them")
-def test_spectral_normalize_runs_in_a_few_launches(monkeypatch):
+def test_spectral_normalize_runs_in_a_few_launches(interpreter_launches):
     """A whole network's W / sigma: 3 Triton launches forward, one concatenation of the layers' gradients and 2
     launches backward, whatever the number of layers. (Slices of one output buffer, taken outside the autograd
     function, had made autograd build a zero-filled whole-size gradient per layer and sum them.)"""
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from triton.runtime.interpreter import InterpretedFunction
-
     from kernels import spectral_normalize
-    launches = []
-    run = InterpretedFunction.run
-    monkeypatch.setattr(InterpretedFunction, "run", lambda self, *a, **k: launches.append(self.fn.__name__) or
-                        run(self, *a, **k))
-    host_side = {"empty", "empty_like", "new_empty", "set_", "copy_", "select", "t", "detach", "view", "slice",
-                 "_unsafe_view", "alias", "reshape", "lift_fresh"}
-
-    class Ops(TorchDispatchMode):
-        ops: list = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            name = func.overloadpacket.__name__
-            if name not in host_side:
-                self.ops.append(name)
-            return func(*args, **(kwargs or {}))
-
+    launches = interpreter_launches
     ws, us = sn_case(fresh_seed())
     spectral_normalize(ws, us, 1, 1e-12, "triton")  # the first call builds the tile plan
     launches.clear()
-    with Ops() as fwd:
+    with device_ops() as fwd:
         normalized = spectral_normalize(ws, us, 1, 1e-12, "triton")[0]
     assert launches == ["sn_v_kernel", "sn_u_kernel", "sn_scale_kernel"] and not fwd.ops, (launches, fwd.ops)
     launches.clear()
-    Ops.ops = []
     grads = [torch.ones_like(x) for x in normalized[:-1]]  # one layer's output unused
-    with Ops() as bwd:
+    with device_ops() as bwd:
         torch.autograd.backward(normalized[:-1], grads)
     assert launches == ["sn_dot_kernel", "sn_normalize_grad_kernel"], launches
     assert sorted(set(bwd.ops)) == ["cat", "zeros"] and bwd.ops.count("cat") == 1, bwd.ops  # zeros: the unused one
