@@ -11,8 +11,8 @@ to a list of matrices: conv weights viewed as (out, in*kh*kw). Three implementat
   matrix-vector products per layer, every normalization and the division W / sigma as foreach ops over the list;
   backward dW = G / sigma - <G, W> / sigma^2 u v^T, again mostly foreach): for CPUs, and where Triton is missing.
 - ``triton`` (spectral_norm_triton.py): the whole list in two launches per iteration, deterministically (no float
-  atomics); ``spectral_normalize`` adds one launch for every W / sigma (in the dtype the layers compute in) and two
-  for their backward.
+  atomics); ``spectral_normalize`` adds one launch for every W / sigma (in the dtype the layers compute in), and
+  a concatenation of the layers' gradients and two launches for their backward.
 
 u, v and sigma are fp32 whatever the weights' dtype.
 """

@@ -143,13 +143,14 @@ class Discriminator(nn.Module):
             raise ValueError(f"BigGAN resolution {resolution} is not one of {sorted(D_ARCH)}")
         arch = D_ARCH[resolution]
         which_conv = partial(SNConv2d, kernel_size=3, padding=1, sn_eps=sn_eps)
+        pool = make_pool(pool_impl)
         self.blocks = nn.ModuleList()
         self.attn = nn.ModuleDict()
         res = resolution
         for i, (cin, cout, down) in enumerate(zip(arch["in"], arch["out"], arch["down"])):
             cin = 3 if cin is None else cin * ch
             self.blocks.append(DBlock(cin, cout * ch, which_conv, preactivation=i > 0, downsample=down,
-                                      relu_shortcut=shortcut == "studiogan", which_pool=make_pool(pool_impl)))
+                                      relu_shortcut=shortcut == "studiogan", which_pool=pool))
             res = res // 2 if down else res
             if res == attn_res and down:
                 self.attn[str(i)] = SelfAttention(cout * ch, which_conv, attn_impl)

@@ -122,13 +122,14 @@ class Discriminator(nn.Module):
         arch = D_ARCH[resolution]
         which_conv = partial(SNConv2d, kernel_size=3, padding=1, sn_eps=sn_eps)
         self.input_conv = which_conv(3, arch["in"][0] * ch)
+        pool = make_pool(pool_impl)
         self.blocks = nn.ModuleList()
         self.attn = nn.ModuleDict()
         res = resolution
         for cin, cout in zip(arch["in"], arch["out"]):
             for j in range(DEPTH):
                 self.blocks.append(DeepDBlock((cin if j == 0 else cout) * ch, cout * ch, which_conv,
-                                              downsample=j == 0, which_pool=make_pool(pool_impl)))
+                                              downsample=j == 0, which_pool=pool))
             res //= 2
             if res == attn_res:
                 self.attn[str(len(self.blocks) - 1)] = SelfAttention(cout * ch, which_conv, attn_impl)

@@ -132,6 +132,7 @@ class SNLinear(nn.Linear, SpectralNormMixin):
 
 class SNEmbedding(nn.Embedding, SpectralNormMixin):
     autocasts = False  # embedding lookups keep the weight's dtype under autocast
+
     def __init__(self, *args, sn_iters: int = 1, sn_eps: float = 1e-6, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._init_sn(sn_iters, sn_eps)

@@ -37,6 +37,10 @@ class FusedSpectralNorm:
         self.backend = backend
         self.us = [m.sn_u for m in self.layers]
         self.vs = [m.sn_v for m in self.layers]
+        # under autocast, conv and linear layers get W / sigma in autocast's dtype (the triton backend writes it so:
+        # no cast per layer and forward); embeddings keep the weights' dtype, as autocast would
+        self.autocast_idx = [i for i, m in enumerate(self.layers) if m.autocasts]
+        self.plain_idx = [i for i, m in enumerate(self.layers) if not m.autocasts]
         self.model, self.inner_forward = model, model.forward
         model.forward = self._forward  # what a later torch.compile of model.forward compiles
         self.handle = model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
@@ -47,16 +51,14 @@ class FusedSpectralNorm:
         device = self.layers[0].weight.device.type
         amp = torch.get_autocast_dtype(device) if device in ("cpu", "cuda") and torch.is_autocast_enabled(device) \
             else None
-        # conv and linear layers get W / sigma in autocast's dtype (the triton backend writes it so: no cast per
-        # layer and forward); embeddings keep the weights' dtype, as autocast would
-        groups: Dict[Optional[torch.dtype], list] = {}
-        for i, m in enumerate(self.layers):
-            groups.setdefault(amp if m.autocasts else None, []).append(i)
+        groups = [(amp, self.autocast_idx), (None, self.plain_idx)] if amp else [(None, range(len(self.layers)))]
         normalized: list = [None] * len(self.layers)
         us: list = [None] * len(self.layers)
         vs: list = [None] * len(self.layers)
         with no_autocast(device):
-            for dtype, idx in groups.items():
+            for dtype, idx in groups:
+                if not idx:
+                    continue
                 out = spectral_normalize([self.layers[i].weight for i in idx], [self.us[i] for i in idx],
                                          self.n_iters, self.eps, self.backend, out_dtype=dtype)
                 for k, i in enumerate(idx):

@@ -1,7 +1,8 @@
 """What every rank was doing when a job hangs: ``faulthandler`` dumps this process's Python stacks (all threads) to
 its stderr (the rank's log) when a training step takes more than ``dist.hang_dump_factor`` x the median of the
-recent steps, and at least ``min_seconds`` (the loop passes a quarter of the step timeout). Every rank arms its own timer, so a hang leaves one dump per rank: the rank stuck elsewhere, and the
-ranks waiting for it in a collective. Arming is a call into faulthandler's C watchdog thread per step: no sync."""
+recent steps, and at least ``min_seconds`` (the loop passes a quarter of the step timeout). Every rank arms its own
+timer, so a hang leaves one dump per rank: the rank stuck elsewhere, and the ranks waiting for it in a collective.
+Arming is a call into faulthandler's C watchdog thread per step: no sync."""
 from __future__ import annotations
 
 import contextlib
