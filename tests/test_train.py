@@ -218,6 +218,41 @@ def test_compiled_steps_equal_eager_and_resume(tiny_cfg, tmp_path):
             torch.testing.assert_close(b[net][k], v, rtol=1e-5, atol=1e-7, msg=f"{net}.{k}")
 
 
+def test_compiled_forwards_have_static_shapes(tiny_cfg):
+    """G and D, with the whole-network SN, are one code object to dynamo (FusedSpectralNorm._forward). Compiled with
+    dynamic shapes left automatic, D's first call looked like a shape change of G's, and every later graph was built
+    with symbolic sizes (87 size symbols here; at BigGAN-128 inductor crashed on them). Each of the step's four
+    forwards (G without and with grad, D in the D and the G step) is compiled once, with static shapes."""
+    import logging
+
+    class Symbols(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__()
+            self.sizes: list = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            msg = record.getMessage()
+            if msg.startswith("create_symbol") and (".size()" in msg or ".stride()" in msg):
+                self.sizes.append(msg[:160])
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    handler = Symbols()
+    logger = logging.getLogger("torch.fx.experimental.symbolic_shapes")
+    torch._logging.set_logs(dynamic=logging.INFO)
+    logger.addHandler(handler)
+    try:
+        trainer = Trainer(tiny_cfg("train.compile=default"), torch.device("cpu"))
+        for _ in range(2):
+            trainer.train_step()
+    finally:
+        logger.removeHandler(handler)
+        torch._logging.set_logs()
+    assert not handler.sizes, handler.sizes[:3]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 4
+    torch._dynamo.reset()
+
+
 def test_sn_weights_enter_a_compiled_forward_as_ordinary_inputs():
     """CUDA graphs (train.cuda_graphs) take a compiled graph's static inputs to keep their addresses. The
     whole-network SN hands the layers new W / sigma tensors every forward, so they must not be static: dynamo marks

@@ -70,6 +70,17 @@ def compile_mode(cfg: Config, device: torch.device) -> Optional[str]:
     return None if t.compile == "off" else t.compile
 
 
+def compile_forwards(nets: Tuple[nn.Module, ...], mode: str) -> None:
+    """torch.compile each net's forward with static shapes. Training shapes are fixed, and with the whole-network
+    SN all nets' forwards are one code object (FusedSpectralNorm._forward), whose cache dynamo shares: its automatic
+    dynamic shapes took D's inputs for a change of G's and compiled every later graph with symbolic sizes (conv
+    kernel sizes included), slower to build and to run, and crashing inductor at BigGAN-128 on the CPU. A variant
+    past dynamo's recompile limit is an error, not a silent fall back to eager."""
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
+    for net in nets:
+        net.forward = torch.compile(net.forward, mode=mode, dynamic=False)
+
+
 def check_kernel_backends(cfg: Config, device: torch.device) -> None:
     """Refuse, in one line, a fused-kernel backend that cannot run here (before anything is built)."""
     probe = torch.empty(0, device=device)
@@ -110,8 +121,7 @@ class Trainer:
         # after the EMA copy: G_ema samples in eval mode, where every layer computes its own sigma
         self.fused_sn = [attach_fused_sn(net, cfg.model.sn_backend) for net in (G, D)]
         if self.compile_mode:  # the forward only: hooks (the whole-network SN) stay eager; G_ema stays eager
-            for net in (G, D):
-                net.forward = torch.compile(net.forward, mode=self.compile_mode)
+            compile_forwards((G, D), self.compile_mode)
         broadcast_state(G)
         broadcast_state(D)
         p = self.plan
