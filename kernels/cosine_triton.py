@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from kernels.dispatch import interpreting
-from kernels.similarity_triton import NORM_EPS, gpu_tiles, precision
+from kernels.similarity_triton import NORM_EPS, dot_tile, gpu_tiles, precision
 
 
 def cosine_tiles(dtype: torch.dtype) -> dict:
@@ -21,17 +21,7 @@ def cosine_kernel(A, B, S, N, M, D, eps, PREC: tl.constexpr,
                    BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr):
     rows = tl.program_id(0) * BI + tl.arange(0, BI)
     cols = tl.program_id(1) * BJ + tl.arange(0, BJ)
-    acc = tl.zeros((BI, BJ), tl.float32)
-    ssa = tl.zeros((BI,), tl.float32)
-    ssb = tl.zeros((BJ,), tl.float32)
-    for k0 in range(0, D, BK):
-        ks = k0 + tl.arange(0, BK)
-        a = tl.load(A + rows[:, None] * D + ks[None, :], mask=(rows[:, None] < N) & (ks[None, :] < D), other=0.0)
-        b = tl.load(B + cols[None, :] * D + ks[:, None], mask=(cols[None, :] < M) & (ks[:, None] < D), other=0.0)
-        acc += tl.dot(a, b, input_precision=PREC)
-        af, bf = a.to(tl.float32), b.to(tl.float32)
-        ssa += tl.sum(af * af, axis=1)
-        ssb += tl.sum(bf * bf, axis=0)
+    acc, ssa, ssb = dot_tile(A, B, rows, cols, N, M, D, BI, BJ, BK, PREC)
     s = acc / (tl.maximum(tl.sqrt(ssa), eps)[:, None] * tl.maximum(tl.sqrt(ssb), eps)[None, :])
     tl.store(S + rows[:, None] * M + cols[None, :], s.to(S.dtype.element_ty),
              mask=(rows[:, None] < N) & (cols[None, :] < M))

@@ -104,20 +104,22 @@ def _inv_norm(ss, eps):
 
 
 @triton.jit
-def _dot_tile(A, B, rows, cols, N, M, D, BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr,
-              PREC: tl.constexpr):
-    """Raw dot products a_i . b_j of a (BI, BJ) tile accumulated in fp32 over d, and the columns' sums of squares
-    from the same loads (dead code where the caller does not use them)."""
+def dot_tile(A, B, rows, cols, N, M, D, BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    """Raw dot products a_i . b_j of a (BI, BJ) tile accumulated in fp32 over d, and the rows' and the columns'
+    sums of squares from the same loads (dead code where the caller does not use them: the compiled kernels are
+    the same size without them)."""
     acc = tl.zeros((BI, BJ), tl.float32)
+    ssa = tl.zeros((BI,), tl.float32)
     ssb = tl.zeros((BJ,), tl.float32)
     for k0 in range(0, D, BK):
         ks = k0 + tl.arange(0, BK)
         a = tl.load(A + rows[:, None] * D + ks[None, :], mask=(rows[:, None] < N) & (ks[None, :] < D), other=0.0)
         b = tl.load(B + cols[None, :] * D + ks[:, None], mask=(cols[None, :] < M) & (ks[:, None] < D), other=0.0)
         acc += tl.dot(a, b, input_precision=PREC)
-        bf = b.to(tl.float32)
+        af, bf = a.to(tl.float32), b.to(tl.float32)
+        ssa += tl.sum(af * af, axis=1)
         ssb += tl.sum(bf * bf, axis=0)
-    return acc, ssb
+    return acc, ssa, ssb
 
 
 @triton.jit
@@ -159,7 +161,7 @@ def neg_lse_split_kernel(A, B, RA, RB, LA, LB, PMAX, PSUM, PSHIFT, N, M, D, CS, 
         cols = j0 + tl.arange(0, BJ)
         cmask = cols < c_hi
         lb = tl.load(LB + cols, mask=cmask, other=-2)
-        dots, ssb = _dot_tile(A, B, rows, cols, N, M, D, BI, BJ, BK, PREC)
+        dots, _, ssb = dot_tile(A, B, rows, cols, N, M, D, BI, BJ, BK, PREC)
         rb = _inv_norm(ssb, eps)
         if tl.program_id(0) == 0:
             tl.store(RB + cols, rb, mask=cmask)
@@ -237,7 +239,7 @@ def _bwd_tile(A, B, RA, RB, LA, LB, ROWS, G, rows, cols, N, M, D, row_offset, m_
     lb = tl.load(LB + cols, mask=cmask, other=-2)
     lse = tl.load(ROWS + 3 * N + rows, mask=rmask, other=0.0)
     w = tl.load(ROWS + 4 * N + rows, mask=rmask, other=0.0) * (tl.load(G) * inv_n)  # 0 on padding rows
-    dots, ssb = _dot_tile(A, B, rows, cols, N, M, D, BI, BJ, BK, PREC)
+    dots, _, ssb = dot_tile(A, B, rows, cols, N, M, D, BI, BJ, BK, PREC)
     sim = dots * ra[:, None] * rb[None, :]
     x = (sim - m_n) * inv_t
     others, neg = _tile_masks(rows, cols, la, lb, M, row_offset)
