@@ -31,6 +31,20 @@ def test_ranks_slice_the_same_global_batch():
         assert torch.equal(x1, torch.cat([p[0] for p in parts])) and torch.equal(y1, torch.cat([p[1] for p in parts]))
 
 
+def test_flips_mirror_the_images_the_plan_says():
+    """hflip mirrors exactly the images that the plan's flips name, left to right, and leaves the others."""
+    ds = _array_ds()
+    plan = StepPlan(8, seed=5)
+    flipped, plain = (RealStream(ds, plan, hflip=h, device=CPU) for h in (True, False))
+    seen = []
+    for k in range(3):
+        (xf, yf), (xp, yp) = flipped.next(), plain.next()
+        seen += plan.flips(k).tolist()
+        want = torch.stack([x.flip(-1) if f else x for x, f in zip(xp, seen[-8:])])
+        assert torch.equal(yf, yp) and torch.equal(xf, want)
+    assert 0 < sum(seen) < len(seen)  # both kinds were checked
+
+
 def test_an_epoch_covers_the_data_once():
     plan = StepPlan(8, seed=0)
     idx = torch.cat([plan.batch_indices(43, k) for k in range(5)])  # 5 full batches, 3 dropped

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from hpc_gan.data.loader import EncodedDataset
-from hpc_gan.data.streams import StreamBase
+from hpc_gan.data.streams import StreamBase, to_device
 from hpc_gan.errors import UserError
 from hpc_gan.plan import StepPlan
 
@@ -128,4 +128,4 @@ class DaliStream(StreamBase):
             self._it = self._iterator()
         images, labels = next(self._it)
         self.consumed += 1
-        return images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True).long()
+        return to_device(images, self.device), to_device(labels, self.device).long()

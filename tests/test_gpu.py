@@ -1,0 +1,59 @@
+"""What only a GPU can show: the training step never makes the host wait for the device outside logging steps.
+Each test skips without CUDA; the GPU pack's tests stage (scripts/gpu-check.sh) runs this file on the GPU.
+
+Two kinds of wait: an explicit synchronization (``.item()``, a copy to the host, ``bool(tensor)``), which torch's
+sync debug mode turns into an error; and a host-to-GPU copy from pageable memory, which CUDA runs only after the
+stream's queued work and which blocks the host until then. The debug mode does not see the second, so it is
+checked by queueing a long spin kernel first and asking the stream, after the call, whether it is still busy."""
+import pytest
+import torch
+
+from hpc_gan.data.loader import ArrayDataset
+from hpc_gan.data.streams import RealStream
+from hpc_gan.data.synthetic import make_synthetic
+from hpc_gan.plan import StepPlan
+from hpc_gan.train.trainer import Trainer
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+CUDA = torch.device("cuda")
+
+
+def queue_gpu_work(ms: float) -> None:
+    """Queue about ``ms`` milliseconds of a spin kernel on the current stream (calibrated here, once)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(10 ** 7)
+    end.record()
+    end.synchronize()
+    torch.cuda._sleep(int(10 ** 7 * ms / max(start.elapsed_time(end), 1e-3)))
+
+
+def test_the_data_stream_does_not_wait_for_the_gpu():
+    ds = ArrayDataset(*make_synthetic(64, 16, 10, seed=3))
+    plan = StepPlan(16, seed=1)
+    gpu = RealStream(ds, plan, hflip=True, device=CUDA)
+    cpu = RealStream(ds, plan, hflip=True, device=torch.device("cpu"))
+    for _ in range(3):  # pinned blocks allocated once
+        gpu.next(), cpu.next()
+    torch.cuda.synchronize()
+    queue_gpu_work(1000)
+    x, y = gpu.next()
+    busy = not torch.cuda.current_stream().query()
+    assert busy, "RealStream.next() waited for the GPU's queued work (a copy from pageable memory?)"
+    xc, yc = cpu.next()
+    assert torch.equal(x.cpu(), xc) and torch.equal(y.cpu(), yc)
+
+
+def test_a_training_step_does_not_synchronize(tiny_cfg):
+    """bf16, the Triton SN and D2D-CE kernels: after two warm-up steps (autotuning, cuDNN plans, pinned blocks), a
+    step that is not a logging step runs under torch's sync debug mode set to raise."""
+    trainer = Trainer(tiny_cfg("run.device=cuda", "train.precision=bf16"), CUDA)
+    for _ in range(2):
+        trainer.train_step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        trainer.train_step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
