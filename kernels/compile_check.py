@@ -92,20 +92,21 @@ def _specs(dtype: str) -> List[Spec]:
     for from_flat in (False, True):
         specs.append((f"sn_v(u_from_flat={from_flat})", N.sn_v_kernel,
                       {"W_PTRS": i64, "U_PTRS": i64, "U_FLAT": f32, "V_OUT": f32, **table},
-                      dict(U_FROM_FLAT=from_flat, W_DTYPE=wdt, BR=32, BC=128), {}))
+                      dict(U_FROM_FLAT=from_flat, W_DTYPE=wdt, PTR_ALIGNED=True, BR=32, BC=128), {}))
     specs.append(("sn_u", N.sn_u_kernel, {"W_PTRS": i64, "U_OUT": f32, "U_PART": f32, "V_OUT": f32, "SIGMA": f32,
                                           "TILE_MAT": i64, "TILE_START": i64, "TILE_CHUNK": i64, "NTILES": i64,
                                           "COUNT": "*i32", "ROWS": i64, "COLS": i64, "UOFF": i64, "VOFF": i64,
                                           "NCHUNK": i64, "n_u": "i32", "eps": "fp32"},
-                  dict(W_DTYPE=wdt, BR=32, BC=128, CH=4096), {}))
+                  dict(W_DTYPE=wdt, PTR_ALIGNED=True, BR=32, BC=128, CH=4096), {}))
     specs.append(("sn_grad", N.sn_grad_kernel, {"GRAD": t, "GSIG": f32, "U_OUT": f32, "V_OUT": f32, **table,
                                                 "WOFF": i64}, dict(BR=32, BC=128), {}))
     tiles_ = {k: i64 for k in ("TILE_MAT", "TILE_START", "ROWS", "COLS", "WOFF")}
     for out in sorted({t, "*bf16"}):  # W / sigma in the weights' dtype, or bf16 for layers under autocast
         specs.append((f"sn_scale(out={out[1:]})", N.sn_scale_kernel, {"W_PTRS": i64, "OUT": out, "SIGMA": f32,
-                                                                      **tiles_}, dict(W_DTYPE=wdt, BR=32, BC=128), {}))
+                                                                      **tiles_},
+                      dict(W_DTYPE=wdt, PTR_ALIGNED=True, BR=32, BC=128), {}))
         specs.append((f"sn_dot(g={out[1:]})", N.sn_dot_kernel, {"W_PTRS": i64, "G": out, "PART": f32, **tiles_},
-                      dict(W_DTYPE=wdt, BR=32, BC=128), {}))
+                      dict(W_DTYPE=wdt, PTR_ALIGNED=True, BR=32, BC=128), {}))
         specs.append((f"sn_normalize_grad(g={out[1:]})", N.sn_normalize_grad_kernel,
                       {"GRAD": t, "G": out, "PART": f32, "SIGMA": f32, "U_OUT": f32, "V_OUT": f32, **tiles_,
                        "UOFF": i64, "VOFF": i64, "FIRST": i64, "NTILES": i64}, dict(BR=32, BC=128, BT=64), {}))
@@ -117,6 +118,16 @@ def _divisibility(fn: object, signature: Dict[str, str]) -> Dict[tuple, list]:
     names = fn.arg_names  # type: ignore[attr-defined]
     return {(names.index(k),): [["tt.divisibility", 16]] for k, v in signature.items()
             if v.startswith("*") or k in DIV16_INTS}
+
+
+# kernels whose aligned builds must move their matrices with vector loads / stores (bandwidth-bound: scalar
+# accesses went unnoticed once, behind hints the compiler could not use)
+VECTORIZED = {"sn_v", "sn_u", "sn_grad", "sn_scale", "sn_dot", "sn_normalize_grad"}
+
+
+def vector_accesses(ptx: str) -> int:
+    """Vector global loads and stores (ld.global.v2/v4, st.global.v2/v4) in a kernel's PTX."""
+    return len(re.findall(r"\b(?:ld|st)\.global(?:\.\w+)*\.v[24]\b", ptx))
 
 
 def ptxas_report(ptx: str, arch: int) -> Tuple[Optional[int], int]:
@@ -160,16 +171,23 @@ def compile_all(archs: List[int], dtypes: List[str], log=print, only: str = "") 
                     seen_generic.add(base)
                 for variant, attrs in variants:
                     t0 = time.time()
+                    # the runtime passes PTR_ALIGNED=False where a weight's pointer is not 16-byte aligned
+                    built = {**consts, "PTR_ALIGNED": False} if variant == "generic" and "PTR_ALIGNED" in consts \
+                        else consts
                     try:
-                        k = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs),
+                        k = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=built, attrs=attrs),
                                            target=GPUTarget("cuda", arch, 32), options=options or None)
                         shared = k.metadata.shared
                         regs, spills = ptxas_report(k.asm["ptx"], arch)
+                        vector = vector_accesses(k.asm["ptx"])
                         problems = ([f"{shared} B shared memory > {limit}"] if shared > limit else []) + \
-                                   ([f"{spills} B register spills"] if spills else [])
+                                   ([f"{spills} B register spills"] if spills else []) + \
+                                   (["no vector loads or stores"] if variant == "aligned" and
+                                    base in VECTORIZED and not vector else [])
                         ok = "cubin" in k.asm and not problems
                         msg = (f"{len(k.asm['cubin'])} B cubin, {shared} B shared, "
-                               f"{'?' if regs is None else regs} registers" + "".join(f"; {p}" for p in problems))
+                               f"{'?' if regs is None else regs} registers, {vector} vector accesses" +
+                               "".join(f"; {p}" for p in problems))
                     except Exception as e:  # noqa: BLE001 -- report every kernel, then fail at the end
                         ok, msg = False, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
                     failures += not ok

@@ -7,8 +7,14 @@ by chunks of U_CHUNK columns: partial W v_raw into a (chunks, rows) buffer; the 
 integer atomic counter per matrix, acq_rel at GPU scope) sums the chunks in a fixed order, normalizes u and v and
 writes sigma = |W v|, which equals u^T W v. Tiles are ordered largest matrix first, so the longest programs start
 first. Weights are read through a table of data pointers, so nothing is packed or copied; the table is cached while
-the parameters stay where they are (they do across optimizer steps), so a step adds no host-to-device copy. Where a
-matrix's row length is a multiple of 4, loads carry alignment hints (128-bit vector loads).
+the parameters stay where they are (they do across optimizer steps), so a step adds no host-to-device copy.
+
+Vector accesses: where every weight pointer is 16-byte aligned (checked on the host when the table is built:
+``PTR_ALIGNED``) and a matrix's row length is a multiple of 4, its rows are loaded 4 elements at a time (128-bit for
+fp32); the flat W / sigma and gradient buffers place each matrix at a multiple of 4 elements for the same reason.
+The hints are written so that Triton's alignment analysis can use them (see ``_span`` and ``_at``): the first
+version's hints were dropped by the compiler and every load was scalar, which ``kernels.compile_check`` now
+catches (an aligned SN build without vector accesses fails).
 
 ``fused_normalize`` adds W / sigma for every matrix, written into one flat buffer in the dtype the layers compute in
 (bf16 under autocast: the cast autocast would make per layer and per forward is folded into the write), and its
@@ -38,24 +44,73 @@ def _blocks(device: torch.device) -> Tuple[int, int, int]:
 
 
 @triton.jit
-def _load_w(w, rs, cs, n_rows, n_cols, col_end, ALIGNED: tl.constexpr):
-    """The tile (rows rs, columns cs < col_end) of a (n_rows, n_cols) weight; ALIGNED: every row starts 16-byte
-    aligned (n_cols % 4 == 0)."""
-    mask = (rs[:, None] < n_rows) & (cs[None, :] < col_end)
+def _span(c0, BC: tl.constexpr):
+    """Columns c0 .. c0 + BC - 1 of a tile, c0 a multiple of BC (itself a multiple of 4): said to the compiler
+    where the range is made (a hint on a value handed to a function is dropped)."""
+    return tl.max_contiguous(tl.multiple_of(c0 + tl.arange(0, BC), 4), 4)
+
+
+@triton.jit
+def _at(base, rs, cs, n_cols, ALIGNED: tl.constexpr):
+    """Pointers to elements (rs, cs) of a row-major matrix with rows of n_cols at ``base``. ALIGNED (n_cols % 4
+    == 0, ``base`` 16-byte aligned for fp32, 8 for bf16): 4-wide vector loads and stores. Triton's alignment
+    analysis cannot see that a runtime row length is a multiple of 4 (``multiple_of`` on a scalar argument is
+    dropped), so it is written as (n // 4) * 4."""
     if ALIGNED:
-        n_cols = tl.multiple_of(n_cols, 4)
-        cs = tl.max_contiguous(tl.multiple_of(cs, 4), 4)
-    return tl.load(w + rs[:, None] * n_cols + cs[None, :], mask=mask, other=0.0)
+        n_cols = (n_cols // 4) * 4
+    return base + rs[:, None] * n_cols + cs[None, :]
+
+
+@triton.jit
+def _inside(rs, cs, n_rows, col_end, ALIGNED: tl.constexpr):
+    """Mask of the tile's elements in rows < n_rows and columns < col_end; ALIGNED: col_end % 4 == 0 (the mask
+    is then constant over each 4-wide vector, which vector accesses need)."""
+    if ALIGNED:
+        col_end = (col_end // 4) * 4
+    return (rs[:, None] < n_rows) & (cs[None, :] < col_end)
+
+
+@triton.jit
+def _load_at(base, rs, cs, n_rows, n_cols, col_end, ALIGNED: tl.constexpr):
+    return tl.load(_at(base, rs, cs, n_cols, ALIGNED), mask=_inside(rs, cs, n_rows, col_end, ALIGNED), other=0.0)
 
 
 @triton.jit
 def _load_tile(w, rs, cs, n_rows, n_cols, col_end):
-    """_load_w with the alignment hints where the matrix allows them (a branch on a loop-invariant condition)."""
+    """The tile (rows rs, columns cs < col_end) of a (n_rows, n_cols) matrix at ``w``, with vector loads where the
+    row length allows (a branch on a loop-invariant condition; col_end is then a multiple of 4 as well)."""
     if n_cols % 4 == 0:
-        wt = _load_w(w, rs, cs, n_rows, n_cols, col_end, True)
+        wt = _load_at(w, rs, cs, n_rows, n_cols, col_end, True)
     else:
-        wt = _load_w(w, rs, cs, n_rows, n_cols, col_end, False)
+        wt = _load_at(w, rs, cs, n_rows, n_cols, col_end, False)
     return wt
+
+
+@triton.jit
+def _store_tile(base, x, rs, cs, n_rows, n_cols):
+    """x into the tile (rs, cs) of a (n_rows, n_cols) matrix at ``base``, in base's dtype; vector stores where the
+    row length allows."""
+    x = x.to(base.dtype.element_ty)
+    if n_cols % 4 == 0:
+        tl.store(_at(base, rs, cs, n_cols, True), x, mask=_inside(rs, cs, n_rows, n_cols, True))
+    else:
+        tl.store(_at(base, rs, cs, n_cols, False), x, mask=_inside(rs, cs, n_rows, n_cols, False))
+
+
+@triton.jit
+def _weight(W_PTRS, m, W_DTYPE: tl.constexpr, PTR_ALIGNED: tl.constexpr):
+    """Matrix m's weights, from the pointer table; PTR_ALIGNED: the host checked that every entry is 16-byte
+    aligned (a pointer read from memory is otherwise assumed unaligned, and every load scalar)."""
+    w = tl.load(W_PTRS + m).to(tl.pointer_type(W_DTYPE))
+    if PTR_ALIGNED:
+        w = tl.multiple_of(w, 16)
+    return w
+
+
+@triton.jit
+def _flat(base, WOFF, m):
+    """Matrix m's place in a flat buffer: offsets are multiples of 4 elements (_Plan pads them)."""
+    return base + (tl.load(WOFF + m) // 4) * 4
 
 
 @triton.jit
@@ -86,14 +141,15 @@ def _scale(base, n, factor, BLOCK: tl.constexpr):
 
 @triton.jit
 def sn_v_kernel(W_PTRS, U_PTRS, U_FLAT, V_OUT, TILE_MAT, TILE_START, ROWS, COLS, UOFF, VOFF,
-                 U_FROM_FLAT: tl.constexpr, W_DTYPE: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+                 U_FROM_FLAT: tl.constexpr, W_DTYPE: tl.constexpr, PTR_ALIGNED: tl.constexpr, BR: tl.constexpr,
+                 BC: tl.constexpr):
     m, c0, n_rows, n_cols = _tile(TILE_MAT, TILE_START, ROWS, COLS)
-    w = tl.load(W_PTRS + m).to(tl.pointer_type(W_DTYPE))
+    w = _weight(W_PTRS, m, W_DTYPE, PTR_ALIGNED)
     if U_FROM_FLAT:
         u_base = U_FLAT + tl.load(UOFF + m)
     else:
         u_base = tl.load(U_PTRS + m).to(tl.pointer_type(tl.float32))
-    cs = c0 + tl.arange(0, BC)
+    cs = _span(c0, BC)
     cm = cs < n_cols
     # a (BR, BC) accumulator reduced once after the loop: a reduction across rows every trip costs a
     # shared-memory exchange and a barrier per tile, which serializes the loads (H100: 4.2x the bandwidth floor)
@@ -108,14 +164,14 @@ def sn_v_kernel(W_PTRS, U_PTRS, U_FLAT, V_OUT, TILE_MAT, TILE_START, ROWS, COLS,
 
 @triton.jit
 def sn_u_kernel(W_PTRS, U_OUT, U_PART, V_OUT, SIGMA, TILE_MAT, TILE_START, TILE_CHUNK, NTILES, COUNT, ROWS, COLS,
-                UOFF, VOFF, NCHUNK, n_u, eps, W_DTYPE: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
-                CH: tl.constexpr):
+                UOFF, VOFF, NCHUNK, n_u, eps, W_DTYPE: tl.constexpr, PTR_ALIGNED: tl.constexpr, BR: tl.constexpr,
+                BC: tl.constexpr, CH: tl.constexpr):
     """Tile (matrix, row block, column chunk): partial (W v_raw)[rows] over the chunk's CH columns into
     U_PART[chunk, rows]; the matrix's last tile sums the chunks, normalizes u and v and writes sigma."""
     pid = tl.program_id(0)
     m, r0, n_rows, n_cols = _tile(TILE_MAT, TILE_START, ROWS, COLS)
     chunk = tl.load(TILE_CHUNK + pid)
-    w = tl.load(W_PTRS + m).to(tl.pointer_type(W_DTYPE))
+    w = _weight(W_PTRS, m, W_DTYPE, PTR_ALIGNED)
     vb = V_OUT + tl.load(VOFF + m)
     ub = U_OUT + tl.load(UOFF + m)
     rs = r0 + tl.arange(0, BR)
@@ -123,7 +179,7 @@ def sn_u_kernel(W_PTRS, U_OUT, U_PART, V_OUT, SIGMA, TILE_MAT, TILE_START, TILE_
     acc = tl.zeros((BR, BC), tl.float32)  # reduced once after the loop, as in sn_v_kernel
     c_hi = tl.minimum(chunk * CH + CH, n_cols)
     for c0 in range(chunk * CH, c_hi, BC):
-        cs = c0 + tl.arange(0, BC)
+        cs = _span(c0, BC)
         wt = _load_tile(w, rs, cs, n_rows, n_cols, c_hi)
         v = tl.load(vb + cs, mask=cs < c_hi, other=0.0)
         acc += wt.to(tl.float32) * v[None, :]
@@ -158,45 +214,41 @@ def sn_grad_kernel(GRAD, GSIG, U_OUT, V_OUT, TILE_MAT, TILE_START, ROWS, COLS, U
     rm = rs < n_rows
     u = tl.load(U_OUT + tl.load(UOFF + m) + rs, mask=rm, other=0.0) * tl.load(GSIG + m)
     vb = V_OUT + tl.load(VOFF + m)
-    gb = GRAD + tl.load(WOFF + m)
+    gb = _flat(GRAD, WOFF, m)
     for c0 in range(0, n_cols, BC):
-        cs = c0 + tl.arange(0, BC)
-        cm = cs < n_cols
-        v = tl.load(vb + cs, mask=cm, other=0.0)
-        tl.store(gb + rs[:, None] * n_cols + cs[None, :], (u[:, None] * v[None, :]).to(GRAD.dtype.element_ty),
-                 mask=rm[:, None] & cm[None, :])
+        cs = _span(c0, BC)
+        v = tl.load(vb + cs, mask=cs < n_cols, other=0.0)
+        _store_tile(gb, u[:, None] * v[None, :], rs, cs, n_rows, n_cols)
 
 
 @triton.jit
 def sn_scale_kernel(W_PTRS, OUT, SIGMA, TILE_MAT, TILE_START, ROWS, COLS, WOFF, W_DTYPE: tl.constexpr,
-                    BR: tl.constexpr, BC: tl.constexpr):
+                    PTR_ALIGNED: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
     """W_m / sigma_m for one (matrix, row block) tile, into the flat OUT buffer (OUT's dtype)."""
     m, r0, n_rows, n_cols = _tile(TILE_MAT, TILE_START, ROWS, COLS)
-    w = tl.load(W_PTRS + m).to(tl.pointer_type(W_DTYPE))
+    w = _weight(W_PTRS, m, W_DTYPE, PTR_ALIGNED)
     inv = 1.0 / tl.load(SIGMA + m)
-    ob = OUT + tl.load(WOFF + m)
+    ob = _flat(OUT, WOFF, m)
     rs = r0 + tl.arange(0, BR)
     for c0 in range(0, n_cols, BC):
-        cs = c0 + tl.arange(0, BC)
+        cs = _span(c0, BC)
         wt = _load_tile(w, rs, cs, n_rows, n_cols, n_cols)
-        tl.store(ob + rs[:, None] * n_cols + cs[None, :], (wt.to(tl.float32) * inv).to(OUT.dtype.element_ty),
-                 mask=(rs[:, None] < n_rows) & (cs[None, :] < n_cols))
+        _store_tile(ob, wt.to(tl.float32) * inv, rs, cs, n_rows, n_cols)
 
 
 @triton.jit
 def sn_dot_kernel(W_PTRS, G, PART, TILE_MAT, TILE_START, ROWS, COLS, WOFF, W_DTYPE: tl.constexpr,
-                  BR: tl.constexpr, BC: tl.constexpr):
+                  PTR_ALIGNED: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
     """<G, W> over one (matrix, row block) tile, into PART[tile] (summed per matrix by sn_normalize_grad_kernel)."""
     m, r0, n_rows, n_cols = _tile(TILE_MAT, TILE_START, ROWS, COLS)
-    w = tl.load(W_PTRS + m).to(tl.pointer_type(W_DTYPE))
-    gb = G + tl.load(WOFF + m)
+    w = _weight(W_PTRS, m, W_DTYPE, PTR_ALIGNED)
+    gb = _flat(G, WOFF, m)
     rs = r0 + tl.arange(0, BR)
     acc = tl.zeros((BR, BC), tl.float32)
     for c0 in range(0, n_cols, BC):
-        cs = c0 + tl.arange(0, BC)
+        cs = _span(c0, BC)
         wt = _load_tile(w, rs, cs, n_rows, n_cols, n_cols)
-        gt = tl.load(gb + rs[:, None] * n_cols + cs[None, :], mask=(rs[:, None] < n_rows) & (cs[None, :] < n_cols),
-                     other=0.0)
+        gt = _load_tile(gb, rs, cs, n_rows, n_cols, n_cols)
         acc += wt.to(tl.float32) * gt.to(tl.float32)
     tl.store(PART + tl.program_id(0), tl.sum(tl.sum(acc, axis=1), axis=0))
 
@@ -218,15 +270,12 @@ def sn_normalize_grad_kernel(GRAD, G, PART, SIGMA, U_OUT, V_OUT, TILE_MAT, TILE_
     rm = rs < n_rows
     u = tl.load(U_OUT + tl.load(UOFF + m) + rs, mask=rm, other=0.0) * coef
     vb = V_OUT + tl.load(VOFF + m)
-    off = tl.load(WOFF + m)
+    gb, db = _flat(G, WOFF, m), _flat(GRAD, WOFF, m)
     for c0 in range(0, n_cols, BC):
-        cs = c0 + tl.arange(0, BC)
-        cm = cs < n_cols
-        mask = rm[:, None] & cm[None, :]
-        v = tl.load(vb + cs, mask=cm, other=0.0)
-        g = tl.load(G + off + rs[:, None] * n_cols + cs[None, :], mask=mask, other=0.0).to(tl.float32)
-        tl.store(GRAD + off + rs[:, None] * n_cols + cs[None, :],
-                 (g * inv - u[:, None] * v[None, :]).to(GRAD.dtype.element_ty), mask=mask)
+        cs = _span(c0, BC)
+        v = tl.load(vb + cs, mask=cs < n_cols, other=0.0)
+        g = _load_tile(gb, rs, cs, n_rows, n_cols, n_cols).to(tl.float32)
+        _store_tile(db, g * inv - u[:, None] * v[None, :], rs, cs, n_rows, n_cols)
 
 
 class _Plan:
@@ -238,8 +287,14 @@ class _Plan:
         rows = [r for r, _ in shapes]
         cols = [c for _, c in shapes]
         off = lambda xs: [sum(xs[:i]) for i in range(len(xs))]  # noqa: E731
-        self.n_u, self.n_v, self.n_w = sum(rows), sum(cols), sum(r * c for r, c in shapes)
-        self.u_off, self.v_off, self.w_off = off(rows), off(cols), off([r * c for r, c in shapes])
+        self.n_u, self.n_v = sum(rows), sum(cols)
+        self.u_off, self.v_off = off(rows), off(cols)
+        # each matrix's place in the flat W / sigma and gradient buffers starts at a multiple of 4 elements, so
+        # its rows are 16-byte aligned (fp32) where their length is a multiple of 4: vector loads and stores
+        sizes = [r * c for r, c in shapes]
+        self.pads = [-n % 4 for n in sizes]
+        self.w_off = off([n + p for n, p in zip(sizes, self.pads)])
+        self.n_w = self.w_off[-1] + sizes[-1] + self.pads[-1]
         chunks = [(c + self.ch - 1) // self.ch for c in cols]
         self.max_chunks = max(chunks)
         largest_first = sorted(range(len(shapes)), key=lambda m: -rows[m] * cols[m])
@@ -265,14 +320,27 @@ class _Plan:
         self.uoff, self.voff, self.woff = i64(self.u_off), i64(self.v_off), i64(self.w_off)
         self._ptrs: Dict[tuple, torch.Tensor] = {}
 
-    def pointers(self, tensors: List[torch.Tensor]) -> torch.Tensor:
+    def pointers(self, tensors: List[torch.Tensor]) -> Tuple[torch.Tensor, bool]:
+        """(the tensors' data pointers as a device table, whether all are 16-byte aligned: the kernels' hint)."""
         key = tuple(t.data_ptr() for t in tensors)
         table = self._ptrs.get(key)
         if table is None:
             if len(self._ptrs) > 8:  # parameters moved for good (e.g. re-sharded): forget old layouts
                 self._ptrs.clear()
             table = self._ptrs[key] = torch.tensor(key, dtype=torch.int64, device=tensors[0].device)
-        return table
+        return table, all(p % 16 == 0 for p in key)
+
+    def flat(self, parts: List[torch.Tensor]) -> torch.Tensor:
+        """The matrices (flattened) in one buffer at their padded offsets: one concatenation."""
+        filler = parts[0].new_empty(3)
+        pieces: List[torch.Tensor] = []
+        for x, pad in zip(parts, self.pads):
+            pieces += [x.reshape(-1), filler[:pad]] if pad else [x.reshape(-1)]
+        return torch.cat(pieces)
+
+    def views(self, flat: torch.Tensor) -> List[torch.Tensor]:
+        """Each matrix's (rows, cols) view of a flat buffer."""
+        return [flat[o:o + r * c].view(r, c) for o, (r, c) in zip(self.w_off, self.shapes)]
 
 
 _PLANS: Dict[tuple, _Plan] = {}
@@ -289,7 +357,7 @@ def _power_iterate(plan: _Plan, ws: List[torch.Tensor], us: List[torch.Tensor], 
                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(sigmas, u_out, v_out, the weights' pointer table): n_iters steps for every matrix, 2 launches each."""
     dev = ws[0].device
-    w_ptrs, u_ptrs = plan.pointers(ws), plan.pointers(us)
+    (w_ptrs, aligned), (u_ptrs, _) = plan.pointers(ws), plan.pointers(us)
     wdt = tl_dtype(ws[0].dtype)
     u_out = torch.empty(plan.n_u, device=dev, dtype=torch.float32)
     u_part = torch.empty(plan.max_chunks, plan.n_u, device=dev, dtype=torch.float32)
@@ -300,16 +368,16 @@ def _power_iterate(plan: _Plan, ws: List[torch.Tensor], us: List[torch.Tensor], 
     for it in range(n_iters):
         sn_v_kernel[(plan.v_mat.numel(),)](
             w_ptrs, u_ptrs, u_out, v_out, plan.v_mat, plan.v_start, plan.rows, plan.cols, plan.uoff, plan.voff,
-            U_FROM_FLAT=it > 0, W_DTYPE=wdt, BR=plan.br, BC=plan.bc)
+            U_FROM_FLAT=it > 0, W_DTYPE=wdt, PTR_ALIGNED=aligned, BR=plan.br, BC=plan.bc)
         sn_u_kernel[(plan.u_mat.numel(),)](
             w_ptrs, u_out, u_part, v_out, sigmas, plan.u_mat, plan.u_start, plan.u_chunk, plan.ntiles,
             plan.count, plan.rows, plan.cols, plan.uoff, plan.voff, plan.nchunk, plan.n_u, eps, W_DTYPE=wdt,
-            BR=plan.br, BC=plan.bc, CH=plan.ch)
+            PTR_ALIGNED=aligned, BR=plan.br, BC=plan.bc, CH=plan.ch)
     if debug and torch.isnan(sigmas).any():  # a matrix whose last program never ran leaves its NaN
         missed = torch.isnan(sigmas).nonzero().flatten().tolist()
         raise RuntimeError(f"sn_u_kernel: no last program ran for matrices {missed} of shapes "
                            f"{[plan.shapes[i] for i in missed]}: the arrival counter is broken")
-    return sigmas, u_out, v_out, w_ptrs
+    return sigmas, u_out, v_out, (w_ptrs, aligned)
 
 
 class _FusedSN(torch.autograd.Function):
@@ -331,8 +399,7 @@ class _FusedSN(torch.autograd.Function):
         sn_grad_kernel[(plan.g_mat.numel(),)](
             grad, g_sigma.contiguous().float(), u_out, v_out, plan.g_mat, plan.g_start, plan.rows, plan.cols,
             plan.uoff, plan.voff, plan.woff, BR=plan.br, BC=plan.bc)
-        gws = [grad[o:o + r * c].view(r, c) for o, (r, c) in zip(plan.w_off, plan.shapes)]
-        return (None, None, None, None, *gws, *([None] * n))
+        return (None, None, None, None, *plan.views(grad), *([None] * n))
 
 
 def _check_inputs(weights: List[torch.Tensor], us: List[torch.Tensor]) -> None:
@@ -362,36 +429,34 @@ class _FusedNormalize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, plan: _Plan, n_iters: int, eps: float, out_dtype: torch.dtype, n: int, *tensors: torch.Tensor):
         ws, us = list(tensors[:n]), list(tensors[n:])
-        sigmas, u_out, v_out, w_ptrs = _power_iterate(plan, ws, us, n_iters, eps)
+        sigmas, u_out, v_out, (w_ptrs, aligned) = _power_iterate(plan, ws, us, n_iters, eps)
         flat = torch.empty(plan.n_w, device=ws[0].device, dtype=out_dtype)
         sn_scale_kernel[(plan.g_mat.numel(),)](
             w_ptrs, flat, sigmas, plan.g_mat, plan.g_start, plan.rows, plan.cols, plan.woff,
-            W_DTYPE=tl_dtype(ws[0].dtype), BR=plan.br, BC=plan.bc)
+            W_DTYPE=tl_dtype(ws[0].dtype), PTR_ALIGNED=aligned, BR=plan.br, BC=plan.bc)
         ctx.plan, ctx.w_dtype, ctx.out_dtype = plan, ws[0].dtype, out_dtype
         ctx.save_for_backward(sigmas, u_out, v_out, *ws)
         ctx.mark_non_differentiable(sigmas, u_out, v_out)
-        return (sigmas, u_out, v_out, *[flat[o:o + r * c].view(r, c) for o, (r, c) in zip(plan.w_off, plan.shapes)])
+        return (sigmas, u_out, v_out, *plan.views(flat))
 
     @staticmethod
     def backward(ctx, _gs, _gu, _gv, *grads: torch.Tensor):
         plan: _Plan = ctx.plan
         sigmas, u_out, v_out, *ws = ctx.saved_tensors
         # the kernels read one flat gradient: one copy (a layer whose output went unused has none: zeros)
-        g_flat = torch.cat([g.reshape(-1) if g is not None else torch.zeros(r * c, device=sigmas.device,
-                                                                              dtype=ctx.out_dtype)
+        g_flat = plan.flat([g if g is not None else torch.zeros(r * c, device=sigmas.device, dtype=ctx.out_dtype)
                             for g, (r, c) in zip(grads, plan.shapes)])
-        w_ptrs = plan.pointers(ws)
+        w_ptrs, aligned = plan.pointers(ws)
         part = torch.empty(plan.g_mat.numel(), device=g_flat.device, dtype=torch.float32)
         grid = (plan.g_mat.numel(),)
         sn_dot_kernel[grid](w_ptrs, g_flat, part, plan.g_mat, plan.g_start, plan.rows, plan.cols, plan.woff,
-                            W_DTYPE=tl_dtype(ctx.w_dtype), BR=plan.br, BC=plan.bc)
+                            W_DTYPE=tl_dtype(ctx.w_dtype), PTR_ALIGNED=aligned, BR=plan.br, BC=plan.bc)
         grad = torch.empty(plan.n_w, device=g_flat.device, dtype=ctx.w_dtype)
         sn_normalize_grad_kernel[grid](
             grad, g_flat, part, sigmas, u_out, v_out, plan.g_mat, plan.g_start, plan.rows, plan.cols, plan.uoff,
             plan.voff, plan.woff, plan.g_first, plan.g_ntiles, BR=plan.br, BC=plan.bc,
             BT=max(triton.next_power_of_2(plan.max_g_tiles), 2))
-        gws = [grad[o:o + r * c].view(r, c) for o, (r, c) in zip(plan.w_off, plan.shapes)]
-        return (None, None, None, None, None, *gws, *([None] * len(ws)))
+        return (None, None, None, None, None, *plan.views(grad), *([None] * len(ws)))
 
 
 def fused_normalize(weights: List[torch.Tensor], us: List[torch.Tensor], n_iters: int, eps: float,
