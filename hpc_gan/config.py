@@ -145,6 +145,8 @@ class TrainConfig:
     optimizer_impl: OptimizerImpl = "auto"  # auto: torch's fused Adam where it runs, else foreach; torch: per tensor
     compile: CompileMode = "off"           # torch.compile of G's and D's forward (the first steps compile)
     cuda_graphs: bool = False              # CUDA graphs through torch.compile's reduce-overhead mode (CUDA only)
+    cudnn_benchmark: bool = True           # CUDA: cuDNN times its algorithms once per conv shape and keeps the
+                                           # fastest (training shapes are fixed); false: its heuristics
     seed: int = 0
     precision: Precision = "fp32"          # bf16 / fp16 need a GPU
     ema_decay: float = 0.9999

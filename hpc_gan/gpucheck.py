@@ -242,7 +242,8 @@ def train_cases(smoke: bool) -> Tuple[Path, List[str], List[Tuple[int, str, List
     per GPU (MFU; host-bound or not), CUDA graphs at 32 (the operating point: host time) and compile at 256 (MFU),
     each compiling for a minute or so, then D's pooling through torch's avg_pool2d at 256 (the reference twin of
     model.pool_impl: what the upsampled gradient saves) and compile at 32 (mostly from the CUDA-graph case's kernel
-    cache). NCHW is measured no more: 12% slower in both runs of the first H100 session."""
+    cache), and, if time is left, cuDNN's heuristics in place of its benchmarked algorithms (train.cudnn_benchmark,
+    on by default). NCHW is measured no more: 12% slower in both runs of the first H100 session."""
     if smoke:
         return ROOT / "configs" / "demo.yaml", ["model.g_ch=8", "model.d_ch=8", "run.device=cpu"], \
             [(8, "eager", [])]
@@ -251,7 +252,8 @@ def train_cases(smoke: bool) -> Tuple[Path, List[str], List[Tuple[int, str, List
     return ROOT / "configs" / "imagenet128_reacgan_b2048.yaml", ["train.precision=bf16"], [
         (256, "eager nhwc", nhwc), (32, "eager nhwc", nhwc),
         (32, "cuda_graphs nhwc", ["train.cuda_graphs=true", *nhwc]), (256, "compile nhwc", compiled),
-        (256, "eager nhwc avg_pool2d", ["model.pool_impl=avg_pool2d", *nhwc]), (32, "compile nhwc", compiled)]
+        (256, "eager nhwc avg_pool2d", ["model.pool_impl=avg_pool2d", *nhwc]), (32, "compile nhwc", compiled),
+        (256, "eager nhwc no cudnn benchmark", ["train.cudnn_benchmark=false", *nhwc])]
 
 
 def stage_train(smoke: bool, deadline: float, save: Save) -> Dict[str, Any]:

@@ -57,3 +57,9 @@ def test_a_training_step_does_not_synchronize(tiny_cfg):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("on", [False, True])
+def test_cudnn_benchmark_follows_the_config(tiny_cfg, on):
+    Trainer(tiny_cfg("run.device=cuda", f"train.cudnn_benchmark={str(on).lower()}"), CUDA)
+    assert torch.backends.cudnn.benchmark is on

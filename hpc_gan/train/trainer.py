@@ -104,6 +104,8 @@ class Trainer:
         check_precision(t.precision, device)
         check_kernel_backends(cfg, device)
         self.compile_mode = compile_mode(cfg, device)
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = t.cudnn_benchmark
         self.amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[t.precision]
         if cfg.dist.strategy != "ddp":  # DeepSpeed's bf16 engine holds bf16 weights itself: no autocast on top
             self.amp_dtype = None
