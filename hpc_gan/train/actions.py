@@ -265,19 +265,19 @@ class WatchdogAction(Action):
     stop (AlarmStop, exit 3), or rollback (the loop reloads that checkpoint with the learning rates scaled)."""
     name = "watchdog"
 
-    def __init__(self, ctx: RunContext) -> None:
+    def __init__(self, ctx: RunContext, observed: List[Action]) -> None:
+        """``observed``: the actions whose results it reads (the logger, demo classifier, evaluation); it is due
+        when one of them was."""
         from hpc_gan.train.watchdog import Watchdog, read_alarms
         self.ctx, t = ctx, ctx.cfg.train
+        self.observed = observed
         self.dog = Watchdog(t)
         past = read_alarms(ctx.run_dir)  # a restarted run keeps its pins and its rollback count
         ctx.pinned.extend(Path(r["checkpoint"]) for r in past if r.get("checkpoint"))
         self.rollbacks = sum(r.get("action") == "rollback" for r in past)
 
     def due(self, step: int, final: bool) -> bool:
-        c = self.ctx.cfg
-        return not self.ctx.stopping and (step % c.train.log_every == 0 or final or
-                                          (c.train.demo_classifier and step % c.train.sample_every == 0) or
-                                          bool(c.eval.every and step % c.eval.every == 0))
+        return not self.ctx.stopping and any(a.due(step, final) for a in self.observed)
 
     def _checkpoint_before(self, step: int) -> Optional[Path]:
         before = [c for c in checkpoint.complete_checkpoints(self.ctx.run_dir / "checkpoints")
@@ -332,6 +332,7 @@ def build_actions(ctx: RunContext, preemption: Preemption) -> List[Action]:
         actions.append(DemoClassifier(ctx))
     if cfg.eval.every:
         actions.append(Evaluation(ctx))
-    if cfg.train.watchdog:
-        actions.append(WatchdogAction(ctx))  # last: it sees this step's metrics, checkpoint and evaluations
+    if cfg.train.watchdog:  # last: it sees this step's metrics, checkpoint and evaluations
+        observed = [a for a in actions if isinstance(a, (Logger, DemoClassifier, Evaluation))]
+        actions.append(WatchdogAction(ctx, observed))
     return actions
