@@ -371,6 +371,41 @@ def _child(name: str, smoke: bool, deadline: float, out: Path) -> int:
     return 0
 
 
+GOAL_SHAPE = "256x2048x2048 bfloat16"  # issue 15: D2D-CE at least 3x the best torch path here
+
+
+def goal_rows(report: Dict[str, Any]) -> List[Tuple[str, str, str]]:
+    """(goal, measured, met | missed | not measured) for the speed goals of issues 15 and 13, from what ran."""
+    stages = {s["name"]: s for s in report["stages"]}
+    rows: List[Tuple[str, str, str]] = []
+
+    def row(goal: str, value: Optional[float], fmt: str, ok: Callable[[float], bool]) -> None:
+        rows.append((goal, "n/a" if value is None else fmt.format(value),
+                     "not measured" if value is None else ("met" if ok(value) else "missed")))
+
+    k = stages.get("kernels", {})
+    for label, key in (("wall", "speedup_vs_best_torch"), ("device", "graph_speedup_vs_best_torch")):
+        speedups = k.get(key) or {}
+        row(f"D2D-CE fwd+bwd >= best torch path at every shape ({label})", min(speedups.values(), default=None),
+            "{:.2f}x (slowest shape)", lambda v: v >= 1)
+        row(f"D2D-CE >= 3x best torch at {GOAL_SHAPE} ({label})", speedups.get(GOAL_SHAPE), "{:.2f}x",
+            lambda v: v >= 3)
+    sn = stages.get("sn", {})
+    row("SN, all layers, per forward: >= 5x the per-layer loop", sn.get("normalize_triton_speedup_vs_loop"),
+        "{:.2f}x", lambda v: v >= 5)
+    row("SN within 1.5x of the bandwidth floor (device time)", sn.get("graph_normalize_triton_vs_floor"), "{:.2f}x",
+        lambda v: v <= 1.5)
+    runs = [r for r in stages.get("train", {}).get("runs", []) if "sec_per_step" in r]
+    mfu = [r["mfu"] for r in runs if r["batch"] == 256 and r.get("mfu")]
+    row("train step MFU >= 45% at 256 per GPU (best case)", 100 * max(mfu) if mfu else None, "{:.1f}%",
+        lambda v: v >= 45)
+    fast = [r for r in runs if r["batch"] == 32 and ("compile" in r["mode"] or "cuda_graphs" in r["mode"])]
+    busy = [r["gpu_busy"] for r in fast if r.get("gpu_busy") is not None]
+    row("not host-bound at 32 per GPU with compile or CUDA graphs (GPU busy, best case)",
+        100 * max(busy) if busy else None, "{:.0f}% busy", lambda v: v >= 80)
+    return rows
+
+
 def write_report(out_dir: Path, report: Dict[str, Any]) -> None:
     (out_dir / "report.json").write_text(json.dumps(report, indent=1, default=str))
     lines = [f"# GPU check, {report['started']}", "", f"command: `{report['command']}`", "",
@@ -398,6 +433,8 @@ def write_report(out_dir: Path, report: Dict[str, Any]) -> None:
             elif "batch" in r:
                 lines.append(f"- train, batch {r['batch']}, {r['mode']}: {r.get('status')} "
                              f"{r.get('why') or r.get('stderr', '')[-200:]}")
+    lines += ["", "Speed goals (issues 15 and 13)", "", "| goal | measured | |", "|---|---|---|"]
+    lines += [f"| {g} | {m} | {v} |" for g, m, v in goal_rows(report)]
     (out_dir / "report.md").write_text("\n".join(lines) + "\n")
 
 

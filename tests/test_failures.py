@@ -282,3 +282,16 @@ def test_the_gpu_check_pack_runs_every_stage_in_smoke_mode(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["report.json", "report.md"]  # stage files stay out of DIR
     md = (out / "report.md").read_text()
     assert all(f"| {name} |" in md for name in stages)
+    assert "Speed goals" in md and "| not host-bound at 32 per GPU" in md
+
+
+def test_the_gpu_check_reads_its_goals_off_the_first_h100_run():
+    """The report's goals table, from the first H100 run's own report (docs/gpu-runs): every speed goal missed or
+    not measured there, with the numbers docs/benchmarks.md quotes."""
+    from hpc_gan.gpucheck import goal_rows
+    report = json.loads((ROOT / "docs" / "gpu-runs" / "2026-11-26-h100-run2.json").read_text())
+    rows = {goal: (measured, verdict) for goal, measured, verdict in goal_rows(report)}
+    assert rows["D2D-CE >= 3x best torch at 256x2048x2048 bfloat16 (wall)"] == ("0.41x", "missed")
+    assert rows["train step MFU >= 45% at 256 per GPU (best case)"] == ("18.6%", "missed")
+    assert rows["SN, all layers, per forward: >= 5x the per-layer loop"] == ("n/a", "not measured")
+    assert not any(verdict == "met" for _, verdict in rows.values())
