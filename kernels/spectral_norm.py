@@ -105,7 +105,9 @@ def spectral_normalize(weights: Sequence[torch.Tensor], us: Sequence[torch.Tenso
     return [w.to(out_dtype) for w in normalized], u, v, sigmas
 
 
-_VIEWS: Dict[tuple, Tuple[List[torch.Tensor], List[torch.Tensor]]] = {}
+# per list of weight shapes: (their data pointers, the views, their transposes), for the current layout only: views
+# keep their storage alive, so a moved parameter's old storage is released at the next call
+_VIEWS: Dict[tuple, Tuple[tuple, List[torch.Tensor], List[torch.Tensor]]] = {}
 
 
 def _matrix_views(weights: Sequence[torch.Tensor]) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
@@ -114,14 +116,15 @@ def _matrix_views(weights: Sequence[torch.Tensor]) -> Tuple[List[torch.Tensor], 
     if any(w.dtype != torch.float32 for w in weights):
         mats = [w.detach().reshape(w.shape[0], -1).float() for w in weights]
         return mats, [m.t() for m in mats]
-    key = tuple((w.data_ptr(), tuple(w.shape)) for w in weights)
-    views = _VIEWS.get(key)
-    if views is None:
-        if len(_VIEWS) > 16:  # parameters moved for good (re-sharded, reloaded): forget old layouts
+    key = tuple(tuple(w.shape) for w in weights)
+    ptrs = tuple(w.data_ptr() for w in weights)
+    hit = _VIEWS.get(key)
+    if hit is None or hit[0] != ptrs:
+        if hit is None and len(_VIEWS) > 16:  # many networks in one process (tests): start over
             _VIEWS.clear()
         mats = [w.detach().reshape(w.shape[0], -1) for w in weights]
-        views = _VIEWS[key] = (mats, [m.t() for m in mats])
-    return views
+        hit = _VIEWS[key] = (ptrs, mats, [m.t() for m in mats])
+    return hit[1], hit[2]
 
 
 def _normalized(xs: List[torch.Tensor], eps: float) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
