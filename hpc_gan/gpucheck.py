@@ -297,8 +297,13 @@ def train_case(preset: str, out: str, steps: int, warmup: int, overrides: List[s
     """One training benchmark (the child process of stage_train): its numbers to ``out``."""
     from hpc_gan.config import load
     from hpc_gan.train.bench import bench_train
+    import torch._dynamo
     r = bench_train(load(Path(preset), overrides), steps=steps, warmup=warmup)
-    Path(out).write_text(json.dumps({k: r[k] for k in TRAIN_KEYS}, default=str))
+    row = {k: r[k] for k in TRAIN_KEYS}
+    # graphs dynamo compiled in this process: 4 for a compiled ReACGAN step (G with and without grad, D in each
+    # update), each once; more means recompiles
+    row["compiled_graphs"] = torch._dynamo.utils.counters["stats"].get("unique_graphs", 0)
+    Path(out).write_text(json.dumps(row, default=str))
     return 0
 
 
@@ -427,9 +432,10 @@ def write_report(out_dir: Path, report: Dict[str, Any]) -> None:
             if "sec_per_step" in r:
                 mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "n/a"
                 busy = f", GPU busy {100 * r['gpu_busy']:.0f}%" if r.get("gpu_busy") else ""
+                graphs = f", {r['compiled_graphs']} compiled graphs" if r.get("compiled_graphs") else ""
                 lines.append(f"- train, batch {r['batch']}, {r['mode']}: {1e3 * r['sec_per_step']:.1f} ms/step, "
                              f"MFU {mfu}, host-bound {r['host_bound']}{busy}, kernels/iteration "
-                             f"{r['cuda_kernels_per_iteration']}, first step {r['first_step_seconds']:.1f} s")
+                             f"{r['cuda_kernels_per_iteration']}, first step {r['first_step_seconds']:.1f} s{graphs}")
             elif "batch" in r:
                 lines.append(f"- train, batch {r['batch']}, {r['mode']}: {r.get('status')} "
                              f"{r.get('why') or r.get('stderr', '')[-200:]}")

@@ -278,7 +278,7 @@ def test_the_gpu_check_pack_runs_every_stage_in_smoke_mode(tmp_path):
     assert all(s["status"] in ("ok", "skip") for s in stages.values()), (proc.stdout, stages)
     assert proc.returncode == 0 and report["smoke"] is True
     assert stages["accuracy"]["worst_fp32_rel_error"] < 1e-4 and stages["determinism"]["bitwise_equal"]
-    assert stages["train"]["runs"][0]["sec_per_step"] > 0
+    assert stages["train"]["runs"][0]["sec_per_step"] > 0 and stages["train"]["runs"][0]["compiled_graphs"] == 0
     assert sorted(p.name for p in out.iterdir()) == ["report.json", "report.md"]  # stage files stay out of DIR
     md = (out / "report.md").read_text()
     assert all(f"| {name} |" in md for name in stages)
