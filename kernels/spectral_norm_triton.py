@@ -318,17 +318,18 @@ class _Plan:
         self.count = torch.zeros(len(shapes), dtype=torch.int32, device=device)
         self.rows, self.cols = i64(rows), i64(cols)
         self.uoff, self.voff, self.woff = i64(self.u_off), i64(self.v_off), i64(self.w_off)
-        self._ptrs: Dict[tuple, torch.Tensor] = {}
+        self._ptrs: Dict[tuple, Tuple[torch.Tensor, bool]] = {}
 
     def pointers(self, tensors: List[torch.Tensor]) -> Tuple[torch.Tensor, bool]:
         """(the tensors' data pointers as a device table, whether all are 16-byte aligned: the kernels' hint)."""
         key = tuple(t.data_ptr() for t in tensors)
-        table = self._ptrs.get(key)
-        if table is None:
+        hit = self._ptrs.get(key)
+        if hit is None:
             if len(self._ptrs) > 8:  # parameters moved for good (e.g. re-sharded): forget old layouts
                 self._ptrs.clear()
-            table = self._ptrs[key] = torch.tensor(key, dtype=torch.int64, device=tensors[0].device)
-        return table, all(p % 16 == 0 for p in key)
+            hit = self._ptrs[key] = (torch.tensor(key, dtype=torch.int64, device=tensors[0].device),
+                                     all(p % 16 == 0 for p in key))
+        return hit
 
     def flat(self, parts: List[torch.Tensor]) -> torch.Tensor:
         """The matrices (flattened) in one buffer at their padded offsets: one concatenation."""
@@ -354,8 +355,9 @@ def _plan(weights: List[torch.Tensor]) -> _Plan:
 
 
 def _power_iterate(plan: _Plan, ws: List[torch.Tensor], us: List[torch.Tensor], n_iters: int, eps: float
-                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(sigmas, u_out, v_out, the weights' pointer table): n_iters steps for every matrix, 2 launches each."""
+                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Tuple[torch.Tensor, bool]]:
+    """(sigmas, u_out, v_out, (the weights' pointer table, all aligned)): n_iters steps for every matrix, 2 launches
+    each."""
     dev = ws[0].device
     (w_ptrs, aligned), (u_ptrs, _) = plan.pointers(ws), plan.pointers(us)
     wdt = tl_dtype(ws[0].dtype)
