@@ -3,9 +3,11 @@ a 2-node training job, preemption and requeue with exact resume, a sweep array, 
 failing the job instead of hanging it. Skipped, with the reason, where Slurm cannot be started (not root, no apt)."""
 import json
 import os
+import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from hpc_gan.dist import launch
 from hpc_gan.train import checkpoint
 from hpc_gan.train.preempt import slurm_job_key
 
@@ -32,15 +35,33 @@ def _slurm_up(env) -> bool:
     return out.returncode == 0 and len([s for s in out.stdout.split() if s in ("idle", "mixed", "allocated")]) == 2
 
 
+def _free_port_block(span=16) -> int:
+    """A base port with BASE+1, +2, +10 (slurm/local's daemons) free, below the trainer's rendezvous ports."""
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(10000, launch.PORT_BASE - span, span)
+        try:
+            for port in (base + 1, base + 2, base + 10):
+                with socket.socket() as s:
+                    s.bind(("", port))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError("no free block of ports in [10000, 15000) for a local Slurm")
+
+
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
     env = dict(os.environ)
     if env.get("SLURM_CONF") and _slurm_up(env):
         yield env
         return
-    cluster = Path(os.environ.get("HPC_GAN_SLURM_DIR", "/tmp/hpc-gan-slurm-tests"))
+    # A cluster of this session's own: a second test run on the machine must neither share its daemons (whichever
+    # run ends first would stop them under the other's jobs) nor its job ids (equal ids derive equal ports).
+    cluster = Path(os.environ.get("HPC_GAN_SLURM_DIR") or tmp_path_factory.mktemp("slurm"))
+    env.update(SLURM_LOCAL_PORT_BASE=str(_free_port_block()), SLURM_LOCAL_FIRST_JOB_ID=str(random.randrange(1, 10**6)))
     proc = subprocess.run(["bash", str(ROOT / "slurm/local/start.sh"), str(cluster)], capture_output=True, text=True,
-                          timeout=600)
+                          timeout=600, env=env)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         pytest.skip(reason=f"no local Slurm could be started (needs root and apt, or a running Slurm with "

@@ -3,9 +3,13 @@
 # as fake nodes n1, n2 on 127.0.0.1. Installs Debian's slurmctld/slurmd/slurm-client/munge when missing (as root).
 # Usage: slurm/local/start.sh [DIR]   (default /tmp/hpc-gan-slurm) ; then: export SLURM_CONF=DIR/slurm.conf
 # Stop with slurm/local/stop.sh DIR (kills only the PIDs recorded here).
+# Two clusters on one machine need their own DIR, SLURM_LOCAL_PORT_BASE (the daemons listen on BASE+1, +2, +10) and
+# SLURM_LOCAL_FIRST_JOB_ID (the trainer derives its rendezvous port from the job id: equal ids, equal ports).
 set -euo pipefail
 DIR=$(realpath -m "${1:-/tmp/hpc-gan-slurm}")
-PORT_BASE=${SLURM_LOCAL_PORT_BASE:-17000}
+# below hpc_gan.dist.launch's rendezvous ports [15000, 32000), so a job's derived port never lands on a daemon
+PORT_BASE=${SLURM_LOCAL_PORT_BASE:-14000}
+FIRST_JOB_ID=${SLURM_LOCAL_FIRST_JOB_ID:-1}
 CPUS=${SLURM_LOCAL_CPUS:-1}
 mkdir -p "$DIR"/{state,log}
 
@@ -48,6 +52,7 @@ AccountingStorageType=accounting_storage/none
 MpiDefault=none
 ReturnToService=2
 JobRequeue=1
+FirstJobId=$FIRST_JOB_ID
 MinJobAge=600
 KillWait=5
 StateSaveLocation=$DIR/state
