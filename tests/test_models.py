@@ -1,6 +1,7 @@
 """Shapes, parameter counts against the BigGAN paper, and D's output dict per conditioning method."""
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from hpc_gan.errors import UserError
 from hpc_gan.models import biggan, biggan_deep
@@ -182,6 +183,66 @@ def test_pool_with_upsampled_gradient_is_avg_pool2d_bit_for_bit(dtype, fmt, shap
     assert torch.equal(gf, gr) and gf.dtype == dtype
     if fmt == torch.channels_last and shape[-1] % 2 == 0 and shape[-2] % 2 == 0:
         assert gf.is_contiguous(memory_format=torch.channels_last)
+
+
+class OpCount(TorchDispatchMode):
+    """The aten ops that launch a kernel (views left out) dispatched inside the block: ``.names``, ``.kernels``."""
+    VIEWS = {"permute", "view", "unsqueeze", "squeeze", "expand", "narrow", "slice", "_unsafe_view", "alias", "detach",
+             "t"}
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ not in self.VIEWS:
+            self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def kernels(self):
+        return len(self.names)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("shape", [(2, 5, 8, 8), (3, 4, 7, 10), (1, 6, 9, 5), (2, 1, 4, 6)])
+def test_reshaped_pool_and_expanded_upsampling_match_torch(dtype, fmt, shape):
+    """model.pool_impl=reshape and model.upsample_impl=expand against avg_pool2d and F.interpolate on fresh random
+    inputs, odd sizes, one channel, both memory formats: the upsampled values bit for bit, the pooled values and
+    both gradients within float rounding (sums of four in another order); outputs and gradients keep the input's
+    memory format, and each direction is one kernel (two reshapes of a pooled odd size excepted)."""
+    import torch.nn.functional as F
+
+    from hpc_gan.models.layers import make_pool, make_upsample
+    torch.manual_seed(int(torch.randint(0, 2 ** 31, (1,))))
+    tol = dict(rtol=0, atol=0) if dtype == torch.bfloat16 else dict(rtol=1e-6, atol=1e-6)
+    even = shape[-1] % 2 == 0 and shape[-2] % 2 == 0
+    x = torch.randn(*shape).to(dtype).contiguous(memory_format=fmt).requires_grad_()
+    for fast, ref, exact in ((make_pool("reshape"), make_pool("avg_pool2d"), False),
+                             (make_upsample("expand"), make_upsample("interpolate"), True)):
+        with OpCount() as ops:
+            got = fast(x)
+        want = ref(x)
+        assert torch.equal(got, want) if exact else torch.allclose(got, want, **tol), (got - want).abs().max()
+        g = torch.randn_like(want)
+        with OpCount() as back:
+            gf, = torch.autograd.grad(got, x, g)
+        gr, = torch.autograd.grad(want, x, g)
+        torch.testing.assert_close(gf, gr, **(tol if dtype == torch.float32 else dict(rtol=8e-3, atol=8e-3)))
+        if fmt == torch.channels_last and (even or exact):
+            assert got.is_contiguous(memory_format=fmt) and gf.is_contiguous(memory_format=fmt)
+        if even or exact:
+            assert ops.kernels == 1 and back.kernels == 1, (ops.names, back.names)
+
+
+def test_pool_and_upsample_choices_are_the_configs():
+    """The config's choices and the implementations are the same lists (config cannot import the models)."""
+    import typing
+
+    from hpc_gan.config import PoolImpl, UpsampleImpl
+    from hpc_gan.models.layers import POOLS, UPSAMPLES
+    assert set(typing.get_args(PoolImpl)) == set(POOLS) and set(typing.get_args(UpsampleImpl)) == set(UPSAMPLES)
 
 
 def test_g_block_shortcut_conv_before_the_upsampling_is_the_same_function():

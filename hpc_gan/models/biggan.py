@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from hpc_gan.errors import UserError
 from hpc_gan.models.heads import ConditioningHead
 from hpc_gan.models.layers import (ConditionalBatchNorm2d, GOutput, SelfAttention, SNConv2d, SNLinear, make_bn,
-                                   make_pool, orthogonal_init, run_blocks, upsample2x)
+                                   make_pool, make_upsample, orthogonal_init, run_blocks, upsample2x)
 
 # Channel multipliers per block: G blocks go in[i] -> out[i] and double the resolution, starting at 4x4.
 G_ARCH: Dict[int, Dict[str, List[int]]] = {
@@ -40,8 +40,9 @@ BOTTOM = 4  # G starts at 4x4
 
 class GBlock(nn.Module):
     def __init__(self, cin: int, cout: int, cond_dim: int, which_conv: Callable, which_linear: Callable,
-                 which_bn: Callable) -> None:
+                 which_bn: Callable, which_upsample: Callable = upsample2x) -> None:
         super().__init__()
+        self.upsample = which_upsample
         self.bn1 = ConditionalBatchNorm2d(cin, cond_dim, which_linear, which_bn)
         self.conv1 = which_conv(cin, cout)
         self.bn2 = ConditionalBatchNorm2d(cout, cond_dim, which_linear, which_bn)
@@ -49,11 +50,11 @@ class GBlock(nn.Module):
         self.conv_sc = which_conv(cin, cout, kernel_size=1, padding=0)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        h = upsample2x(F.relu(self.bn1(x, cond)))
+        h = self.upsample(F.relu(self.bn1(x, cond)))
         h = self.conv2(F.relu(self.bn2(self.conv1(h), cond)))
         # the 1x1 shortcut conv before the upsampling: the same function (a pointwise map commutes with copying
         # pixels), on a quarter of the pixels
-        return h + upsample2x(self.conv_sc(x))
+        return h + self.upsample(self.conv_sc(x))
 
 
 class Generator(nn.Module):
@@ -61,7 +62,8 @@ class Generator(nn.Module):
 
     def __init__(self, resolution: int, ch: int, n_classes: int, z_dim: int, shared_dim: int,
                  attn_res: int = 0, sn_eps: float = 1e-6, bn_eps: float = 1e-4,
-                 attn_impl: str = "sdpa", out_bn_eps: Optional[float] = None) -> None:
+                 attn_impl: str = "sdpa", out_bn_eps: Optional[float] = None,
+                 upsample_impl: str = "interpolate") -> None:
         super().__init__()
         if resolution not in G_ARCH:
             raise ValueError(f"BigGAN resolution {resolution} is not one of {sorted(G_ARCH)}")
@@ -83,7 +85,8 @@ class Generator(nn.Module):
         self.attn = nn.ModuleDict()
         res = BOTTOM
         for i, (cin, cout) in enumerate(zip(arch["in"], arch["out"])):
-            self.blocks.append(GBlock(cin * ch, cout * ch, cond_dim, which_conv, which_linear, which_bn))
+            self.blocks.append(GBlock(cin * ch, cout * ch, cond_dim, which_conv, which_linear, which_bn,
+                                      make_upsample(upsample_impl)))
             res *= 2
             if res == attn_res:
                 self.attn[str(i)] = SelfAttention(cout * ch, which_conv, attn_impl)

@@ -13,9 +13,9 @@ def build_generator(m: Any, n_classes: int) -> nn.Module:
     if m.arch == "biggan_deep":
         from hpc_gan.models import biggan_deep
         return biggan_deep.Generator(m.resolution, m.g_ch, n_classes, m.z_dim, m.shared_dim, m.g_attn_res,
-                                     m.sn_eps, m.bn_eps, m.attn_impl)
+                                     m.sn_eps, m.bn_eps, m.attn_impl, m.upsample_impl)
     return biggan.Generator(m.resolution, m.g_ch, n_classes, m.z_dim, m.shared_dim, m.g_attn_res, m.sn_eps, m.bn_eps,
-                            m.attn_impl, m.out_bn_eps)
+                            m.attn_impl, m.out_bn_eps, m.upsample_impl)
 
 
 def build_discriminator(m: Any, n_classes: int, cond: str) -> nn.Module:

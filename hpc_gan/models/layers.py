@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -30,6 +30,44 @@ def upsample2x(x: torch.Tensor) -> torch.Tensor:
         return F.interpolate(x, scale_factor=2.0, mode="nearest")
 
 
+def _pixels(x: torch.Tensor) -> Tuple[torch.Tensor, int]:
+    """x (N, C, H, W) as the view whose dims follow its memory, and the dim of H in it: (N, H, W, C) when x is
+    channels-last, else x itself. A reshape of that view touches memory in order, so it stays a view."""
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return x.permute(0, 2, 3, 1), 1
+    return x, 2
+
+
+def _as_nchw(p: torch.Tensor, h_dim: int) -> torch.Tensor:
+    return p.permute(0, 3, 1, 2) if h_dim == 1 else p
+
+
+def upsample2x_expand(x: torch.Tensor) -> torch.Tensor:
+    """upsample2x as one broadcast copy in x's own memory layout (model.upsample_impl=expand): each pixel expanded
+    to a 2x2 block and reshaped; its backward is one sum over the blocks (the gradient's four terms summed in
+    another order than torch's: within an ulp). The values are upsample2x's bit for bit. Why: on the first H100 run
+    torch's channels-last nearest-upsampling kernel moved ~0.8 TB/s of the 3 the device copies at (its kernel time
+    against the bytes of G's 30 upsamplings); a broadcast copy along contiguous channels should come closer."""
+    p, h = _pixels(x)
+    size = list(p.shape)
+    grid = p.unsqueeze(h + 2).unsqueeze(h + 1)  # (..., H, 1, W, 1, ...)
+    size[h:h + 2] = [size[h], 2, size[h + 1], 2]
+    out = grid.expand(size).flatten(h + 2, h + 3).flatten(h, h + 1)
+    return _as_nchw(out, h)
+
+
+def avg_pool2x2_reshape(x: torch.Tensor) -> torch.Tensor:
+    """F.avg_pool2d(x, 2) as a mean over 2x2 blocks of a view in x's own memory layout (model.pool_impl=reshape):
+    one reduction forward, one broadcast backward (autograd's). A trailing odd row / column is dropped, as torch
+    does."""
+    p, h = _pixels(x)
+    if p.shape[h] % 2 or p.shape[h + 1] % 2:  # only then: a narrowed view costs two kernels in the backward
+        p = p.narrow(h, 0, p.shape[h] // 2 * 2).narrow(h + 1, 0, p.shape[h + 1] // 2 * 2)
+    size = list(p.shape)
+    size[h:h + 2] = [size[h] // 2, 2, size[h + 1] // 2, 2]
+    return _as_nchw(p.reshape(size).mean((h + 1, h + 3)), h)
+
+
 class _AvgPool2x2(torch.autograd.Function):
     """F.avg_pool2d(x, 2) whose backward is upsample2x(grad / 4): avg_pool2d's own gradient bit for bit (the
     division by 4 is exact), as one bandwidth-bound copy. CUDA's avg_pool2d backward for channels-last took 110 ms
@@ -47,15 +85,24 @@ class _AvgPool2x2(torch.autograd.Function):
         return F.pad(out, (0, ctx.odd[0], 0, ctx.odd[1])) if any(ctx.odd) else out
 
 
-POOLS = {"nearest_grad": _AvgPool2x2.apply, "avg_pool2d": lambda x: F.avg_pool2d(x, 2)}
+POOLS = {"nearest_grad": _AvgPool2x2.apply, "reshape": avg_pool2x2_reshape, "avg_pool2d": lambda x: F.avg_pool2d(x, 2)}
+UPSAMPLES = {"interpolate": upsample2x, "expand": upsample2x_expand}
 
 
 def make_pool(impl: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """D's 2x2 average pooling (``model.pool_impl``): "nearest_grad" (its backward as an upsampling) or
-    "avg_pool2d" (torch's, the reference)."""
+    """D's 2x2 average pooling (``model.pool_impl``): "nearest_grad" (its backward as an upsampling), "reshape" (a
+    mean over a view) or "avg_pool2d" (torch's, the reference)."""
     if impl not in POOLS:
         raise ValueError(f"pool_impl={impl!r} is not one of {sorted(POOLS)}")
     return POOLS[impl]
+
+
+def make_upsample(impl: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """G's 2x nearest upsampling (``model.upsample_impl``): "interpolate" (torch's, the reference) or "expand" (a
+    broadcast copy)."""
+    if impl not in UPSAMPLES:
+        raise ValueError(f"upsample_impl={impl!r} is not one of {sorted(UPSAMPLES)}")
+    return UPSAMPLES[impl]
 
 
 class SpectralNormMixin:
