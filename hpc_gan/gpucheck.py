@@ -9,6 +9,8 @@ cut off by its time box (or the lease) still reports its finished cases:
   kernels      D2D-CE forward + backward: the kernel, the kernel before the column split, torch fp32, a torch bf16
                path, torch.compile of the reference (medians of triton.testing.do_bench)
   sn           spectral norm of BigGAN-128's 65 layers: per-layer loop, foreach, Triton, and the bandwidth floor
+  layers       D's poolings and G's upsamplings at BigGAN-128's shapes, batch 256, bf16, channels-last: each
+               model.pool_impl / model.upsample_impl forward and backward, ms per iteration against the floor
   train        the BigGAN-128 ReACGAN step in bf16 at 32 and 256 samples per GPU: eager, CUDA graphs, compiled;
                MFU, host vs device time, kernels per iteration
   tests        tests/test_gpu.py (no host sync in a training step) and tests/test_kernels.py on the GPU (less the
@@ -39,7 +41,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # that one call may take (the first H100 run took 380 s). What a stage leaves of its box goes to the next one (the
 # train stage's compiled cases can use it), so the whole call stays within the sum.
 STAGES: List[Tuple[str, int, int]] = [
-    ("env", 15, 60), ("accuracy", 40, 120), ("kernels", 70, 120), ("sn", 45, 120), ("train", 200, 240),
+    ("env", 15, 60), ("accuracy", 40, 120), ("kernels", 70, 120), ("sn", 45, 120), ("layers", 20, 60),
+    ("train", 180, 240),
     ("tests", 60, 240), ("determinism", 25, 120), ("dali", 10, 60), ("deepspeed", 10, 60),
 ]
 Save = Callable[[Dict[str, Any]], None]  # a looping stage's partial result, written after each case
@@ -232,6 +235,27 @@ def stage_sn(smoke: bool, deadline: float, save: Save) -> Dict[str, Any]:
     return out
 
 
+def stage_layers(smoke: bool, deadline: float, save: Save) -> Dict[str, Any]:
+    import torch
+
+    from hpc_gan.config import load
+    from hpc_gan.models.resample_bench import bench_resampling
+    from kernels.bench import median_ms
+    dev = _device(smoke)
+    if dev.type == "cuda":
+        from triton.testing import do_bench
+
+        def time_ms(fn: Callable[[], Any]) -> float:  # short: ~80 timings must fit the stage's box
+            return float(do_bench(fn, warmup=5, rep=20, return_mode="median"))
+        cfg, batch, dtype = load(ROOT / "configs" / "imagenet128_reacgan_b2048.yaml"), 256, torch.bfloat16
+    else:
+        def time_ms(fn: Callable[[], Any]) -> float:
+            return median_ms(fn, dev, reps=3)
+        cfg, batch, dtype = load(ROOT / "configs" / "demo.yaml"), 4, torch.float32
+    out = bench_resampling(cfg, batch, dev, dtype, time_ms, _copy_gb_per_s(dev))
+    return {**out, "batch": batch, "dtype": str(dtype)[6:]}
+
+
 TRAIN_KEYS = ("sec_per_step", "samples_per_s_per_device", "tflops_per_device", "mfu", "gpu_busy", "host_bound",
               "aten_ops_per_iteration", "cuda_kernels_per_iteration", "kernel_device_ms_per_iteration",
               "first_step_seconds", "peak_memory_gib", "phase_ms_per_step", "phase_host_ms_per_step", "top_kernels")
@@ -240,10 +264,10 @@ TRAIN_KEYS = ("sec_per_step", "samples_per_s_per_device", "tflops_per_device", "
 def train_cases(smoke: bool) -> Tuple[Path, List[str], List[Tuple[int, str, List[str]]]]:
     """(preset, overrides for all, [(batch per GPU, label, overrides)]): the most telling first. Eager at 256 and 32
     per GPU (MFU; host-bound or not), CUDA graphs at 32 (the operating point: host time) and compile at 256 (MFU),
-    each compiling for a minute or so, then D's pooling through torch's avg_pool2d at 256 (the reference twin of
-    model.pool_impl: what the upsampled gradient saves) and compile at 32 (mostly from the CUDA-graph case's kernel
-    cache), and, if time is left, cuDNN's heuristics in place of its benchmarked algorithms (train.cudnn_benchmark,
-    on by default). NCHW is measured no more: 12% slower in both runs of the first H100 session."""
+    each compiling for a minute or so, then compile at 32 (mostly from the CUDA-graph case's kernel cache), and,
+    if time is left, cuDNN's heuristics in place of its benchmarked algorithms (train.cudnn_benchmark, on by
+    default). NCHW is measured no more: 12% slower in both runs of the first H100 session. The pooling and
+    upsampling choices are timed by the layers stage, op by op, in seconds instead of a step case each."""
     if smoke:
         return ROOT / "configs" / "demo.yaml", ["model.g_ch=8", "model.d_ch=8", "run.device=cpu"], \
             [(8, "eager", [])]
@@ -252,7 +276,7 @@ def train_cases(smoke: bool) -> Tuple[Path, List[str], List[Tuple[int, str, List
     return ROOT / "configs" / "imagenet128_reacgan_b2048.yaml", ["train.precision=bf16"], [
         (256, "eager nhwc", nhwc), (32, "eager nhwc", nhwc),
         (32, "cuda_graphs nhwc", ["train.cuda_graphs=true", *nhwc]), (256, "compile nhwc", compiled),
-        (256, "eager nhwc avg_pool2d", ["model.pool_impl=avg_pool2d", *nhwc]), (32, "compile nhwc", compiled),
+        (32, "compile nhwc", compiled),
         (256, "eager nhwc no cudnn benchmark", ["train.cudnn_benchmark=false", *nhwc])]
 
 
@@ -419,7 +443,7 @@ def write_report(out_dir: Path, report: Dict[str, Any]) -> None:
     for s in report["stages"]:
         keep = {k: v for k, v in s.items() if k not in ("name", "status", "seconds", "rows", "runs", "traceback",
                                                         "d2d_ce", "sn", "speedup_vs_best_torch", "output_tail",
-                                                        "graph_speedup_vs_best_torch")}
+                                                        "graph_speedup_vs_best_torch", "ms_per_iteration")}
         summary = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in keep.items())
         lines.append(f"| {s['name']} | {s['status']} | {s['seconds']} | {summary[:300]} |")
     for s in report["stages"]:
@@ -429,6 +453,10 @@ def write_report(out_dir: Path, report: Dict[str, Any]) -> None:
                       "alone, CUDA-graph replay)", "", "| shape | wall | device |", "|---|---|---|"]
             lines += [f"| {k} | {v:.2f}x | " + (f"{graph[k]:.2f}x |" if k in graph else "n/a |")
                       for k, v in s["speedup_vs_best_torch"].items()]
+        for op, per in (s.get("ms_per_iteration") or {}).items():
+            impls = ", ".join(f"{k} {v:.1f}" for k, v in per.items() if k != "floor_ms")
+            lines.append(f"- {op}, ms per iteration at batch {s.get('batch')} ({s.get('dtype')}): {impls}; "
+                         f"floor {per['floor_ms']:.1f}; fastest: {s['best'][op]}")
         for r in s.get("runs", []):
             if "sec_per_step" in r:
                 mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "n/a"

@@ -274,11 +274,17 @@ def test_the_gpu_check_pack_runs_every_stage_in_smoke_mode(tmp_path):
                           capture_output=True, text=True, env=env(), cwd=ROOT, timeout=900)
     report = json.loads((out / "report.json").read_text())
     stages = {s["name"]: s for s in report["stages"]}
-    assert list(stages) == ["env", "accuracy", "kernels", "sn", "train", "tests", "determinism", "dali", "deepspeed"]
+    assert list(stages) == ["env", "accuracy", "kernels", "sn", "layers", "train", "tests", "determinism", "dali",
+                            "deepspeed"]
     assert all(s["status"] in ("ok", "skip") for s in stages.values()), (proc.stdout, stages)
     assert proc.returncode == 0 and report["smoke"] is True
     assert stages["accuracy"]["worst_fp32_rel_error"] < 1e-4 and stages["determinism"]["bitwise_equal"]
     assert stages["train"]["runs"][0]["sec_per_step"] > 0 and stages["train"]["runs"][0]["compiled_graphs"] == 0
+    layers = stages["layers"]  # every implementation timed at every shape D and G resample at
+    assert {(r["op"], r["impl"]) for r in layers["rows"]} == {("pool", "nearest_grad"), ("pool", "reshape"),
+                                                            ("pool", "avg_pool2d"), ("upsample", "interpolate"),
+                                                            ("upsample", "expand")}
+    assert all(v > 0 for per in layers["ms_per_iteration"].values() for v in per.values())
     assert sorted(p.name for p in out.iterdir()) == ["report.json", "report.md"]  # stage files stay out of DIR
     md = (out / "report.md").read_text()
     assert all(f"| {name} |" in md for name in stages)

@@ -211,9 +211,7 @@ def test_reshaped_pool_and_expanded_upsampling_match_torch(dtype, fmt, shape):
     """model.pool_impl=reshape and model.upsample_impl=expand against avg_pool2d and F.interpolate on fresh random
     inputs, odd sizes, one channel, both memory formats: the upsampled values bit for bit, the pooled values and
     both gradients within float rounding (sums of four in another order); outputs and gradients keep the input's
-    memory format, and each direction is one kernel (two reshapes of a pooled odd size excepted)."""
-    import torch.nn.functional as F
-
+    memory format, and each direction is one kernel (the narrowing of a pooled odd size excepted)."""
     from hpc_gan.models.layers import make_pool, make_upsample
     torch.manual_seed(int(torch.randint(0, 2 ** 31, (1,))))
     tol = dict(rtol=0, atol=0) if dtype == torch.bfloat16 else dict(rtol=1e-6, atol=1e-6)
@@ -268,3 +266,25 @@ def test_g_block_shortcut_conv_before_the_upsampling_is_the_same_function():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         up = upsample2x(xb)
     assert up.dtype == torch.bfloat16 and torch.equal(up, F.interpolate(xb.float(), scale_factor=2.0).bfloat16())
+
+
+def test_resample_bench_records_the_shapes_biggan_resamples_at():
+    """The layers stage's shapes, recorded from a forward on the meta device, against BigGAN-128's block tables: per
+    G block its input and its shortcut conv's output upsampled; per downsampling D block its output pooled and the
+    shortcut's (the RGB image in the first, non-pre-activation block)."""
+    from pathlib import Path
+
+    from hpc_gan.config import load
+    from hpc_gan.models.resample_bench import resample_shapes
+    cfg = load(Path(__file__).parents[1] / "configs" / "imagenet128_reacgan_b2048.yaml",
+               ["model.g_ch=8", "model.d_ch=8", "model.embed_dim=8"])
+    n, g_ch, d_ch = 3, 8, 8
+    got = resample_shapes(cfg, n)
+    g, d = biggan.G_ARCH[128], biggan.D_ARCH[128]
+    want_up = [(n, c * g_ch, 4 << i, 4 << i) for i in range(len(g["in"])) for c in (g["in"][i], g["out"][i])]
+    want_pool, res = [], 128
+    for i, (cout, down) in enumerate(zip(d["out"], d["down"])):
+        if down:
+            want_pool += [(n, cout * d_ch, res, res), (n, 3 if i == 0 else cout * d_ch, res, res)]
+            res //= 2
+    assert sorted(got["upsample"]) == sorted(want_up) and sorted(got["pool"]) == sorted(want_pool)
