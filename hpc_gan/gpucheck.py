@@ -252,7 +252,7 @@ def stage_layers(smoke: bool, deadline: float, save: Save) -> Dict[str, Any]:
         def time_ms(fn: Callable[[], Any]) -> float:
             return median_ms(fn, dev, reps=3)
         cfg, batch, dtype = load(ROOT / "configs" / "demo.yaml"), 4, torch.float32
-    out = bench_resampling(cfg, batch, dev, dtype, time_ms, _copy_gb_per_s(dev))
+    out = bench_resampling(cfg, batch, dev, dtype, time_ms, _copy_gb_per_s(dev), deadline - 2)
     return {**out, "batch": batch, "dtype": str(dtype)[6:]}
 
 
@@ -456,7 +456,7 @@ def write_report(out_dir: Path, report: Dict[str, Any]) -> None:
         for op, per in (s.get("ms_per_iteration") or {}).items():
             impls = ", ".join(f"{k} {v:.1f}" for k, v in per.items() if k != "floor_ms")
             lines.append(f"- {op}, ms per iteration at batch {s.get('batch')} ({s.get('dtype')}): {impls}; "
-                         f"floor {per['floor_ms']:.1f}; fastest: {s['best'][op]}")
+                         f"floor {per['floor_ms']:.1f}; fastest: {s['best'].get(op, 'n/a')}")
         for r in s.get("runs", []):
             if "sec_per_step" in r:
                 mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "n/a"

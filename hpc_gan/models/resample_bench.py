@@ -6,6 +6,7 @@ measurement: on the first H100 run, channels-last, torch's avg_pool2d backward a
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any, Callable, Dict, List, Tuple
 
 import torch
@@ -56,15 +57,18 @@ def _bytes(kind: str, shape: Shape, elem: int) -> int:
 
 
 def bench_resampling(cfg: Any, batch: int, device: torch.device, dtype: torch.dtype,
-                     time_ms: Callable[[Callable[[], Any]], float], copy_gb_per_s: float) -> Dict[str, Any]:
+                     time_ms: Callable[[Callable[[], Any]], float], copy_gb_per_s: float,
+                     deadline: float = float("inf")) -> Dict[str, Any]:
     """Per implementation: ms forward and forward + backward per shape, and per training iteration at
     ``cfg.train.n_dis``: each D step pools a joined real + fake batch (2 x ``batch``) forward and backward, the G
     step's D half of that (its backward to the input is the same kernel); G upsamples forward in every step and
-    backward in the G step. The floor moves each byte once at ``copy_gb_per_s``."""
+    backward in the G step. The floor moves each byte once at ``copy_gb_per_s``. Past ``deadline`` (time.time())
+    the rest is skipped: an implementation with a shape left out gets no per-iteration total."""
     channels_last = torch.channels_last
     n_dis = cfg.train.n_dis
-    plans = {"pool": (POOLS, resample_shapes(cfg, 2 * batch)["pool"], (n_dis + 0.5, n_dis + 0.5)),
-             "upsample": (UPSAMPLES, resample_shapes(cfg, batch)["upsample"], (n_dis + 1.0, 1.0))}
+    shapes = resample_shapes(cfg, batch)  # built once (seconds on the meta device); D's batch is joined: 2x
+    plans = {"pool": (POOLS, [(2 * s[0], *s[1:]) for s in shapes["pool"]], (n_dis + 0.5, n_dis + 0.5)),
+             "upsample": (UPSAMPLES, shapes["upsample"], (n_dis + 1.0, 1.0))}
     rows: List[Dict[str, Any]] = []
     per_iteration: Dict[str, Dict[str, float]] = {}
     for kind, (impls, shapes, (fwd_per_it, bwd_per_it)) in plans.items():
@@ -78,6 +82,9 @@ def bench_resampling(cfg: Any, batch: int, device: torch.device, dtype: torch.dt
         for impl, fn in impls.items():
             total = 0.0
             for shape, count in counts.items():
+                if time.time() > deadline:
+                    total = float("nan")
+                    break
                 x = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=channels_last)
                 xg = x.detach().requires_grad_()
                 g = torch.randn_like(fn(x))
@@ -86,6 +93,7 @@ def bench_resampling(cfg: Any, batch: int, device: torch.device, dtype: torch.dt
                 rows.append({"op": kind, "impl": impl, "shape": list(shape), "calls_per_forward": count,
                              "forward_ms": fwd, "forward_backward_ms": both})
                 total += count * (fwd_per_it * fwd + bwd_per_it * max(both - fwd, 0.0))
-            per_iteration[kind][impl] = total
-    return {"rows": rows, "ms_per_iteration": per_iteration,
-            "best": {k: min((i for i in v if i != "floor_ms"), key=v.get) for k, v in per_iteration.items()}}
+            if total == total:  # not cut short
+                per_iteration[kind][impl] = total
+    best = {k: min((i for i in v if i != "floor_ms"), key=v.get) for k, v in per_iteration.items() if len(v) > 1}
+    return {"rows": rows, "ms_per_iteration": per_iteration, "best": best}
