@@ -193,7 +193,8 @@ def test_fast_paths_train_like_their_reference(tiny_cfg, knob, fast, ref):
         nets[impl] = (tr.g.module.state_dict(), tr.d.module.state_dict(), tr.ema.model.state_dict())
     for a, b in zip(nets[fast], nets[ref]):
         for k in b:
-            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=f"{knob}={fast}: {k}")
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5,
+                                       msg=lambda m, k=k: f"{knob}={fast}: {k}: {m}")
 
 
 def test_compiled_steps_equal_eager_and_resume(tiny_cfg, tmp_path):
