@@ -17,7 +17,6 @@ import torch.distributed as dist
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
-torch.set_num_threads(1)
 
 from hpc_gan.config import load  # noqa: E402
 from hpc_gan.dist import launch  # noqa: E402
@@ -104,6 +103,7 @@ def mode_eval(out: Path, info: launch.DistInfo) -> None:
 
 
 def main() -> None:
+    torch.set_num_threads(1)  # here, not at import: test_dist and test_eval import the cases into pytest's process
     mode, out = sys.argv[1], Path(sys.argv[2])
     info = launch.init(timeout_s=120, device_type="cpu")
     try:

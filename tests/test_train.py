@@ -182,8 +182,10 @@ def test_periodic_actions_run_at_their_own_intervals_and_are_timed(tiny_cfg, tmp
     ("model.upsample_impl", "expand", "interpolate")])
 def test_fast_paths_train_like_their_reference(tiny_cfg, knob, fast, ref):
     """Three full steps with a fast path and with its reference twin give the same networks (adam_eps=1 keeps
-    float-rounding differences from being blown up to +-lr by Adam)."""
-    base = ["loss.ortho_beta=1e-3", "model.g_attn_res=8", "model.d_attn_res=8", "train.adam_eps=1.0",
+    float-rounding differences from being blown up to +-lr by Adam; the non-saturating loss has no kink: under
+    the hinge, a rounding difference at a sample's margin switches its whole gradient on or off, which no
+    tolerance covers and which happened to upsample_impl=expand at one thread)."""
+    base = ["loss.adv=nonsaturating", "loss.ortho_beta=1e-3", "model.g_attn_res=8", "model.d_attn_res=8", "train.adam_eps=1.0",
             "train.g_lr=0.01", "train.d_lr=0.01"]
     nets = {}
     for impl in (fast, ref):
