@@ -104,6 +104,20 @@ def logs(tmp):
     return "\n".join(p.read_text() for p in Path(tmp).glob("*.out"))
 
 
+def release_requeued(env, job, timeout=60):
+    """Start a requeued job now instead of at its BeginTime (~100 s later), once its nodes have finished the
+    previous run: Slurm revokes that run's credential with one-second resolution, so a start within the same second
+    fails ("Killing non-startable batch job: Job credential revoked", the job FAILED), which is why Slurm delays it."""
+    end = time.time() + timeout
+    while time.time() < end:
+        states = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True, env=env).stdout
+        if states.split() and all(st == "idle" for st in states.split()):
+            break
+        time.sleep(0.5)
+    time.sleep(2.0)  # past the revocation's second
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, check=True)
+
+
 def wait_for_step(run_dir, step, timeout=180):
     end = time.time() + timeout
     path = Path(run_dir) / "metrics.jsonl"
@@ -144,8 +158,8 @@ def test_preemption_requeues_and_resumes_exactly(slurm, tmp_path):
         time.sleep(0.5)
     else:
         raise AssertionError(f"job {job} was not requeued: {state} {reason}\n{logs(tmp_path)}")
-    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm, check=True)
-    assert wait(slurm, job) == "COMPLETED", logs(tmp_path)
+    release_requeued(slurm, job)
+    assert wait(slurm, job) == "COMPLETED", f"{job_state(slurm, job)[2]}\n{logs(tmp_path)}"
     out = logs(tmp_path)
     assert "preemption signal: saving a checkpoint at step" in out and f"requeued Slurm job {job}" in out
     assert "resumed from" in out and "SLURM_RESTART_COUNT=1" in (run / "slurm-job.env").read_text()
