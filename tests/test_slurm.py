@@ -27,12 +27,17 @@ TINY = ("model.g_ch=8 model.d_ch=8 model.embed_dim=16 data.synthetic_size=256 tr
         "dist.timeout_s=30")
 
 
-def _slurm_up(env) -> bool:
+def node_states(env) -> list:
+    """sinfo's state of each node ("idle", "allocated", "completing", ...); none when Slurm does not answer."""
     try:
         out = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True, env=env, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
-        return False
-    return out.returncode == 0 and len([s for s in out.stdout.split() if s in ("idle", "mixed", "allocated")]) == 2
+        return []
+    return out.stdout.split() if out.returncode == 0 else []
+
+
+def _slurm_up(env) -> bool:
+    return len([s for s in node_states(env) if s in ("idle", "mixed", "allocated")]) == 2
 
 
 def _free_port_block(span=16) -> int:
@@ -110,8 +115,8 @@ def release_requeued(env, job, timeout=60):
     fails ("Killing non-startable batch job: Job credential revoked", the job FAILED), which is why Slurm delays it."""
     end = time.time() + timeout
     while time.time() < end:
-        states = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True, env=env).stdout
-        if states.split() and all(st == "idle" for st in states.split()):
+        states = node_states(env)
+        if states and all(st == "idle" for st in states):
             break
         time.sleep(0.5)
     time.sleep(2.0)  # past the revocation's second

@@ -5,7 +5,9 @@ measurement: on the first H100 run, channels-last, torch's avg_pool2d backward a
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
+import math
 import time
 from typing import Any, Callable, Dict, List, Tuple
 
@@ -49,10 +51,7 @@ def resample_shapes(cfg: Any, batch: int) -> Dict[str, List[Shape]]:
 
 def _bytes(kind: str, shape: Shape, elem: int) -> int:
     """Bytes one direction must move (the same both ways): the full-size side once, the quarter-size side once."""
-    n = 1
-    for s in shape:
-        n *= s
-    full = n * 4 if kind == "upsample" else n  # the upsampling's output is 4x its input
+    full = math.prod(shape) * (4 if kind == "upsample" else 1)  # the upsampling's output is 4x its input
     return (full + full // 4) * elem
 
 
@@ -64,28 +63,22 @@ def bench_resampling(cfg: Any, batch: int, device: torch.device, dtype: torch.dt
     step's D half of that (its backward to the input is the same kernel); G upsamples forward in every step and
     backward in the G step. The floor moves each byte once at ``copy_gb_per_s``. Past ``deadline`` (time.time())
     the rest is skipped: an implementation with a shape left out gets no per-iteration total."""
-    channels_last = torch.channels_last
     n_dis = cfg.train.n_dis
-    shapes = resample_shapes(cfg, batch)  # built once (seconds on the meta device); D's batch is joined: 2x
-    plans = {"pool": (POOLS, [(2 * s[0], *s[1:]) for s in shapes["pool"]], (n_dis + 0.5, n_dis + 0.5)),
-             "upsample": (UPSAMPLES, shapes["upsample"], (n_dis + 1.0, 1.0))}
+    recorded = resample_shapes(cfg, batch)  # built once (seconds on the meta device); D's batch is joined: 2x
+    plans = {"pool": (POOLS, [(2 * s[0], *s[1:]) for s in recorded["pool"]], (n_dis + 0.5, n_dis + 0.5)),
+             "upsample": (UPSAMPLES, recorded["upsample"], (n_dis + 1.0, 1.0))}
     rows: List[Dict[str, Any]] = []
     per_iteration: Dict[str, Dict[str, float]] = {}
     for kind, (impls, shapes, (fwd_per_it, bwd_per_it)) in plans.items():
-        counts: Dict[Shape, int] = {}
-        for s in shapes:
-            counts[s] = counts.get(s, 0) + 1
-        elem = torch.empty((), dtype=dtype).element_size()
-        moved = sum(c * (fwd_per_it + bwd_per_it) * _bytes(kind, s, elem) for s, c in counts.items())
-        floor = moved / (copy_gb_per_s * 1e9) * 1e3
-        per_iteration[kind] = {"floor_ms": floor}
+        counts = collections.Counter(shapes)
+        moved = sum(c * (fwd_per_it + bwd_per_it) * _bytes(kind, s, dtype.itemsize) for s, c in counts.items())
+        per_iteration[kind] = {"floor_ms": moved / (copy_gb_per_s * 1e9) * 1e3}
         for impl, fn in impls.items():
             total = 0.0
             for shape, count in counts.items():
                 if time.time() > deadline:
-                    total = float("nan")
                     break
-                x = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=channels_last)
+                x = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
                 xg = x.detach().requires_grad_()
                 g = torch.randn_like(fn(x))
                 fwd = time_ms(lambda: fn(x))
@@ -93,7 +86,7 @@ def bench_resampling(cfg: Any, batch: int, device: torch.device, dtype: torch.dt
                 rows.append({"op": kind, "impl": impl, "shape": list(shape), "calls_per_forward": count,
                              "forward_ms": fwd, "forward_backward_ms": both})
                 total += count * (fwd_per_it * fwd + bwd_per_it * max(both - fwd, 0.0))
-            if total == total:  # not cut short
+            else:  # every shape timed
                 per_iteration[kind][impl] = total
     best = {k: min((i for i in v if i != "floor_ms"), key=v.get) for k, v in per_iteration.items() if len(v) > 1}
     return {"rows": rows, "ms_per_iteration": per_iteration, "best": best}
