@@ -45,6 +45,7 @@ STAGES: List[Tuple[str, int, int]] = [
     ("train", 180, 240),
     ("tests", 60, 240), ("determinism", 25, 120), ("dali", 10, 60), ("deepspeed", 10, 60),
 ]
+STAGE_DIR_ENV = "HPC_GAN_GPU_CHECK_STAGES"  # where the stages' own result files are, for the stages after them
 Save = Callable[[Dict[str, Any]], None]  # a looping stage's partial result, written after each case
 
 
@@ -267,17 +268,35 @@ def train_cases(smoke: bool) -> Tuple[Path, List[str], List[Tuple[int, str, List
     each compiling for a minute or so, then compile at 32 (mostly from the CUDA-graph case's kernel cache), and,
     if time is left, cuDNN's heuristics in place of its benchmarked algorithms (train.cudnn_benchmark, on by
     default). NCHW is measured no more: 12% slower in both runs of the first H100 session. The pooling and
-    upsampling choices are timed by the layers stage, op by op, in seconds instead of a step case each."""
+    upsampling choices are timed by the layers stage, op by op, in seconds instead of a step case each; where its
+    fastest are not the defaults, one eager case at 256 runs them, before the cuDNN case."""
+    fastest = _fastest_resampling()
     if smoke:
         return ROOT / "configs" / "demo.yaml", ["model.g_ch=8", "model.d_ch=8", "run.device=cpu"], \
-            [(8, "eager", [])]
+            [(8, "eager", [])] + ([(8, "eager fastest resampling", fastest)] if fastest else [])
     nhwc = ["model.memory_format=channels_last"]
     compiled = ["train.compile=default", *nhwc]
     return ROOT / "configs" / "imagenet128_reacgan_b2048.yaml", ["train.precision=bf16"], [
         (256, "eager nhwc", nhwc), (32, "eager nhwc", nhwc),
         (32, "cuda_graphs nhwc", ["train.cuda_graphs=true", *nhwc]), (256, "compile nhwc", compiled),
-        (32, "compile nhwc", compiled),
-        (256, "eager nhwc no cudnn benchmark", ["train.cudnn_benchmark=false", *nhwc])]
+        (32, "compile nhwc", compiled)] + \
+        ([(256, "eager nhwc fastest resampling", [*fastest, *nhwc])] if fastest else []) + \
+        [(256, "eager nhwc no cudnn benchmark", ["train.cudnn_benchmark=false", *nhwc])]
+
+
+def _fastest_resampling() -> List[str]:
+    """Overrides that put the layers stage's fastest pooling and upsampling in place of the defaults, so one eager
+    step case checks the op-level winner at the step level; [] when the defaults won or the stage did not run."""
+    from hpc_gan.config import ModelConfig
+    stage_dir = os.environ.get(STAGE_DIR_ENV)
+    path = Path(stage_dir) / "stage-layers.json" if stage_dir else None
+    if path is None or not path.exists():
+        return []
+    best = json.loads(path.read_text()).get("best", {})
+    picks = {"pool_impl": best.get("pool"), "upsample_impl": best.get("upsample")}
+    if all(v in (None, getattr(ModelConfig, k)) for k, v in picks.items()):
+        return []
+    return [f"model.{k}={v}" for k, v in picks.items() if v is not None]
 
 
 def stage_train(smoke: bool, deadline: float, save: Save) -> Dict[str, Any]:
@@ -514,6 +533,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if smoke:
         env["TRITON_INTERPRET"] = "1"  # the kernels run on the CPU, in Triton's interpreter
     stage_dir = Path(tempfile.mkdtemp(prefix="gpu-check-"))  # DIR keeps the two reports alone
+    env[STAGE_DIR_ENV] = str(stage_dir)  # a later stage may read an earlier one's result (train reads layers)
     spare = 0.0  # seconds the stages so far left of their boxes
     for name, gpu_s, smoke_s in STAGES:
         if name not in args.stages:

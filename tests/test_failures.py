@@ -285,6 +285,11 @@ def test_the_gpu_check_pack_runs_every_stage_in_smoke_mode(tmp_path):
                                                             ("pool", "avg_pool2d"), ("upsample", "interpolate"),
                                                             ("upsample", "expand")}
     assert all(v > 0 for per in layers["ms_per_iteration"].values() for v in per.values())
+    # where the layers stage's fastest are not the defaults, one training case runs them
+    wanted = [f"model.{k}_impl={layers['best'][k]}" for k in ("pool", "upsample")
+              if layers["best"][k] != {"pool": "nearest_grad", "upsample": "interpolate"}[k]]
+    modes = [r["mode"] for r in stages["train"]["runs"]]
+    assert modes == ["eager"] + (["eager fastest resampling"] if wanted else []), (modes, layers["best"])
     assert sorted(p.name for p in out.iterdir()) == ["report.json", "report.md"]  # stage files stay out of DIR
     md = (out / "report.md").read_text()
     assert all(f"| {name} |" in md for name in stages)
