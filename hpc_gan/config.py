@@ -35,8 +35,8 @@ NonFinite = Literal["stop", "skip"]
 OptimizerImpl = Literal["auto", "torch", "foreach", "fused", "apex"]
 OrthoImpl = Literal["auto", "autograd", "grad"]
 AttnImpl = Literal["sdpa", "explicit"]
-PoolImpl = Literal["nearest_grad", "reshape", "avg_pool2d"]
-UpsampleImpl = Literal["interpolate", "expand"]
+PoolImpl = Literal["auto", "nearest_grad", "reshape", "avg_pool2d"]
+UpsampleImpl = Literal["auto", "interpolate", "expand"]
 MemoryFormat = Literal["auto", "channels_last", "contiguous"]
 CompileMode = Literal["off", "default", "max-autotune", "reduce-overhead"]
 NegBackward = Literal["reduce_scatter", "all_reduce"]
@@ -93,9 +93,11 @@ class ModelConfig:
     d_shortcut: DShortcut = "biggan"       # studiogan: D blocks' shortcuts see ReLU(x), as StudioGAN's (ReACGAN's) D
     sn_backend: SNBackend = "auto"         # auto: triton on CUDA, foreach elsewhere; torch: per layer (reference)
     attn_impl: AttnImpl = "sdpa"           # self-attention: torch's scaled_dot_product_attention, explicit (reference)
-    pool_impl: PoolImpl = "nearest_grad"   # D's 2x2 average pool: backward as an upsampling; a mean over a view
-                                           # (reshape); avg_pool2d (reference)
-    upsample_impl: UpsampleImpl = "interpolate"  # G's 2x nearest upsampling: torch's (reference); a broadcast copy
+    pool_impl: PoolImpl = "auto"           # D's 2x2 average pool: nearest_grad (backward as an upsampling), reshape
+                                           # (a mean over a view), avg_pool2d (reference); auto: reshape on CUDA,
+                                           # nearest_grad elsewhere (measured fastest on each: docs/benchmarks.md)
+    upsample_impl: UpsampleImpl = "auto"   # G's 2x nearest upsampling: interpolate (torch's, reference), expand (a
+                                           # broadcast copy); auto: expand on CUDA, interpolate elsewhere
     memory_format: MemoryFormat = "auto"   # of activations; auto: channels_last (measured faster on CPUs, 1.3-1.8x,
                                            # and on an H100, 12%: docs/benchmarks.md)
 

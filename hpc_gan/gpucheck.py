@@ -37,15 +37,16 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
-# (name, seconds allowed on a GPU, seconds allowed in smoke mode): 475 s in all on one H100, under the 8 minutes
+# (name, seconds allowed on a GPU, seconds allowed in smoke mode): 480 s in all on one H100, under the 8 minutes
 # that one call may take (the first H100 run took 380 s). What a stage leaves of its box goes to the next one (the
 # train stage's compiled cases can use it), so the whole call stays within the sum.
 STAGES: List[Tuple[str, int, int]] = [
-    ("env", 15, 60), ("accuracy", 40, 120), ("kernels", 70, 120), ("sn", 45, 120), ("layers", 20, 60),
-    ("train", 180, 240),
-    ("tests", 60, 240), ("determinism", 25, 120), ("dali", 10, 60), ("deepspeed", 10, 60),
+    ("env", 15, 60), ("accuracy", 45, 120), ("kernels", 60, 120), ("sn", 25, 120), ("layers", 20, 60),
+    ("train", 200, 240),
+    ("tests", 70, 240), ("determinism", 25, 120), ("dali", 10, 60), ("deepspeed", 10, 60),
 ]
 STAGE_DIR_ENV = "HPC_GAN_GPU_CHECK_STAGES"  # where the stages' own result files are, for the stages after them
+CASES_ENV = "HPC_GAN_GPU_CHECK_CASES"  # --cases, for the train stage's process
 Save = Callable[[Dict[str, Any]], None]  # a looping stage's partial result, written after each case
 
 
@@ -71,15 +72,29 @@ def stage_env(smoke: bool, deadline: float, save: Save) -> Dict[str, Any]:
 
 
 def stage_tests(smoke: bool, deadline: float, save: Save) -> Dict[str, Any]:
-    args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(ROOT / "tests" / "test_gpu.py"),
+    """pytest -v, stopped 3 s before the deadline so that what ran is still reported: the second H100 run's tests
+    stage ran out of its box inside pytest, which left no word of which test was slow or had failed. On a GPU
+    node, 4 pytest-xdist workers where installed: most of the time is Triton compiling kernels on the CPU."""
+    import importlib.util
+    args = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", str(ROOT / "tests" / "test_gpu.py"),
             str(ROOT / "tests" / "test_kernels.py")]
-    args += ["-k", "split_columns and 8-200" if smoke else "not compiles_for_h100", "--tb=short", "-rf"]
-    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
-    tail = (proc.stdout.strip().splitlines() or ["no output"])[-1]
-    out = {"status": "ok" if proc.returncode == 0 else "fail", "pytest": tail,
-           "failures": [x for x in proc.stdout.splitlines() if x.startswith("FAILED")][:10]}
-    if proc.returncode != 0:  # what failed and where, for the report
-        out["output_tail"] = proc.stdout[-4000:]
+    args += ["-k", "split_columns and 8-200" if smoke else "not compiles_for_h100", "--tb=short", "-rf",
+             "--durations=5"]
+    if not smoke and importlib.util.find_spec("xdist") is not None:
+        args += ["-n", "4"]
+    try:
+        proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=max(5.0, deadline - time.time() - 3))
+        stdout, rc = proc.stdout, proc.returncode
+    except subprocess.TimeoutExpired as e:
+        stdout, rc = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or ""), None
+    lines = stdout.splitlines()
+    out: Dict[str, Any] = {"status": "ok" if rc == 0 else "timeout" if rc is None else "fail",
+                           "passed": sum(" PASSED" in x for x in lines),
+                           "failures": [x for x in lines if " FAILED" in x or x.startswith("FAILED")][:10]}
+    if rc is not None:
+        out["pytest"] = (lines or ["no output"])[-1]
+    if rc != 0:  # what failed and where, or what was running when time ran out
+        out["output_tail"] = stdout[-4000:]
     return out
 
 
@@ -254,7 +269,7 @@ def stage_layers(smoke: bool, deadline: float, save: Save) -> Dict[str, Any]:
             return median_ms(fn, dev, reps=3)
         cfg, batch, dtype = load(ROOT / "configs" / "demo.yaml"), 4, torch.float32
     out = bench_resampling(cfg, batch, dev, dtype, time_ms, _copy_gb_per_s(dev), deadline - 2)
-    return {**out, "batch": batch, "dtype": str(dtype)[6:]}
+    return {**out, "batch": batch, "dtype": str(dtype)[6:], "device": dev.type}
 
 
 TRAIN_KEYS = ("sec_per_step", "samples_per_s_per_device", "tflops_per_device", "mfu", "gpu_busy", "host_bound",
@@ -263,40 +278,57 @@ TRAIN_KEYS = ("sec_per_step", "samples_per_s_per_device", "tflops_per_device", "
 
 
 def train_cases(smoke: bool) -> Tuple[Path, List[str], List[Tuple[int, str, List[str]]]]:
-    """(preset, overrides for all, [(batch per GPU, label, overrides)]): the most telling first. Eager at 256 and 32
-    per GPU (MFU; host-bound or not), CUDA graphs at 32 (the operating point: host time) and compile at 256 (MFU),
-    each compiling for a minute or so, then compile at 32 (mostly from the CUDA-graph case's kernel cache), and,
-    if time is left, cuDNN's heuristics in place of its benchmarked algorithms (train.cudnn_benchmark, on by
-    default). NCHW is measured no more: 12% slower in both runs of the first H100 session. The pooling and
-    upsampling choices are timed by the layers stage, op by op, in seconds instead of a step case each; where its
-    fastest are not the defaults, one eager case at 256 runs them, before the cuDNN case."""
+    """(preset, overrides for all, [(batch per GPU, label, overrides)]): the most telling first. Eager at 256 (MFU
+    of the defaults), compile at 256 (MFU with fusion), CUDA graphs at 32 (the operating point: host time), eager
+    at 32, compile at 32; then, if time is left, the layers stage's fastest pooling and upsampling where "auto" runs
+    others, and cuDNN's heuristics in place of its benchmarked algorithms (train.cudnn_benchmark). On a cold H100
+    an eager case at 256 takes ~80 s and a compiled one ~150 s (2026-11-27), so the 200 s box ends within the
+    first two: ``--cases`` picks others for a second call. All channels-last (auto's choice on CUDA; NCHW ran 12%
+    slower in both runs of the first H100 session)."""
     fastest = _fastest_resampling()
     if smoke:
+        cases = [(8, "eager", [])] + ([(8, "eager fastest resampling", fastest)] if fastest else [])
         return ROOT / "configs" / "demo.yaml", ["model.g_ch=8", "model.d_ch=8", "run.device=cpu"], \
-            [(8, "eager", [])] + ([(8, "eager fastest resampling", fastest)] if fastest else [])
+            _pick_cases(cases)
     nhwc = ["model.memory_format=channels_last"]
     compiled = ["train.compile=default", *nhwc]
-    return ROOT / "configs" / "imagenet128_reacgan_b2048.yaml", ["train.precision=bf16"], [
-        (256, "eager nhwc", nhwc), (32, "eager nhwc", nhwc),
-        (32, "cuda_graphs nhwc", ["train.cuda_graphs=true", *nhwc]), (256, "compile nhwc", compiled),
-        (32, "compile nhwc", compiled)] + \
-        ([(256, "eager nhwc fastest resampling", [*fastest, *nhwc])] if fastest else []) + \
-        [(256, "eager nhwc no cudnn benchmark", ["train.cudnn_benchmark=false", *nhwc])]
+    cases = [(256, "eager", nhwc), (256, "compile", compiled), (32, "cuda_graphs", ["train.cuda_graphs=true", *nhwc]),
+             (32, "eager", nhwc), (32, "compile", compiled)] + \
+        ([(256, "eager fastest resampling", [*fastest, *nhwc])] if fastest else []) + \
+        [(256, "eager no cudnn benchmark", ["train.cudnn_benchmark=false", *nhwc])]
+    return ROOT / "configs" / "imagenet128_reacgan_b2048.yaml", ["train.precision=bf16"], _pick_cases(cases)
+
+
+def case_key(batch: int, label: str) -> str:
+    return f"{batch}:{label.replace(' ', '_')}"
+
+
+def _pick_cases(cases: List[Tuple[int, str, List[str]]]) -> List[Tuple[int, str, List[str]]]:
+    """The cases ``--cases`` named (as BATCH:MODE, in its order), else all."""
+    wanted = os.environ.get(CASES_ENV, "").split()
+    if not wanted:
+        return cases
+    by_key = {case_key(b, label): (b, label, flags) for b, label, flags in cases}
+    unknown = [k for k in wanted if k not in by_key]
+    if unknown:
+        raise ValueError(f"--cases {' '.join(unknown)}: not a train case here; the cases are {', '.join(by_key)}")
+    return [by_key[k] for k in wanted]
 
 
 def _fastest_resampling() -> List[str]:
-    """Overrides that put the layers stage's fastest pooling and upsampling in place of the defaults, so one eager
-    step case checks the op-level winner at the step level; [] when the defaults won or the stage did not run."""
-    from hpc_gan.config import ModelConfig
+    """Overrides that put the layers stage's fastest pooling and upsampling in place of what "auto" runs on the
+    device, so one eager step case checks the op-level winner at the step level; [] when auto's choices won or the
+    stage did not run."""
+    from hpc_gan.models.layers import auto_resample
     stage_dir = os.environ.get(STAGE_DIR_ENV)
     path = Path(stage_dir) / "stage-layers.json" if stage_dir else None
     if path is None or not path.exists():
         return []
-    best = json.loads(path.read_text()).get("best", {})
-    picks = {"pool_impl": best.get("pool"), "upsample_impl": best.get("upsample")}
-    if all(v in (None, getattr(ModelConfig, k)) for k, v in picks.items()):
+    stage = json.loads(path.read_text())
+    best, device = stage.get("best", {}), stage.get("device", "cuda")
+    if all(best.get(k) in (None, auto_resample(k, device)) for k in ("pool", "upsample")):
         return []
-    return [f"model.{k}={v}" for k, v in picks.items() if v is not None]
+    return [f"model.{k}_impl={v}" for k, v in best.items() if v is not None]
 
 
 def stage_train(smoke: bool, deadline: float, save: Save) -> Dict[str, Any]:
@@ -512,6 +544,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--out", default="runs/gpu-check", help="where report.json and report.md go")
     p.add_argument("--smoke", action="store_true", help="every stage at toy sizes on the CPU (Triton interpreter)")
     p.add_argument("--stages", nargs="*", default=[s for s, _, _ in STAGES], help="a subset of the stages")
+    p.add_argument("--cases", nargs="*", default=[], metavar="BATCH:MODE",
+                   help="the train stage's cases to run, in this order (e.g. 256:compile 32:cuda_graphs); default all")
     p.add_argument("--child", nargs=3, metavar=("STAGE", "DEADLINE", "OUT"), help=argparse.SUPPRESS)
     p.add_argument("--train-case", nargs="+", help=argparse.SUPPRESS)  # PRESET OUT STEPS WARMUP OVERRIDES...
     args = p.parse_args(argv)
@@ -522,6 +556,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _child(args.child[0], args.smoke, float(args.child[1]), Path(args.child[2]))
     import torch
     smoke = args.smoke or not torch.cuda.is_available()
+    names = [s for s, _, _ in STAGES]
+    if set(args.stages) - set(names):
+        p.error(f"--stages {' '.join(x for x in args.stages if x not in names)}: no such stage; "
+                f"the stages are {' '.join(names)}")
+    os.environ.pop(CASES_ENV, None)  # the full list, to check --cases against
+    _, _, cases = train_cases(smoke)
+    keys = [case_key(b, label) for b, label, _ in cases] + [case_key(cases[0][0], "eager fastest resampling")]
+    if set(args.cases) - set(keys):
+        p.error(f"--cases {' '.join(x for x in args.cases if x not in keys)}: no such train case here; "
+                f"the cases are {' '.join(dict.fromkeys(keys))}")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     report: Dict[str, Any] = {"started": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -534,6 +578,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         env["TRITON_INTERPRET"] = "1"  # the kernels run on the CPU, in Triton's interpreter
     stage_dir = Path(tempfile.mkdtemp(prefix="gpu-check-"))  # DIR keeps the two reports alone
     env[STAGE_DIR_ENV] = str(stage_dir)  # a later stage may read an earlier one's result (train reads layers)
+    env[CASES_ENV] = " ".join(args.cases)
     spare = 0.0  # seconds the stages so far left of their boxes
     for name, gpu_s, smoke_s in STAGES:
         if name not in args.stages:

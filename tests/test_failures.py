@@ -269,6 +269,7 @@ def test_doctor_fails_on_missing_data_and_a_batch_the_job_cannot_make(tmp_path):
 def test_the_gpu_check_pack_runs_every_stage_in_smoke_mode(tmp_path):
     """scripts/gpu-check.sh --smoke: every stage at toy sizes on the CPU (kernels in Triton's interpreter), each
     reported in report.json and report.md, so the pack a GPU session runs cannot rot."""
+    from hpc_gan.models.layers import auto_resample
     out = tmp_path / "gc"
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu-check.sh"), "--smoke", "--out", str(out)],
                           capture_output=True, text=True, env=env(), cwd=ROOT, timeout=900)
@@ -285,15 +286,33 @@ def test_the_gpu_check_pack_runs_every_stage_in_smoke_mode(tmp_path):
                                                             ("pool", "avg_pool2d"), ("upsample", "interpolate"),
                                                             ("upsample", "expand")}
     assert all(v > 0 for per in layers["ms_per_iteration"].values() for v in per.values())
-    # where the layers stage's fastest are not the defaults, one training case runs them
-    wanted = [f"model.{k}_impl={layers['best'][k]}" for k in ("pool", "upsample")
-              if layers["best"][k] != {"pool": "nearest_grad", "upsample": "interpolate"}[k]]
+    # where the layers stage's fastest are not what "auto" runs on the CPU, one training case runs them
+    wanted = [k for k in ("pool", "upsample") if layers["best"][k] != auto_resample(k, "cpu")]
     modes = [r["mode"] for r in stages["train"]["runs"]]
     assert modes == ["eager"] + (["eager fastest resampling"] if wanted else []), (modes, layers["best"])
     assert sorted(p.name for p in out.iterdir()) == ["report.json", "report.md"]  # stage files stay out of DIR
     md = (out / "report.md").read_text()
     assert all(f"| {name} |" in md for name in stages)
     assert "Speed goals" in md and "| not host-bound at 32 per GPU" in md
+
+
+def test_the_gpu_check_runs_the_train_cases_asked_for(monkeypatch, capsys):
+    """--cases picks the train stage's cases and their order (a second call on a warm node measures what the first
+    call's box left out); a case or stage that does not exist is one line naming the valid ones."""
+    from hpc_gan import gpucheck
+    monkeypatch.setenv(gpucheck.CASES_ENV, "32:cuda_graphs 256:compile")
+    _, _, cases = gpucheck.train_cases(smoke=False)
+    assert [(b, label) for b, label, _ in cases] == [(32, "cuda_graphs"), (256, "compile")]
+    assert "train.cuda_graphs=true" in cases[0][2] and "train.compile=default" in cases[1][2]
+    monkeypatch.delenv(gpucheck.CASES_ENV)
+    _, _, cases = gpucheck.train_cases(smoke=False)
+    assert [gpucheck.case_key(b, label) for b, label, _ in cases][:3] == ["256:eager", "256:compile", "32:cuda_graphs"]
+    for argv, said in ((["--smoke", "--cases", "256:turbo"], "--cases 256:turbo: no such train case here; the cases "
+                                                                "are 8:eager 8:eager_fastest_resampling"),
+                       (["--smoke", "--stages", "train", "bench"], "--stages bench: no such stage; the stages are env")):
+        with pytest.raises(SystemExit):
+            gpucheck.main(argv)
+        assert said in capsys.readouterr().err
 
 
 def test_the_gpu_check_reads_its_goals_off_the_first_h100_run():

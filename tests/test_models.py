@@ -240,7 +240,24 @@ def test_pool_and_upsample_choices_are_the_configs():
 
     from hpc_gan.config import PoolImpl, UpsampleImpl
     from hpc_gan.models.layers import POOLS, UPSAMPLES
-    assert set(typing.get_args(PoolImpl)) == set(POOLS) and set(typing.get_args(UpsampleImpl)) == set(UPSAMPLES)
+    assert set(typing.get_args(PoolImpl)) == {*POOLS, "auto"}
+    assert set(typing.get_args(UpsampleImpl)) == {*UPSAMPLES, "auto"}
+
+
+def test_auto_resampling_runs_the_choice_measured_fastest_on_the_tensors_device():
+    """"auto" picks per call from the tensor's device (models are built on the CPU, then moved): on CUDA the
+    view-based forms (the H100's layers stage), elsewhere nearest_grad and interpolate. Bad names fail listing the
+    choices."""
+    from hpc_gan.models.layers import auto_resample, make_pool, make_upsample
+    assert (auto_resample("pool", "cuda"), auto_resample("upsample", "cuda")) == ("reshape", "expand")
+    assert (auto_resample("pool", "cpu"), auto_resample("upsample", "meta")) == ("nearest_grad", "interpolate")
+    x = torch.randn(2, 3, 6, 6, requires_grad=True)
+    assert type(make_pool("auto")(x).grad_fn).__name__ == "_AvgPool2x2Backward"  # nearest_grad's
+    assert type(make_upsample("auto")(x).grad_fn).__name__ == "UpsampleNearest2DBackward0"  # interpolate's
+    assert make_pool("auto")(x.detach().to("meta")).shape == (2, 3, 3, 3)
+    with pytest.raises(ValueError, match=r"pool_impl='mean' is not one of \['avg_pool2d', 'nearest_grad', "
+                                         r"'reshape', 'auto'\]"):
+        make_pool("mean")
 
 
 def test_g_block_shortcut_conv_before_the_upsampling_is_the_same_function():
