@@ -222,11 +222,14 @@ def test_compiled_steps_equal_eager_and_resume(tiny_cfg, tmp_path):
             torch.testing.assert_close(b[net][k], v, rtol=1e-5, atol=1e-7, msg=f"{net}.{k}")
 
 
-def test_compiled_forwards_have_static_shapes(tiny_cfg):
+@pytest.mark.parametrize("resampling", [(), ("model.pool_impl=reshape", "model.upsample_impl=expand")],
+                         ids=["cpu_auto", "cuda_auto"])
+def test_compiled_forwards_have_static_shapes(tiny_cfg, resampling):
     """G and D, with the whole-network SN, are one code object to dynamo (FusedSpectralNorm._forward). Compiled with
     dynamic shapes left automatic, D's first call looked like a shape change of G's, and every later graph was built
     with symbolic sizes (87 size symbols here; at BigGAN-128 inductor crashed on them). Each of the step's four
-    forwards (G without and with grad, D in the D and the G step) is compiled once, with static shapes."""
+    forwards (G without and with grad, D in the D and the G step) is compiled once, with static shapes, and whole:
+    no graph break, with the pooling and upsampling that auto runs on the CPU and on CUDA."""
     import logging
 
     class Symbols(logging.Handler):
@@ -246,7 +249,7 @@ def test_compiled_forwards_have_static_shapes(tiny_cfg):
     torch._logging.set_logs(dynamic=logging.INFO)
     logger.addHandler(handler)
     try:
-        trainer = Trainer(tiny_cfg("train.compile=default"), torch.device("cpu"))
+        trainer = Trainer(tiny_cfg("train.compile=default", *resampling), torch.device("cpu"))
         for _ in range(2):
             trainer.train_step()
     finally:
@@ -254,6 +257,7 @@ def test_compiled_forwards_have_static_shapes(tiny_cfg):
         torch._logging.set_logs()
     assert not handler.sizes, handler.sizes[:3]
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 4
+    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
     torch._dynamo.reset()
 
 
@@ -292,3 +296,20 @@ def test_cuda_graphs_are_refused_on_the_cpu(tiny_cfg):
     from hpc_gan.errors import UserError
     with pytest.raises(UserError, match="train.cuda_graphs=true needs a CUDA device"):
         Trainer(tiny_cfg("train.cuda_graphs=true"), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("flag", ["train.compile=default", "train.cuda_graphs=true"])
+def test_nearest_grad_pooling_is_refused_where_it_does_not_compile(tiny_cfg, flag):
+    """On CUDA (H100, torch 2.11) dynamo broke D's graph at nearest_grad's autograd.Function and recompiled its
+    frame per pooled shape until the recompile limit stopped the run: one line instead, naming the choice that
+    compiles. The CPU compiles it (auto's choice there: the compiled-step tests above), and auto runs reshape on
+    CUDA."""
+    from hpc_gan.errors import UserError
+    from hpc_gan.train.trainer import compile_mode
+    cfg = tiny_cfg(flag, "model.pool_impl=nearest_grad")
+    with pytest.raises(UserError, match="model.pool_impl=nearest_grad does not compile on CUDA .* use "
+                                        "model.pool_impl=auto"):
+        compile_mode(cfg, torch.device("cuda"))
+    assert compile_mode(tiny_cfg(flag), torch.device("cuda")) in ("default", "reduce-overhead")
+    if flag == "train.compile=default":
+        assert compile_mode(cfg, torch.device("cpu")) == "default"

@@ -65,9 +65,13 @@ def compile_mode(cfg: Config, device: torch.device) -> Optional[str]:
     t = cfg.train
     if t.cuda_graphs and device.type != "cuda":
         raise UserError("train.cuda_graphs=true needs a CUDA device; leave it false on the CPU")
-    if t.cuda_graphs:
-        return "reduce-overhead"
-    return None if t.compile == "off" else t.compile
+    mode = "reduce-overhead" if t.cuda_graphs else None if t.compile == "off" else t.compile
+    if mode and device.type == "cuda" and cfg.model.pool_impl == "nearest_grad":
+        # H100, torch 2.11 (2026-11-27): dynamo broke D's graph at this autograd.Function and compiled its frame
+        # once per pooled shape until the recompile limit stopped the run, after minutes of compiling
+        raise UserError("model.pool_impl=nearest_grad does not compile on CUDA (its autograd.Function breaks D's "
+                        "graph); use model.pool_impl=auto (reshape there) with train.compile or train.cuda_graphs")
+    return mode
 
 
 def compile_forwards(nets: Tuple[nn.Module, ...], mode: str) -> None:
