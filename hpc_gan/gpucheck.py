@@ -351,9 +351,9 @@ def stage_train(smoke: bool, deadline: float, save: Save) -> Dict[str, Any]:
                    "3" if smoke else "8", "1" if smoke else "3", *overrides]
             rc, err = _run_boxed(cmd, env, left)
             row: Dict[str, Any] = {"batch": batch, "mode": label}
-            if rc == 0 and out.exists():
+            if out.exists():  # whole, or what the case knew when its box ran out (its step time, say)
                 row.update(json.loads(out.read_text()))
-            else:
+            if rc != 0:
                 row.update(status="timeout" if rc is None else "fail")
             # what dynamo and the CUDA-graph trees said (recompiles, graph breaks, skipped graphs), and any error
             said = [x for x in err.splitlines() if any(k in x for k in ("recompil", "graph break", "Graph break",
@@ -373,7 +373,9 @@ def train_case(preset: str, out: str, steps: int, warmup: int, overrides: List[s
     from hpc_gan.config import load
     from hpc_gan.train.bench import bench_train
     import torch._dynamo
-    r = bench_train(load(Path(preset), overrides), steps=steps, warmup=warmup)
+    def partial(known: Dict[str, Any]) -> None:  # what a case stopped by its box still reports
+        Path(out).write_text(json.dumps(known, default=str))
+    r = bench_train(load(Path(preset), overrides), steps=steps, warmup=warmup, progress=partial)
     row = {k: r[k] for k in TRAIN_KEYS}
     # graphs dynamo compiled in this process: 4 for a compiled ReACGAN step (G with and without grad, D in each
     # update), each once; more means recompiles
@@ -513,9 +515,11 @@ def write_report(out_dir: Path, report: Dict[str, Any]) -> None:
                 mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "n/a"
                 busy = f", GPU busy {100 * r['gpu_busy']:.0f}%" if r.get("gpu_busy") else ""
                 graphs = f", {r['compiled_graphs']} compiled graphs" if r.get("compiled_graphs") else ""
-                lines.append(f"- train, batch {r['batch']}, {r['mode']}: {1e3 * r['sec_per_step']:.1f} ms/step, "
-                             f"MFU {mfu}, host-bound {r['host_bound']}{busy}, kernels/iteration "
-                             f"{r['cuda_kernels_per_iteration']}, first step {r['first_step_seconds']:.1f} s{graphs}")
+                cut = f" ({r['status']} after its timed steps)" if r.get("status") in ("timeout", "fail") else ""
+                lines.append(f"- train, batch {r['batch']}, {r['mode']}{cut}: {1e3 * r['sec_per_step']:.1f} ms/step, "
+                             f"MFU {mfu}, host-bound {r.get('host_bound', 'n/a')}{busy}, kernels/iteration "
+                             f"{r.get('cuda_kernels_per_iteration', 'n/a')}, first step "
+                             f"{r['first_step_seconds']:.1f} s{graphs}")
             elif "batch" in r:
                 lines.append(f"- train, batch {r['batch']}, {r['mode']}: {r.get('status')} "
                              f"{r.get('why') or r.get('stderr', '')[-200:]}")

@@ -313,3 +313,15 @@ def test_nearest_grad_pooling_is_refused_where_it_does_not_compile(tiny_cfg, fla
     assert compile_mode(tiny_cfg(flag), torch.device("cuda")) in ("default", "reduce-overhead")
     if flag == "train.compile=default":
         assert compile_mode(cfg, torch.device("cpu")) == "default"
+
+
+def test_a_benchmark_reports_its_step_time_before_the_profiled_step(tiny_cfg):
+    """bench_train tells ``progress`` the first step's time after the warm-up, and the step time, MFU and phases
+    after the timed steps, the same numbers it returns: a GPU-pack case stopped by its box in the profiled step
+    (the second H100 run's compiled case) still reports them."""
+    from hpc_gan.train.bench import bench_train
+    seen = []
+    r = bench_train(tiny_cfg(), steps=2, warmup=1, progress=lambda known: seen.append(dict(known)),
+                    peak_tflops=1.0)
+    assert [sorted(k) for k in seen][0] == ["first_step_seconds"] and len(seen) == 2
+    assert {k: r[k] for k in seen[1]} == seen[1] and seen[1]["sec_per_step"] > 0 and seen[1]["mfu"] > 0

@@ -89,10 +89,16 @@ def profile_kernels(fn: Callable[[], Any], top: int = 12) -> Dict[str, Any]:
 
 
 def bench_train(cfg: Config, steps: int = 10, warmup: int = 2, info: Optional[DistInfo] = None,
-                peak_tflops: Optional[float] = None) -> Dict[str, Any]:
+                peak_tflops: Optional[float] = None,
+                progress: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
+    """One training benchmark. ``progress`` gets the numbers known so far after the warm-up and after the timed
+    steps, so a run stopped later (in the profiled step, say) still tells its step time."""
     from hpc_gan.info import model_info
     info = info or DistInfo()
     device = resolve_device(cfg.run.device, info)
+    t = cfg.train
+    gflop = model_info(cfg)["gflops_per_sample_iteration"]
+    peak = peak_tflops or device_peak_tflops(device, t.precision)
     trainer = Trainer(cfg, device, info)
     first = None
     for i in range(warmup):
@@ -101,6 +107,8 @@ def bench_train(cfg: Config, steps: int = 10, warmup: int = 2, info: Optional[Di
         if device.type == "cuda":
             torch.cuda.synchronize()
         first = time.perf_counter() - t0 if i == 0 else first
+    report = progress or (lambda known: None)
+    report({"first_step_seconds": first})
     timer = trainer.timer = PhaseTimer(device)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -113,18 +121,19 @@ def bench_train(cfg: Config, steps: int = 10, warmup: int = 2, info: Optional[Di
     wall = time.perf_counter() - t0
     phases, host = timer.totals_ms(), timer.host_ms()
     trainer.timer = None
+    samples_s = steps * t.batch_size / wall / info.world            # per device
+    tflops = gflop * samples_s / 1e3
+    report({"first_step_seconds": first, "sec_per_step": wall / steps, "samples_per_s_per_device": samples_s,
+            "tflops_per_device": tflops, "mfu": tflops / peak if peak else None,
+            "phase_ms_per_step": {p: phases.get(p, 0.0) / steps for p in PHASES},
+            "phase_host_ms_per_step": {p: host.get(p, 0.0) / steps for p in PHASES}})
     # one more step each, after the timed ones. No op count under torch.compile: a TorchDispatchMode makes dynamo
     # give up on the compiled frames for good (measured), and what it would count is not what runs
     ops = None if trainer.compile_mode else count_ops(trainer.train_step)
     prof = profile_kernels(trainer.train_step) if device.type == "cuda" else None
     kernels = prof["count"] if prof else None
     trainer.pop_metrics()
-    t = cfg.train
-    samples_s = steps * t.batch_size / wall / info.world            # per device
     images_s = samples_s * (2 * t.n_dis + 1)                       # through D: real + fake per D step, fakes in G
-    gflop = model_info(cfg)["gflops_per_sample_iteration"]
-    tflops = gflop * samples_s / 1e3
-    peak = peak_tflops or device_peak_tflops(device, t.precision)
     mem = (torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda"
            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)
     return {
