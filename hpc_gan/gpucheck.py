@@ -274,7 +274,8 @@ def stage_layers(smoke: bool, deadline: float, save: Save) -> Dict[str, Any]:
 
 TRAIN_KEYS = ("sec_per_step", "samples_per_s_per_device", "tflops_per_device", "mfu", "gpu_busy", "host_bound",
               "aten_ops_per_iteration", "cuda_kernels_per_iteration", "kernel_device_ms_per_iteration",
-              "first_step_seconds", "peak_memory_gib", "phase_ms_per_step", "phase_host_ms_per_step", "top_kernels")
+              "first_step_seconds", "peak_memory_gib", "phase_ms_per_step", "phase_host_ms_per_step", "top_kernels",
+              "top_ops")
 
 
 def train_cases(smoke: bool) -> Tuple[Path, List[str], List[Tuple[int, str, List[str]]]]:
