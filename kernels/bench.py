@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -60,15 +60,43 @@ def peak_extra_mb(fn: Callable[[], object], device: torch.device) -> Optional[fl
     return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
 
 
-def count_launches(fn: Callable[[], object], device: torch.device) -> Optional[int]:
-    if device.type != "cuda":
-        return None
+def short_kernel_name(name: str) -> str:
+    """A CUDA kernel's name without the namespaces and return type that every ATen kernel shares, so that the
+    functor (mul, add, copy...) survives the cut: the first H100 runs' reports cut names at 100 characters, before
+    it."""
+    for noise in ("void ", "at::native::", "(anonymous namespace)::", "c10::"):
+        name = name.replace(noise, "")
+    return name[:160]
+
+
+def profile_cuda(fn: Callable[[], object], top: int = 12) -> Dict[str, Any]:
+    """The CUDA kernels one call of fn launches (the profiler's device events): their count, their summed device
+    time, the ``top`` kernels by device time (name, ms, calls), and the ``top`` aten ops by the device time of
+    the kernels they launched themselves (op, ms, calls): which op a generic elementwise kernel belongs to."""
     from torch.profiler import ProfilerActivity, profile
-    fn()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    by_name: Dict[str, List[float]] = {}
+    for e in kernels:
+        by_name.setdefault(e.name, []).append(e.time_range.elapsed_us() / 1e3)  # a kernel: its own span
+    ranked = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:top]
+
+    def self_device_us(e: Any) -> float:  # named self_cuda_time_total before torch 2.4
+        return float(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)))
+    ops = sorted((e for e in prof.key_averages() if self_device_us(e) > 0), key=lambda e: -self_device_us(e))
+    return {"count": len(kernels), "device_ms": sum(sum(v) for v in by_name.values()),
+            "top": [(short_kernel_name(name), round(sum(ms), 4), len(ms)) for name, ms in ranked],
+            "top_ops": [(e.key, round(self_device_us(e) / 1e3, 4), e.count) for e in ops[:top]]}
+
+
+def launch_profile(fn: Callable[[], object], device: torch.device) -> Dict[str, Any]:
+    """profile_cuda of fn after one untimed call (autotuning, allocator); {} on a CPU."""
+    if device.type != "cuda":
+        return {}
+    fn()
+    return profile_cuda(fn)
 
 
 def _studiogan_d2d(embed: torch.Tensor, proxy: torch.Tensor, labels: torch.Tensor, cols: torch.Tensor,
@@ -151,7 +179,10 @@ def bench_d2d(device: torch.device, shapes: Sequence[Tuple[int, int, int, torch.
                 fn = make(variant)
                 row["median_ms"] = median_ms(fn, device)
                 row["peak_extra_mb"] = peak_extra_mb(fn, device)
-                row["launches"] = count_launches(fn, device)
+                prof = launch_profile(fn, device)
+                row["launches"] = prof.get("count")
+                if variant == "triton" and prof:  # where its device time goes, kernel by kernel
+                    row["kernels"] = prof["top"]
             except (RuntimeError, torch.OutOfMemoryError) as e:  # e.g. the broadcast's N x M x d OOM
                 row["error"] = str(e).splitlines()[0][:120]
             if variant != "studiogan_broadcast" and "error" not in row:  # it syncs with the host: not capturable
@@ -192,7 +223,10 @@ def bench_sn(device: torch.device, shapes: Sequence[Tuple[int, int]], variants: 
         row = {"bench": "spectral norm, all layers", "variant": variant, "layers": len(shapes),
                "params_m": round(sum(r * c for r, c in shapes) / 1e6, 2), "dtype": str(dtype).replace("torch.", "")}
         row["median_ms"] = median_ms(step, device)
-        row["launches"] = count_launches(step, device)
+        prof = launch_profile(step, device)
+        row["launches"] = prof.get("count")
+        if variant.endswith("triton") or variant == "triton_fused":
+            row["kernels"] = prof.get("top")  # where its device time goes, kernel by kernel
         try:
             row["graph_ms"] = graph_ms(step, device)
         except RuntimeError as e:

@@ -547,3 +547,13 @@ def test_fused_kernels_are_bitwise_deterministic(backward):
     assert len(runs[0]) == len(runs[1]) > 20
     for a, b in zip(runs[0], runs[1]):
         assert torch.equal(a, b), f"not bitwise reproducible (seed {seed})"
+
+
+def test_kernel_names_keep_their_functor():
+    from kernels.bench import short_kernel_name
+    name = ("void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl_nocast<at::native::"
+            "CUDAFunctorOnSelf_add<c10::BFloat16> >(at::TensorIteratorBase&, at::native::CUDAFunctorOnSelf_add"
+            "<c10::BFloat16> const&)::{lambda(int)#1}>(int, at::native::gpu_kernel_impl_nocast<...>)")
+    short = short_kernel_name(name)
+    assert short.startswith("elementwise_kernel<128, 4, gpu_kernel_impl_nocast<CUDAFunctorOnSelf_add<BFloat16>")
+    assert len(short) <= 160

@@ -326,12 +326,3 @@ def test_a_benchmark_reports_its_step_time_before_the_profiled_step(tiny_cfg):
     assert [sorted(k) for k in seen][0] == ["first_step_seconds"] and len(seen) == 2
     assert {k: r[k] for k in seen[1]} == seen[1] and seen[1]["sec_per_step"] > 0 and seen[1]["mfu"] > 0
 
-
-def test_kernel_names_keep_their_functor():
-    from hpc_gan.train.bench import short_kernel_name
-    name = ("void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl_nocast<at::native::"
-            "CUDAFunctorOnSelf_add<c10::BFloat16> >(at::TensorIteratorBase&, at::native::CUDAFunctorOnSelf_add"
-            "<c10::BFloat16> const&)::{lambda(int)#1}>(int, at::native::gpu_kernel_impl_nocast<...>)")
-    short = short_kernel_name(name)
-    assert short.startswith("elementwise_kernel<128, 4, gpu_kernel_impl_nocast<CUDAFunctorOnSelf_add<BFloat16>")
-    assert len(short) <= 160

@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from kernels.bench import profile_cuda
+
 from hpc_gan.config import Config
 from hpc_gan.dist import DistInfo
 from hpc_gan.peaks import PEAK_TFLOPS
@@ -72,36 +74,10 @@ def count_ops(fn: Callable[[], Any]) -> int:
     return counter.n
 
 
-def short_kernel_name(name: str) -> str:
-    """A CUDA kernel's name without the namespaces and return type that every ATen kernel shares, so that the
-    functor (mul, add, copy...) survives the cut: the first H100 runs' reports cut names at 100 characters, before
-    it."""
-    for noise in ("void ", "at::native::", "(anonymous namespace)::", "c10::"):
-        name = name.replace(noise, "")
-    return name[:160]
-
-
 def profile_kernels(fn: Callable[[], Any], top: int = 12) -> Dict[str, Any]:
-    """CUDA kernels launched by one call of fn (the profiler's device events): their count, their summed device
-    time, the ``top`` kernels by device time (name, ms, calls), and the ``top`` aten ops by the device time of
-    the kernels they launched themselves (op, ms, calls): which op a generic elementwise kernel belongs to. Needs
-    a GPU."""
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    by_name: Dict[str, List[float]] = {}
-    for e in kernels:
-        by_name.setdefault(e.name, []).append(e.time_range.elapsed_us() / 1e3)  # a kernel: its own span
-    ranked = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:top]
-
-    def self_device_us(e: Any) -> float:  # named self_cuda_time_total before torch 2.4
-        return float(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)))
-    ops = sorted((e for e in prof.key_averages() if self_device_us(e) > 0), key=lambda e: -self_device_us(e))
-    return {"count": len(kernels), "device_ms": sum(sum(v) for v in by_name.values()),
-            "top": [(short_kernel_name(name), round(sum(ms), 3), len(ms)) for name, ms in ranked],
-            "top_ops": [(e.key, round(self_device_us(e) / 1e3, 3), e.count) for e in ops[:top]]}
+    """kernels.bench.profile_cuda of one call of fn: the CUDA kernels it launched, their device time, the top
+    kernels and the top aten ops behind them. Needs a GPU."""
+    return profile_cuda(fn, top)
 
 
 def bench_train(cfg: Config, steps: int = 10, warmup: int = 2, info: Optional[DistInfo] = None,
