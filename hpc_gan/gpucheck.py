@@ -38,7 +38,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 # (name, seconds allowed on a GPU, seconds allowed in smoke mode): 480 s in all on one H100, under the 8 minutes
-# that one call may take (the first H100 run took 380 s). What a stage leaves of its box goes to the next one (the
+# that one call may take (the H100 runs took 380 and 476 s). What a stage leaves of its box goes to the next one (the
 # train stage's compiled cases can use it), so the whole call stays within the sum.
 STAGES: List[Tuple[str, int, int]] = [
     ("env", 15, 60), ("accuracy", 45, 120), ("kernels", 60, 120), ("sn", 25, 120), ("layers", 20, 60),
@@ -83,7 +83,8 @@ def stage_tests(smoke: bool, deadline: float, save: Save) -> Dict[str, Any]:
     if not smoke and importlib.util.find_spec("xdist") is not None:
         args += ["-n", "4"]
     try:
-        proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=max(5.0, deadline - time.time() - 3))
+        proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True,
+                              timeout=max(5.0, deadline - time.time() - 3))
         stdout, rc = proc.stdout, proc.returncode
     except subprocess.TimeoutExpired as e:
         stdout, rc = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or ""), None
@@ -374,6 +375,7 @@ def train_case(preset: str, out: str, steps: int, warmup: int, overrides: List[s
     from hpc_gan.config import load
     from hpc_gan.train.bench import bench_train
     import torch._dynamo
+
     def partial(known: Dict[str, Any]) -> None:  # what a case stopped by its box still reports
         Path(out).write_text(json.dumps(known, default=str))
     r = bench_train(load(Path(preset), overrides), steps=steps, warmup=warmup, progress=partial)
