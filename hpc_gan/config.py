@@ -95,7 +95,7 @@ class ModelConfig:
     attn_impl: AttnImpl = "sdpa"           # self-attention: torch's scaled_dot_product_attention, explicit (reference)
     pool_impl: PoolImpl = "auto"           # D's 2x2 average pool: nearest_grad (backward as an upsampling), reshape
                                            # (a mean over a view), avg_pool2d (reference); auto: reshape on CUDA,
-                                           # nearest_grad elsewhere (measured fastest on each: docs/benchmarks.md)
+                                           # nearest_grad elsewhere (H100 and CPU numbers: docs/benchmarks.md)
     upsample_impl: UpsampleImpl = "auto"   # G's 2x nearest upsampling: interpolate (torch's, reference), expand (a
                                            # broadcast copy); auto: expand on CUDA, interpolate elsewhere
     memory_format: MemoryFormat = "auto"   # of activations; auto: channels_last (measured faster on CPUs, 1.3-1.8x,
