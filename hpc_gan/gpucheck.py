@@ -1,6 +1,6 @@
 """The GPU check pack: everything a first GPU session must measure, in one prepared call (scripts/gpu-check.sh).
 
-Stages, in order of what a short lease must not miss, each in its own subprocess with a time box, each written to
+Stages, each in its own subprocess with a time box, each written to
 DIR/report.json and DIR/report.md as soon as it ends; a stage that loops saves what it has after every case, so one
 cut off by its time box (or the lease) still reports its finished cases:
 
@@ -11,13 +11,13 @@ cut off by its time box (or the lease) still reports its finished cases:
   sn           spectral norm of BigGAN-128's 65 layers: per-layer loop, foreach, Triton, and the bandwidth floor
   layers       D's poolings and G's upsamplings at BigGAN-128's shapes, batch 256, bf16, channels-last: each
                model.pool_impl / model.upsample_impl forward and backward, ms per iteration against the floor
-  train        the BigGAN-128 ReACGAN step in bf16 at 32 and 256 samples per GPU: eager, CUDA graphs, compiled;
-               MFU, host vs device time, kernels per iteration
   tests        tests/test_gpu.py (no host sync in a training step) and tests/test_kernels.py on the GPU (less the
                ahead-of-time compile check, which needs no GPU)
   determinism  20 runs of each kernel, bitwise equal
   dali         nvJPEG decode img/s (where DALI is installed)
   deepspeed    one ZeRO-2 bf16 step (where DeepSpeed is installed and 2 GPUs are visible)
+  train        the BigGAN-128 ReACGAN step in bf16 at 32 and 256 samples per GPU: eager, compiled, CUDA graphs;
+               MFU, host vs device time, kernels per iteration (last: it gets what the others left of their boxes)
 
 ``--smoke`` (also chosen where no GPU is visible) runs every stage at toy sizes on the CPU, the kernels in Triton's
 interpreter, so the pack cannot rot; it is tested.
@@ -38,12 +38,13 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 # (name, seconds allowed on a GPU, seconds allowed in smoke mode): 480 s in all on one H100, under the 8 minutes
-# that one call may take (the H100 runs took 380 and 476 s). What a stage leaves of its box goes to the next one (the
-# train stage's compiled cases can use it), so the whole call stays within the sum.
+# that one call may take (the H100 runs took 380 and 476 s). What a stage leaves of its box goes to the next one, so
+# the whole call stays within the sum; train runs last and gets all the short stages left (~40-70 s): its compiled
+# cases need minutes on a cold machine, and no other stage's time is as uncertain.
 STAGES: List[Tuple[str, int, int]] = [
     ("env", 15, 60), ("accuracy", 45, 120), ("kernels", 60, 120), ("sn", 25, 120), ("layers", 20, 60),
-    ("train", 200, 240),
     ("tests", 70, 240), ("determinism", 25, 120), ("dali", 10, 60), ("deepspeed", 10, 60),
+    ("train", 200, 240),
 ]
 STAGE_DIR_ENV = "HPC_GAN_GPU_CHECK_STAGES"  # where the stages' own result files are, for the stages after them
 CASES_ENV = "HPC_GAN_GPU_CHECK_CASES"  # --cases, for the train stage's process
@@ -284,8 +285,8 @@ def train_cases(smoke: bool) -> Tuple[Path, List[str], List[Tuple[int, str, List
     of the defaults), compile at 256 (MFU with fusion), CUDA graphs at 32 (the operating point: host time), eager
     at 32, compile at 32; then, if time is left, the layers stage's fastest pooling and upsampling where "auto" runs
     others, and cuDNN's heuristics in place of its benchmarked algorithms (train.cudnn_benchmark). On a cold H100
-    an eager case at 256 takes ~80 s and a compiled one ~150 s (2026-11-27), so the 200 s box ends within the
-    first two: ``--cases`` picks others for a second call. All channels-last (auto's choice on CUDA; NCHW ran 12%
+    an eager case at 256 takes ~80 s and a compiled one ~150 s (2026-11-27), so the stage (200 s plus what the
+    stages before it left) ends within the first two or three: ``--cases`` picks others for a second call. All channels-last (auto's choice on CUDA; NCHW ran 12%
     slower in both runs of the first H100 session)."""
     fastest = _fastest_resampling()
     if smoke:

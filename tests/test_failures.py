@@ -275,8 +275,8 @@ def test_the_gpu_check_pack_runs_every_stage_in_smoke_mode(tmp_path):
                           capture_output=True, text=True, env=env(), cwd=ROOT, timeout=900)
     report = json.loads((out / "report.json").read_text())
     stages = {s["name"]: s for s in report["stages"]}
-    assert list(stages) == ["env", "accuracy", "kernels", "sn", "layers", "train", "tests", "determinism", "dali",
-                            "deepspeed"]
+    assert list(stages) == ["env", "accuracy", "kernels", "sn", "layers", "tests", "determinism", "dali",
+                            "deepspeed", "train"]
     assert all(s["status"] in ("ok", "skip") for s in stages.values()), (proc.stdout, stages)
     assert proc.returncode == 0 and report["smoke"] is True
     assert stages["accuracy"]["worst_fp32_rel_error"] < 1e-4 and stages["determinism"]["bitwise_equal"]
