@@ -48,6 +48,7 @@ STAGES: List[Tuple[str, int, int]] = [
 ]
 STAGE_DIR_ENV = "HPC_GAN_GPU_CHECK_STAGES"  # where the stages' own result files are, for the stages after them
 CASES_ENV = "HPC_GAN_GPU_CHECK_CASES"  # --cases, for the train stage's process
+Case = Tuple[int, str, List[str]]  # a train case: (batch per GPU, label, config overrides)
 Save = Callable[[Dict[str, Any]], None]  # a looping stage's partial result, written after each case
 
 
@@ -280,35 +281,36 @@ TRAIN_KEYS = ("sec_per_step", "samples_per_s_per_device", "tflops_per_device", "
               "top_ops")
 
 
-def train_cases(smoke: bool) -> Tuple[Path, List[str], List[Tuple[int, str, List[str]]]]:
+def train_cases(smoke: bool, wanted: Optional[List[str]] = None) -> Tuple[Path, List[str], List[Case]]:
     """(preset, overrides for all, [(batch per GPU, label, overrides)]): the most telling first. Eager at 256 (MFU
     of the defaults), compile at 256 (MFU with fusion), CUDA graphs at 32 (the operating point: host time), eager
     at 32, compile at 32; then, if time is left, the layers stage's fastest pooling and upsampling where "auto" runs
     others, and cuDNN's heuristics in place of its benchmarked algorithms (train.cudnn_benchmark). On a cold H100
     an eager case at 256 takes ~80 s and a compiled one ~150 s (2026-11-27), so the stage (200 s plus what the
     stages before it left) ends within the first two or three: ``--cases`` picks others for a second call. All channels-last (auto's choice on CUDA; NCHW ran 12%
-    slower in both runs of the first H100 session)."""
+    slower in both runs of the first H100 session). ``wanted``: the keys to run (default: ``--cases``, as the
+    train stage's process gets them; [] for all)."""
     fastest = _fastest_resampling()
     if smoke:
         cases = [(8, "eager", [])] + ([(8, "eager fastest resampling", fastest)] if fastest else [])
         return ROOT / "configs" / "demo.yaml", ["model.g_ch=8", "model.d_ch=8", "run.device=cpu"], \
-            _pick_cases(cases)
+            _pick_cases(cases, wanted)
     nhwc = ["model.memory_format=channels_last"]
     compiled = ["train.compile=default", *nhwc]
     cases = [(256, "eager", nhwc), (256, "compile", compiled), (32, "cuda_graphs", ["train.cuda_graphs=true", *nhwc]),
              (32, "eager", nhwc), (32, "compile", compiled)] + \
         ([(256, "eager fastest resampling", [*fastest, *nhwc])] if fastest else []) + \
         [(256, "eager no cudnn benchmark", ["train.cudnn_benchmark=false", *nhwc])]
-    return ROOT / "configs" / "imagenet128_reacgan_b2048.yaml", ["train.precision=bf16"], _pick_cases(cases)
+    return ROOT / "configs" / "imagenet128_reacgan_b2048.yaml", ["train.precision=bf16"], _pick_cases(cases, wanted)
 
 
 def case_key(batch: int, label: str) -> str:
     return f"{batch}:{label.replace(' ', '_')}"
 
 
-def _pick_cases(cases: List[Tuple[int, str, List[str]]]) -> List[Tuple[int, str, List[str]]]:
-    """The cases ``--cases`` named (as BATCH:MODE, in its order), else all."""
-    wanted = os.environ.get(CASES_ENV, "").split()
+def _pick_cases(cases: List[Case], wanted: Optional[List[str]]) -> List[Case]:
+    """The cases ``wanted`` names (as BATCH:MODE, in its order; None: those ``--cases`` named), else all."""
+    wanted = os.environ.get(CASES_ENV, "").split() if wanted is None else wanted
     if not wanted:
         return cases
     by_key = {case_key(b, label): (b, label, flags) for b, label, flags in cases}
@@ -568,8 +570,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if set(args.stages) - set(names):
         p.error(f"--stages {' '.join(x for x in args.stages if x not in names)}: no such stage; "
                 f"the stages are {' '.join(names)}")
-    os.environ.pop(CASES_ENV, None)  # the full list, to check --cases against
-    _, _, cases = train_cases(smoke)
+    _, _, cases = train_cases(smoke, wanted=[])  # all of them, to check --cases against
     keys = [case_key(b, label) for b, label, _ in cases] + [case_key(cases[0][0], "eager fastest resampling")]
     if set(args.cases) - set(keys):
         p.error(f"--cases {' '.join(x for x in args.cases if x not in keys)}: no such train case here; "

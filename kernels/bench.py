@@ -225,7 +225,7 @@ def bench_sn(device: torch.device, shapes: Sequence[Tuple[int, int]], variants: 
         row["median_ms"] = median_ms(step, device)
         prof = launch_profile(step, device)
         row["launches"] = prof.get("count")
-        if variant.endswith("triton") or variant == "triton_fused":
+        if "triton" in variant:
             row["kernels"] = prof.get("top")  # where its device time goes, kernel by kernel
         try:
             row["graph_ms"] = graph_ms(step, device)

@@ -71,10 +71,10 @@ def test_cudnn_benchmark_follows_the_config(tiny_cfg, on):
 def test_the_profiled_step_names_the_ops_behind_its_kernels(tiny_cfg):
     """hpc-gan bench's profile: the kernels' device time is also told per aten op (the H100 reports' generic
     elementwise kernels could not be traced to their op), and a kernel's name keeps its functor."""
-    from hpc_gan.train.bench import profile_kernels
+    from kernels.bench import profile_cuda
     trainer = Trainer(tiny_cfg("run.device=cuda", "train.precision=bf16"), CUDA)
     trainer.train_step()
-    prof = profile_kernels(trainer.train_step)
+    prof = profile_cuda(trainer.train_step)
     ops = dict((name, ms) for name, ms, _ in prof["top_ops"])
     assert any(name.startswith("aten::") for name in ops), ops
     assert 0 < sum(ops.values()) <= prof["device_ms"] * 1.01

@@ -74,12 +74,6 @@ def count_ops(fn: Callable[[], Any]) -> int:
     return counter.n
 
 
-def profile_kernels(fn: Callable[[], Any], top: int = 12) -> Dict[str, Any]:
-    """kernels.bench.profile_cuda of one call of fn: the CUDA kernels it launched, their device time, the top
-    kernels and the top aten ops behind them. Needs a GPU."""
-    return profile_cuda(fn, top)
-
-
 def bench_train(cfg: Config, steps: int = 10, warmup: int = 2, info: Optional[DistInfo] = None,
                 peak_tflops: Optional[float] = None,
                 progress: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
@@ -115,14 +109,15 @@ def bench_train(cfg: Config, steps: int = 10, warmup: int = 2, info: Optional[Di
     trainer.timer = None
     samples_s = steps * t.batch_size / wall / info.world            # per device
     tflops = gflop * samples_s / 1e3
-    report({"first_step_seconds": first, "sec_per_step": wall / steps, "samples_per_s_per_device": samples_s,
-            "tflops_per_device": tflops, "mfu": tflops / peak if peak else None,
-            "phase_ms_per_step": {p: phases.get(p, 0.0) / steps for p in PHASES},
-            "phase_host_ms_per_step": {p: host.get(p, 0.0) / steps for p in PHASES}})
+    timed = {"first_step_seconds": first, "sec_per_step": wall / steps, "samples_per_s_per_device": samples_s,
+             "tflops_per_device": tflops, "mfu": tflops / peak if peak else None,
+             "phase_ms_per_step": {p: phases.get(p, 0.0) / steps for p in PHASES},
+             "phase_host_ms_per_step": {p: host.get(p, 0.0) / steps for p in PHASES}}
+    report(timed)
     # one more step each, after the timed ones. No op count under torch.compile: a TorchDispatchMode makes dynamo
     # give up on the compiled frames for good (measured), and what it would count is not what runs
     ops = None if trainer.compile_mode else count_ops(trainer.train_step)
-    prof = profile_kernels(trainer.train_step) if device.type == "cuda" else None
+    prof = profile_cuda(trainer.train_step) if device.type == "cuda" else None
     kernels = prof["count"] if prof else None
     trainer.pop_metrics()
     images_s = samples_s * (2 * t.n_dis + 1)                       # through D: real + fake per D step, fakes in G
@@ -134,9 +129,7 @@ def bench_train(cfg: Config, steps: int = 10, warmup: int = 2, info: Optional[Di
         "world": info.world, "nodes": max(1, info.world // max(1, info.local_world)), "strategy": cfg.dist.strategy,
         "precision": t.precision, "batch_size": t.batch_size, "micro_batch": trainer.plan.micro,
         "accum": trainer.plan.accum,
-        "n_dis": t.n_dis, "steps": steps, "warmup": warmup, "sec_per_step": wall / steps,
-        "phase_ms_per_step": {p: phases.get(p, 0.0) / steps for p in PHASES},
-        "phase_host_ms_per_step": {p: host.get(p, 0.0) / steps for p in PHASES},
+        "n_dis": t.n_dis, "steps": steps, "warmup": warmup, **timed,
         # the GPU's busy share of a step: kernel time (profiled step) over wall time (timed steps). Phase events
         # cannot tell: a phase's device time includes the gaps in which the GPU waits for the host
         "gpu_busy": prof["device_ms"] / (wall / steps * 1e3) if prof else None,
@@ -146,11 +139,8 @@ def bench_train(cfg: Config, steps: int = 10, warmup: int = 2, info: Optional[Di
         "kernel_device_ms_per_iteration": prof["device_ms"] if prof else None,
         "top_kernels": prof["top"] if prof else None, "top_ops": prof["top_ops"] if prof else None,
         "compile": trainer.compile_mode or "off",
-        "first_step_seconds": first,
         "allreduce_all_grads_ms": _allreduce_ms(trainer),
-        "samples_per_s_per_device": samples_s, "images_per_s_per_device": images_s,
-        "gflops_per_sample_iteration": gflop, "tflops_per_device": tflops, "peak_tflops": peak,
-        "mfu": tflops / peak if peak else None,
+        "images_per_s_per_device": images_s, "gflops_per_sample_iteration": gflop, "peak_tflops": peak,
         "peak_memory_gib": mem, "peak_memory_kind": "cuda max allocated" if device.type == "cuda" else "cpu max rss",
     }
 
