@@ -326,3 +326,34 @@ def test_a_benchmark_reports_its_step_time_before_the_profiled_step(tiny_cfg):
     assert [sorted(k) for k in seen][0] == ["first_step_seconds"] and len(seen) == 2
     assert {k: r[k] for k in seen[1]} == seen[1] and seen[1]["sec_per_step"] > 0 and seen[1]["mfu"] > 0
 
+
+
+def test_a_training_step_makes_no_tensor_from_host_numbers(tiny_cfg):
+    """The CPU's stand-in for tests/test_gpu.py's sync check. A tensor made from Python numbers inside the step
+    (``t[i] = 0.0``, ``torch.tensor([...])``) is, on CUDA, a copy from pageable host memory that synchronizes every
+    step (the H200 caught one in the non-finite guard, 2026-11-27). Every device dispatches it as ``lift_fresh``.
+    The data stream's are allowed: it assembles a batch's indices on the host by design, then copies pinned."""
+    import traceback
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class HostNumbers(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops, self.found = 0, []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops += 1
+            if func.overloadpacket.__name__ == "lift_fresh":
+                stack = traceback.extract_stack()
+                if not any("/hpc_gan/data/" in f.filename for f in stack):
+                    self.found.append("".join(traceback.format_list(stack[-6:-1])))
+            return func(*args, **(kwargs or {}))
+
+    trainer = Trainer(tiny_cfg(), torch.device("cpu"))
+    for _ in range(2):
+        trainer.train_step()
+    with HostNumbers() as seen:
+        trainer.train_step()
+    assert seen.ops > 1000  # the mode saw the step
+    assert not seen.found, seen.found[0]

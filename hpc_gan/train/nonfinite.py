@@ -49,7 +49,9 @@ class NonFiniteGuard:
             self._snapshots.append((step, host, event))
         else:
             self._snapshots.append((step, snap, None))
-        self.state[0] = 0.0
+        # zero_, not `= 0.0`: on CUDA, item assignment of a Python number copies it from pageable host memory, which
+        # synchronizes every step (tests/test_gpu.py caught it on the H200, 2026-11-27)
+        self.state[0].zero_()
 
     def check(self, now: bool = False) -> Optional[str]:
         """The problem to stop for, if any, from the verdicts of steps before the newest (all of them with
@@ -71,5 +73,5 @@ class NonFiniteGuard:
     def pop_window(self) -> torch.Tensor:
         """Steps with a non-finite update since the last call (a device scalar)."""
         count = self.state[2].clone()
-        self.state[2] = 0.0
+        self.state[2].zero_()
         return count
