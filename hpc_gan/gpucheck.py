@@ -298,7 +298,7 @@ def train_cases(smoke: bool, wanted: Optional[List[str]] = None) -> Tuple[Path, 
     nhwc = ["model.memory_format=channels_last"]
     compiled = ["train.compile=default", *nhwc]
     cases = [(256, "eager", nhwc), (256, "compile", compiled), (32, "cuda_graphs", ["train.cuda_graphs=true", *nhwc]),
-             (32, "eager", nhwc), (32, "compile", compiled)] + \
+             (32, "eager", nhwc), (32, "compile", compiled), (256, "cuda_graphs", ["train.cuda_graphs=true", *nhwc])] + \
         ([(256, "eager fastest resampling", [*fastest, *nhwc])] if fastest else []) + \
         [(256, "eager no cudnn benchmark", ["train.cudnn_benchmark=false", *nhwc])]
     return ROOT / "configs" / "imagenet128_reacgan_b2048.yaml", ["train.precision=bf16"], _pick_cases(cases, wanted)
@@ -351,10 +351,12 @@ def stage_train(smoke: bool, deadline: float, save: Save) -> Dict[str, Any]:
             out = Path(tmp) / "case.json"
             out.unlink(missing_ok=True)
             overrides = common + extra + flags + [f"train.batch_size={batch}", f"data.synthetic_size={2 * batch}"]
-            env = dict(os.environ, TORCH_LOGS="recompiles,graph_breaks,cudagraphs")
+            # the cudagraphs log only where graphs are captured: elsewhere it names every op of every graph
+            cudagraphs = any("cuda_graphs=true" in f for f in flags)
+            env = dict(os.environ, TORCH_LOGS="recompiles,graph_breaks" + (",cudagraphs" if cudagraphs else ""))
             cmd = [sys.executable, "-m", "hpc_gan.gpucheck", "--train-case", str(preset), str(out),
                    "3" if smoke else "8", "1" if smoke else "3", *overrides]
-            rc, err = _run_boxed(cmd, env, left)
+            rc, err = run_boxed(cmd, env, left)
             row: Dict[str, Any] = {"batch": batch, "mode": label}
             if out.exists():  # whole, or what the case knew when its box ran out (its step time, say)
                 row.update(json.loads(out.read_text()))
@@ -386,6 +388,8 @@ def train_case(preset: str, out: str, steps: int, warmup: int, overrides: List[s
     # graphs dynamo compiled in this process: 4 for a compiled ReACGAN step (G with and without grad, D in each
     # update), each once; more means recompiles
     row["compiled_graphs"] = torch._dynamo.utils.counters["stats"].get("unique_graphs", 0)
+    # graphs inductor would not capture under train.cuda_graphs (their reasons are in the case's stderr)
+    row["cudagraph_skips"] = torch._dynamo.utils.counters["inductor"].get("cudagraph_skips", 0)
     Path(out).write_text(json.dumps(row, default=str))
     return 0
 
@@ -534,7 +538,7 @@ def write_report(out_dir: Path, report: Dict[str, Any]) -> None:
     (out_dir / "report.md").write_text("\n".join(lines) + "\n")
 
 
-def _run_boxed(cmd: List[str], env: Dict[str, str], limit: float) -> Tuple[Optional[int], str]:
+def run_boxed(cmd: List[str], env: Dict[str, str], limit: float) -> Tuple[Optional[int], str]:
     """(exit code or None when the time box ran out, stderr). Its own process group, killed whole on time-out, so
     no compile worker or pytest child lives on holding the GPU."""
     import signal
@@ -543,10 +547,10 @@ def _run_boxed(cmd: List[str], env: Dict[str, str], limit: float) -> Tuple[Optio
     try:
         _, err = proc.communicate(timeout=limit)
         return proc.returncode, err
-    except subprocess.TimeoutExpired:
+    except subprocess.TimeoutExpired:  # what it said before the kill tells where it was (compiling, say)
         os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        return None, ""
+        _, err = proc.communicate()
+        return None, err
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -556,6 +560,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--stages", nargs="*", default=[s for s, _, _ in STAGES], help="a subset of the stages")
     p.add_argument("--cases", nargs="*", default=[], metavar="BATCH:MODE",
                    help="the train stage's cases to run, in this order (e.g. 256:compile 32:cuda_graphs); default all")
+    p.add_argument("--seconds", type=float, default=None,
+                   help="the whole call's time: the last stage chosen gets what the others leave of it (default: the "
+                        "chosen stages' boxes added up, 480 s for all of them on a GPU)")
     p.add_argument("--child", nargs=3, metavar=("STAGE", "DEADLINE", "OUT"), help=argparse.SUPPRESS)
     p.add_argument("--train-case", nargs="+", help=argparse.SUPPRESS)  # PRESET OUT STEPS WARMUP OVERRIDES...
     args = p.parse_args(argv)
@@ -588,16 +595,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     stage_dir = Path(tempfile.mkdtemp(prefix="gpu-check-"))  # DIR keeps the two reports alone
     env[STAGE_DIR_ENV] = str(stage_dir)  # a later stage may read an earlier one's result (train reads layers)
     env[CASES_ENV] = " ".join(args.cases)
+    chosen = [(name, smoke_s if smoke else gpu_s) for name, gpu_s, smoke_s in STAGES if name in args.stages]
+    end = time.time() + (args.seconds or sum(box for _, box in chosen))
     spare = 0.0  # seconds the stages so far left of their boxes
-    for name, gpu_s, smoke_s in STAGES:
-        if name not in args.stages:
+    for i, (name, box) in enumerate(chosen):
+        left = end - time.time()
+        limit = round(left if i == len(chosen) - 1 else min(box + spare, left))
+        if limit < 1:
+            report["stages"].append({"name": name, "status": "skip", "seconds": 0.0, "why": "out of time (--seconds)"})
+            write_report(out_dir, report)
             continue
-        limit = round((smoke_s if smoke else gpu_s) + spare)
         out = stage_dir / f"stage-{name}.json"
         t0 = time.time()
         print(f"gpu-check: {name} (at most {limit} s) ...", flush=True)
         cmd = [sys.executable, "-m", "hpc_gan.gpucheck", "--child", name, str(t0 + limit), str(out)]
-        rc, stderr = _run_boxed(cmd + (["--smoke"] if smoke else []), env, limit)
+        rc, stderr = run_boxed(cmd + (["--smoke"] if smoke else []), env, limit)
         result = json.loads(out.read_text()) if out.exists() else {"name": name}  # partial, if it was cut off
         if rc is None:
             result.update(status="timeout", error=f"over its {limit} s")

@@ -315,6 +315,26 @@ def test_the_gpu_check_runs_the_train_cases_asked_for(monkeypatch, capsys):
         assert said in capsys.readouterr().err
 
 
+def test_the_gpu_check_gives_the_last_stage_what_seconds_leaves(tmp_path, capsys):
+    """--seconds is the whole call's time: a second call on a warm machine gives the train stage all of it; a stage
+    with nothing left is reported as skipped, not run."""
+    from hpc_gan import gpucheck
+    assert gpucheck.main(["--smoke", "--stages", "env", "--seconds", "45", "--out", str(tmp_path / "a")]) == 0
+    assert "gpu-check: env (at most 45 s)" in capsys.readouterr().out
+    assert gpucheck.main(["--smoke", "--stages", "env", "--seconds", "0.4", "--out", str(tmp_path / "b")]) == 0
+    (stage,) = json.loads((tmp_path / "b" / "report.json").read_text())["stages"]
+    assert stage["status"] == "skip" and "out of time" in stage["why"]
+
+
+def test_a_boxed_stage_stopped_by_its_box_keeps_what_it_said():
+    """A case killed by its time box still returns its stderr (which graph it was compiling, say): the H200's
+    CUDA-graph case at 32 came back as a bare timeout (2026-11-27)."""
+    from hpc_gan.gpucheck import run_boxed
+    said = "import sys, time; print('compiling graph 2', file=sys.stderr, flush=True); time.sleep(60)"
+    rc, err = run_boxed([sys.executable, "-c", said], dict(os.environ), 3)
+    assert rc is None and "compiling graph 2" in err
+
+
 def test_the_gpu_check_reads_its_goals_off_the_first_h100_run():
     """The report's goals table, from the first H100 run's own report (docs/gpu-runs): every speed goal missed or
     not measured there, with the numbers docs/benchmarks.md quotes."""
