@@ -146,6 +146,7 @@ def test_eval_plot_and_bench_commands(tmp_path, capsys):
     assert all(v >= 0 for v in b["phase_ms_per_step"].values()) and b["phase_ms_per_step"]["d_forward"] > 0
     assert 0 < b["mfu"] < 1 and b["samples_per_s_per_device"] > 0
     assert b["aten_ops_per_iteration"] > 100 and b["cuda_kernels_per_iteration"] is None
+    assert b["peak_reserved_gib"] is None  # the CUDA allocator's (CUDA graphs' pools included); none on a CPU
     two = dict(b, world=2, samples_per_s_per_device=b["samples_per_s_per_device"] * 0.9)
     (tmp_path / "b2.json").write_text(json.dumps(two))
     assert main(["bench", "--scaling", str(out), str(tmp_path / "b2.json"), "--out", str(tmp_path / "scale.json")]) == 0
