@@ -38,9 +38,9 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 # (name, seconds allowed on a GPU, seconds allowed in smoke mode): 480 s in all on one H100, under the 8 minutes
-# that one call may take (the H100 runs took 380 and 476 s, the H200 run 483 s). What a stage leaves of its box goes to the next one, so
-# the whole call stays within the sum; train runs last and gets all the short stages left (~40-70 s): its compiled
-# cases need minutes on a cold machine, and no other stage's time is as uncertain.
+# that one call may take (the H100 runs took 380 and 476 s, the H200 run 483 s). What a stage leaves of its box goes
+# to the next one, so the whole call stays within the sum; train runs last and gets all the short stages left
+# (~40-70 s): its compiled cases need minutes on a cold machine, and no other stage's time is as uncertain.
 STAGES: List[Tuple[str, int, int]] = [
     ("env", 15, 60), ("accuracy", 45, 120), ("kernels", 60, 120), ("sn", 25, 120), ("layers", 20, 60),
     ("tests", 70, 240), ("determinism", 25, 120), ("dali", 10, 60), ("deepspeed", 10, 60),

@@ -106,11 +106,14 @@ def _specs(dtype: str) -> List[Spec]:
         specs.append((f"sn_scale(out={out[1:]})", N.sn_scale_kernel, {"W_PTRS": i64, "OUT": out, "SIGMA": f32,
                                                                       **tiles_},
                       dict(W_DTYPE=wdt, PTR_ALIGNED=True, BR=32, BC=128), {}))
-        specs.append((f"sn_dot(g={out[1:]})", N.sn_dot_kernel, {"W_PTRS": i64, "G": out, "PART": f32, **tiles_},
-                      dict(W_DTYPE=wdt, PTR_ALIGNED=True, BR=32, BC=128), {}))
+        gdt = tl.float32 if out == "*fp32" else tl.bfloat16  # the incoming gradients, through a pointer table
+        tiles_g = {k: i64 for k in ("TILE_MAT", "TILE_START", "ROWS", "COLS")}
+        specs.append((f"sn_dot(g={out[1:]})", N.sn_dot_kernel, {"W_PTRS": i64, "G_PTRS": i64, "PART": f32, **tiles_g},
+                      dict(W_DTYPE=wdt, G_DTYPE=gdt, PTR_ALIGNED=True, BR=32, BC=128), {}))
         specs.append((f"sn_normalize_grad(g={out[1:]})", N.sn_normalize_grad_kernel,
-                      {"GRAD": t, "G": out, "PART": f32, "SIGMA": f32, "U_OUT": f32, "V_OUT": f32, **tiles_,
-                       "UOFF": i64, "VOFF": i64, "FIRST": i64, "NTILES": i64}, dict(BR=32, BC=128, BT=64), {}))
+                      {"GRAD": t, "G_PTRS": i64, "PART": f32, "SIGMA": f32, "U_OUT": f32, "V_OUT": f32, **tiles_g,
+                       "UOFF": i64, "VOFF": i64, "WOFF": i64, "FIRST": i64, "NTILES": i64},
+                      dict(G_DTYPE=gdt, PTR_ALIGNED=True, BR=32, BC=128, BT=64), {}))
     return specs
 
 

@@ -98,10 +98,11 @@ def _store_tile(base, x, rs, cs, n_rows, n_cols):
 
 
 @triton.jit
-def _weight(W_PTRS, m, W_DTYPE: tl.constexpr, PTR_ALIGNED: tl.constexpr):
-    """Matrix m's weights, from the pointer table; PTR_ALIGNED: the host checked that every entry is 16-byte
-    aligned (a pointer read from memory is otherwise assumed unaligned, and every load scalar)."""
-    w = tl.load(W_PTRS + m).to(tl.pointer_type(W_DTYPE))
+def _from_table(PTRS, m, DTYPE: tl.constexpr, PTR_ALIGNED: tl.constexpr):
+    """Matrix m (weights, or their incoming gradients), from a table of data pointers; PTR_ALIGNED: the host
+    checked that every entry is 16-byte aligned (a pointer read from memory is otherwise assumed unaligned, and
+    every load scalar)."""
+    w = tl.load(PTRS + m).to(tl.pointer_type(DTYPE))
     if PTR_ALIGNED:
         w = tl.multiple_of(w, 16)
     return w
@@ -144,7 +145,7 @@ def sn_v_kernel(W_PTRS, U_PTRS, U_FLAT, V_OUT, TILE_MAT, TILE_START, ROWS, COLS,
                  U_FROM_FLAT: tl.constexpr, W_DTYPE: tl.constexpr, PTR_ALIGNED: tl.constexpr, BR: tl.constexpr,
                  BC: tl.constexpr):
     m, c0, n_rows, n_cols = _tile(TILE_MAT, TILE_START, ROWS, COLS)
-    w = _weight(W_PTRS, m, W_DTYPE, PTR_ALIGNED)
+    w = _from_table(W_PTRS, m, W_DTYPE, PTR_ALIGNED)
     if U_FROM_FLAT:
         u_base = U_FLAT + tl.load(UOFF + m)
     else:
@@ -171,7 +172,7 @@ def sn_u_kernel(W_PTRS, U_OUT, U_PART, V_OUT, SIGMA, TILE_MAT, TILE_START, TILE_
     pid = tl.program_id(0)
     m, r0, n_rows, n_cols = _tile(TILE_MAT, TILE_START, ROWS, COLS)
     chunk = tl.load(TILE_CHUNK + pid)
-    w = _weight(W_PTRS, m, W_DTYPE, PTR_ALIGNED)
+    w = _from_table(W_PTRS, m, W_DTYPE, PTR_ALIGNED)
     vb = V_OUT + tl.load(VOFF + m)
     ub = U_OUT + tl.load(UOFF + m)
     rs = r0 + tl.arange(0, BR)
@@ -226,7 +227,7 @@ def sn_scale_kernel(W_PTRS, OUT, SIGMA, TILE_MAT, TILE_START, ROWS, COLS, WOFF, 
                     PTR_ALIGNED: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
     """W_m / sigma_m for one (matrix, row block) tile, into the flat OUT buffer (OUT's dtype)."""
     m, r0, n_rows, n_cols = _tile(TILE_MAT, TILE_START, ROWS, COLS)
-    w = _weight(W_PTRS, m, W_DTYPE, PTR_ALIGNED)
+    w = _from_table(W_PTRS, m, W_DTYPE, PTR_ALIGNED)
     inv = 1.0 / tl.load(SIGMA + m)
     ob = _flat(OUT, WOFF, m)
     rs = r0 + tl.arange(0, BR)
@@ -237,12 +238,12 @@ def sn_scale_kernel(W_PTRS, OUT, SIGMA, TILE_MAT, TILE_START, ROWS, COLS, WOFF, 
 
 
 @triton.jit
-def sn_dot_kernel(W_PTRS, G, PART, TILE_MAT, TILE_START, ROWS, COLS, WOFF, W_DTYPE: tl.constexpr,
-                  PTR_ALIGNED: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+def sn_dot_kernel(W_PTRS, G_PTRS, PART, TILE_MAT, TILE_START, ROWS, COLS, W_DTYPE: tl.constexpr,
+                  G_DTYPE: tl.constexpr, PTR_ALIGNED: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
     """<G, W> over one (matrix, row block) tile, into PART[tile] (summed per matrix by sn_normalize_grad_kernel)."""
     m, r0, n_rows, n_cols = _tile(TILE_MAT, TILE_START, ROWS, COLS)
-    w = _weight(W_PTRS, m, W_DTYPE, PTR_ALIGNED)
-    gb = _flat(G, WOFF, m)
+    w = _from_table(W_PTRS, m, W_DTYPE, PTR_ALIGNED)
+    gb = _from_table(G_PTRS, m, G_DTYPE, PTR_ALIGNED)
     rs = r0 + tl.arange(0, BR)
     acc = tl.zeros((BR, BC), tl.float32)
     for c0 in range(0, n_cols, BC):
@@ -254,8 +255,9 @@ def sn_dot_kernel(W_PTRS, G, PART, TILE_MAT, TILE_START, ROWS, COLS, WOFF, W_DTY
 
 
 @triton.jit
-def sn_normalize_grad_kernel(GRAD, G, PART, SIGMA, U_OUT, V_OUT, TILE_MAT, TILE_START, ROWS, COLS, UOFF, VOFF, WOFF,
-                             FIRST, NTILES, BR: tl.constexpr, BC: tl.constexpr, BT: tl.constexpr):
+def sn_normalize_grad_kernel(GRAD, G_PTRS, PART, SIGMA, U_OUT, V_OUT, TILE_MAT, TILE_START, ROWS, COLS, UOFF, VOFF,
+                             WOFF, FIRST, NTILES, G_DTYPE: tl.constexpr, PTR_ALIGNED: tl.constexpr, BR: tl.constexpr,
+                             BC: tl.constexpr, BT: tl.constexpr):
     """dW = G / sigma - <G, W> / sigma^2 u v^T for one (matrix, row block) tile; <G, W> is the sum of the matrix's
     tile partials, in a fixed order (the same in every program of the matrix: bitwise reproducible)."""
     m, r0, n_rows, n_cols = _tile(TILE_MAT, TILE_START, ROWS, COLS)
@@ -270,7 +272,7 @@ def sn_normalize_grad_kernel(GRAD, G, PART, SIGMA, U_OUT, V_OUT, TILE_MAT, TILE_
     rm = rs < n_rows
     u = tl.load(U_OUT + tl.load(UOFF + m) + rs, mask=rm, other=0.0) * coef
     vb = V_OUT + tl.load(VOFF + m)
-    gb, db = _flat(G, WOFF, m), _flat(GRAD, WOFF, m)
+    gb, db = _from_table(G_PTRS, m, G_DTYPE, PTR_ALIGNED), _flat(GRAD, WOFF, m)
     for c0 in range(0, n_cols, BC):
         cs = _span(c0, BC)
         v = tl.load(vb + cs, mask=cs < n_cols, other=0.0)
@@ -321,23 +323,21 @@ class _Plan:
         self._ptrs: Dict[tuple, Tuple[torch.Tensor, bool]] = {}
 
     def pointers(self, tensors: List[torch.Tensor]) -> Tuple[torch.Tensor, bool]:
-        """(the tensors' data pointers as a device table, whether all are 16-byte aligned: the kernels' hint)."""
+        """(the tensors' data pointers as a device table, whether all are 16-byte aligned: the kernels' hint).
+        Weights keep their addresses across steps, and the caching allocator mostly hands the backward's incoming
+        gradients the same blocks every step, so tables are cached by address; a new one is copied from pinned
+        memory without waiting for the GPU (a plain torch.tensor(..., device=cuda) would synchronize)."""
         key = tuple(t.data_ptr() for t in tensors)
         hit = self._ptrs.get(key)
         if hit is None:
-            if len(self._ptrs) > 8:  # parameters moved for good (e.g. re-sharded): forget old layouts
-                self._ptrs.clear()
-            hit = self._ptrs[key] = (torch.tensor(key, dtype=torch.int64, device=tensors[0].device),
-                                     all(p % 16 == 0 for p in key))
+            while len(self._ptrs) >= 16:  # the oldest layouts first (parameters re-sharded, gradients moved)
+                self._ptrs.pop(next(iter(self._ptrs)))
+            device = tensors[0].device
+            host = torch.tensor(key, dtype=torch.int64, pin_memory=device.type == "cuda")
+            hit = self._ptrs[key] = (host.to(device, non_blocking=True), all(p % 16 == 0 for p in key))
+        else:
+            self._ptrs[key] = self._ptrs.pop(key)  # most recently used last
         return hit
-
-    def flat(self, parts: List[torch.Tensor]) -> torch.Tensor:
-        """The matrices (flattened) in one buffer at their padded offsets: one concatenation."""
-        filler = parts[0].new_empty(3)
-        pieces: List[torch.Tensor] = []
-        for x, pad in zip(parts, self.pads):
-            pieces += [x.reshape(-1), filler[:pad]] if pad else [x.reshape(-1)]
-        return torch.cat(pieces)
 
     def views(self, flat: torch.Tensor) -> List[torch.Tensor]:
         """Each matrix's (rows, cols) view of a flat buffer."""
@@ -437,6 +437,7 @@ class _FusedNormalize(torch.autograd.Function):
             w_ptrs, flat, sigmas, plan.g_mat, plan.g_start, plan.rows, plan.cols, plan.woff,
             W_DTYPE=tl_dtype(ws[0].dtype), PTR_ALIGNED=aligned, BR=plan.br, BC=plan.bc)
         ctx.plan, ctx.w_dtype, ctx.out_dtype = plan, ws[0].dtype, out_dtype
+        ctx.set_materialize_grads(False)  # no zero-filled gradients for sigma, u, v (never differentiated)
         ctx.save_for_backward(sigmas, u_out, v_out, *ws)
         ctx.mark_non_differentiable(sigmas, u_out, v_out)
         return (sigmas, u_out, v_out, *plan.views(flat))
@@ -445,19 +446,24 @@ class _FusedNormalize(torch.autograd.Function):
     def backward(ctx, _gs, _gu, _gv, *grads: torch.Tensor):
         plan: _Plan = ctx.plan
         sigmas, u_out, v_out, *ws = ctx.saved_tensors
-        # the kernels read one flat gradient: one copy (a layer whose output went unused has none: zeros)
-        g_flat = plan.flat([g if g is not None else torch.zeros(r * c, device=sigmas.device, dtype=ctx.out_dtype)
-                            for g, (r, c) in zip(grads, plan.shapes)])
-        w_ptrs, aligned = plan.pointers(ws)
-        part = torch.empty(plan.g_mat.numel(), device=g_flat.device, dtype=torch.float32)
+        dev = sigmas.device
+        # the kernels read the incoming gradients where they are, through a pointer table: the H200 profile showed
+        # their concatenation into one buffer at 11% of the whole job (a layer whose output went unused: zeros)
+        gs = [g.contiguous() if g is not None else torch.zeros(r, c, device=dev, dtype=ctx.out_dtype)
+              for g, (r, c) in zip(grads, plan.shapes)]
+        (w_ptrs, w_aligned), (g_ptrs, g_aligned) = plan.pointers(ws), plan.pointers(gs)
+        aligned = w_aligned and g_aligned
+        g_dtype = tl_dtype(gs[0].dtype)
+        part = torch.empty(plan.g_mat.numel(), device=dev, dtype=torch.float32)
         grid = (plan.g_mat.numel(),)
-        sn_dot_kernel[grid](w_ptrs, g_flat, part, plan.g_mat, plan.g_start, plan.rows, plan.cols, plan.woff,
-                            W_DTYPE=tl_dtype(ctx.w_dtype), PTR_ALIGNED=aligned, BR=plan.br, BC=plan.bc)
-        grad = torch.empty(plan.n_w, device=g_flat.device, dtype=ctx.w_dtype)
+        sn_dot_kernel[grid](w_ptrs, g_ptrs, part, plan.g_mat, plan.g_start, plan.rows, plan.cols,
+                            W_DTYPE=tl_dtype(ctx.w_dtype), G_DTYPE=g_dtype, PTR_ALIGNED=aligned, BR=plan.br,
+                            BC=plan.bc)
+        grad = torch.empty(plan.n_w, device=dev, dtype=ctx.w_dtype)
         sn_normalize_grad_kernel[grid](
-            grad, g_flat, part, sigmas, u_out, v_out, plan.g_mat, plan.g_start, plan.rows, plan.cols, plan.uoff,
-            plan.voff, plan.woff, plan.g_first, plan.g_ntiles, BR=plan.br, BC=plan.bc,
-            BT=max(triton.next_power_of_2(plan.max_g_tiles), 2))
+            grad, g_ptrs, part, sigmas, u_out, v_out, plan.g_mat, plan.g_start, plan.rows, plan.cols, plan.uoff,
+            plan.voff, plan.woff, plan.g_first, plan.g_ntiles, G_DTYPE=g_dtype, PTR_ALIGNED=aligned, BR=plan.br,
+            BC=plan.bc, BT=max(triton.next_power_of_2(plan.max_g_tiles), 2))
         return (None, None, None, None, None, *plan.views(grad), *([None] * len(ws)))
 
 
