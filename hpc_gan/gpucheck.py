@@ -42,9 +42,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # to the next one, so the whole call stays within the sum; train runs last and gets all the short stages left
 # (~40-70 s): its compiled cases need minutes on a cold machine, and no other stage's time is as uncertain.
 STAGES: List[Tuple[str, int, int]] = [
-    ("env", 15, 60), ("accuracy", 45, 120), ("kernels", 60, 120), ("sn", 25, 120), ("layers", 20, 60),
+    ("env", 15, 60), ("accuracy", 45, 120), ("kernels", 60, 120), ("sn", 45, 120), ("layers", 20, 60),
     ("tests", 70, 240), ("determinism", 25, 120), ("dali", 10, 60), ("deepspeed", 10, 60),
-    ("train", 200, 240),
+    ("train", 180, 240),
 ]
 STAGE_DIR_ENV = "HPC_GAN_GPU_CHECK_STAGES"  # where the stages' own result files are, for the stages after them
 CASES_ENV = "HPC_GAN_GPU_CHECK_CASES"  # --cases, for the train stage's process
@@ -228,7 +228,7 @@ def stage_kernels(smoke: bool, deadline: float, save: Save) -> Dict[str, Any]:
 
 
 def stage_sn(smoke: bool, deadline: float, save: Save) -> Dict[str, Any]:
-    from kernels.bench import bench_sn
+    from kernels.bench import bench_sn, bench_sn_tiles, sn_tile_candidates
     dev = _device(smoke)
     shapes = [(64, 40), (33, 70), (8, 300)] if smoke else _sn_shapes()
     variants = ("torch_loop", "foreach", "triton_fused", "normalize_loop", "normalize_foreach", "normalize_triton")
@@ -251,6 +251,13 @@ def stage_sn(smoke: bool, deadline: float, save: Save) -> Dict[str, Any]:
         out.update(graph_triton_vs_floor=graph["triton_fused"] / floor_ms,
                    graph_triton_speedup_vs_loop=graph["torch_loop"] / graph["triton_fused"],
                    graph_normalize_triton_vs_floor=graph["normalize_triton"] / floor_norm_ms)
+    save(dict(out, status="ok"))
+    # the power-iteration passes under other tilings (they read the weights at ~1.1 TB/s on the H100 and H200):
+    # what to make kernels.spectral_norm_triton.GPU_TILES on the next run
+    tiles = bench_sn_tiles(dev, shapes, sn_tile_candidates(dev), deadline=deadline - 3)
+    timed = [t for t in tiles if "ms" in t]
+    out.update(tiles=tiles, best_tiles=min(timed, key=lambda t: t["ms"])["tiles"] if timed else None,
+               best_tiles_speedup=timed[0]["ms"] / min(t["ms"] for t in timed) if timed else None)
     return out
 
 
@@ -509,7 +516,8 @@ def write_report(out_dir: Path, report: Dict[str, Any]) -> None:
     for s in report["stages"]:
         keep = {k: v for k, v in s.items() if k not in ("name", "status", "seconds", "rows", "runs", "traceback",
                                                         "d2d_ce", "sn", "speedup_vs_best_torch", "output_tail",
-                                                        "graph_speedup_vs_best_torch", "ms_per_iteration")}
+                                                        "graph_speedup_vs_best_torch", "ms_per_iteration",
+                                                        "tiles", "best_tiles")}
         summary = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in keep.items())
         lines.append(f"| {s['name']} | {s['status']} | {s['seconds']} | {summary[:300]} |")
     for s in report["stages"]:
@@ -519,6 +527,11 @@ def write_report(out_dir: Path, report: Dict[str, Any]) -> None:
                       "alone, CUDA-graph replay)", "", "| shape | wall | device |", "|---|---|---|"]
             lines += [f"| {k} | {v:.2f}x | " + (f"{graph[k]:.2f}x |" if k in graph else "n/a |")
                       for k, v in s["speedup_vs_best_torch"].items()]
+        for t in s.get("tiles") or []:
+            tiles = "/".join(str(v) for v in t["tiles"].values())
+            lines.append(f"- SN power iteration, tiles {tiles} (rows/cols/chunk/warps/stages): " +
+                         (f"{t['ms']:.3f} ms, weights read at {t['read_tb_per_s']:.2f} TB/s, sigma within "
+                          f"{t['sigma_max_rel_diff']:.1e} of the first" if "ms" in t else t.get("skipped", "")))
         for op, per in (s.get("ms_per_iteration") or {}).items():
             impls = ", ".join(f"{k} {v:.1f}" for k, v in per.items() if k != "floor_ms")
             lines.append(f"- {op}, ms per iteration at batch {s.get('batch')} ({s.get('dtype')}): {impls}; "

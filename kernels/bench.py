@@ -237,6 +237,46 @@ def bench_sn(device: torch.device, shapes: Sequence[Tuple[int, int]], variants: 
     return rows
 
 
+def sn_tile_candidates(device: torch.device) -> List[Any]:
+    """Tile configurations for ``bench_sn_tiles``: the default first, then taller, wider, more warps, fewer stages,
+    shorter u-pass chunks (on a CPU, two small ones: the interpreter only checks that the sweep runs)."""
+    from kernels.spectral_norm_triton import GPU_TILES, INTERPRETER_TILES, Tiles
+    if device.type != "cuda":
+        return [INTERPRETER_TILES, Tiles(16, 32, 64, 4, 1)]
+    return [GPU_TILES, Tiles(32, 128, 4096, 4, 1), Tiles(64, 128, 4096, 8, 3), Tiles(16, 256, 4096, 4, 3),
+            Tiles(8, 512, 4096, 4, 3), Tiles(32, 256, 4096, 8, 3), Tiles(32, 128, 2048, 4, 3),
+            Tiles(64, 64, 4096, 4, 3)]
+
+
+def bench_sn_tiles(device: torch.device, shapes: Sequence[Tuple[int, int]], candidates: Sequence[Any],
+                   deadline: Optional[float] = None, dtype: torch.dtype = torch.float32) -> List[Dict]:
+    """The Triton power iteration of every matrix (the v and u passes: the part of the W / sigma job furthest from
+    its floor on the H100 and H200) under each tile configuration: device time (CUDA-graph replay; a wall median
+    on a CPU), the bandwidth at which it reads the weights (twice), and sigma's largest relative difference from
+    the first candidate's (summation order only). Candidates left when ``deadline`` (time.time()) passes are
+    reported as skipped."""
+    from kernels.spectral_norm_triton import fused_power_iteration
+    g = torch.Generator(device=device).manual_seed(0)
+    ws = [torch.randn(*s, device=device, dtype=dtype, generator=g).div_(s[1] ** 0.5) for s in shapes]
+    us = [F.normalize(torch.randn(s[0], device=device, generator=g), dim=0) for s in shapes]
+    read = 2 * sum(r * c for r, c in shapes) * ws[0].element_size()
+    rows: List[Dict] = []
+    ref = None
+    for tiles in candidates:
+        row: Dict[str, Any] = {"bench": "SN power iteration, tiles", "tiles": tiles._asdict()}
+        if deadline is not None and time.time() > deadline:
+            rows.append(dict(row, skipped="out of time"))
+            continue
+        fn = lambda: fused_power_iteration(ws, us, 1, 1e-12, tiles)  # noqa: E731
+        sigma = fn()[0]
+        ref = sigma if ref is None else ref
+        row["sigma_max_rel_diff"] = float(((sigma - ref).abs() / ref.abs()).max())
+        ms = graph_ms(fn, device) if device.type == "cuda" else median_ms(fn, device, reps=2)
+        row.update(ms=ms, read_tb_per_s=read / (ms * 1e-3) / 1e12)
+        rows.append(row)
+    return rows
+
+
 def print_table(rows: List[Dict]) -> None:
     keys: List[str] = []
     for r in rows:

@@ -27,20 +27,34 @@ matrix's last program ran.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+import os
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-import os
-
 from kernels.dispatch import interpreting, tl_dtype
 
 
-def _blocks(device: torch.device) -> Tuple[int, int, int]:
-    """(rows per tile, columns per tile, columns per u-pass chunk)."""
-    return (32, 32, 64) if device.type != "cuda" or interpreting() else (32, 128, 4096)
+class Tiles(NamedTuple):
+    """How the kernels tile: rows and columns per tile, columns per u-pass chunk (a multiple of bc), and the
+    launches' warps and pipeline stages. The GPU default has run on an H100 and an H200, where the power-iteration
+    passes read the weights at ~1.1 TB/s, a quarter of the copy bandwidth: ``kernels.bench.bench_sn_tiles`` (the
+    check pack's sn stage) times others at BigGAN-128's shapes, to choose from on the next GPU run."""
+    br: int
+    bc: int
+    ch: int
+    warps: int = 4
+    stages: int = 3
+
+
+GPU_TILES = Tiles(32, 128, 4096)
+INTERPRETER_TILES = Tiles(32, 32, 64)  # small tiles: the interpreter's cost grows with the tile
+
+
+def default_tiles(device: torch.device) -> Tiles:
+    return INTERPRETER_TILES if device.type != "cuda" or interpreting() else GPU_TILES
 
 
 @triton.jit
@@ -283,9 +297,12 @@ def sn_normalize_grad_kernel(GRAD, G_PTRS, PART, SIGMA, U_OUT, V_OUT, TILE_MAT, 
 class _Plan:
     """Tile tables and offsets for one list of shapes on one device (built once, reused every step)."""
 
-    def __init__(self, shapes: Tuple[Tuple[int, int], ...], device: torch.device) -> None:
-        self.shapes = shapes
-        self.br, self.bc, self.ch = _blocks(device)
+    def __init__(self, shapes: Tuple[Tuple[int, int], ...], device: torch.device, tiles: Tiles) -> None:
+        if tiles.ch % tiles.bc or tiles.bc % 4:
+            raise ValueError(f"SN tiles {tiles}: ch must be a multiple of bc, and bc of 4")
+        self.shapes, self.tiles = shapes, tiles
+        self.br, self.bc, self.ch = tiles.br, tiles.bc, tiles.ch
+        self.launch = dict(num_warps=tiles.warps, num_stages=tiles.stages)
         rows = [r for r, _ in shapes]
         cols = [c for _, c in shapes]
         off = lambda xs: [sum(xs[:i]) for i in range(len(xs))]  # noqa: E731
@@ -347,10 +364,12 @@ class _Plan:
 _PLANS: Dict[tuple, _Plan] = {}
 
 
-def _plan(weights: List[torch.Tensor]) -> _Plan:
-    key = (tuple(tuple(w.shape) for w in weights), weights[0].device)
+def _plan(weights: List[torch.Tensor], tiles: Optional[Tiles] = None) -> _Plan:
+    device = weights[0].device
+    tiles = tiles or default_tiles(device)
+    key = (tuple(tuple(w.shape) for w in weights), device, tiles)
     if key not in _PLANS:
-        _PLANS[key] = _Plan(key[0], weights[0].device)
+        _PLANS[key] = _Plan(key[0], device, tiles)
     return _PLANS[key]
 
 
@@ -370,11 +389,11 @@ def _power_iterate(plan: _Plan, ws: List[torch.Tensor], us: List[torch.Tensor], 
     for it in range(n_iters):
         sn_v_kernel[(plan.v_mat.numel(),)](
             w_ptrs, u_ptrs, u_out, v_out, plan.v_mat, plan.v_start, plan.rows, plan.cols, plan.uoff, plan.voff,
-            U_FROM_FLAT=it > 0, W_DTYPE=wdt, PTR_ALIGNED=aligned, BR=plan.br, BC=plan.bc)
+            U_FROM_FLAT=it > 0, W_DTYPE=wdt, PTR_ALIGNED=aligned, BR=plan.br, BC=plan.bc, **plan.launch)
         sn_u_kernel[(plan.u_mat.numel(),)](
             w_ptrs, u_out, u_part, v_out, sigmas, plan.u_mat, plan.u_start, plan.u_chunk, plan.ntiles,
             plan.count, plan.rows, plan.cols, plan.uoff, plan.voff, plan.nchunk, plan.n_u, eps, W_DTYPE=wdt,
-            PTR_ALIGNED=aligned, BR=plan.br, BC=plan.bc, CH=plan.ch)
+            PTR_ALIGNED=aligned, BR=plan.br, BC=plan.bc, CH=plan.ch, **plan.launch)
     if debug and torch.isnan(sigmas).any():  # a matrix whose last program never ran leaves its NaN
         missed = torch.isnan(sigmas).nonzero().flatten().tolist()
         raise RuntimeError(f"sn_u_kernel: no last program ran for matrices {missed} of shapes "
@@ -400,7 +419,7 @@ class _FusedSN(torch.autograd.Function):
         grad = torch.empty(plan.n_w, device=u_out.device, dtype=ctx.w_dtype)
         sn_grad_kernel[(plan.g_mat.numel(),)](
             grad, g_sigma.contiguous().float(), u_out, v_out, plan.g_mat, plan.g_start, plan.rows, plan.cols,
-            plan.uoff, plan.voff, plan.woff, BR=plan.br, BC=plan.bc)
+            plan.uoff, plan.voff, plan.woff, BR=plan.br, BC=plan.bc, **plan.launch)
         return (None, None, None, None, *plan.views(grad), *([None] * n))
 
 
@@ -411,10 +430,11 @@ def _check_inputs(weights: List[torch.Tensor], us: List[torch.Tensor]) -> None:
         raise ValueError("sn_power_iteration(backend='triton'): u vectors must be contiguous float32")
 
 
-def fused_power_iteration(weights: List[torch.Tensor], us: List[torch.Tensor], n_iters: int, eps: float
-                          ) -> Tuple[torch.Tensor, List[torch.Tensor], List[torch.Tensor]]:
+def fused_power_iteration(weights: List[torch.Tensor], us: List[torch.Tensor], n_iters: int, eps: float,
+                          tiles: Optional[Tiles] = None) -> Tuple[torch.Tensor, List[torch.Tensor], List[torch.Tensor]]:
+    """(sigmas, us, vs) of every matrix; ``tiles``: the device's default unless given (benchmarks)."""
     _check_inputs(weights, us)
-    plan = _plan(weights)
+    plan = _plan(weights, tiles)
     sigmas, u_out, v_out = _FusedSN.apply(plan, n_iters, eps, len(weights), *weights, *us)
     u_list = [u_out[o:o + r] for o, (r, _) in zip(plan.u_off, plan.shapes)]
     v_list = [v_out[o:o + c] for o, (_, c) in zip(plan.v_off, plan.shapes)]
@@ -435,7 +455,7 @@ class _FusedNormalize(torch.autograd.Function):
         flat = torch.empty(plan.n_w, device=ws[0].device, dtype=out_dtype)
         sn_scale_kernel[(plan.g_mat.numel(),)](
             w_ptrs, flat, sigmas, plan.g_mat, plan.g_start, plan.rows, plan.cols, plan.woff,
-            W_DTYPE=tl_dtype(ws[0].dtype), PTR_ALIGNED=aligned, BR=plan.br, BC=plan.bc)
+            W_DTYPE=tl_dtype(ws[0].dtype), PTR_ALIGNED=aligned, BR=plan.br, BC=plan.bc, **plan.launch)
         ctx.plan, ctx.w_dtype, ctx.out_dtype = plan, ws[0].dtype, out_dtype
         ctx.set_materialize_grads(False)  # no zero-filled gradients for sigma, u, v (never differentiated)
         ctx.save_for_backward(sigmas, u_out, v_out, *ws)
@@ -458,23 +478,24 @@ class _FusedNormalize(torch.autograd.Function):
         grid = (plan.g_mat.numel(),)
         sn_dot_kernel[grid](w_ptrs, g_ptrs, part, plan.g_mat, plan.g_start, plan.rows, plan.cols,
                             W_DTYPE=tl_dtype(ctx.w_dtype), G_DTYPE=g_dtype, PTR_ALIGNED=aligned, BR=plan.br,
-                            BC=plan.bc)
+                            BC=plan.bc, **plan.launch)
         grad = torch.empty(plan.n_w, device=dev, dtype=ctx.w_dtype)
         sn_normalize_grad_kernel[grid](
             grad, g_ptrs, part, sigmas, u_out, v_out, plan.g_mat, plan.g_start, plan.rows, plan.cols, plan.uoff,
             plan.voff, plan.woff, plan.g_first, plan.g_ntiles, G_DTYPE=g_dtype, PTR_ALIGNED=aligned, BR=plan.br,
-            BC=plan.bc, BT=max(triton.next_power_of_2(plan.max_g_tiles), 2))
+            BC=plan.bc, BT=max(triton.next_power_of_2(plan.max_g_tiles), 2), **plan.launch)
         return (None, None, None, None, None, *plan.views(grad), *([None] * len(ws)))
 
 
 def fused_normalize(weights: List[torch.Tensor], us: List[torch.Tensor], n_iters: int, eps: float,
-                    out_dtype: torch.dtype) -> Tuple[List[torch.Tensor], List[torch.Tensor], List[torch.Tensor],
-                                                     torch.Tensor]:
+                    out_dtype: torch.dtype, tiles: Optional[Tiles] = None
+                    ) -> Tuple[List[torch.Tensor], List[torch.Tensor], List[torch.Tensor], torch.Tensor]:
     """(W_i / sigma_i in ``out_dtype`` shaped as the weights, us, vs, sigmas): kernels.spectral_normalize on the
-    Triton kernels. ``weights`` as the layers hold them (conv weights 4-D), each contiguous, one dtype."""
+    Triton kernels. ``weights`` as the layers hold them (conv weights 4-D), each contiguous, one dtype; ``tiles``:
+    the device's default unless given (benchmarks)."""
     mats = [w.view(w.shape[0], -1) for w in weights]
     _check_inputs(mats, us)
-    plan = _plan(mats)
+    plan = _plan(mats, tiles)
     sigmas, u_out, v_out, *mats_sn = _FusedNormalize.apply(plan, n_iters, eps, out_dtype, len(mats), *mats, *us)
     normalized = [m.view(w.shape) for m, w in zip(mats_sn, weights)]
     u_list = [u_out[o:o + r] for o, (r, _) in zip(plan.u_off, plan.shapes)]

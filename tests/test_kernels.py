@@ -11,7 +11,7 @@ import torch
 
 from hpc_gan.models import biggan
 from hpc_gan.models.sn_fused import FusedSpectralNorm, sn_sigmas
-from kernels import d2d_ce, normalized_similarity, sn_power_iteration
+from kernels import d2d_ce, normalized_similarity, sn_power_iteration, spectral_normalize
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                 reason="triton is not installed (pip install -e .[triton])")
@@ -190,7 +190,6 @@ def test_spectral_normalize_runs_in_a_few_launches(interpreter_launches):
     backward reads the layers' gradients where they are (their concatenation was 11% of the job on the H200).
     (Slices of one output buffer, taken outside the autograd function, had made autograd build a zero-filled
     whole-size gradient per layer and sum them.)"""
-    from kernels import spectral_normalize
     launches = interpreter_launches
     ws, us = sn_case(fresh_seed())
     spectral_normalize(ws, us, 1, 1e-12, "triton")  # the first call builds the tile plan
@@ -261,10 +260,34 @@ def test_sn_power_iteration_matches_torch_loop(n_iters, backend):
         close(a, b, f"d sigma / d W of matrix {i}", seed)
 
 
+@pytest.mark.parametrize("tiles", [(16, 32, 64, 4, 1), (8, 16, 16, 2, 3), (4, 8, 24, 1, 1)])
+def test_sn_kernels_agree_under_other_tilings(tiles):
+    """The tilings the check pack's sweep times (kernels.bench.bench_sn_tiles) give the torch loop's W / sigma, u,
+    v and gradients: rows and columns per tile smaller and larger than the matrices, one-tile u-pass chunks. A
+    chunk that is not a multiple of the column tile is refused."""
+    from kernels.spectral_norm_triton import Tiles, fused_normalize
+    seed = fresh_seed()
+    ws, us = sn_case(seed)
+    ref_ws = [w.detach().clone().requires_grad_() for w in ws]
+    upstream = [torch.randn(*s, generator=torch.Generator().manual_seed(seed + i)).to(DEV)
+                for i, s in enumerate(SN_SHAPES)]
+    got, gu, gv, sig = fused_normalize(ws, us, 1, 1e-12, torch.float32, Tiles(*tiles))
+    want, wu, wv, wsig = spectral_normalize(ref_ws, us, 1, 1e-12, "torch")
+    torch.autograd.backward(got, upstream)
+    torch.autograd.backward(want, upstream)
+    close(sig, wsig, "sigma", seed)
+    for i in range(len(SN_SHAPES)):
+        close(got[i], want[i], f"W / sigma of matrix {i}", seed)
+        close(gu[i], wu[i], f"u of matrix {i}", seed)
+        close(gv[i], wv[i], f"v of matrix {i}", seed)
+        close(ws[i].grad, ref_ws[i].grad, f"gradient of matrix {i}", seed)
+    with pytest.raises(ValueError, match="multiple of bc"):
+        fused_normalize(ws, us, 1, 1e-12, torch.float32, Tiles(8, 16, 24))
+
+
 def test_spectral_normalize_matches_float64_autograd():
     """The whole-network W / sigma (foreach, and triton + a division) against autograd through a float64 loop:
     values and gradients, conv-shaped (4-D) weights included; a weight without upstream gradient gets a zero one."""
-    from kernels import spectral_normalize
     seed = fresh_seed()
     g = torch.Generator().manual_seed(seed)
     shapes = [(7, 5, 3, 3), (4, 9), (13, 6, 1, 1), (3, 3), (1, 40)]
@@ -297,7 +320,6 @@ def test_spectral_normalize_writes_the_layers_compute_dtype(backend):
     cast of the fp32 result would (within one bf16 step: sigma's last bits differ from the loop's, and Triton's CPU
     interpreter truncates to bf16 where a GPU rounds to nearest), and fp32 gradients for the fp32 weights equal to
     the loop's."""
-    from kernels import spectral_normalize
     seed = fresh_seed()
     g = torch.Generator().manual_seed(seed)
     shapes = [(7, 5, 3, 3), (4, 9), (33, 70)]
@@ -322,7 +344,6 @@ def test_spectral_normalize_reads_weights_at_any_alignment():
     multiple of 4; weights that are views at an odd offset into one buffer (as in a flat parameter store) take the
     scalar build (on a GPU a wrong hint is a misaligned-address fault), and so do incoming gradients at an odd
     offset (the backward reads them where they are). Values and gradients against the loop."""
-    from kernels import spectral_normalize
     seed = fresh_seed()
     g = torch.Generator().manual_seed(seed)
     shapes = [(8, 12), (5, 4, 3, 3), (16, 36), (3, 7)]
@@ -542,7 +563,6 @@ def test_fused_kernels_are_bitwise_deterministic(backward):
                       negatives=(leaves[2], col_labels), row_offset=32, split_cols=32, triton_backward=backward)
         runs.append([loss.detach(), *torch.autograd.grad(loss, leaves)])
     ws, us = sn_case(seed)
-    from kernels import spectral_normalize
     for run in runs:
         sig, u, v = sn_power_iteration(ws, us, 2, backend="triton")
         run.extend([sig.detach(), *u, *v, *torch.autograd.grad(sig.sum(), ws)])
