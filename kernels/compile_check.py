@@ -48,9 +48,6 @@ def _specs(dtype: str) -> List[Spec]:
     prec = S.precision(torch_dtype)
     if prec == "tf32":  # what runs under torch's default (TF32 off for matmuls): three TF32 products
         prec = "tf32x3"
-    tiles = S.gpu_tiles(torch_dtype)
-    warps = {"num_warps": tiles["num_warps"]}
-    blocks = dict(BI=tiles["BI"], BJ=tiles["BJ"], BK=tiles["BK"])
     sim_common = {"A": t, "B": t, "RA": f32, "RB": f32, "LA": i64, "LB": i64}
     scal = {"N": "i32", "M": "i32", "D": "i32", "row_offset": "i32", "m_n": "fp32", "inv_t": "fp32"}
     rows = S.row_tiles(torch.device("cuda"))  # the GPU's tiles: this runs without the interpreter
@@ -74,8 +71,11 @@ def _specs(dtype: str) -> List[Spec]:
     bwd = {**sim_common, "ROWS": f32, "G": f32}
     scal_b = {**scal, "inv_n": "fp32"}
     q = f32 if dtype == "fp32" else t
-    specs.append(("d2d_grad_matrix", S.d2d_grad_matrix_kernel,
-                  {**bwd, "Q": q, "CROW": f32, "CCOL": f32, **scal_b}, dict(PREC=prec, **blocks), warps))
+    for n in (16, 32, 1 << 30):  # the row tiles of few rows (16, 32) and of many (64)
+        gm = S.gpu_tiles(torch_dtype, n)
+        specs.append((f"d2d_grad_matrix(BI={gm['BI']}, BJ={gm['BJ']})", S.d2d_grad_matrix_kernel,
+                      {**bwd, "Q": q, "CROW": f32, "CCOL": f32, **scal_b},
+                      dict(PREC=prec, BI=gm["BI"], BJ=gm["BJ"], BK=gm["BK"]), {"num_warps": gm["num_warps"]}))
     stream = S.stream_tiles(torch_dtype)
     stream_warps = {"num_warps": stream.pop("num_warps")}
     specs.append(("d2d_stream_rows", S.d2d_stream_rows_kernel, {**bwd, "ACC": f32, "CROW": f32, **scal_b},
