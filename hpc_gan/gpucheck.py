@@ -285,7 +285,7 @@ def stage_layers(smoke: bool, deadline: float, save: Save) -> Dict[str, Any]:
 TRAIN_KEYS = ("sec_per_step", "samples_per_s_per_device", "tflops_per_device", "mfu", "gpu_busy", "host_bound",
               "aten_ops_per_iteration", "cuda_kernels_per_iteration", "kernel_device_ms_per_iteration",
               "first_step_seconds", "peak_memory_gib", "peak_reserved_gib", "phase_ms_per_step",
-              "phase_host_ms_per_step", "top_kernels", "top_ops")
+              "phase_host_ms_per_step", "kernel_ms_by_kind", "top_kernels", "top_ops")
 
 
 def train_cases(smoke: bool, wanted: Optional[List[str]] = None) -> Tuple[Path, List[str], List[Case]]:
@@ -546,6 +546,9 @@ def write_report(out_dir: Path, report: Dict[str, Any]) -> None:
                              f"MFU {mfu}, host-bound {r.get('host_bound', 'n/a')}{busy}, kernels/iteration "
                              f"{r.get('cuda_kernels_per_iteration', 'n/a')}, first step "
                              f"{r['first_step_seconds']:.1f} s{graphs}")
+                if r.get("kernel_ms_by_kind"):
+                    lines.append("  - device ms per iteration by kind: " + ", ".join(
+                        f"{k} {v:.1f}" for k, v in r["kernel_ms_by_kind"].items()))
             elif "batch" in r:
                 lines.append(f"- train, batch {r['batch']}, {r['mode']}: {r.get('status')} "
                              f"{r.get('why') or r.get('stderr', '')[-200:]}")

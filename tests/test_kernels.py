@@ -3,8 +3,8 @@ torch's own spectral_norm): fresh random inputs every run, odd shapes, both D2D-
 without negatives, and the fused spectral norm inside a real model. On CPU through TRITON_INTERPRET=1 (fp32)."""
 import importlib.util
 import math
-
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +16,7 @@ from kernels import d2d_ce, normalized_similarity, sn_power_iteration, spectral_
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                 reason="triton is not installed (pip install -e .[triton])")
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def fresh_seed():
@@ -582,3 +583,30 @@ def test_kernel_names_keep_their_functor():
     short = short_kernel_name(name)
     assert short.startswith("elementwise_kernel<128, 4, gpu_kernel_impl_nocast<CUDAFunctorOnSelf_add<BFloat16>")
     assert len(short) <= 160
+
+
+def test_profiled_kernels_are_told_by_kind():
+    """hpc-gan bench's profile sums a step's device time by kind of kernel. Every kernel the H200's reports name
+    (docs/gpu-runs/2026-11-27-h200-*) gets its kind; cuDNN's convolutions are not taken for matmuls (their names
+    say implicit_gemm) nor its flash attention for a convolution."""
+    import json
+
+    from kernels.bench import kernel_kind
+    names = set()
+    for run in (1, 2):
+        report = json.loads((ROOT / "docs" / "gpu-runs" / f"2026-11-27-h200-run{run}.json").read_text())
+        for stage in report["stages"]:
+            for row in stage.get("runs", []) + stage.get("rows", []):
+                names |= {k[0] for k in (row.get("top_kernels") or row.get("kernels") or [])}
+    kinds = {name: kernel_kind(name) for name in names if not name.startswith("Optimizer.")}
+    assert "other" not in kinds.values(), [n for n, k in kinds.items() if k == "other"]
+    by_prefix = {"sm90_xmma_fprop_implicit_gemm": "convolution", "sm90_xmma_wgrad_indexed": "convolution",
+                 "cudnn_generated_fort_native_sdpa": "attention", "nvjet_sm90": "matmul",
+                 "sn_u_kernel": "hpc-gan Triton",
+                 "multi_tensor_apply_kernel<FusedOptimizer": "optimizer", "CatArrayBatchedCopy": "copy",
+                 "elementwise_kernel<128, 4, gpu_kernel_impl_nocast<direct_copy": "copy",
+                 "reduce_kernel": "reduction", "vectorized_elementwise_kernel": "elementwise"}
+    for prefix, kind in by_prefix.items():
+        seen = [k for n, k in kinds.items() if n.startswith(prefix)]
+        assert seen and set(seen) == {kind}, (prefix, seen)
+    assert kernel_kind("triton_poi_fused_add_relu_0") == "inductor Triton"
