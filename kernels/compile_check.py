@@ -67,7 +67,7 @@ def _specs(dtype: str) -> List[Spec]:
         specs.append((f"d2d_combine(studiogan={studiogan})", S.d2d_combine_kernel,
                       {"PMAX": f32, "PSUM": f32, "PSHIFT": f32, "A": t, "V": t, "RA": f32, "ROWS": f32, "N": "i32",
                        "S": "i32", "D": "i32", "m_p": "fp32", "inv_t": "fp32", "eps": "fp32"},
-                      dict(STUDIOGAN=studiogan, BS=32, **rows), {}))
+                      dict(STUDIOGAN=studiogan, BS=64, **S.combine_tiles(torch.device("cuda"))), {}))
     bwd = {**sim_common, "ROWS": f32, "G": f32}
     scal_b = {**scal, "inv_n": "fp32"}
     q = f32 if dtype == "fp32" else t
