@@ -337,7 +337,7 @@ class _Plan:
         self.count = torch.zeros(len(shapes), dtype=torch.int32, device=device)
         self.rows, self.cols = i64(rows), i64(cols)
         self.uoff, self.voff, self.woff = i64(self.u_off), i64(self.v_off), i64(self.w_off)
-        self._ptrs: Dict[tuple, Tuple[torch.Tensor, bool]] = {}
+        self._ptrs: Dict[tuple, Tuple[torch.Tensor, bool, torch.Tensor]] = {}
 
     def pointers(self, tensors: List[torch.Tensor]) -> Tuple[torch.Tensor, bool]:
         """(the tensors' data pointers as a device table, whether all are 16-byte aligned: the kernels' hint).
@@ -351,10 +351,11 @@ class _Plan:
                 self._ptrs.pop(next(iter(self._ptrs)))
             device = tensors[0].device
             host = torch.tensor(key, dtype=torch.int64, pin_memory=device.type == "cuda")
-            hit = self._ptrs[key] = (host.to(device, non_blocking=True), all(p % 16 == 0 for p in key))
+            # the host copy lives with the entry: a CUDA graph that captured the copy reads it again at replay
+            hit = self._ptrs[key] = (host.to(device, non_blocking=True), all(p % 16 == 0 for p in key), host)
         else:
             self._ptrs[key] = self._ptrs.pop(key)  # most recently used last
-        return hit
+        return hit[0], hit[1]
 
     def views(self, flat: torch.Tensor) -> List[torch.Tensor]:
         """Each matrix's (rows, cols) view of a flat buffer."""
