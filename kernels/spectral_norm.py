@@ -12,7 +12,7 @@ to a list of matrices: conv weights viewed as (out, in*kh*kw). Three implementat
   backward dW = G / sigma - <G, W> / sigma^2 u v^T, again mostly foreach): for CPUs, and where Triton is missing.
 - ``triton`` (spectral_norm_triton.py): the whole list in two launches per iteration, deterministically (no float
   atomics); ``spectral_normalize`` adds one launch for every W / sigma (in the dtype the layers compute in), and
-  a concatenation of the layers' gradients and two launches for their backward.
+  two launches for their backward, which read the layers' gradients where they are (a table of pointers).
 
 u, v and sigma are fp32 whatever the weights' dtype.
 """

@@ -19,8 +19,9 @@ catches (an aligned SN build without vector accesses fails).
 ``fused_normalize`` adds W / sigma for every matrix, written into one flat buffer in the dtype the layers compute in
 (bf16 under autocast: the cast autocast would make per layer and per forward is folded into the write), and its
 backward dW = G / sigma - <G, W> / sigma^2 u v^T: per-tile partial sums of <G, W> in one launch, then one launch that
-sums each matrix's partials in a fixed order and writes dW. Against torch's per-layer division, its cast and their
-backward, that is 3 + 2 launches for a whole network instead of ~6 per layer.
+sums each matrix's partials in a fixed order and writes dW; both read each layer's incoming gradient where it is,
+through a pointer table like the weights'. Against torch's per-layer division, its cast and their backward, that is
+3 + 2 launches for a whole network instead of ~6 per layer.
 
 HPC_GAN_KERNEL_DEBUG=1 fills sigma with NaN before each launch and checks afterwards (a host sync) that every
 matrix's last program ran.
