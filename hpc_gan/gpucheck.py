@@ -290,14 +290,14 @@ TRAIN_KEYS = ("sec_per_step", "samples_per_s_per_device", "tflops_per_device", "
 
 def train_cases(smoke: bool, wanted: Optional[List[str]] = None) -> Tuple[Path, List[str], List[Case]]:
     """(preset, overrides for all, [(batch per GPU, label, overrides)]): the most telling first. Eager at 256 (MFU
-    of the defaults), compile at 256 (MFU with fusion), CUDA graphs at 32 (the operating point: host time), eager
-    at 32, compile at 32, CUDA graphs at 256; then, if time is left, the layers stage's fastest pooling and
-    upsampling where "auto" runs others, and cuDNN's heuristics in place of its benchmarked algorithms
-    (train.cudnn_benchmark). On a fresh H200 an eager case at 256 takes ~45 s and a compiled or CUDA-graph one
-    ~100 s, ~80 s of it the first step (2026-11-27), so the stage (200 s plus what the stages before it left) ends
-    within the first three: a second call, ``--stages train --cases ... --seconds ...``, runs the others. All
-    channels-last (auto's choice on CUDA; NCHW ran 12% slower in both runs of the first H100 session). ``wanted``:
-    the keys to run (default: ``--cases``, as the train stage's process gets them; [] for all)."""
+    of the defaults), CUDA graphs at 256 (the best MFU: 41.8% on the H200, compile's 40.9%), CUDA graphs at 32 (the
+    operating point: host time), eager at 32, compile at 256 and at 32; then, if time is left, the layers stage's
+    fastest pooling and upsampling where "auto" runs others, and cuDNN's heuristics in place of its benchmarked
+    algorithms (train.cudnn_benchmark). On a fresh H200 an eager case at 256 takes ~45 s and a compiled or
+    CUDA-graph one ~100 s, ~80 s of it the first step (2026-11-27), so the stage (180 s plus what the stages before
+    it left) ends within the first three: a second call, ``--stages train --cases ... --seconds ...``, runs the
+    others. All channels-last (auto's choice on CUDA; NCHW ran 12% slower in both runs of the first H100 session).
+    ``wanted``: the keys to run (default: ``--cases``, as the train stage's process gets them; [] for all)."""
     fastest = _fastest_resampling()
     if smoke:
         cases = [(8, "eager", [])] + ([(8, "eager fastest resampling", fastest)] if fastest else [])
@@ -306,8 +306,8 @@ def train_cases(smoke: bool, wanted: Optional[List[str]] = None) -> Tuple[Path, 
     nhwc = ["model.memory_format=channels_last"]
     compiled = ["train.compile=default", *nhwc]
     graphs = ["train.cuda_graphs=true", *nhwc]
-    cases = [(256, "eager", nhwc), (256, "compile", compiled), (32, "cuda_graphs", graphs), (32, "eager", nhwc),
-             (32, "compile", compiled), (256, "cuda_graphs", graphs)] + \
+    cases = [(256, "eager", nhwc), (256, "cuda_graphs", graphs), (32, "cuda_graphs", graphs), (32, "eager", nhwc),
+             (256, "compile", compiled), (32, "compile", compiled)] + \
         ([(256, "eager fastest resampling", [*fastest, *nhwc])] if fastest else []) + \
         [(256, "eager no cudnn benchmark", ["train.cudnn_benchmark=false", *nhwc])]
     return ROOT / "configs" / "imagenet128_reacgan_b2048.yaml", ["train.precision=bf16"], _pick_cases(cases, wanted)

@@ -308,7 +308,8 @@ def test_the_gpu_check_runs_the_train_cases_asked_for(monkeypatch, capsys):
     assert "train.cuda_graphs=true" in cases[0][2] and "train.compile=default" in cases[1][2]
     monkeypatch.delenv(gpucheck.CASES_ENV)
     _, _, cases = gpucheck.train_cases(smoke=False)
-    assert [gpucheck.case_key(b, label) for b, label, _ in cases][:3] == ["256:eager", "256:compile", "32:cuda_graphs"]
+    assert [gpucheck.case_key(b, label) for b, label, _ in cases][:4] == ["256:eager", "256:cuda_graphs",
+                                                                          "32:cuda_graphs", "32:eager"]
     for argv, said in ((["--smoke", "--cases", "256:turbo"], "--cases 256:turbo: no such train case here; the cases "
                                                                 "are 8:eager 8:eager_fastest_resampling"),
                        (["--smoke", "--stages", "train", "bench"], "--stages bench: no such stage; the stages are env")):
