@@ -621,7 +621,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         left = end - time.time()
         limit = round(left if i == len(chosen) - 1 else min(box + spare, left))
         if limit < 1:
-            report["stages"].append({"name": name, "status": "skip", "seconds": 0.0, "why": "out of time (--seconds)"})
+            report["stages"].append({"name": name, "status": "skip", "seconds": 0.0,
+                                     "why": "out of time (--seconds)"})
             write_report(out_dir, report)
             continue
         out = stage_dir / f"stage-{name}.json"

@@ -113,7 +113,8 @@ def profile_cuda(fn: Callable[[], object], top: int = 12) -> Dict[str, Any]:
     ops = sorted((e for e in prof.key_averages() if self_device_us(e) > 0), key=lambda e: -self_device_us(e))
     kinds: Dict[str, float] = {}
     for name, ms in by_name.items():
-        kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + sum(ms)
+        kind = kernel_kind(name)
+        kinds[kind] = kinds.get(kind, 0.0) + sum(ms)
     return {"count": len(kernels), "device_ms": sum(sum(v) for v in by_name.values()),
             "kinds": {k: round(v, 4) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
             "top": [(short_kernel_name(name), round(sum(ms), 4), len(ms)) for name, ms in ranked],
@@ -224,15 +225,22 @@ def bench_d2d(device: torch.device, shapes: Sequence[Tuple[int, int, int, torch.
     return rows
 
 
+def _sn_inputs(device: torch.device, shapes: Sequence[Tuple[int, int]], dtype: torch.dtype
+               ) -> Tuple[List[torch.Tensor], List[torch.Tensor], torch.Generator]:
+    """(weights scaled to sigma ~ 1, unit u vectors, the generator for more) of the SN benchmarks, seeded."""
+    g = torch.Generator(device=device).manual_seed(0)
+    ws = [torch.randn(*s, device=device, dtype=dtype, generator=g).div_(s[1] ** 0.5) for s in shapes]
+    us = [F.normalize(torch.randn(s[0], device=device, generator=g), dim=0) for s in shapes]
+    return ws, us, g
+
+
 def bench_sn(device: torch.device, shapes: Sequence[Tuple[int, int]], variants: Sequence[str],
              dtype: torch.dtype = torch.float32) -> List[Dict]:
     """Power iteration + sigma + its backward for every SN matrix of a network, per training step. Variants:
     "torch_loop" (per layer), "foreach", "triton_fused"; and the whole per-forward job, W / sigma in bf16 (what
     layers under bf16 autocast take) and its backward: "normalize_loop", "normalize_foreach", "normalize_triton"."""
-    g = torch.Generator(device=device).manual_seed(0)
-    ws = [torch.randn(*s, device=device, dtype=dtype, generator=g).div_(s[1] ** 0.5).requires_grad_()
-          for s in shapes]
-    us = [F.normalize(torch.randn(s[0], device=device, generator=g), dim=0) for s in shapes]
+    ws, us, g = _sn_inputs(device, shapes, dtype)
+    ws = [w.requires_grad_() for w in ws]
     coef = torch.randn(len(shapes), device=device, generator=g)
     rows = []
     grads = [torch.randn(*s, device=device, generator=g).to(torch.bfloat16) for s in shapes]
@@ -285,9 +293,7 @@ def bench_sn_tiles(device: torch.device, shapes: Sequence[Tuple[int, int]], cand
     the first candidate's (summation order only). Candidates left when ``deadline`` (time.time()) passes are
     reported as skipped."""
     from kernels.spectral_norm_triton import fused_power_iteration
-    g = torch.Generator(device=device).manual_seed(0)
-    ws = [torch.randn(*s, device=device, dtype=dtype, generator=g).div_(s[1] ** 0.5) for s in shapes]
-    us = [F.normalize(torch.randn(s[0], device=device, generator=g), dim=0) for s in shapes]
+    ws, us, _ = _sn_inputs(device, shapes, dtype)
     read = 2 * sum(r * c for r, c in shapes) * ws[0].element_size()
     rows: List[Dict] = []
     ref = None

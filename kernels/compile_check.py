@@ -89,31 +89,34 @@ def _specs(dtype: str) -> List[Spec]:
                            "ACC2": acc, "R2": f32, "C2": f32, "SC2": "i32", "V": t, "ROWS": f32, "G": f32, "DV": t,
                            "inv_n": "fp32"}, dict(TWO=two, POS=pos, WANT_DV=pos, BS=32, **rows), {}))
     wdt = tl.float32 if dtype == "fp32" else tl.bfloat16
+    gt = N.GPU_TILES  # the SN kernels' tiles and launch options as they run on a GPU
+    sn = dict(BR=gt.br, BC=gt.bc)
+    sn_launch = {"num_warps": gt.warps, "num_stages": gt.stages}
     table = {k: i64 for k in ("TILE_MAT", "TILE_START", "ROWS", "COLS", "UOFF", "VOFF")}
     for from_flat in (False, True):
         specs.append((f"sn_v(u_from_flat={from_flat})", N.sn_v_kernel,
                       {"W_PTRS": i64, "U_PTRS": i64, "U_FLAT": f32, "V_OUT": f32, **table},
-                      dict(U_FROM_FLAT=from_flat, W_DTYPE=wdt, PTR_ALIGNED=True, BR=32, BC=128), {}))
+                      dict(U_FROM_FLAT=from_flat, W_DTYPE=wdt, PTR_ALIGNED=True, **sn), sn_launch))
     specs.append(("sn_u", N.sn_u_kernel, {"W_PTRS": i64, "U_OUT": f32, "U_PART": f32, "V_OUT": f32, "SIGMA": f32,
                                           "TILE_MAT": i64, "TILE_START": i64, "TILE_CHUNK": i64, "NTILES": i64,
                                           "COUNT": "*i32", "ROWS": i64, "COLS": i64, "UOFF": i64, "VOFF": i64,
                                           "NCHUNK": i64, "n_u": "i32", "eps": "fp32"},
-                  dict(W_DTYPE=wdt, PTR_ALIGNED=True, BR=32, BC=128, CH=4096), {}))
+                  dict(W_DTYPE=wdt, PTR_ALIGNED=True, CH=gt.ch, **sn), sn_launch))
     specs.append(("sn_grad", N.sn_grad_kernel, {"GRAD": t, "GSIG": f32, "U_OUT": f32, "V_OUT": f32, **table,
-                                                "WOFF": i64}, dict(BR=32, BC=128), {}))
-    tiles_ = {k: i64 for k in ("TILE_MAT", "TILE_START", "ROWS", "COLS", "WOFF")}
+                                                "WOFF": i64}, dict(**sn), sn_launch))
+    tiles_g = {k: i64 for k in ("TILE_MAT", "TILE_START", "ROWS", "COLS")}
+    tiles_ = {**tiles_g, "WOFF": i64}
     for out in sorted({t, "*bf16"}):  # W / sigma in the weights' dtype, or bf16 for layers under autocast
         specs.append((f"sn_scale(out={out[1:]})", N.sn_scale_kernel, {"W_PTRS": i64, "OUT": out, "SIGMA": f32,
                                                                       **tiles_},
-                      dict(W_DTYPE=wdt, PTR_ALIGNED=True, BR=32, BC=128), {}))
+                      dict(W_DTYPE=wdt, PTR_ALIGNED=True, **sn), sn_launch))
         gdt = tl.float32 if out == "*fp32" else tl.bfloat16  # the incoming gradients, through a pointer table
-        tiles_g = {k: i64 for k in ("TILE_MAT", "TILE_START", "ROWS", "COLS")}
         specs.append((f"sn_dot(g={out[1:]})", N.sn_dot_kernel, {"W_PTRS": i64, "G_PTRS": i64, "PART": f32, **tiles_g},
-                      dict(W_DTYPE=wdt, G_DTYPE=gdt, PTR_ALIGNED=True, BR=32, BC=128), {}))
+                      dict(W_DTYPE=wdt, G_DTYPE=gdt, PTR_ALIGNED=True, **sn), sn_launch))
         specs.append((f"sn_normalize_grad(g={out[1:]})", N.sn_normalize_grad_kernel,
                       {"GRAD": t, "G_PTRS": i64, "PART": f32, "SIGMA": f32, "U_OUT": f32, "V_OUT": f32, **tiles_g,
                        "UOFF": i64, "VOFF": i64, "WOFF": i64, "FIRST": i64, "NTILES": i64},
-                      dict(G_DTYPE=gdt, PTR_ALIGNED=True, BR=32, BC=128, BT=64), {}))
+                      dict(G_DTYPE=gdt, PTR_ALIGNED=True, BT=64, **sn), sn_launch))
     return specs
 
 

@@ -301,7 +301,7 @@ class _Plan:
     def __init__(self, shapes: Tuple[Tuple[int, int], ...], device: torch.device, tiles: Tiles) -> None:
         if tiles.ch % tiles.bc or tiles.bc % 4:
             raise ValueError(f"SN tiles {tiles}: ch must be a multiple of bc, and bc of 4")
-        self.shapes, self.tiles = shapes, tiles
+        self.shapes = shapes
         self.br, self.bc, self.ch = tiles.br, tiles.bc, tiles.ch
         self.launch = dict(num_warps=tiles.warps, num_stages=tiles.stages)
         rows = [r for r, _ in shapes]
