@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import os
 import subprocess
@@ -124,15 +125,15 @@ def stage_accuracy(smoke: bool, deadline: float, save: Save) -> Dict[str, Any]:
         ref = d2d_ce(leaves[0], leaves[1], labels_all[off:off + n], 0.25, 0.9, backend="torch",
                      negatives=(leaves[2], labels_all), row_offset=off)
         ref_g = torch.autograd.grad(ref, leaves)
-        for dt in dtypes:
+        for dt, tmode in itertools.product(dtypes, ("matrix", "fused")):  # cuBLAS's products, the kernel's own
             got_leaves = [x.detach().to(dev, dt).requires_grad_() for x in leaves]
             lab = labels_all.to(dev)
             got = d2d_ce(got_leaves[0], got_leaves[1], lab[off:off + n], 0.25, 0.9, backend="triton",
-                         negatives=(got_leaves[2], lab), row_offset=off)
+                         negatives=(got_leaves[2], lab), row_offset=off, triton_mode=tmode)
             got_g = torch.autograd.grad(got, got_leaves)
-            out["d2d_ce"].append({"shape": [n, m, d], "dtype": str(dt)[6:], "loss": _rel(got.cpu(), ref),
-                                  **{f"grad_{k}": _rel(a.cpu(), b) for k, a, b in
-                                     zip(("embed", "proxy", "cols"), got_g, ref_g)}})
+            out["d2d_ce"].append({"shape": [n, m, d], "dtype": str(dt)[6:], "mode": tmode,
+                                  "loss": _rel(got.cpu(), ref), **{f"grad_{k}": _rel(a.cpu(), b) for k, a, b in
+                                                                   zip(("embed", "proxy", "cols"), got_g, ref_g)}})
     sn = [(64, 40), (33, 70)] if smoke else _sn_shapes()
     g = torch.Generator().manual_seed(1)
     w64 = [torch.randn(*s, generator=g, dtype=torch.float64) / s[1] ** 0.5 for s in sn]
@@ -186,10 +187,13 @@ def stage_determinism(smoke: bool, deadline: float, save: Save) -> Dict[str, Any
     outs = []
     for _ in range(runs):
         leaves = [cols[:n].clone().requires_grad_(), proxy.clone().requires_grad_(), cols.clone().requires_grad_()]
-        loss = d2d_ce(leaves[0], leaves[1], labels[:n], 0.5, 0.9, backend="triton", negatives=(leaves[2], labels))
+        run = []
+        for tmode in ("matrix", "fused"):
+            loss = d2d_ce(leaves[0], leaves[1], labels[:n], 0.5, 0.9, backend="triton",
+                          negatives=(leaves[2], labels), triton_mode=tmode)
+            run += [loss.detach(), *torch.autograd.grad(loss, leaves)]
         sig, u, _ = sn_power_iteration(ws, us, 1, backend="triton")
-        outs.append([loss.detach(), *torch.autograd.grad(loss, leaves), sig.detach(), *u,
-                     *torch.autograd.grad(sig.sum(), ws)])
+        outs.append(run + [sig.detach(), *u, *torch.autograd.grad(sig.sum(), ws)])
     equal = all(torch.equal(a, b) for other in outs[1:] for a, b in zip(outs[0], other))
     return {"status": "ok" if equal else "fail", "repeats": runs, "bitwise_equal": equal}
 
@@ -201,7 +205,7 @@ def stage_kernels(smoke: bool, deadline: float, save: Save) -> Dict[str, Any]:
     dev = _device(smoke)
     if smoke:
         shapes = [(8, 64, 32, torch.float32)]
-        variants = ("triton", "triton_1d", "eager", "torch_bf16")
+        variants = ("triton", "triton_fused", "triton_1d", "eager", "torch_bf16")
     else:
         shapes, variants = D2D_GPU_SHAPES, D2D_GPU_VARIANTS
     rows: List[Dict[str, Any]] = []

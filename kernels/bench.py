@@ -158,8 +158,11 @@ def _torch_bf16_d2d(embed: torch.Tensor, proxy: torch.Tensor, labels: torch.Tens
     return (torch.logsumexp(torch.cat([pos[:, None], neg], 1), 1) - pos).mean()
 
 
-D2D_VARIANTS = ("triton", "triton_1d", "eager", "torch_bf16", "compile", "studiogan_broadcast")
-D2D_GPU_VARIANTS = ("triton", "triton_1d", "eager", "torch_bf16", "compile")  # StudioGAN's broadcast: CPU table
+D2D_VARIANTS = ("triton", "triton_fused", "triton_1d", "eager", "torch_bf16", "compile", "studiogan_broadcast")
+# on a GPU: not StudioGAN's broadcast (a CPU table) nor the 1-D kernel (10-27x slower on the H100 and the H200)
+D2D_GPU_VARIANTS = ("triton", "triton_fused", "eager", "torch_bf16", "compile")
+TRITON_MODES = {"triton": dict(), "triton_fused": dict(triton_mode="fused"),
+                "triton_1d": dict(split_cols=1 << 30, triton_mode="stream")}
 # the training shapes on a GPU, (local rows, gathered columns, d, dtype): 8-256 rows per GPU against a 2048 global
 # batch; the goal's shape and the operating point first, so a run cut short still has them
 _FIRST = [(256, 2048, 2048, torch.bfloat16), (32, 2048, 512, torch.bfloat16)]
@@ -169,9 +172,10 @@ D2D_GPU_SHAPES = _FIRST + [(n, 2048, d, dt) for dt in (torch.bfloat16, torch.flo
 
 def bench_d2d(device: torch.device, shapes: Sequence[Tuple[int, int, int, torch.dtype]],
               variants: Sequence[str] = D2D_VARIANTS) -> List[Dict]:
-    """D2D-CE forward + backward at (local rows, gathered columns, d, dtype), per variant: "triton" (the kernel as
-    it runs: columns split across the grid, autotuned, matrix or streaming backward), "triton_1d" (one column
-    split and the streaming backward: the kernel before the split), "eager" (the torch reference), "torch_bf16"
+    """D2D-CE forward + backward at (local rows, gathered columns, d, dtype), per variant: "triton" (the kernels as
+    they run: "auto" mode), "triton_fused" (no N x M matrix in the forward: columns split across the grid,
+    autotuned), "triton_1d" (one column split and the streaming backward: the kernel before the split), "eager"
+    (the torch reference), "torch_bf16"
     (normalize + bf16 matmul + fp32 log-sum-exp), "compile" (torch.compile of the reference), and StudioGAN's
     broadcast similarity."""
     rows = []
@@ -190,7 +194,7 @@ def bench_d2d(device: torch.device, shapes: Sequence[Tuple[int, int, int, torch.
                 loss_fn = lambda e: _torch_bf16_d2d(e, proxy, labels, cols, col_labels, offset, 0.5, 0.98)  # noqa
             else:
                 backend = "triton" if variant.startswith("triton") else "torch"
-                extra = dict(split_cols=1 << 30, triton_backward="stream") if variant == "triton_1d" else {}
+                extra = TRITON_MODES.get(variant, {})
                 loss_fn = lambda e: d2d_ce(e, proxy, labels, 0.5, 0.98, backend=backend,  # noqa: E731
                                            negatives=(cols, col_labels), row_offset=offset, **extra)
                 if variant == "compile":
@@ -211,7 +215,7 @@ def bench_d2d(device: torch.device, shapes: Sequence[Tuple[int, int, int, torch.
                 row["peak_extra_mb"] = peak_extra_mb(fn, device)
                 prof = launch_profile(fn, device)
                 row["launches"] = prof.get("count")
-                if variant == "triton" and prof:  # where its device time goes, kernel by kernel
+                if variant in TRITON_MODES and prof:  # where its device time goes, kernel by kernel
                     row["kernels"] = prof["top"]
             except (RuntimeError, torch.OutOfMemoryError) as e:  # e.g. the broadcast's N x M x d OOM
                 row["error"] = str(e).splitlines()[0][:120]

@@ -68,14 +68,25 @@ def _specs(dtype: str) -> List[Spec]:
                       {"PMAX": f32, "PSUM": f32, "PSHIFT": f32, "A": t, "V": t, "RA": f32, "ROWS": f32, "N": "i32",
                        "S": "i32", "D": "i32", "m_p": "fp32", "inv_t": "fp32", "eps": "fp32"},
                       dict(STUDIOGAN=studiogan, BS=64, **S.combine_tiles(torch.device("cuda"))), {}))
+    scan = S.scan_tiles(torch.device("cuda"))
+    specs.append(("d2d_inv_norms", S.inv_norms_kernel, {"X": t, "R": f32, "N": "i32", "D": "i32", "eps": "fp32"},
+                  dict(BR=scan["BR"], BD=scan["BD"]), {}))
+    for studiogan in (False, True):
+        specs.append((f"d2d_rows(studiogan={studiogan})", S.d2d_rows_kernel,
+                      {"S": f32, "A": t, "V": t, "RA": f32, "RB": f32, "LA": i64, "LB": i64, "ROWS": f32, "N": "i32",
+                       "M": "i32", "D": "i32", "row_offset": "i32", "m_p": "fp32", "m_n": "fp32", "inv_t": "fp32",
+                       "eps": "fp32"}, dict(STUDIOGAN=studiogan, **scan), {}))
     bwd = {**sim_common, "ROWS": f32, "G": f32}
     scal_b = {**scal, "inv_n": "fp32"}
     q = f32 if dtype == "fp32" else t
-    for n in (16, 32, 1 << 30):  # the row tiles of few rows (16, 32) and of many (64)
-        gm = S.gpu_tiles(torch_dtype, n)
-        specs.append((f"d2d_grad_matrix(BI={gm['BI']}, BJ={gm['BJ']})", S.d2d_grad_matrix_kernel,
-                      {**bwd, "Q": q, "CROW": f32, "CCOL": f32, **scal_b},
-                      dict(PREC=prec, BI=gm["BI"], BJ=gm["BJ"], BK=gm["BK"]), {"num_warps": gm["num_warps"]}))
+    grad_matrix = [(S.gpu_tiles(torch_dtype, n), False) for n in (16, 32, 1 << 30)]  # row tiles 16, 32, 64
+    grad_matrix += [(S.from_s_tiles(n, torch.device("cuda")), True) for n in (16, 32)]  # "matrix" mode, from S
+    for gm, from_s in grad_matrix:
+        specs.append((f"d2d_grad_matrix(BI={gm['BI']}, BJ={gm['BJ']}, from_s={from_s})", S.d2d_grad_matrix_kernel,
+                      {"A": t, "B": t, "S": f32, **{k: v for k, v in bwd.items() if k not in "AB"}, "Q": q,
+                       "CROW": f32, "CCOL": f32, **scal_b},
+                      dict(PREC=prec, BI=gm["BI"], BJ=gm["BJ"], BK=gm["BK"], FROM_S=from_s),
+                      {"num_warps": gm["num_warps"]}))
     stream = S.stream_tiles(torch_dtype)
     stream_warps = {"num_warps": stream.pop("num_warps")}
     specs.append(("d2d_stream_rows", S.d2d_stream_rows_kernel, {**bwd, "ACC": f32, "CROW": f32, **scal_b},

@@ -1,7 +1,7 @@
 """ReACGAN's Data-to-Data Cross-Entropy (D2D-CE), Eq. 6 of Kang et al. (NeurIPS 2021).
 
 This file holds the readable torch reference, which is the spec, and the dispatch to the fused Triton kernels
-(similarity_triton.py: the whole loss, forward and backward, in ~8 launches; no N x M matrix in the forward) behind
+(similarity_triton.py: the whole loss, forward and backward, in ~8 launches) behind
 ``backend="triton"`` / ``"auto"``; tests compare the two.
 
     L = -1/N sum_i log( exp([s_i - m_p]_- / t) / (exp([s_i - m_p]_- / t) + sum_{j in N(i)} exp([s_ij - m_n]_+ / t)) )
@@ -42,7 +42,7 @@ def _acc(x: torch.Tensor) -> torch.Tensor:
 def d2d_ce(embed: torch.Tensor, proxy: torch.Tensor, labels: torch.Tensor, temperature: float, m_p: float,
            m_n: Optional[float] = None, mode: str = "paper", backend: str = "torch",
            negatives: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, row_offset: int = 0,
-           split_cols: int = 0, triton_backward: str = "auto") -> torch.Tensor:
+           split_cols: int = 0, triton_mode: str = "auto") -> torch.Tensor:
     """Mean D2D-CE over the rows of ``embed``.
 
     embed, proxy: raw (N, d) sample embeddings and the proxies of their labels (normalized here).
@@ -53,13 +53,14 @@ def d2d_ce(embed: torch.Tensor, proxy: torch.Tensor, labels: torch.Tensor, tempe
     negatives: optional (embed_all, labels_all), the columns (e.g. the global batch gathered over ranks); row i of
         ``embed`` is column ``row_offset + i`` there and is excluded as its own negative. Gradients flow into embed_all.
     backend: "torch" (this reference), "triton" (the fused kernel), "auto" (Triton on CUDA, torch otherwise).
-    split_cols, triton_backward: the Triton path's forward column split (0: sized to the GPU) and backward mode
-        ("auto", "matrix", "stream"), for benchmarks and tests; see similarity_triton.py.
+    triton_mode, split_cols: the Triton path's mode ("auto", "matrix": cuBLAS products held in memory, "fused": no
+        N x M matrix in the forward, "stream": none in the backward either) and the fused forward's column split
+        (0: sized to the GPU), for benchmarks and tests; see similarity_triton.py.
     """
     _check_inputs(embed, proxy, labels, temperature, mode, backend)
     if use_triton(backend, embed, proxy, *([] if negatives is None else [negatives[0]]), op="d2d_ce"):
         return _d2d_ce_triton(embed, proxy, labels, temperature, m_p, m_n, mode, negatives, row_offset, split_cols,
-                              triton_backward)
+                              triton_mode)
     m_n = 1.0 - m_p if m_n is None else m_n
     f = F.normalize(_acc(embed), dim=1)
     v = F.normalize(_acc(proxy), dim=1)
@@ -92,12 +93,12 @@ def _positive_logits(f: torch.Tensor, v: torch.Tensor, temperature: float, m_p: 
 
 def _d2d_ce_triton(embed: torch.Tensor, proxy: torch.Tensor, labels: torch.Tensor, temperature: float, m_p: float,
                    m_n: Optional[float], mode: str, negatives: Optional[Tuple[torch.Tensor, torch.Tensor]],
-                   row_offset: int, split_cols: int, backward: str) -> torch.Tensor:
+                   row_offset: int, split_cols: int, triton_mode: str) -> torch.Tensor:
     from kernels.similarity_triton import D2DCE
     m_n = 1.0 - m_p if m_n is None else m_n
     cols, col_labels = (None, None) if negatives is None else negatives
     return D2DCE.apply(embed, proxy, labels, cols, col_labels, int(row_offset), float(m_p), float(m_n),
-                       float(temperature), mode == "studiogan", int(split_cols), backward)
+                       float(temperature), mode == "studiogan", int(split_cols), triton_mode)
 
 
 def normalized_similarity(a: torch.Tensor, b: torch.Tensor, backend: str = "auto") -> torch.Tensor:

@@ -1,23 +1,31 @@
-"""Triton kernels behind ``kernels.d2d_ce(backend="triton")``: the whole loss, forward and backward, in ~8 launches.
+"""Triton kernels behind ``kernels.d2d_ce(backend="triton")``: the whole loss, forward and backward, in a few launches.
 
-Forward (3 launches): the N x M similarity matrix is never stored. The split kernel computes raw dot products tile
-by tile and L2-normalizes them with the row and column norms it accumulates itself (written out for the backward),
-applies margins, temperature and the label / self masks, and streams the log-sum-exp over the negatives. Training
-has few rows per GPU (8-64 local rows against 2048 gathered columns), so the columns are split across the grid too
-(flash-decoding): program (i, s) keeps a running (max, sum, StudioGAN shift) for row block i over column split s.
-The combine kernel merges the splits, adds the positive term (its own pass over the rows and their proxies) and
-writes each row's loss and the per-row weights the backward needs; torch takes the mean.
+Three modes (``mode=``; "auto" takes "matrix" while N x M fits MATRIX_MAX, "stream" past it):
 
-Backward (4-5 launches): "matrix" (N * M small enough to hold: the default up to 2^26 entries) writes the (N, M)
-matrix Q = ra_i (dLoss/dsim_ij) rb_j in one fully parallel launch, with partial row / column sums of
-(dLoss/dsim) * sim, and leaves the products Q B and Q^T A to torch.mm (cuBLAS); "stream" (any size) recomputes
-tiles and accumulates the same products in fp32 (N, d) and (M, d) buffers: extra memory O((N + M) d). Either way
-one finishing kernel per side applies the normalizations' chain rule and the positive term's gradient (and, when
-the columns are the rows themselves, adds both sides in one pass).
+- "matrix" (3 launches forward, 5 backward): cuBLAS computes the raw products S = A B^T (N x M, fp32: bf16 inputs
+  accumulate and stay in fp32). One kernel takes the columns' inverse norms; one pass over the rows walks their row
+  of S: L2-normalizes it with the norms, applies margins, temperature and the label / self masks, streams the
+  log-sum-exp over the negatives, adds the positive term (its own pass over the rows and their proxies) and writes
+  each row's loss and the per-row weights the backward needs; torch takes the mean. Memory O(N M).
+- "fused" (2 launches forward): the N x M matrix is never stored. The split kernel computes the dot products tile by
+  tile and normalizes them with the row and column norms it accumulates itself; with few rows per GPU (8-64 local
+  rows against 2048 gathered columns) the columns are split across the grid too (flash-decoding): program (i, s)
+  keeps a running (max, sum, StudioGAN shift) for row block i over column split s, and a combine kernel merges the
+  splits and adds the positive term. On an H200 its dot products ran at a tenth of cuBLAS's rate (0.033 ms for
+  256 x 2048 x 2048 bf16, where cuBLAS took 0.007 ms for the same-size product), and in fp32 three TF32 products
+  per tile lost to one fp32 cuBLAS product: "matrix" hands the product to cuBLAS.
+- "stream": the fused forward, and a backward that recomputes tiles and accumulates its products in fp32 (N, d)
+  and (M, d) buffers: extra memory O((N + M) d), any size.
 
-Precision: fp32 inputs multiply as "tf32x3" (three TF32 products: fp32 accuracy on tensor cores; "tf32" where torch
-itself allows TF32), never as FMA loops; bf16 inputs multiply in bf16 and accumulate in fp32. No float atomics:
-results are bitwise reproducible.
+The backward of "matrix" and "fused" writes the (N, M) matrix Q = ra_i (dLoss/dsim_ij) rb_j in one fully parallel
+launch (from S, or recomputing the products), with partial row / column sums of (dLoss/dsim) * sim, and leaves the
+products Q B and Q^T A to torch.mm (cuBLAS). Every mode ends with one finishing kernel per side that applies the
+normalizations' chain rule and the positive term's gradient (and, when the columns are the rows themselves, adds
+both sides in one pass).
+
+Precision: the kernels' own fp32 products multiply as "tf32x3" (three TF32 products: fp32 accuracy on tensor cores;
+"tf32" where torch itself allows TF32), never as FMA loops; bf16 inputs multiply in bf16 and accumulate in fp32;
+cuBLAS follows torch's TF32 switch as the reference does. No float atomics: results are bitwise reproducible.
 
 The torch reference in similarity.py is the spec; tests compare the two on fresh random inputs.
 """
@@ -32,7 +40,8 @@ from kernels.dispatch import interpreting
 NORM_EPS = 1e-12  # F.normalize's default, which the reference uses
 
 
-MATRIX_BACKWARD_MAX = 2 ** 26  # N * M up to this: the backward writes dLoss/dsim (256 MB in fp32) and uses cuBLAS
+MODES = ("auto", "matrix", "fused", "stream")
+MATRIX_MAX = 2 ** 26  # N * M up to this: "auto" holds S and Q (256 MB each at most in fp32) and uses cuBLAS
 SPLIT_COLS = 128               # column splits are multiples of this (the largest autotuned BJ) ...
 SPLIT_GRAIN = 32               # ... or of the smallest, for few rows (see column_splits)
 FEW_ROWS = 64                  # up to this many rows the forward's grid has one or two row blocks
@@ -52,8 +61,9 @@ def gpu_tiles(dtype: torch.dtype, n: int = 1 << 30) -> dict:
 
 
 def stream_tiles(dtype: torch.dtype) -> dict:
-    """Tiles of the streaming backward (used past MATRIX_BACKWARD_MAX): it holds a score tile and a gradient tile at
-    once, so it takes smaller tiles than ``gpu_tiles`` to stay free of register spills under Triton 3.6 and 3.9."""
+    """Tiles of the streaming backward ("stream", which "auto" takes past MATRIX_MAX): it holds a score tile and a
+    gradient tile at once, so it takes smaller tiles than ``gpu_tiles`` to stay free of register spills under
+    Triton 3.6 and 3.9."""
     if dtype == torch.float32:
         return dict(BI=32, BJ=32, BK=32, BD=32, num_warps=8)
     return dict(BI=32, BJ=32, BK=64, BD=64, num_warps=4)
@@ -117,6 +127,30 @@ def combine_tiles(device: torch.device) -> dict:
     return dict(BR=4, BD=512)
 
 
+def scan_tiles(device: torch.device) -> dict:
+    """Tiles of the "matrix" forward's two scans, the columns' norms and the rows' pass over S: BR rows per program
+    (few, so that 8-64 rows still make several programs) walking BJ columns of S and BD features at a time."""
+    if device.type != "cuda" or interpreting():
+        return dict(BR=8, BJ=64, BD=32)
+    return dict(BR=4, BJ=512, BD=512)
+
+
+def from_s_tiles(n: int, device: torch.device) -> dict:
+    """Tiles of the gradient-matrix kernel when it reads S: elementwise over (N, M), so small row tiles (16 or 32
+    rows) and 64 columns keep the grid wide at 8-32 rows; BK is unused there."""
+    if device.type != "cuda" or interpreting():
+        return dict(BI=32, BJ=32, BK=32, num_warps=4)
+    return dict(BI=16 if n <= 16 else 32, BJ=64, BK=16, num_warps=4)
+
+
+def raw_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """S = a b^T in fp32 by cuBLAS: bf16 / fp16 products accumulate in fp32 and are kept in fp32 (``out_dtype``,
+    CUDA, torch >= 2.8), fp32 follows torch's TF32 switch, as the reference's matmul does."""
+    if a.dtype == torch.float32:
+        return torch.mm(a, b.t())
+    return torch.mm(a, b.t(), out_dtype=torch.float32)
+
+
 @triton.jit
 def _inv_norm(ss, eps):
     """1 / max(|x|, eps) from the sum of squares: F.normalize's divisor, which the reference uses."""
@@ -150,15 +184,111 @@ def _tile_masks(rows, cols, la, lb, bound, row_offset):
     return others, others & (la[:, None] != lb[None, :])
 
 
+@triton.jit
+def _lse_step(x, others, neg, run_max, run_sum, shift, STUDIOGAN: tl.constexpr):
+    """One tile of the rows' running (max, sum of exp) of the negatives' clamped logits x, and of StudioGAN's shift
+    (the max of x over the other columns)."""
+    xn = tl.where(neg, tl.maximum(x, 0.0), float("-inf"))
+    new_max = tl.maximum(run_max, tl.max(xn, axis=1))
+    base = tl.where(new_max == float("-inf"), 0.0, new_max)  # rows with no negatives yet: keep sums at 0
+    run_sum = run_sum * tl.exp(run_max - base) + tl.sum(tl.exp(xn - base[:, None]), axis=1)
+    if STUDIOGAN:
+        shift = tl.maximum(shift, tl.max(tl.where(others, x, float("-inf")), axis=1))
+    return new_max, run_sum, shift
+
+
+@triton.jit
+def _row_dots(A, V, rows, rmask, D, BD: tl.constexpr):
+    """(a_i . v_i, |a_i|^2, |v_i|^2) of the rows and their proxies, over d in BD chunks."""
+    dot = tl.zeros(rows.shape, tl.float32)
+    ssa = tl.zeros(rows.shape, tl.float32)
+    ssv = tl.zeros(rows.shape, tl.float32)
+    for d0 in range(0, D, BD):
+        ds = d0 + tl.arange(0, BD)
+        dmask = rmask[:, None] & (ds[None, :] < D)
+        a = tl.load(A + rows[:, None] * D + ds[None, :], mask=dmask, other=0.0).to(tl.float32)
+        v = tl.load(V + rows[:, None] * D + ds[None, :], mask=dmask, other=0.0).to(tl.float32)
+        dot += tl.sum(a * v, axis=1)
+        ssa += tl.sum(a * a, axis=1)
+        ssv += tl.sum(v * v, axis=1)
+    return dot, ssa, ssv
+
+
+@triton.jit
+def _write_rows(ROWS, rows, rmask, N, m, total, shift, s, rv, m_p, inv_t, STUDIOGAN: tl.constexpr):
+    """From the negatives' (max, sum of exp) and StudioGAN's shift, and the positive similarity s, write to the
+    (6, N) ROWS buffer: loss_i = logaddexp(pos_i, neg_i) - pos_i with pos_i = [s_i - m_p]_- / t and neg_i the
+    negatives' log-sum-exp (-inf: none; StudioGAN: minus the shift), and for the backward rv_i (the proxy's inverse
+    norm), s_i, the unshifted lse_i, w_i = dloss_i/dneg_i and dloss_i/ds_i (both per unit upstream gradient)."""
+    lse = tl.where(total > 0.0, m + tl.log(tl.maximum(total, 1e-30)), float("-inf"))
+    neg = lse
+    if STUDIOGAN:
+        neg = lse - tl.where(shift == float("-inf"), 0.0, shift)
+    pos = tl.minimum(s - m_p, 0.0) * inv_t
+    hi = tl.maximum(pos, neg)  # pos is finite
+    tot = hi + tl.log(tl.exp(pos - hi) + tl.exp(neg - hi))
+    w = tl.exp(neg - tot)  # d(tot - pos)/dneg = softmax weight of the negatives; 0 for rows without any
+    # d(tot - pos)/dpos = (1 - w) - 1 = -w; through the clamp (which passes at its boundary, as torch's does)
+    wpos = tl.where(s - m_p <= 0.0, -w * inv_t, 0.0)
+    tl.store(ROWS + rows, tot - pos, mask=rmask)
+    tl.store(ROWS + N + rows, rv, mask=rmask)
+    tl.store(ROWS + 2 * N + rows, s, mask=rmask)
+    tl.store(ROWS + 3 * N + rows, lse, mask=rmask)
+    tl.store(ROWS + 4 * N + rows, w, mask=rmask)
+    tl.store(ROWS + 5 * N + rows, wpos, mask=rmask)
+
+
+@triton.jit
+def inv_norms_kernel(X, R, N, D, eps, BR: tl.constexpr, BD: tl.constexpr):
+    """R = 1 / max(|x_i|, eps) for a block of BR rows of X ("matrix" mode: the columns' norms, before the scan)."""
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    rmask = rows < N
+    ss = tl.zeros((BR,), tl.float32)
+    for d0 in range(0, D, BD):
+        ds = d0 + tl.arange(0, BD)
+        x = tl.load(X + rows[:, None] * D + ds[None, :], mask=rmask[:, None] & (ds[None, :] < D), other=0.0)
+        x = x.to(tl.float32)
+        ss += tl.sum(x * x, axis=1)
+    tl.store(R + rows, _inv_norm(ss, eps), mask=rmask)
+
+
+@triton.jit
+def d2d_rows_kernel(S, A, V, RA, RB, LA, LB, ROWS, N, M, D, row_offset, m_p, m_n, inv_t, eps,
+                    STUDIOGAN: tl.constexpr, BR: tl.constexpr, BJ: tl.constexpr, BD: tl.constexpr):
+    """"matrix" mode, a block of BR rows: their norms and positive term from A and V (RA for the backward), then
+    their rows of the raw products S, normalized with RA and the columns' RB, into the negatives' log-sum-exp;
+    writes ROWS as the combine kernel does."""
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    rmask = rows < N
+    dot, ssa, ssv = _row_dots(A, V, rows, rmask, D, BD)
+    ra, rv = _inv_norm(ssa, eps), _inv_norm(ssv, eps)
+    tl.store(RA + rows, ra, mask=rmask)
+    la = tl.load(LA + rows, mask=rmask, other=-1)
+    run_max = tl.full((BR,), float("-inf"), tl.float32)
+    run_sum = tl.zeros((BR,), tl.float32)
+    shift = tl.full((BR,), float("-inf"), tl.float32)
+    for j0 in range(0, M, BJ):
+        cols = j0 + tl.arange(0, BJ)
+        cmask = cols < M
+        lb = tl.load(LB + cols, mask=cmask, other=-2)
+        rb = tl.load(RB + cols, mask=cmask, other=0.0)
+        raw = tl.load(S + rows[:, None] * M + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
+        x = (raw * ra[:, None] * rb[None, :] - m_n) * inv_t
+        others, neg = _tile_masks(rows, cols, la, lb, M, row_offset)
+        run_max, run_sum, shift = _lse_step(x, others, neg, run_max, run_sum, shift, STUDIOGAN)
+    _write_rows(ROWS, rows, rmask, N, run_max, run_sum, shift, dot * ra * rv, rv, m_p, inv_t, STUDIOGAN)
+
+
 @triton.autotune(configs=split_configs(torch.bfloat16) + (split_configs(torch.float32) if not interpreting() else []),
                  key=["N", "M", "D", "CS"], prune_configs_by={"early_config_prune": _keep_configs_of_the_dtype})
 @triton.jit
 def neg_lse_split_kernel(A, B, RA, RB, LA, LB, PMAX, PSUM, PSHIFT, N, M, D, CS, row_offset, m_n, inv_t, eps,
                          STUDIOGAN: tl.constexpr, PREC: tl.constexpr,
                          BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr):
-    """Program (i, s): rows block i against columns [s CS, (s + 1) CS): running max, sum of exp and StudioGAN's
-    shift of the negatives' clamped logits, written to row s of the (splits, N) partial buffers. The inverse norms
-    it normalizes with go to RA (split 0's programs) and RB (row block 0's programs) for the backward."""
+    """"fused" mode, program (i, s): rows block i against columns [s CS, (s + 1) CS): running max, sum of exp and
+    StudioGAN's shift of the negatives' clamped logits, written to row s of the (splits, N) partial buffers. The
+    inverse norms it normalizes with go to RA (split 0's programs) and RB (row block 0's programs) for the
+    backward."""
     rows = tl.program_id(0) * BI + tl.arange(0, BI)
     split = tl.program_id(1)
     rmask = rows < N
@@ -187,13 +317,7 @@ def neg_lse_split_kernel(A, B, RA, RB, LA, LB, PMAX, PSUM, PSHIFT, N, M, D, CS, 
             tl.store(RB + cols, rb, mask=cmask)
         x = (dots * ra[:, None] * rb[None, :] - m_n) * inv_t
         others, neg = _tile_masks(rows, cols, la, lb, c_hi, row_offset)
-        xn = tl.where(neg, tl.maximum(x, 0.0), float("-inf"))
-        new_max = tl.maximum(run_max, tl.max(xn, axis=1))
-        base = tl.where(new_max == float("-inf"), 0.0, new_max)  # rows with no negatives yet: keep sums at 0
-        run_sum = run_sum * tl.exp(run_max - base) + tl.sum(tl.exp(xn - base[:, None]), axis=1)
-        run_max = new_max
-        if STUDIOGAN:
-            shift = tl.maximum(shift, tl.max(tl.where(others, x, float("-inf")), axis=1))
+        run_max, run_sum, shift = _lse_step(x, others, neg, run_max, run_sum, shift, STUDIOGAN)
     out = split * N + rows
     tl.store(PMAX + out, run_max, mask=rmask)
     tl.store(PSUM + out, run_sum, mask=rmask)
@@ -203,10 +327,8 @@ def neg_lse_split_kernel(A, B, RA, RB, LA, LB, PMAX, PSUM, PSHIFT, N, M, D, CS, 
 @triton.jit
 def d2d_combine_kernel(PMAX, PSUM, PSHIFT, A, V, RA, ROWS, N, S, D, m_p, inv_t, eps,
                        STUDIOGAN: tl.constexpr, BR: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr):
-    """Per block of rows: merge the splits into the negatives' log-sum-exp (-inf: no negatives; StudioGAN: minus
-    the shift), compute the positive logit [s_i - m_p]_- / t from the rows and their proxies, and write to the
-    (6, N) ROWS buffer: loss_i = logaddexp(pos_i, neg_i) - pos_i, and for the backward rv_i (the proxy's inverse
-    norm), s_i, the unshifted lse_i, w_i = dloss_i/dneg_i and dloss_i/ds_i (both per unit upstream gradient)."""
+    """"fused" mode, a block of rows: merge the splits' partial (max, sum, shift), compute the positive term from
+    the rows and their proxies, and write ROWS (see _write_rows)."""
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     rmask = rows < N
     splits = tl.arange(0, BS)
@@ -217,41 +339,19 @@ def d2d_combine_kernel(PMAX, PSUM, PSHIFT, A, V, RA, ROWS, N, S, D, m_p, inv_t, 
     m = tl.max(pmax, axis=0)
     base = tl.where(m == float("-inf"), 0.0, m)
     total = tl.sum(psum * tl.exp(pmax - base[None, :]), axis=0)
-    lse = tl.where(total > 0.0, m + tl.log(tl.maximum(total, 1e-30)), float("-inf"))
-    neg = lse
-    if STUDIOGAN:
-        shift = tl.max(tl.load(PSHIFT + offs, mask=mask, other=float("-inf")), axis=0)
-        neg = lse - tl.where(shift == float("-inf"), 0.0, shift)
-    dot = tl.zeros((BR,), tl.float32)
-    ssv = tl.zeros((BR,), tl.float32)
-    for d0 in range(0, D, BD):
-        ds = d0 + tl.arange(0, BD)
-        dmask = rmask[:, None] & (ds[None, :] < D)
-        a = tl.load(A + rows[:, None] * D + ds[None, :], mask=dmask, other=0.0).to(tl.float32)
-        v = tl.load(V + rows[:, None] * D + ds[None, :], mask=dmask, other=0.0).to(tl.float32)
-        dot += tl.sum(a * v, axis=1)
-        ssv += tl.sum(v * v, axis=1)
+    shift = tl.max(tl.load(PSHIFT + offs, mask=mask, other=float("-inf")), axis=0)
+    dot, _, ssv = _row_dots(A, V, rows, rmask, D, BD)
     rv = _inv_norm(ssv, eps)
     s = dot * tl.load(RA + rows, mask=rmask, other=0.0) * rv
-    pos = tl.minimum(s - m_p, 0.0) * inv_t
-    hi = tl.maximum(pos, neg)  # pos is finite
-    tot = hi + tl.log(tl.exp(pos - hi) + tl.exp(neg - hi))
-    w = tl.exp(neg - tot)  # d(tot - pos)/dneg = softmax weight of the negatives; 0 for rows without any
-    # d(tot - pos)/dpos = (1 - w) - 1 = -w; through the clamp (which passes at its boundary, as torch's does)
-    wpos = tl.where(s - m_p <= 0.0, -w * inv_t, 0.0)
-    tl.store(ROWS + rows, tot - pos, mask=rmask)
-    tl.store(ROWS + N + rows, rv, mask=rmask)
-    tl.store(ROWS + 2 * N + rows, s, mask=rmask)
-    tl.store(ROWS + 3 * N + rows, lse, mask=rmask)
-    tl.store(ROWS + 4 * N + rows, w, mask=rmask)
-    tl.store(ROWS + 5 * N + rows, wpos, mask=rmask)
+    _write_rows(ROWS, rows, rmask, N, m, total, shift, s, rv, m_p, inv_t, STUDIOGAN)
 
 
 @triton.jit
-def _bwd_tile(A, B, RA, RB, LA, LB, ROWS, G, rows, cols, N, M, D, row_offset, m_n, inv_t, inv_n,
-              BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
-    """Recompute one (rows, cols) tile: (P = dLoss/dsim, sim, ra, rb), zero outside the matrix. The upstream
-    gradient is read from G on the device (no host sync); P_ij = g/N w_i softmax_ij / t on live negatives."""
+def _bwd_tile(A, B, S, RA, RB, LA, LB, ROWS, G, rows, cols, N, M, D, row_offset, m_n, inv_t, inv_n,
+              BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, FROM_S: tl.constexpr):
+    """One (rows, cols) tile, its products read from S (FROM_S) or recomputed: (P = dLoss/dsim, sim, ra, rb), zero
+    outside the matrix. The upstream gradient is read from G on the device (no host sync); P_ij = g/N w_i
+    softmax_ij / t on live negatives."""
     rmask, cmask = rows < N, cols < M
     ra = tl.load(RA + rows, mask=rmask, other=0.0)
     rb = tl.load(RB + cols, mask=cmask, other=0.0)
@@ -259,7 +359,10 @@ def _bwd_tile(A, B, RA, RB, LA, LB, ROWS, G, rows, cols, N, M, D, row_offset, m_
     lb = tl.load(LB + cols, mask=cmask, other=-2)
     lse = tl.load(ROWS + 3 * N + rows, mask=rmask, other=0.0)
     w = tl.load(ROWS + 4 * N + rows, mask=rmask, other=0.0) * (tl.load(G) * inv_n)  # 0 on padding rows
-    dots, _, ssb = dot_tile(A, B, rows, cols, N, M, D, BI, BJ, BK, PREC)
+    if FROM_S:
+        dots = tl.load(S + rows[:, None] * M + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
+    else:
+        dots, _, _ = dot_tile(A, B, rows, cols, N, M, D, BI, BJ, BK, PREC)
     sim = dots * ra[:, None] * rb[None, :]
     x = (sim - m_n) * inv_t
     others, neg = _tile_masks(rows, cols, la, lb, M, row_offset)
@@ -269,14 +372,15 @@ def _bwd_tile(A, B, RA, RB, LA, LB, ROWS, G, rows, cols, N, M, D, row_offset, m_
 
 
 @triton.jit
-def d2d_grad_matrix_kernel(A, B, RA, RB, LA, LB, ROWS, G, Q, CROW, CCOL, N, M, D, row_offset, m_n, inv_t, inv_n,
-                           PREC: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr):
+def d2d_grad_matrix_kernel(A, B, S, RA, RB, LA, LB, ROWS, G, Q, CROW, CCOL, N, M, D, row_offset, m_n, inv_t,
+                           inv_n, PREC: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr,
+                           FROM_S: tl.constexpr):
     """Program (i, j): the (BI, BJ) tile of Q = ra_i P_ij rb_j (so that Q B = ra (P B^), Q^T A = rb (P^T A^)), and
     the tile's row sums (into row j of CROW) and column sums (into row i of CCOL) of P * sim."""
     rows = tl.program_id(0) * BI + tl.arange(0, BI)
     cols = tl.program_id(1) * BJ + tl.arange(0, BJ)
-    p, sim, ra, rb = _bwd_tile(A, B, RA, RB, LA, LB, ROWS, G, rows, cols, N, M, D, row_offset, m_n, inv_t, inv_n,
-                               BI, BJ, BK, PREC)
+    p, sim, ra, rb = _bwd_tile(A, B, S, RA, RB, LA, LB, ROWS, G, rows, cols, N, M, D, row_offset, m_n, inv_t,
+                               inv_n, BI, BJ, BK, PREC, FROM_S)
     rmask, cmask = rows < N, cols < M
     q = p * ra[:, None] * rb[None, :]
     tl.store(Q + rows[:, None] * M + cols[None, :], q.to(Q.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
@@ -313,8 +417,8 @@ def d2d_stream_rows_kernel(A, B, RA, RB, LA, LB, ROWS, G, ACC, CROW, N, M, D, ro
     c = tl.zeros((BI,), tl.float32)
     for j0 in range(0, M, BJ):
         cols = j0 + tl.arange(0, BJ)
-        p, sim, ra, rb = _bwd_tile(A, B, RA, RB, LA, LB, ROWS, G, rows, cols, N, M, D, row_offset, m_n, inv_t,
-                                   inv_n, BI, BJ, BK, PREC)
+        p, sim, ra, rb = _bwd_tile(A, B, A, RA, RB, LA, LB, ROWS, G, rows, cols, N, M, D, row_offset, m_n,
+                                   inv_t, inv_n, BI, BJ, BK, PREC, False)
         c += tl.sum(p * sim, axis=1)
         q = (p * ra[:, None] * rb[None, :]).to(B.dtype.element_ty)
         _accumulate(ACC, rows, rmask, q, B, cols, cols < M, D, j0 > 0, BD, PREC)
@@ -331,8 +435,8 @@ def d2d_stream_cols_kernel(A, B, RA, RB, LA, LB, ROWS, G, ACC, CCOL, N, M, D, ro
     c = tl.zeros((BJ,), tl.float32)
     for i0 in range(0, N, BI):
         rows = i0 + tl.arange(0, BI)
-        p, sim, ra, rb = _bwd_tile(A, B, RA, RB, LA, LB, ROWS, G, rows, cols, N, M, D, row_offset, m_n, inv_t,
-                                   inv_n, BI, BJ, BK, PREC)
+        p, sim, ra, rb = _bwd_tile(A, B, A, RA, RB, LA, LB, ROWS, G, rows, cols, N, M, D, row_offset, m_n,
+                                   inv_t, inv_n, BI, BJ, BK, PREC, False)
         c += tl.sum(p * sim, axis=0)
         q = tl.trans(p * ra[:, None] * rb[None, :]).to(A.dtype.element_ty)
         _accumulate(ACC, cols, cmask, q, A, rows, rows < N, D, i0 > 0, BD, PREC)
@@ -404,13 +508,13 @@ class D2DCE(torch.autograd.Function):
     """The mean D2D-CE of kernels.d2d_ce (see similarity.py for the arguments) on the Triton kernels.
 
     ``cols`` / ``col_labels``: the columns (gathered negatives), or None for the rows themselves. ``split_cols``:
-    the column split width of the forward (0: chosen for the GPU; a large value: one split, the 1-D grid);
-    ``backward``: "auto" | "matrix" | "stream" (see the module docstring)."""
+    the "fused" forward's column split width (0: chosen for the GPU; a large value: one split, the 1-D grid);
+    ``mode``: one of MODES (see the module docstring)."""
 
     @staticmethod
     def forward(ctx, embed: torch.Tensor, proxy: torch.Tensor, labels: torch.Tensor, cols, col_labels,
                 row_offset: int, m_p: float, m_n: float, t: float, studiogan: bool, split_cols: int = 0,
-                backward: str = "auto") -> torch.Tensor:
+                mode: str = "auto") -> torch.Tensor:
         a, v, la = embed.contiguous(), proxy.contiguous(), labels.contiguous()
         same = cols is None
         b, lb = (a, la) if same else (cols.contiguous(), col_labels.contiguous())
@@ -418,41 +522,55 @@ class D2DCE(torch.autograd.Function):
         if max(n, m) * d >= 2 ** 31:  # the kernels index with 32-bit offsets
             raise ValueError(f"d2d_ce(backend='triton'): {max(n, m)} x {d} elements exceed 32-bit offsets; split "
                              f"the batch or use backend='torch'")
-        if backward not in ("auto", "matrix", "stream"):
-            raise ValueError(f"d2d_ce: backward={backward!r} is not auto, matrix or stream")
+        if mode not in MODES:
+            raise ValueError(f"d2d_ce: triton_mode={mode!r} is not one of {MODES}")
+        if mode == "auto":
+            mode = "matrix" if n * m <= MATRIX_MAX else "stream"
         f32 = dict(device=a.device, dtype=torch.float32)
         ra, rb = torch.empty(n, **f32), torch.empty(m, **f32)  # two buffers even for b is a: one writer each
-        cs = split_cols or column_splits(n, m, a.device)
-        splits = triton.cdiv(m, cs)
-        partial = torch.empty(3, splits, n, **f32)
-        prec = precision(a.dtype)
-        neg_lse_split_kernel[lambda meta: (triton.cdiv(n, meta["BI"]), splits)](
-            a, b, ra, rb, la, lb, partial[0], partial[1], partial[2], n, m, d, cs, row_offset, m_n, 1.0 / t,
-            NORM_EPS, STUDIOGAN=studiogan, PREC=prec)
         rows = torch.empty(6, n, **f32)
-        tiles = combine_tiles(a.device)
-        d2d_combine_kernel[(triton.cdiv(n, tiles["BR"]),)](
-            partial[0], partial[1], partial[2], a, v, ra, rows, n, splits, d, m_p, 1.0 / t, NORM_EPS,
-            STUDIOGAN=studiogan, BS=max(triton.next_power_of_2(splits), 2), **tiles)
-        ctx.save_for_backward(a, v, b, la, lb, ra, rb, rows)
+        prec = precision(a.dtype)
+        if mode == "matrix":
+            raw = raw_products(a, b)
+            tiles = scan_tiles(a.device)
+            inv_norms_kernel[(triton.cdiv(m, tiles["BR"]),)](b, rb, m, d, NORM_EPS, BR=tiles["BR"], BD=tiles["BD"])
+            d2d_rows_kernel[(triton.cdiv(n, tiles["BR"]),)](
+                raw, a, v, ra, rb, la, lb, rows, n, m, d, row_offset, m_p, m_n, 1.0 / t, NORM_EPS,
+                STUDIOGAN=studiogan, **tiles)
+        else:
+            raw = None
+            cs = split_cols or column_splits(n, m, a.device)
+            splits = triton.cdiv(m, cs)
+            partial = torch.empty(3, splits, n, **f32)
+            neg_lse_split_kernel[lambda meta: (triton.cdiv(n, meta["BI"]), splits)](
+                a, b, ra, rb, la, lb, partial[0], partial[1], partial[2], n, m, d, cs, row_offset, m_n, 1.0 / t,
+                NORM_EPS, STUDIOGAN=studiogan, PREC=prec)
+            tiles = combine_tiles(a.device)
+            d2d_combine_kernel[(triton.cdiv(n, tiles["BR"]),)](
+                partial[0], partial[1], partial[2], a, v, ra, rows, n, splits, d, m_p, 1.0 / t, NORM_EPS,
+                STUDIOGAN=studiogan, BS=max(triton.next_power_of_2(splits), 2), **tiles)
+        ctx.save_for_backward(a, v, b, la, lb, ra, rb, rows, raw)
         ctx.same = same
         ctx.consts = (row_offset, m_n, 1.0 / t, prec)
-        ctx.matrix = backward == "matrix" or (backward == "auto" and n * m <= MATRIX_BACKWARD_MAX)
+        ctx.mode = mode
         return rows[0].mean()
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
-        a, v, b, la, lb, ra, rb, rows = ctx.saved_tensors
+        a, v, b, la, lb, ra, rb, rows, raw = ctx.saved_tensors
         row_offset, m_n, inv_t, prec = ctx.consts
         g = g.float()  # a 0-d tensor, read by the kernels on the device
         n, m, d = a.shape[0], b.shape[0], a.shape[1]
         inv_n = 1.0 / n
         need_a, need_v, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3]
-        args = (a, b, ra, rb, la, lb, rows, g)
+        per_row = (ra, rb, la, lb, rows, g)
         scal = (n, m, d, row_offset, m_n, inv_t, inv_n)
-        if ctx.matrix:
-            bl = gpu_tiles(a.dtype, n) if a.is_cuda and not interpreting() else dict(BI=32, BJ=32, BK=32,
-                                                                                    num_warps=4)
+        if ctx.mode != "stream":
+            if raw is not None:  # "matrix": Q from the forward's products
+                bl = from_s_tiles(n, a.device)
+            else:
+                bl = gpu_tiles(a.dtype, n) if a.is_cuda and not interpreting() else dict(BI=32, BJ=32, BK=32,
+                                                                                        num_warps=4)
             grid = (triton.cdiv(n, bl["BI"]), triton.cdiv(m, bl["BJ"]))
             # Q in the inputs' dtype for bf16 (bf16 products, fp32 accumulation in cuBLAS); fp32 otherwise (fp16's
             # range could overflow with large inverse norms)
@@ -460,8 +578,9 @@ class D2DCE(torch.autograd.Function):
             q = torch.empty(n, m, device=a.device, dtype=mm_dtype)
             crow = torch.empty(grid[1], n, device=a.device, dtype=torch.float32)
             ccol = torch.empty(grid[0], m, device=a.device, dtype=torch.float32)
-            d2d_grad_matrix_kernel[grid](*args, q, crow, ccol, *scal, PREC=prec, BI=bl["BI"], BJ=bl["BJ"],
-                                         BK=bl["BK"], num_warps=bl["num_warps"])
+            d2d_grad_matrix_kernel[grid](a, b, a if raw is None else raw, *per_row, q, crow, ccol, *scal,
+                                         PREC=prec, BI=bl["BI"], BJ=bl["BJ"], BK=bl["BK"],
+                                         num_warps=bl["num_warps"], FROM_S=raw is not None)
             acc_a = torch.mm(q, b.to(mm_dtype)) if need_a else None
             acc_b = torch.mm(q.t(), a.to(mm_dtype)) if need_b or (ctx.same and need_a) else None
         else:
@@ -472,10 +591,10 @@ class D2DCE(torch.autograd.Function):
             ccol = torch.empty(1, m, device=a.device, dtype=torch.float32)
             if need_a or need_v:
                 acc_a = torch.empty(n, d, device=a.device, dtype=torch.float32)
-                d2d_stream_rows_kernel[(triton.cdiv(n, bl["BI"]),)](*args, acc_a, crow, *scal, PREC=prec, **bl)
+                d2d_stream_rows_kernel[(triton.cdiv(n, bl["BI"]),)](a, b, *per_row, acc_a, crow, *scal, PREC=prec, **bl)
             if need_b or (ctx.same and need_a):
                 acc_b = torch.empty(m, d, device=a.device, dtype=torch.float32)
-                d2d_stream_cols_kernel[(triton.cdiv(m, bl["BJ"]),)](*args, acc_b, ccol, *scal, PREC=prec, **bl)
+                d2d_stream_cols_kernel[(triton.cdiv(m, bl["BJ"]),)](a, b, *per_row, acc_b, ccol, *scal, PREC=prec, **bl)
         da = dv = db = None
         if need_a or need_v:
             if acc_a is None:  # only the proxy's gradient is wanted: the rows' terms are computed and dropped

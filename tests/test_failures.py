@@ -280,6 +280,8 @@ def test_the_gpu_check_pack_runs_every_stage_in_smoke_mode(tmp_path):
     assert all(s["status"] in ("ok", "skip") for s in stages.values()), (proc.stdout, stages)
     assert proc.returncode == 0 and report["smoke"] is True
     assert stages["accuracy"]["worst_fp32_rel_error"] < 1e-4 and stages["determinism"]["bitwise_equal"]
+    assert {r["mode"] for r in stages["accuracy"]["d2d_ce"]} == {"matrix", "fused"}  # both D2D-CE forwards
+    assert {r["variant"] for r in stages["kernels"]["rows"]} >= {"triton", "triton_fused", "eager"}
     tiles = stages["sn"]["tiles"]  # the SN tiling sweep ran every candidate, with the same sigma
     assert len(tiles) == 2 and all(t["ms"] > 0 and t["sigma_max_rel_diff"] < 1e-5 for t in tiles), tiles
     assert stages["train"]["runs"][0]["sec_per_step"] > 0 and stages["train"]["runs"][0]["compiled_graphs"] == 0

@@ -105,10 +105,10 @@ def test_gathered_negatives_get_the_full_gradient():
     close(got, want, "summed per-rank gradient", seed)
 
 
-@pytest.mark.parametrize("backward", ["matrix", "stream"])
+@pytest.mark.parametrize("tmode", ["matrix", "fused", "stream"])
 @pytest.mark.parametrize("wanted", [(True, True, True), (True, False, False), (False, True, False),
                                     (False, False, True)])
-def test_each_input_gradient_alone_in_both_backward_modes(backward, wanted):
+def test_each_input_gradient_alone_in_every_mode(tmode, wanted):
     """Gradients of any subset of (embed, proxy, columns), in the self case (columns = rows, both sides summed in one
     finishing pass) and with gathered columns, equal the torch reference's."""
     seed = fresh_seed()
@@ -123,12 +123,12 @@ def test_each_input_gradient_alone_in_both_backward_modes(backward, wanted):
                 leaves.append(negatives[0].clone().to(DEV).requires_grad_(wanted[2]))
                 neg = (leaves[2], negatives[1].to(DEV))
             loss = d2d_ce(leaves[0], leaves[1], labels.to(DEV), 0.3, 0.8, mode="studiogan", backend=backend,
-                          negatives=neg, row_offset=offset, triton_backward=backward)
+                          negatives=neg, row_offset=offset, triton_mode=tmode)
             want = [x for x in leaves if x.requires_grad]
             got[backend] = (loss, torch.autograd.grad(loss, want) if want else ())
-        close(got["triton"][0], got["torch"][0], f"loss ({backward}, {wanted}, {n_global})", seed)
+        close(got["triton"][0], got["torch"][0], f"loss ({tmode}, {wanted}, {n_global})", seed)
         for a, b in zip(got["triton"][1], got["torch"][1]):
-            close(a, b, f"grads ({backward}, {wanted}, {n_global})", seed)
+            close(a, b, f"grads ({tmode}, {wanted}, {n_global})", seed)
 
 
 # ---- launch counts in Triton's interpreter: Triton launches, and the aten ops that would be device kernels ---------
@@ -166,23 +166,28 @@ def device_ops():
 
 @pytest.mark.skipif(DEV.type == "cuda", reason="counts interpreter launches; on a GPU the check pack profiles them")
 @pytest.mark.parametrize("gathered", [False, True])
-def test_d2d_ce_runs_in_a_few_launches(gathered, interpreter_launches):
-    """The whole loss, forward and backward, is a handful of device launches: 4-5 Triton kernels, torch.mm twice
-    (the matrix backward's products) and the mean. The glue around the kernels (normalizations, positive term,
-    log-add-exp, casts, the chain rule) cost 94 launches per call on an H100 before it moved into the kernels."""
+@pytest.mark.parametrize("mode", ["auto", "fused"])
+def test_d2d_ce_runs_in_a_few_launches(gathered, mode, interpreter_launches):
+    """The whole loss, forward and backward, is a handful of device launches: 4-5 Triton kernels, torch.mm for the
+    products (the forward's in "matrix" mode, which "auto" takes at these sizes, and the backward's two) and the
+    mean. The glue around the kernels (normalizations, positive term, log-add-exp, casts, the chain rule) cost 94
+    launches per call on an H100 before it moved into the kernels."""
     launches = interpreter_launches
     embed, proxy, labels, negatives = d2d_case(24, 40, 5, fresh_seed(), 100 if gathered else None, 10)
     leaves = [x.clone().requires_grad_() for x in (embed, proxy) + ((negatives[0],) if gathered else ())]
     neg = (leaves[2], negatives[1]) if gathered else None
-    d2d_ce(leaves[0], leaves[1], labels, 0.5, 0.9, backend="triton", negatives=neg, row_offset=10 if gathered else 0)
+    kw = dict(backend="triton", negatives=neg, row_offset=10 if gathered else 0, triton_mode=mode)
+    d2d_ce(leaves[0], leaves[1], labels, 0.5, 0.9, **kw)
     launches.clear()  # the first call autotunes
     with device_ops() as ops:
-        loss = d2d_ce(leaves[0], leaves[1], labels, 0.5, 0.9, backend="triton", negatives=neg,
-                      row_offset=10 if gathered else 0)
+        loss = d2d_ce(leaves[0], leaves[1], labels, 0.5, 0.9, **kw)
         torch.autograd.grad(loss, leaves)
-    assert sorted(ops.ops) == ["mean", "mm", "mm", "ones_like"], ops.ops  # ones_like: autograd's seed gradient
-    assert launches == ["neg_lse_split_kernel", "d2d_combine_kernel", "d2d_grad_matrix_kernel"] + \
-        ["d2d_finish_kernel"] * (2 if gathered else 1), launches
+    forward = ["inv_norms_kernel", "d2d_rows_kernel"] if mode == "auto" else ["neg_lse_split_kernel",
+                                                                              "d2d_combine_kernel"]
+    # ones_like: autograd's seed gradient
+    assert sorted(ops.ops) == ["mean"] + ["mm"] * (3 if mode == "auto" else 2) + ["ones_like"], ops.ops
+    assert launches == forward + ["d2d_grad_matrix_kernel"] + ["d2d_finish_kernel"] * (2 if gathered else 1), \
+        launches
 
 
 @pytest.mark.skipif(DEV.type == "cuda", reason="counts interpreter launches; on a GPU the check pack profiles them")
@@ -489,7 +494,7 @@ def test_every_kernel_compiles_for_h100_without_a_gpu():
     assert all(re.search(r", \d+ registers", line) for line in lines), "ptxas -v gave no register counts"
 
 
-# ---- the split-column forward, both backward modes, determinism -----------------------------------------------------
+# ---- the split-column forward, every mode, determinism -----------------------------------------------------
 def eq6_global_f64(embed, proxy, labels, cols, col_labels, offset, t, m_p):
     """Eq. 6 for rows of embed against the gathered columns, in float64 autograd (the independent reference)."""
     m_n = 1.0 - m_p
@@ -505,9 +510,9 @@ def eq6_global_f64(embed, proxy, labels, cols, col_labels, offset, t, m_p):
     return (torch.logsumexp(torch.cat([pos[:, None], neg], 1), 1) - pos).mean()
 
 
-@pytest.mark.parametrize("backward", ["matrix", "stream"])
+@pytest.mark.parametrize("tmode", ["matrix", "fused", "stream"])
 @pytest.mark.parametrize("n,m,d,split", [(8, 200, 40, 64), (37, 131, 9, 32), (5, 300, 70, 128), (8, 90, 33, 16)])
-def test_split_columns_match_float64_with_gathered_negatives(n, m, d, split, backward):
+def test_split_columns_match_float64_with_gathered_negatives(n, m, d, split, tmode):
     """Rows at an offset inside gathered columns, the columns split across programs (odd widths across tile and
     split edges; a split narrower than the column tile, as a GPU's few-row grid can pick), and rows whose every
     column shares their label (no negatives: only the positive term)."""
@@ -530,11 +535,11 @@ def test_split_columns_match_float64_with_gathered_negatives(n, m, d, split, bac
         got_leaves = [x.float().to(DEV).requires_grad_() for x in (embed, proxy, cols)]
         got = d2d_ce(got_leaves[0], got_leaves[1], lab.to(DEV), 0.5, 0.9, backend="triton",
                      negatives=(got_leaves[2], clab.to(DEV)), row_offset=offset, split_cols=split,
-                     triton_backward=backward)
+                     triton_mode=tmode)
         got_g = torch.autograd.grad(got, got_leaves)
-        close(got.double().cpu(), want.detach(), f"loss, split {split}, {backward}", seed, tol=1e-4)
+        close(got.double().cpu(), want.detach(), f"loss, split {split}, {tmode}", seed, tol=1e-4)
         for name, a, b in zip(("embed", "proxy", "columns"), got_g, want_g):
-            close(a.double().cpu(), b, f"d/d{name}, split {split}, {backward}", seed, tol=1e-4)
+            close(a.double().cpu(), b, f"d/d{name}, split {split}, {tmode}", seed, tol=1e-4)
     # a row with no negatives at all: every column shares its label
     same = torch.zeros(m, dtype=torch.long)
     got = d2d_ce(embed.float().to(DEV), proxy.float().to(DEV), same[:n].to(DEV), 0.5, 0.9, backend="triton",
@@ -543,8 +548,8 @@ def test_split_columns_match_float64_with_gathered_negatives(n, m, d, split, bac
     close(got.double().cpu(), want, f"no negatives, split {split}", seed, tol=1e-4)
 
 
-@pytest.mark.parametrize("backward", ["matrix", "stream"])
-def test_fused_kernels_are_bitwise_deterministic(backward):
+@pytest.mark.parametrize("tmode", ["matrix", "fused", "stream"])
+def test_fused_kernels_are_bitwise_deterministic(tmode):
     """Two calls give identical values and gradients (no float atomics anywhere: the kernels' sources say so)."""
     import inspect
 
@@ -562,7 +567,7 @@ def test_fused_kernels_are_bitwise_deterministic(backward):
     for _ in range(2):
         leaves = [cols[32:48].clone().requires_grad_(), proxy.clone().requires_grad_(), cols.clone().requires_grad_()]
         loss = d2d_ce(leaves[0], leaves[1], col_labels[32:48], 0.5, 0.9, mode="studiogan", backend="triton",
-                      negatives=(leaves[2], col_labels), row_offset=32, split_cols=32, triton_backward=backward)
+                      negatives=(leaves[2], col_labels), row_offset=32, split_cols=32, triton_mode=tmode)
         runs.append([loss.detach(), *torch.autograd.grad(loss, leaves)])
     ws, us = sn_case(seed)
     for run in runs:
