@@ -11,7 +11,7 @@ Three modes (``mode=``; "auto" takes "matrix" while N x M fits MATRIX_MAX, "stre
   tile and normalizes them with the row and column norms it accumulates itself; with few rows per GPU (8-64 local
   rows against 2048 gathered columns) the columns are split across the grid too (flash-decoding): program (i, s)
   keeps a running (max, sum, StudioGAN shift) for row block i over column split s, and a combine kernel merges the
-  splits and adds the positive term. On an H200 its dot products ran at a tenth of cuBLAS's rate (0.033 ms for
+  splits and adds the positive term. On an H200 its dot products ran at a fifth of cuBLAS's rate (0.033 ms for
   256 x 2048 x 2048 bf16, where cuBLAS took 0.007 ms for the same-size product), and in fp32 three TF32 products
   per tile lost to one fp32 cuBLAS product: "matrix" hands the product to cuBLAS.
 - "stream": the fused forward, and a backward that recomputes tiles and accumulates its products in fp32 (N, d)
