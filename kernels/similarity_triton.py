@@ -145,10 +145,12 @@ def from_s_tiles(n: int, device: torch.device) -> dict:
 
 def raw_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """S = a b^T in fp32 by cuBLAS: bf16 / fp16 products accumulate in fp32 and are kept in fp32 (``out_dtype``,
-    CUDA, torch >= 2.8), fp32 follows torch's TF32 switch, as the reference's matmul does."""
-    if a.dtype == torch.float32:
-        return torch.mm(a, b.t())
-    return torch.mm(a, b.t(), out_dtype=torch.float32)
+    CUDA, torch >= 2.8), fp32 follows torch's TF32 switch, as the reference's matmul does. Autocast is off: under
+    it, fp32 inputs would be multiplied in bf16, and the kernels' precision would depend on the caller's context."""
+    with torch.autocast(a.device.type, enabled=False):
+        if a.dtype == torch.float32:
+            return torch.mm(a, b.t())
+        return torch.mm(a, b.t(), out_dtype=torch.float32)
 
 
 @triton.jit
@@ -581,8 +583,9 @@ class D2DCE(torch.autograd.Function):
             d2d_grad_matrix_kernel[grid](a, b, a if raw is None else raw, *per_row, q, crow, ccol, *scal,
                                          PREC=prec, BI=bl["BI"], BJ=bl["BJ"], BK=bl["BK"],
                                          num_warps=bl["num_warps"], FROM_S=raw is not None)
-            acc_a = torch.mm(q, b.to(mm_dtype)) if need_a else None
-            acc_b = torch.mm(q.t(), a.to(mm_dtype)) if need_b or (ctx.same and need_a) else None
+            with torch.autocast(a.device.type, enabled=False):  # Q's dtype, whatever the caller's context
+                acc_a = torch.mm(q, b.to(mm_dtype)) if need_a else None
+                acc_b = torch.mm(q.t(), a.to(mm_dtype)) if need_b or (ctx.same and need_a) else None
         else:
             bl = stream_tiles(a.dtype) if a.is_cuda and not interpreting() else dict(BI=32, BJ=32, BK=32, BD=32,
                                                                                        num_warps=4)

@@ -131,6 +131,22 @@ def test_each_input_gradient_alone_in_every_mode(tmode, wanted):
             close(a, b, f"grads ({tmode}, {wanted}, {n_global})", seed)
 
 
+def test_d2d_ce_products_ignore_the_callers_autocast():
+    """The "matrix" mode's cuBLAS product runs outside autocast: fp32 inputs give the same loss and gradients inside
+    a bf16 autocast region as outside it (under autocast the product alone would be rounded to bf16)."""
+    seed = fresh_seed()
+    embed, proxy, labels, negatives = d2d_case(12, 24, 3, seed, 40, 5)
+    runs = []
+    for ctx in (torch.autocast(DEV.type, dtype=torch.bfloat16), torch.autocast(DEV.type, enabled=False)):
+        leaves = [x.clone().to(DEV).requires_grad_() for x in (embed, proxy, negatives[0])]
+        with ctx:  # the backward too, as a loop calling backward() inside the region would
+            loss = d2d_ce(leaves[0], leaves[1], labels.to(DEV), 0.5, 0.9, backend="triton",
+                          negatives=(leaves[2], negatives[1].to(DEV)), row_offset=5, triton_mode="matrix")
+            runs.append([loss.detach(), *torch.autograd.grad(loss, leaves)])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b), f"autocast changed the Triton D2D-CE (seed {seed})"
+
+
 # ---- launch counts in Triton's interpreter: Triton launches, and the aten ops that would be device kernels ---------
 # what the interpreter itself dispatches to move arguments in and out; allocations and views launch nothing
 HOST_SIDE = {"empty", "empty_like", "new_empty", "set_", "copy_", "select", "t", "detach", "view", "slice",
