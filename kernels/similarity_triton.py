@@ -241,17 +241,23 @@ def _write_rows(ROWS, rows, rmask, N, m, total, shift, s, rv, m_p, inv_t, STUDIO
 
 
 @triton.jit
-def inv_norms_kernel(X, R, N, D, eps, BR: tl.constexpr, BD: tl.constexpr):
-    """R = 1 / max(|x_i|, eps) for a block of BR rows of X ("matrix" mode: the columns' norms, before the scan)."""
-    rows = tl.program_id(0) * BR + tl.arange(0, BR)
-    rmask = rows < N
-    ss = tl.zeros((BR,), tl.float32)
+def _sum_squares(X, rows, rmask, D, BD: tl.constexpr):
+    """|x_i|^2 of the rows of a (N, D) matrix, in fp32, over d in BD chunks."""
+    ss = tl.zeros(rows.shape, tl.float32)
     for d0 in range(0, D, BD):
         ds = d0 + tl.arange(0, BD)
         x = tl.load(X + rows[:, None] * D + ds[None, :], mask=rmask[:, None] & (ds[None, :] < D), other=0.0)
         x = x.to(tl.float32)
         ss += tl.sum(x * x, axis=1)
-    tl.store(R + rows, _inv_norm(ss, eps), mask=rmask)
+    return ss
+
+
+@triton.jit
+def inv_norms_kernel(X, R, N, D, eps, BR: tl.constexpr, BD: tl.constexpr):
+    """R = 1 / max(|x_i|, eps) for a block of BR rows of X ("matrix" mode: the columns' norms, before the scan)."""
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    rmask = rows < N
+    tl.store(R + rows, _inv_norm(_sum_squares(X, rows, rmask, D, BD), eps), mask=rmask)
 
 
 @triton.jit
@@ -294,13 +300,7 @@ def neg_lse_split_kernel(A, B, RA, RB, LA, LB, PMAX, PSUM, PSHIFT, N, M, D, CS, 
     rows = tl.program_id(0) * BI + tl.arange(0, BI)
     split = tl.program_id(1)
     rmask = rows < N
-    ssa = tl.zeros((BI,), tl.float32)
-    for k0 in range(0, D, BK):
-        ks = k0 + tl.arange(0, BK)
-        a = tl.load(A + rows[:, None] * D + ks[None, :], mask=rmask[:, None] & (ks[None, :] < D), other=0.0)
-        a = a.to(tl.float32)
-        ssa += tl.sum(a * a, axis=1)
-    ra = _inv_norm(ssa, eps)
+    ra = _inv_norm(_sum_squares(A, rows, rmask, D, BK), eps)
     if split == 0:
         tl.store(RA + rows, ra, mask=rmask)
     la = tl.load(LA + rows, mask=rmask, other=-1)
