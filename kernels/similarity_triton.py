@@ -143,13 +143,19 @@ def from_s_tiles(n: int, device: torch.device) -> dict:
     return dict(BI=16 if n <= 16 else 32, BJ=64, BK=16, num_warps=4)
 
 
+MM_TO_FP32 = "dtype" in torch.ops.aten.mm.overloads()  # torch >= 2.8: bf16 x bf16 -> fp32 (CUDA)
+
+
 def raw_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """S = a b^T in fp32 by cuBLAS: bf16 / fp16 products accumulate in fp32 and are kept in fp32 (``out_dtype``,
-    CUDA, torch >= 2.8), fp32 follows torch's TF32 switch, as the reference's matmul does. Autocast is off: under
-    it, fp32 inputs would be multiplied in bf16, and the kernels' precision would depend on the caller's context."""
+    """S = a b^T in fp32 by cuBLAS: bf16 / fp16 products accumulate in fp32 and are kept in fp32 (``out_dtype``;
+    before torch 2.8, fp32 copies of the inputs), fp32 follows torch's TF32 switch, as the reference's matmul does.
+    Autocast is off: under it, fp32 inputs would be multiplied in bf16, and the kernels' precision would depend on
+    the caller's context."""
     with torch.autocast(a.device.type, enabled=False):
         if a.dtype == torch.float32:
             return torch.mm(a, b.t())
+        if not MM_TO_FP32:
+            return torch.mm(a.float(), b.float().t())
         return torch.mm(a, b.t(), out_dtype=torch.float32)
 
 
