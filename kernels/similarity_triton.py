@@ -1,8 +1,9 @@
 """Triton kernels behind ``kernels.d2d_ce(backend="triton")``: the whole loss, forward and backward, in a few launches.
 
-Three modes (``mode=``; "auto" takes "matrix" while N x M fits MATRIX_MAX, "stream" past it):
+Three modes (``triton_mode`` of kernels.d2d_ce; "auto" takes "matrix" while N x M fits MATRIX_MAX, "stream" past
+it):
 
-- "matrix" (3 launches forward, 5 backward): cuBLAS computes the raw products S = A B^T (N x M, fp32: bf16 inputs
+- "matrix" (3 launches forward and the mean; 4-5 backward): cuBLAS computes the raw products S = A B^T (N x M, fp32: bf16 inputs
   accumulate and stay in fp32). One kernel takes the columns' inverse norms; one pass over the rows walks their row
   of S: L2-normalizes it with the norms, applies margins, temperature and the label / self masks, streams the
   log-sum-exp over the negatives, adds the positive term (its own pass over the rows and their proxies) and writes
