@@ -3,11 +3,11 @@
 Three modes (``triton_mode`` of kernels.d2d_ce; "auto" takes "matrix" while N x M fits MATRIX_MAX, "stream" past
 it):
 
-- "matrix" (3 launches forward and the mean; 4-5 backward): cuBLAS computes the raw products S = A B^T (N x M, fp32: bf16 inputs
-  accumulate and stay in fp32). One kernel takes the columns' inverse norms; one pass over the rows walks their row
-  of S: L2-normalizes it with the norms, applies margins, temperature and the label / self masks, streams the
-  log-sum-exp over the negatives, adds the positive term (its own pass over the rows and their proxies) and writes
-  each row's loss and the per-row weights the backward needs; torch takes the mean. Memory O(N M).
+- "matrix" (3 launches forward and the mean; 4-5 backward): cuBLAS computes the raw products S = A B^T (N x M, fp32:
+  bf16 inputs accumulate and stay in fp32). One kernel takes the columns' inverse norms; one pass over the rows
+  walks their row of S: L2-normalizes it with the norms, applies margins, temperature and the label / self masks,
+  streams the log-sum-exp over the negatives, adds the positive term (its own pass over the rows and their proxies)
+  and writes each row's loss and the per-row weights the backward needs; torch takes the mean. Memory O(N M).
 - "fused" (2 launches forward): the N x M matrix is never stored. The split kernel computes the dot products tile by
   tile and normalizes them with the row and column norms it accumulates itself; with few rows per GPU (8-64 local
   rows against 2048 gathered columns) the columns are split across the grid too (flash-decoding): program (i, s)
