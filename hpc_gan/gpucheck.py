@@ -210,18 +210,19 @@ def stage_kernels(smoke: bool, deadline: float, save: Save) -> Dict[str, Any]:
         shapes, variants = D2D_GPU_SHAPES, D2D_GPU_VARIANTS
     rows: List[Dict[str, Any]] = []
 
-    def speedups(metric: str) -> Dict[str, float]:
+    def speedups(metric: str, variant: str = "triton") -> Dict[str, float]:
         best: Dict[str, Any] = {}
         for r in rows:  # the kernel against the best torch path, per shape
             if "variant" in r:
                 best.setdefault(f"{r['n_local']}x{r['n_global']}x{r['d']} {r['dtype']}", {})[r["variant"]] = \
                     r.get(metric)
-        return {k: (min(v[x] for x in ("eager", "torch_bf16", "compile") if v.get(x)) / v["triton"])
-                for k, v in best.items() if v.get("triton") and any(v.get(x) for x in ("eager", "torch_bf16"))}
+        return {k: (min(v[x] for x in ("eager", "torch_bf16", "compile") if v.get(x)) / v[variant])
+                for k, v in best.items() if v.get(variant) and any(v.get(x) for x in ("eager", "torch_bf16"))}
 
     def result() -> Dict[str, Any]:  # wall time with launches, and device time alone (replayed CUDA graphs)
         return {"rows": rows, "speedup_vs_best_torch": speedups("median_ms"),
-                "graph_speedup_vs_best_torch": speedups("graph_ms")}
+                "graph_speedup_vs_best_torch": speedups("graph_ms"),
+                "graph_speedup_fused_vs_best_torch": speedups("graph_ms", "triton_fused")}
     for shape in shapes:
         if time.time() > deadline - 5:
             rows.append({"shape": list(shape[:3]), "dtype": str(shape[3])[6:], "skipped": "out of time"})
@@ -521,16 +522,19 @@ def write_report(out_dir: Path, report: Dict[str, Any]) -> None:
         keep = {k: v for k, v in s.items() if k not in ("name", "status", "seconds", "rows", "runs", "traceback",
                                                         "d2d_ce", "sn", "speedup_vs_best_torch", "output_tail",
                                                         "graph_speedup_vs_best_torch", "ms_per_iteration",
+                                                        "graph_speedup_fused_vs_best_torch",
                                                         "tiles", "best_tiles")}
         summary = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in keep.items())
         lines.append(f"| {s['name']} | {s['status']} | {s['seconds']} | {summary[:300]} |")
     for s in report["stages"]:
         if s.get("speedup_vs_best_torch"):
             graph = s.get("graph_speedup_vs_best_torch") or {}
+            fused = s.get("graph_speedup_fused_vs_best_torch") or {}
             lines += ["", "D2D-CE: the kernel's speed-up over the best torch path (wall with launches; device time "
-                      "alone, CUDA-graph replay)", "", "| shape | wall | device |", "|---|---|---|"]
-            lines += [f"| {k} | {v:.2f}x | " + (f"{graph[k]:.2f}x |" if k in graph else "n/a |")
-                      for k, v in s["speedup_vs_best_torch"].items()]
+                      "alone, CUDA-graph replay; `fused` mode's device time beside it)", "",
+                      "| shape | wall | device | fused, device |", "|---|---|---|---|"]
+            lines += [f"| {k} | {v:.2f}x | " + " | ".join(f"{x[k]:.2f}x" if k in x else "n/a" for x in (graph, fused))
+                      + " |" for k, v in s["speedup_vs_best_torch"].items()]
         for t in s.get("tiles") or []:
             tiles = "/".join(str(v) for v in t["tiles"].values())
             lines.append(f"- SN power iteration, tiles {tiles} (rows/cols/chunk/warps/stages): " +
