@@ -112,7 +112,8 @@ def _specs(dtype: str) -> List[Spec]:
                                           "TILE_MAT": i64, "TILE_START": i64, "TILE_CHUNK": i64, "NTILES": i64,
                                           "COUNT": "*i32", "ROWS": i64, "COLS": i64, "UOFF": i64, "VOFF": i64,
                                           "NCHUNK": i64, "n_u": "i32", "eps": "fp32"},
-                  dict(W_DTYPE=wdt, PTR_ALIGNED=True, CH=gt.ch, **sn), sn_launch))
+                  dict(W_DTYPE=wdt, PTR_ALIGNED=True, CH=gt.ch, FB=N.finish_block(torch.device("cuda")), **sn),
+                  sn_launch))
     specs.append(("sn_grad", N.sn_grad_kernel, {"GRAD": t, "GSIG": f32, "U_OUT": f32, "V_OUT": f32, **table,
                                                 "WOFF": i64}, dict(**sn), sn_launch))
     tiles_g = {k: i64 for k in ("TILE_MAT", "TILE_START", "ROWS", "COLS")}

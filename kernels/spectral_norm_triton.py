@@ -58,6 +58,13 @@ def default_tiles(device: torch.device) -> Tiles:
     return INTERPRETER_TILES if device.type != "cuda" or interpreting() else GPU_TILES
 
 
+def finish_block(device: torch.device) -> int:
+    """Elements per trip of the u pass's finishing work (the last program of each matrix sums the chunks, takes the
+    norms and scales u and v). It runs serially, one memory round trip per trip: in tiles' widths (128 columns,
+    32 rows), BigGAN-128's 1536 x 13824 matrices took ~500 trips after their last tile."""
+    return 64 if device.type != "cuda" or interpreting() else 1024
+
+
 @triton.jit
 def _span(c0, BC: tl.constexpr):
     """Columns c0 .. c0 + BC - 1 of a tile, c0 a multiple of BC (itself a multiple of 4): said to the compiler
@@ -181,9 +188,10 @@ def sn_v_kernel(W_PTRS, U_PTRS, U_FLAT, V_OUT, TILE_MAT, TILE_START, ROWS, COLS,
 @triton.jit
 def sn_u_kernel(W_PTRS, U_OUT, U_PART, V_OUT, SIGMA, TILE_MAT, TILE_START, TILE_CHUNK, NTILES, COUNT, ROWS, COLS,
                 UOFF, VOFF, NCHUNK, n_u, eps, W_DTYPE: tl.constexpr, PTR_ALIGNED: tl.constexpr, BR: tl.constexpr,
-                BC: tl.constexpr, CH: tl.constexpr):
+                BC: tl.constexpr, CH: tl.constexpr, FB: tl.constexpr):
     """Tile (matrix, row block, column chunk): partial (W v_raw)[rows] over the chunk's CH columns into
-    U_PART[chunk, rows]; the matrix's last tile sums the chunks, normalizes u and v and writes sigma."""
+    U_PART[chunk, rows]; the matrix's last tile sums the chunks, normalizes u and v and writes sigma, FB elements
+    at a time (see finish_block)."""
     pid = tl.program_id(0)
     m, r0, n_rows, n_cols = _tile(TILE_MAT, TILE_START, ROWS, COLS)
     chunk = tl.load(TILE_CHUNK + pid)
@@ -203,21 +211,21 @@ def sn_u_kernel(W_PTRS, U_OUT, U_PART, V_OUT, SIGMA, TILE_MAT, TILE_START, TILE_
     tl.debug_barrier()  # this program's stores happen before its arrival is counted
     arrived = tl.atomic_add(COUNT + m, 1, sem="acq_rel", scope="gpu")
     if arrived == tl.load(NTILES + m) - 1:  # last tile of this matrix: sum the chunks, normalize u, v; sigma
-        inv_v = 1.0 / tl.maximum(tl.sqrt(_sum_squares(vb, n_cols, BC)), eps)
+        inv_v = 1.0 / tl.maximum(tl.sqrt(_sum_squares(vb, n_cols, FB)), eps)
         n_chunks = tl.load(NCHUNK + m)
-        for q0 in range(0, n_rows, BR):
-            qs = q0 + tl.arange(0, BR)
-            total = tl.zeros((BR,), tl.float32)
+        for q0 in range(0, n_rows, FB):
+            qs = q0 + tl.arange(0, FB)
+            total = tl.zeros((FB,), tl.float32)
             for k in range(0, n_chunks):  # a fixed order: bitwise reproducible
                 total += tl.load(U_PART + k * n_u + tl.load(UOFF + m) + qs, mask=qs < n_rows, other=0.0,
                                  cache_modifier=".cg")
             tl.store(ub + qs, total * inv_v, mask=qs < n_rows)
         tl.debug_barrier()
-        sq = _sum_squares(ub, n_rows, BR)
+        sq = _sum_squares(ub, n_rows, FB)
         norm_u = tl.maximum(tl.sqrt(sq), eps)
         tl.store(SIGMA + m, sq / norm_u)
-        _scale(ub, n_rows, 1.0 / norm_u, BR)
-        _scale(vb, n_cols, inv_v, BC)
+        _scale(ub, n_rows, 1.0 / norm_u, FB)
+        _scale(vb, n_cols, inv_v, FB)
         tl.atomic_xchg(COUNT + m, 0, sem="relaxed", scope="gpu")  # ready for the next launch (a kernel boundary)
 
 
@@ -395,7 +403,8 @@ def _power_iterate(plan: _Plan, ws: List[torch.Tensor], us: List[torch.Tensor], 
         sn_u_kernel[(plan.u_mat.numel(),)](
             w_ptrs, u_out, u_part, v_out, sigmas, plan.u_mat, plan.u_start, plan.u_chunk, plan.ntiles,
             plan.count, plan.rows, plan.cols, plan.uoff, plan.voff, plan.nchunk, plan.n_u, eps, W_DTYPE=wdt,
-            PTR_ALIGNED=aligned, BR=plan.br, BC=plan.bc, CH=plan.ch, **plan.launch)
+            PTR_ALIGNED=aligned, BR=plan.br, BC=plan.bc, CH=plan.ch, FB=finish_block(dev),
+            **plan.launch)
     if debug and torch.isnan(sigmas).any():  # a matrix whose last program never ran leaves its NaN
         missed = torch.isnan(sigmas).nonzero().flatten().tolist()
         raise RuntimeError(f"sn_u_kernel: no last program ran for matrices {missed} of shapes "
