@@ -538,8 +538,10 @@ def write_report(out_dir: Path, report: Dict[str, Any]) -> None:
         for t in s.get("tiles") or []:
             tiles = "/".join(str(v) for v in t["tiles"].values())
             lines.append(f"- SN power iteration, tiles {tiles} (rows/cols/chunk/warps/stages): " +
-                         (f"{t['ms']:.3f} ms, weights read at {t['read_tb_per_s']:.2f} TB/s, sigma within "
-                          f"{t['sigma_max_rel_diff']:.1e} of the first" if "ms" in t else t.get("skipped", "")))
+                         (f"{t['ms']:.3f} ms (v pass {t.get('sn_v_ms', float('nan')):.3f}, u pass "
+                          f"{t.get('sn_u_ms', float('nan')):.3f}), weights read at {t['read_tb_per_s']:.2f} TB/s, "
+                          f"sigma within {t['sigma_max_rel_diff']:.1e} of the first" if "ms" in t
+                          else t.get("skipped", "")))
         for op, per in (s.get("ms_per_iteration") or {}).items():
             impls = ", ".join(f"{k} {v:.1f}" for k, v in per.items() if k != "floor_ms")
             lines.append(f"- {op}, ms per iteration at batch {s.get('batch')} ({s.get('dtype')}): {impls}; "

@@ -293,9 +293,9 @@ def bench_sn_tiles(device: torch.device, shapes: Sequence[Tuple[int, int]], cand
                    deadline: Optional[float] = None, dtype: torch.dtype = torch.float32) -> List[Dict]:
     """The Triton power iteration of every matrix (the v and u passes: the part of the W / sigma job furthest from
     its floor on the H100 and H200) under each tile configuration: device time (CUDA-graph replay; a wall median
-    on a CPU), the bandwidth at which it reads the weights (twice), and sigma's largest relative difference from
-    the first candidate's (summation order only). Candidates left when ``deadline`` (time.time()) passes are
-    reported as skipped."""
+    on a CPU), the bandwidth at which it reads the weights (twice), each pass's device time (profiler, on a GPU),
+    and sigma's largest relative difference from the first candidate's (summation order only). Candidates left when
+    ``deadline`` (time.time()) passes are reported as skipped."""
     from kernels.spectral_norm_triton import fused_power_iteration
     ws, us, _ = _sn_inputs(device, shapes, dtype)
     read = 2 * sum(r * c for r, c in shapes) * ws[0].element_size()
@@ -312,6 +312,9 @@ def bench_sn_tiles(device: torch.device, shapes: Sequence[Tuple[int, int]], cand
         row["sigma_max_rel_diff"] = float(((sigma - ref).abs() / ref.abs()).max())
         ms = graph_ms(fn, device) if device.type == "cuda" else median_ms(fn, device, reps=2)
         row.update(ms=ms, read_tb_per_s=read / (ms * 1e-3) / 1e12)
+        prof = launch_profile(fn, device)  # each pass on its own: which one a tiling helps
+        row.update({f"{name[:-len('_kernel')]}_ms": t for name, t, _ in prof.get("top", ())
+                    if name in ("sn_v_kernel", "sn_u_kernel")})
         rows.append(row)
     return rows
 
