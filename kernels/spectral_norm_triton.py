@@ -120,6 +120,17 @@ def _store_tile(base, x, rs, cs, n_rows, n_cols):
 
 
 @triton.jit
+def _row_vector(base, rs, cs, n_rows, col_end):
+    """base[cs] for every row of the tile (rs, cs), loaded in the tile's own layout: each row reads the same
+    elements (from L1 after the first). A (BC,) load gets a layout of its own, and broadcasting it over the tile
+    exchanges it through shared memory with a barrier every trip (the TTGIR of sn_u, sn_grad and
+    sn_normalize_grad showed it), which keeps the next tile's loads from being issued early. It costs a tile of
+    registers."""
+    return tl.load(base + cs[None, :] + 0 * rs[:, None], mask=(rs[:, None] < n_rows) & (cs[None, :] < col_end),
+                   other=0.0)
+
+
+@triton.jit
 def _from_table(PTRS, m, DTYPE: tl.constexpr, PTR_ALIGNED: tl.constexpr):
     """Matrix m (weights, or their incoming gradients), from a table of data pointers; PTR_ALIGNED: the host
     checked that every entry is 16-byte aligned (a pointer read from memory is otherwise assumed unaligned, and
@@ -165,7 +176,7 @@ def _scale(base, n, factor, BLOCK: tl.constexpr):
 @triton.jit
 def sn_v_kernel(W_PTRS, U_PTRS, U_FLAT, V_OUT, TILE_MAT, TILE_START, ROWS, COLS, UOFF, VOFF,
                  U_FROM_FLAT: tl.constexpr, W_DTYPE: tl.constexpr, PTR_ALIGNED: tl.constexpr, BR: tl.constexpr,
-                 BC: tl.constexpr):
+                 BC: tl.constexpr, FOLD: tl.constexpr):
     m, c0, n_rows, n_cols = _tile(TILE_MAT, TILE_START, ROWS, COLS)
     w = _from_table(W_PTRS, m, W_DTYPE, PTR_ALIGNED)
     if U_FROM_FLAT:
@@ -174,14 +185,16 @@ def sn_v_kernel(W_PTRS, U_PTRS, U_FLAT, V_OUT, TILE_MAT, TILE_START, ROWS, COLS,
         u_base = tl.load(U_PTRS + m).to(tl.pointer_type(tl.float32))
     cs = _span(c0, BC)
     cm = cs < n_cols
-    # a (BR, BC) accumulator reduced once after the loop: a reduction across rows every trip costs a
-    # shared-memory exchange and a barrier per tile, which serializes the loads (H100: 4.2x the bandwidth floor)
-    acc = tl.zeros((BR, BC), tl.float32)
+    # an accumulator reduced across rows once after the loop: a reduction across rows every trip costs a
+    # shared-memory exchange and a barrier per tile, which serializes the loads (H100: 4.2x the bandwidth floor).
+    # Each trip's products fold into FOLD rows (the warps along rows: rows r and r + FOLD are one thread's), a
+    # thread's own adds, so the accumulator takes FOLD rows of registers, not BR: more programs per SM
+    acc = tl.zeros((FOLD, BC), tl.float32)
     for r0 in range(0, n_rows, BR):
         rs = r0 + tl.arange(0, BR)
         wt = _load_tile(w, rs, cs, n_rows, n_cols, n_cols)
         u = tl.load(u_base + rs, mask=rs < n_rows, other=0.0)
-        acc += wt.to(tl.float32) * u[:, None]
+        acc += tl.sum(tl.reshape(wt.to(tl.float32) * u[:, None], (BR // FOLD, FOLD, BC)), axis=0)
     tl.store(V_OUT + tl.load(VOFF + m) + cs, tl.sum(acc, axis=0), mask=cm)
 
 
@@ -200,13 +213,23 @@ def sn_u_kernel(W_PTRS, U_OUT, U_PART, V_OUT, SIGMA, TILE_MAT, TILE_START, TILE_
     ub = U_OUT + tl.load(UOFF + m)
     rs = r0 + tl.arange(0, BR)
     rm = rs < n_rows
-    acc = tl.zeros((BR, BC), tl.float32)  # reduced once after the loop, as in sn_v_kernel
+    # reduced once after the loop, as in sn_v_kernel; each trip folds the 4 columns a thread loads at once (its
+    # vector) into one: a quarter of the registers. Not in the build for unaligned pointers (rare; there the fold
+    # and the tile-shaped v spill on sm_80)
+    if PTR_ALIGNED:
+        acc = tl.zeros((BR, BC // 4), tl.float32)
+    else:
+        acc = tl.zeros((BR, BC), tl.float32)
     c_hi = tl.minimum(chunk * CH + CH, n_cols)
     for c0 in range(chunk * CH, c_hi, BC):
         cs = _span(c0, BC)
         wt = _load_tile(w, rs, cs, n_rows, n_cols, c_hi)
-        v = tl.load(vb + cs, mask=cs < c_hi, other=0.0)
-        acc += wt.to(tl.float32) * v[None, :]
+        if PTR_ALIGNED:
+            v = _row_vector(vb, rs, cs, n_rows, c_hi)
+            acc += tl.sum(tl.reshape(wt.to(tl.float32) * v, (BR, BC // 4, 4)), axis=2)
+        else:
+            v = tl.load(vb + cs, mask=cs < c_hi, other=0.0)
+            acc += wt.to(tl.float32) * v[None, :]
     tl.store(U_PART + chunk * n_u + tl.load(UOFF + m) + rs, tl.sum(acc, axis=1), mask=rm)
     tl.debug_barrier()  # this program's stores happen before its arrival is counted
     arrived = tl.atomic_add(COUNT + m, 1, sem="acq_rel", scope="gpu")
@@ -241,8 +264,8 @@ def sn_grad_kernel(GRAD, GSIG, U_OUT, V_OUT, TILE_MAT, TILE_START, ROWS, COLS, U
     gb = _flat(GRAD, WOFF, m)
     for c0 in range(0, n_cols, BC):
         cs = _span(c0, BC)
-        v = tl.load(vb + cs, mask=cs < n_cols, other=0.0)
-        _store_tile(gb, u[:, None] * v[None, :], rs, cs, n_rows, n_cols)
+        v = _row_vector(vb, rs, cs, n_rows, n_cols)
+        _store_tile(gb, u[:, None] * v, rs, cs, n_rows, n_cols)
 
 
 @triton.jit
@@ -298,6 +321,7 @@ def sn_normalize_grad_kernel(GRAD, G_PTRS, PART, SIGMA, U_OUT, V_OUT, TILE_MAT, 
     gb, db = _from_table(G_PTRS, m, G_DTYPE, PTR_ALIGNED), _flat(GRAD, WOFF, m)
     for c0 in range(0, n_cols, BC):
         cs = _span(c0, BC)
+        # a (BC,) load and its exchange each trip (see _row_vector): the tile-shaped load spills on sm_80 here
         v = tl.load(vb + cs, mask=cs < n_cols, other=0.0)
         g = _load_tile(gb, rs, cs, n_rows, n_cols, n_cols).to(tl.float32)
         _store_tile(db, g * inv - u[:, None] * v[None, :], rs, cs, n_rows, n_cols)
@@ -307,11 +331,12 @@ class _Plan:
     """Tile tables and offsets for one list of shapes on one device (built once, reused every step)."""
 
     def __init__(self, shapes: Tuple[Tuple[int, int], ...], device: torch.device, tiles: Tiles) -> None:
-        if tiles.ch % tiles.bc or tiles.bc % 4:
-            raise ValueError(f"SN tiles {tiles}: ch must be a multiple of bc, and bc of 4")
+        if tiles.ch % tiles.bc or tiles.bc % 4 or tiles.br % min(tiles.br, tiles.warps):
+            raise ValueError(f"SN tiles {tiles}: ch must be a multiple of bc, bc of 4, and br of warps (or less)")
         self.shapes = shapes
         self.br, self.bc, self.ch = tiles.br, tiles.bc, tiles.ch
         self.launch = dict(num_warps=tiles.warps, num_stages=tiles.stages)
+        self.fold = min(tiles.br, tiles.warps)  # sn_v_kernel's accumulator rows: the warps along a tile's rows
         rows = [r for r, _ in shapes]
         cols = [c for _, c in shapes]
         off = lambda xs: [sum(xs[:i]) for i in range(len(xs))]  # noqa: E731
@@ -399,7 +424,8 @@ def _power_iterate(plan: _Plan, ws: List[torch.Tensor], us: List[torch.Tensor], 
     for it in range(n_iters):
         sn_v_kernel[(plan.v_mat.numel(),)](
             w_ptrs, u_ptrs, u_out, v_out, plan.v_mat, plan.v_start, plan.rows, plan.cols, plan.uoff, plan.voff,
-            U_FROM_FLAT=it > 0, W_DTYPE=wdt, PTR_ALIGNED=aligned, BR=plan.br, BC=plan.bc, **plan.launch)
+            U_FROM_FLAT=it > 0, W_DTYPE=wdt, PTR_ALIGNED=aligned, BR=plan.br, BC=plan.bc, FOLD=plan.fold,
+            **plan.launch)
         sn_u_kernel[(plan.u_mat.numel(),)](
             w_ptrs, u_out, u_part, v_out, sigmas, plan.u_mat, plan.u_start, plan.u_chunk, plan.ntiles,
             plan.count, plan.rows, plan.cols, plan.uoff, plan.voff, plan.nchunk, plan.n_u, eps, W_DTYPE=wdt,
