@@ -98,25 +98,10 @@ def _load_at(base, rs, cs, n_rows, n_cols, col_end, ALIGNED: tl.constexpr):
 
 
 @triton.jit
-def _load_tile(w, rs, cs, n_rows, n_cols, col_end):
-    """The tile (rows rs, columns cs < col_end) of a (n_rows, n_cols) matrix at ``w``, with vector loads where the
-    row length allows (a branch on a loop-invariant condition; col_end is then a multiple of 4 as well)."""
-    if n_cols % 4 == 0:
-        wt = _load_at(w, rs, cs, n_rows, n_cols, col_end, True)
-    else:
-        wt = _load_at(w, rs, cs, n_rows, n_cols, col_end, False)
-    return wt
-
-
-@triton.jit
-def _store_tile(base, x, rs, cs, n_rows, n_cols):
-    """x into the tile (rs, cs) of a (n_rows, n_cols) matrix at ``base``, in base's dtype; vector stores where the
-    row length allows."""
-    x = x.to(base.dtype.element_ty)
-    if n_cols % 4 == 0:
-        tl.store(_at(base, rs, cs, n_cols, True), x, mask=_inside(rs, cs, n_rows, n_cols, True))
-    else:
-        tl.store(_at(base, rs, cs, n_cols, False), x, mask=_inside(rs, cs, n_rows, n_cols, False))
+def _store_at(base, x, rs, cs, n_rows, n_cols, ALIGNED: tl.constexpr):
+    """x into the tile (rs, cs) of a (n_rows, n_cols) matrix at ``base``, in base's dtype."""
+    tl.store(_at(base, rs, cs, n_cols, ALIGNED), x.to(base.dtype.element_ty), mask=_inside(rs, cs, n_rows, n_cols,
+                                                                                          ALIGNED))
 
 
 @triton.jit
@@ -173,10 +158,15 @@ def _scale(base, n, factor, BLOCK: tl.constexpr):
         tl.store(base + idx, x * factor, mask=idx < n)
 
 
+# The kernels below (but sn_u_kernel and sn_scale_kernel) decide their rows' alignment (n_cols % 4 == 0: vector accesses) once,
+# outside their loop over the tile: a branch per trip for each load and store made one loop body of both forms,
+# which cost registers (the normalization's backward: 228 of them on sm_90, 127 once hoisted) and so programs per SM.
+
 @triton.jit
 def sn_v_kernel(W_PTRS, U_PTRS, U_FLAT, V_OUT, TILE_MAT, TILE_START, ROWS, COLS, UOFF, VOFF,
                  U_FROM_FLAT: tl.constexpr, W_DTYPE: tl.constexpr, PTR_ALIGNED: tl.constexpr, BR: tl.constexpr,
                  BC: tl.constexpr, FOLD: tl.constexpr):
+    """Column tile of a matrix: v_raw = W^T u over all its rows."""
     m, c0, n_rows, n_cols = _tile(TILE_MAT, TILE_START, ROWS, COLS)
     w = _from_table(W_PTRS, m, W_DTYPE, PTR_ALIGNED)
     if U_FROM_FLAT:
@@ -184,7 +174,16 @@ def sn_v_kernel(W_PTRS, U_PTRS, U_FLAT, V_OUT, TILE_MAT, TILE_START, ROWS, COLS,
     else:
         u_base = tl.load(U_PTRS + m).to(tl.pointer_type(tl.float32))
     cs = _span(c0, BC)
-    cm = cs < n_cols
+    if n_cols % 4 == 0:
+        v = _v_rows(w, u_base, cs, n_rows, n_cols, True, BR, BC, FOLD)
+    else:
+        v = _v_rows(w, u_base, cs, n_rows, n_cols, False, BR, BC, FOLD)
+    tl.store(V_OUT + tl.load(VOFF + m) + cs, v, mask=cs < n_cols)
+
+
+@triton.jit
+def _v_rows(w, u_base, cs, n_rows, n_cols, ALIGNED: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
+            FOLD: tl.constexpr):
     # an accumulator reduced across rows once after the loop: a reduction across rows every trip costs a
     # shared-memory exchange and a barrier per tile, which serializes the loads (H100: 4.2x the bandwidth floor).
     # Each trip's products fold into FOLD rows (the warps along rows: rows r and r + FOLD are one thread's), a
@@ -192,10 +191,10 @@ def sn_v_kernel(W_PTRS, U_PTRS, U_FLAT, V_OUT, TILE_MAT, TILE_START, ROWS, COLS,
     acc = tl.zeros((FOLD, BC), tl.float32)
     for r0 in range(0, n_rows, BR):
         rs = r0 + tl.arange(0, BR)
-        wt = _load_tile(w, rs, cs, n_rows, n_cols, n_cols)
+        wt = _load_at(w, rs, cs, n_rows, n_cols, n_cols, ALIGNED)
         u = tl.load(u_base + rs, mask=rs < n_rows, other=0.0)
         acc += tl.sum(tl.reshape(wt.to(tl.float32) * u[:, None], (BR // FOLD, FOLD, BC)), axis=0)
-    tl.store(V_OUT + tl.load(VOFF + m) + cs, tl.sum(acc, axis=0), mask=cm)
+    return tl.sum(acc, axis=0)
 
 
 @triton.jit
@@ -212,25 +211,10 @@ def sn_u_kernel(W_PTRS, U_OUT, U_PART, V_OUT, SIGMA, TILE_MAT, TILE_START, TILE_
     vb = V_OUT + tl.load(VOFF + m)
     ub = U_OUT + tl.load(UOFF + m)
     rs = r0 + tl.arange(0, BR)
-    rm = rs < n_rows
-    # reduced once after the loop, as in sn_v_kernel; each trip folds the 4 columns a thread loads at once (its
-    # vector) into one: a quarter of the registers. Not in the build for unaligned pointers (rare; there the fold
-    # and the tile-shaped v spill on sm_80)
-    if PTR_ALIGNED:
-        acc = tl.zeros((BR, BC // 4), tl.float32)
-    else:
-        acc = tl.zeros((BR, BC), tl.float32)
-    c_hi = tl.minimum(chunk * CH + CH, n_cols)
-    for c0 in range(chunk * CH, c_hi, BC):
-        cs = _span(c0, BC)
-        wt = _load_tile(w, rs, cs, n_rows, n_cols, c_hi)
-        if PTR_ALIGNED:
-            v = _row_vector(vb, rs, cs, n_rows, c_hi)
-            acc += tl.sum(tl.reshape(wt.to(tl.float32) * v, (BR, BC // 4, 4)), axis=2)
-        else:
-            v = tl.load(vb + cs, mask=cs < c_hi, other=0.0)
-            acc += wt.to(tl.float32) * v[None, :]
-    tl.store(U_PART + chunk * n_u + tl.load(UOFF + m) + rs, tl.sum(acc, axis=1), mask=rm)
+    c_lo = chunk * CH
+    c_hi = tl.minimum(c_lo + CH, n_cols)
+    part = _u_cols(w, vb, rs, n_rows, n_cols, c_lo, c_hi, PTR_ALIGNED, BR, BC)
+    tl.store(U_PART + chunk * n_u + tl.load(UOFF + m) + rs, part, mask=rs < n_rows)
     tl.debug_barrier()  # this program's stores happen before its arrival is counted
     arrived = tl.atomic_add(COUNT + m, 1, sem="acq_rel", scope="gpu")
     if arrived == tl.load(NTILES + m) - 1:  # last tile of this matrix: sum the chunks, normalize u, v; sigma
@@ -253,19 +237,49 @@ def sn_u_kernel(W_PTRS, U_OUT, U_PART, V_OUT, SIGMA, TILE_MAT, TILE_START, TILE_
 
 
 @triton.jit
+def _u_cols(w, vb, rs, n_rows, n_cols, c_lo, c_hi, PTR_ALIGNED: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+    # reduced once after the loop, as in _v_rows. v is loaded in the tile's layout (_row_vector) and each trip
+    # folds the 4 columns a thread loads at once into one: a quarter of the registers. The build for unaligned
+    # pointers (rare) keeps the plain forms: they do not spill on sm_80. The rows' alignment is decided per trip
+    # here: hoisted, the two loops took more registers (116 against 96 on sm_90 under Triton 3.6)
+    if PTR_ALIGNED:
+        acc = tl.zeros((BR, BC // 4), tl.float32)
+    else:
+        acc = tl.zeros((BR, BC), tl.float32)
+    for c0 in range(c_lo, c_hi, BC):
+        cs = _span(c0, BC)
+        if n_cols % 4 == 0:
+            wt = _load_at(w, rs, cs, n_rows, n_cols, c_hi, True)
+        else:
+            wt = _load_at(w, rs, cs, n_rows, n_cols, c_hi, False)
+        wt = wt.to(tl.float32)
+        if PTR_ALIGNED:
+            acc += tl.sum(tl.reshape(wt * _row_vector(vb, rs, cs, n_rows, c_hi), (BR, BC // 4, 4)), axis=2)
+        else:
+            acc += wt * tl.load(vb + cs, mask=cs < c_hi, other=0.0)[None, :]
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit
 def sn_grad_kernel(GRAD, GSIG, U_OUT, V_OUT, TILE_MAT, TILE_START, ROWS, COLS, UOFF, VOFF, WOFF,
                     BR: tl.constexpr, BC: tl.constexpr):
     """d sigma_m / d W_m = u_m v_m^T, scaled by the incoming gradient, into one flat buffer for all matrices."""
     m, r0, n_rows, n_cols = _tile(TILE_MAT, TILE_START, ROWS, COLS)
     rs = r0 + tl.arange(0, BR)
-    rm = rs < n_rows
-    u = tl.load(U_OUT + tl.load(UOFF + m) + rs, mask=rm, other=0.0) * tl.load(GSIG + m)
+    u = tl.load(U_OUT + tl.load(UOFF + m) + rs, mask=rs < n_rows, other=0.0) * tl.load(GSIG + m)
     vb = V_OUT + tl.load(VOFF + m)
     gb = _flat(GRAD, WOFF, m)
+    if n_cols % 4 == 0:
+        _grad_cols(gb, u, vb, rs, n_rows, n_cols, True, BC)
+    else:
+        _grad_cols(gb, u, vb, rs, n_rows, n_cols, False, BC)
+
+
+@triton.jit
+def _grad_cols(gb, u, vb, rs, n_rows, n_cols, ALIGNED: tl.constexpr, BC: tl.constexpr):
     for c0 in range(0, n_cols, BC):
         cs = _span(c0, BC)
-        v = _row_vector(vb, rs, cs, n_rows, n_cols)
-        _store_tile(gb, u[:, None] * v, rs, cs, n_rows, n_cols)
+        _store_at(gb, u[:, None] * _row_vector(vb, rs, cs, n_rows, n_cols), rs, cs, n_rows, n_cols, ALIGNED)
 
 
 @triton.jit
@@ -277,10 +291,18 @@ def sn_scale_kernel(W_PTRS, OUT, SIGMA, TILE_MAT, TILE_START, ROWS, COLS, WOFF, 
     inv = 1.0 / tl.load(SIGMA + m)
     ob = _flat(OUT, WOFF, m)
     rs = r0 + tl.arange(0, BR)
-    for c0 in range(0, n_cols, BC):
+    for c0 in range(0, n_cols, BC):  # the branch inside: hoisted, bf16 -> bf16 spilled on sm_90 under Triton 3.9
         cs = _span(c0, BC)
-        wt = _load_tile(w, rs, cs, n_rows, n_cols, n_cols)
-        _store_tile(ob, wt.to(tl.float32) * inv, rs, cs, n_rows, n_cols)
+        if n_cols % 4 == 0:
+            _scale_tile(w, ob, inv, rs, cs, n_rows, n_cols, True)
+        else:
+            _scale_tile(w, ob, inv, rs, cs, n_rows, n_cols, False)
+
+
+@triton.jit
+def _scale_tile(w, ob, inv, rs, cs, n_rows, n_cols, ALIGNED: tl.constexpr):
+    wt = _load_at(w, rs, cs, n_rows, n_cols, n_cols, ALIGNED)
+    _store_at(ob, wt.to(tl.float32) * inv, rs, cs, n_rows, n_cols, ALIGNED)
 
 
 @triton.jit
@@ -291,13 +313,22 @@ def sn_dot_kernel(W_PTRS, G_PTRS, PART, TILE_MAT, TILE_START, ROWS, COLS, W_DTYP
     w = _from_table(W_PTRS, m, W_DTYPE, PTR_ALIGNED)
     gb = _from_table(G_PTRS, m, G_DTYPE, PTR_ALIGNED)
     rs = r0 + tl.arange(0, BR)
+    if n_cols % 4 == 0:
+        total = _dot_cols(w, gb, rs, n_rows, n_cols, True, BR, BC)
+    else:
+        total = _dot_cols(w, gb, rs, n_rows, n_cols, False, BR, BC)
+    tl.store(PART + tl.program_id(0), total)
+
+
+@triton.jit
+def _dot_cols(w, gb, rs, n_rows, n_cols, ALIGNED: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
     acc = tl.zeros((BR, BC), tl.float32)
     for c0 in range(0, n_cols, BC):
         cs = _span(c0, BC)
-        wt = _load_tile(w, rs, cs, n_rows, n_cols, n_cols)
-        gt = _load_tile(gb, rs, cs, n_rows, n_cols, n_cols)
+        wt = _load_at(w, rs, cs, n_rows, n_cols, n_cols, ALIGNED)
+        gt = _load_at(gb, rs, cs, n_rows, n_cols, n_cols, ALIGNED)
         acc += wt.to(tl.float32) * gt.to(tl.float32)
-    tl.store(PART + tl.program_id(0), tl.sum(tl.sum(acc, axis=1), axis=0))
+    return tl.sum(tl.sum(acc, axis=1), axis=0)
 
 
 @triton.jit
@@ -315,16 +346,22 @@ def sn_normalize_grad_kernel(GRAD, G_PTRS, PART, SIGMA, U_OUT, V_OUT, TILE_MAT, 
     inv = 1.0 / tl.load(SIGMA + m)
     coef = tl.sum(dot, axis=0) * inv * inv
     rs = r0 + tl.arange(0, BR)
-    rm = rs < n_rows
-    u = tl.load(U_OUT + tl.load(UOFF + m) + rs, mask=rm, other=0.0) * coef
+    u = tl.load(U_OUT + tl.load(UOFF + m) + rs, mask=rs < n_rows, other=0.0) * coef
     vb = V_OUT + tl.load(VOFF + m)
     gb, db = _from_table(G_PTRS, m, G_DTYPE, PTR_ALIGNED), _flat(GRAD, WOFF, m)
+    if n_cols % 4 == 0:
+        _normalize_grad_cols(gb, db, vb, u, inv, rs, n_rows, n_cols, True, BC)
+    else:
+        _normalize_grad_cols(gb, db, vb, u, inv, rs, n_rows, n_cols, False, BC)
+
+
+@triton.jit
+def _normalize_grad_cols(gb, db, vb, u, inv, rs, n_rows, n_cols, ALIGNED: tl.constexpr, BC: tl.constexpr):
     for c0 in range(0, n_cols, BC):
         cs = _span(c0, BC)
-        # a (BC,) load and its exchange each trip (see _row_vector): the tile-shaped load spills on sm_80 here
-        v = tl.load(vb + cs, mask=cs < n_cols, other=0.0)
-        g = _load_tile(gb, rs, cs, n_rows, n_cols, n_cols).to(tl.float32)
-        _store_tile(db, g * inv - u[:, None] * v[None, :], rs, cs, n_rows, n_cols)
+        g = _load_at(gb, rs, cs, n_rows, n_cols, n_cols, ALIGNED).to(tl.float32)
+        _store_at(db, g * inv - u[:, None] * _row_vector(vb, rs, cs, n_rows, n_cols), rs, cs, n_rows, n_cols,
+                  ALIGNED)
 
 
 class _Plan:
