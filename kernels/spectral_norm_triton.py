@@ -158,10 +158,10 @@ def _scale(base, n, factor, BLOCK: tl.constexpr):
         tl.store(base + idx, x * factor, mask=idx < n)
 
 
-# The kernels below (but sn_u_kernel and sn_scale_kernel) decide their rows' alignment (n_cols % 4 == 0: vector accesses) once,
-# outside their loop over the tile: a branch per trip for each load and store made one loop body of both forms,
-# which cost registers (the normalization's backward on sm_90 under Triton 3.6: 233, 166 once hoisted) and so
-# programs per SM.
+# The kernels below (but sn_u_kernel and sn_scale_kernel) decide their rows' alignment (n_cols % 4 == 0: vector
+# accesses) once, outside their loop over the tile: a branch per trip for each load and store made one loop body of
+# both forms, which cost registers (the normalization's backward on sm_90 under Triton 3.6: 233, 166 once hoisted)
+# and so programs per SM.
 
 @triton.jit
 def sn_v_kernel(W_PTRS, U_PTRS, U_FLAT, V_OUT, TILE_MAT, TILE_START, ROWS, COLS, UOFF, VOFF,
