@@ -83,7 +83,7 @@ def _specs(dtype: str) -> List[Spec]:
     grad_matrix += [(S.from_s_tiles(n, torch.device("cuda")), True) for n in (16, 32)]  # "matrix" mode, from S
     for gm, from_s in grad_matrix:
         specs.append((f"d2d_grad_matrix(BI={gm['BI']}, BJ={gm['BJ']}, from_s={from_s})", S.d2d_grad_matrix_kernel,
-                      {"A": t, "B": t, "S": f32, **{k: v for k, v in bwd.items() if k not in "AB"}, "Q": q,
+                      {"A": t, "B": t, "S": f32, **{k: v for k, v in bwd.items() if k not in ("A", "B")}, "Q": q,
                        "CROW": f32, "CCOL": f32, **scal_b},
                       dict(PREC=prec, BI=gm["BI"], BJ=gm["BJ"], BK=gm["BK"], FROM_S=from_s),
                       {"num_warps": gm["num_warps"]}))
@@ -107,7 +107,7 @@ def _specs(dtype: str) -> List[Spec]:
     for from_flat in (False, True):
         specs.append((f"sn_v(u_from_flat={from_flat})", N.sn_v_kernel,
                       {"W_PTRS": i64, "U_PTRS": i64, "U_FLAT": f32, "V_OUT": f32, **table},
-                      dict(U_FROM_FLAT=from_flat, W_DTYPE=wdt, PTR_ALIGNED=True, FOLD=min(gt.br, gt.warps), **sn),
+                      dict(U_FROM_FLAT=from_flat, W_DTYPE=wdt, PTR_ALIGNED=True, FOLD=gt.fold, **sn),
                       sn_launch))
     specs.append(("sn_u", N.sn_u_kernel, {"W_PTRS": i64, "U_OUT": f32, "U_PART": f32, "V_OUT": f32, "SIGMA": f32,
                                           "TILE_MAT": i64, "TILE_START": i64, "TILE_CHUNK": i64, "NTILES": i64,

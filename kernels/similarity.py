@@ -1,7 +1,7 @@
 """ReACGAN's Data-to-Data Cross-Entropy (D2D-CE), Eq. 6 of Kang et al. (NeurIPS 2021).
 
 This file holds the readable torch reference, which is the spec, and the dispatch to the fused Triton kernels
-(similarity_triton.py: the whole loss, forward and backward, in ~8 launches) behind
+(similarity_triton.py: the whole loss, forward and backward, in 8-9 launches) behind
 ``backend="triton"`` / ``"auto"``; tests compare the two.
 
     L = -1/N sum_i log( exp([s_i - m_p]_- / t) / (exp([s_i - m_p]_- / t) + sum_{j in N(i)} exp([s_ij - m_n]_+ / t)) )

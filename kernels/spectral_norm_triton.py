@@ -49,6 +49,11 @@ class Tiles(NamedTuple):
     warps: int = 4
     stages: int = 3
 
+    @property
+    def fold(self) -> int:
+        """sn_v_kernel's accumulator rows: the warps along a tile's rows (rows r and r + fold are one thread's)."""
+        return min(self.br, self.warps)
+
 
 GPU_TILES = Tiles(32, 128, 4096)
 INTERPRETER_TILES = Tiles(32, 32, 64)  # small tiles: the interpreter's cost grows with the tile
@@ -369,12 +374,12 @@ class _Plan:
     """Tile tables and offsets for one list of shapes on one device (built once, reused every step)."""
 
     def __init__(self, shapes: Tuple[Tuple[int, int], ...], device: torch.device, tiles: Tiles) -> None:
-        if tiles.ch % tiles.bc or tiles.bc % 4 or tiles.br % min(tiles.br, tiles.warps):
+        if tiles.ch % tiles.bc or tiles.bc % 4 or tiles.br % tiles.fold:
             raise ValueError(f"SN tiles {tiles}: ch must be a multiple of bc, bc of 4, and br of warps (or less)")
         self.shapes = shapes
         self.br, self.bc, self.ch = tiles.br, tiles.bc, tiles.ch
         self.launch = dict(num_warps=tiles.warps, num_stages=tiles.stages)
-        self.fold = min(tiles.br, tiles.warps)  # sn_v_kernel's accumulator rows: the warps along a tile's rows
+        self.fold = tiles.fold
         rows = [r for r, _ in shapes]
         cols = [c for _, c in shapes]
         off = lambda xs: [sum(xs[:i]) for i in range(len(xs))]  # noqa: E731
