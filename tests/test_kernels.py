@@ -1,6 +1,7 @@
 """The Triton kernels against their torch references (which test_d2d_ce / test_models check against float64 and
 torch's own spectral_norm): fresh random inputs every run, odd shapes, both D2D-CE modes, global negatives, rows
 without negatives, and the fused spectral norm inside a real model. On CPU through TRITON_INTERPRET=1 (fp32)."""
+import copy
 import importlib.util
 import math
 import re
@@ -422,17 +423,24 @@ def test_fused_sn_hands_autocast_layers_their_compute_dtype(backend):
     for m in spectral_norm_layers(fused):
         m.register_forward_pre_hook(lambda mod, args: seen.__setitem__(type(mod).__name__ + str(id(mod)),
                                                                         (type(mod).__name__, mod.fused_weight.dtype)))
+    ref32 = copy.deepcopy(ref)  # before any forward: a training-mode forward advances u
     x, y = torch.randn(4, 3, 16, 16).to(DEV), torch.randint(0, 3, (4,)).to(DEV)
     with torch.autocast(DEV.type, dtype=torch.bfloat16):
         outs = [net(x, y) for net in (ref, fused)]
+    exact = ref32(x, y)
     dtypes = set(seen.values())
     assert dtypes == {("SNConv2d", torch.bfloat16), ("SNLinear", torch.bfloat16), ("SNEmbedding", torch.float32)}, \
         dtypes
-    # bf16 activations; and Triton's CPU interpreter truncates fp32 -> bf16 where a GPU rounds to nearest (seen
-    # here: the interpreted path lands ~1% from the fp32 outputs, autocast's rounding ~0.3%)
+    # Both paths err from the fp32 outputs by bf16 rounding, amplified by however much this random D's outputs
+    # cancel: the reference's own error under autocast measures that. Triton's CPU interpreter truncates fp32 ->
+    # bf16 where a GPU rounds to nearest, a bias on every weight: over 60 seeds the interpreted path's error was up
+    # to 4.4x the reference's plus 1-3%; a fixed 5% bound failed one run in ~10 against the autocast reference
+    # (13%: that seed's outputs cancel, the reference itself was 3.8% off)
     for key in ("adv", "embed"):
-        a, b = outs[1][key].detach().float(), outs[0][key].detach().float()
-        assert float((a - b).norm() / b.norm()) < 5e-2, f"D {key} under autocast (seed {seed})"
+        want = exact[key].detach().float()
+        ref_err, fused_err = (float((o[key].detach().float() - want).norm() / want.norm()) for o in outs)
+        bound = 6 * ref_err + 3e-2
+        assert fused_err < bound, f"D {key} under autocast: {fused_err:.4f} from fp32, bound {bound:.4f} (seed {seed})"
 
 
 @pytest.mark.parametrize("backend", ["triton", "foreach"])
