@@ -104,17 +104,20 @@ def _specs(dtype: str) -> List[Spec]:
     sn = dict(BR=gt.br, BC=gt.bc)
     sn_launch = {"num_warps": gt.warps, "num_stages": gt.stages}
     table = {k: i64 for k in ("TILE_MAT", "TILE_START", "ROWS", "COLS", "UOFF", "VOFF")}
+    fb = N.finish_block(torch.device("cuda"))
     for from_flat in (False, True):
         specs.append((f"sn_v(u_from_flat={from_flat})", N.sn_v_kernel,
-                      {"W_PTRS": i64, "U_PTRS": i64, "U_FLAT": f32, "V_OUT": f32, **table},
-                      dict(U_FROM_FLAT=from_flat, W_DTYPE=wdt, PTR_ALIGNED=True, FOLD=gt.fold, **sn),
+                      {"W_PTRS": i64, "U_PTRS": i64, "U_FLAT": f32, "V_OUT": f32, "V_PART": f32, "TILE_MAT": i64,
+                       "TILE_START": i64, "TILE_CHUNK": i64, "NTILES": i64, "COUNT": "*i32", "ROWS": i64,
+                       "COLS": i64, "UOFF": i64, "VOFF": i64, "VPOFF": i64, "NCHUNK": i64},
+                      dict(U_FROM_FLAT=from_flat, W_DTYPE=wdt, PTR_ALIGNED=True, FOLD=gt.fold, RCH=gt.rch, FB=fb,
+                           **sn),
                       sn_launch))
     specs.append(("sn_u", N.sn_u_kernel, {"W_PTRS": i64, "U_OUT": f32, "U_PART": f32, "V_OUT": f32, "SIGMA": f32,
                                           "TILE_MAT": i64, "TILE_START": i64, "TILE_CHUNK": i64, "NTILES": i64,
                                           "COUNT": "*i32", "ROWS": i64, "COLS": i64, "UOFF": i64, "VOFF": i64,
                                           "NCHUNK": i64, "n_u": "i32", "eps": "fp32"},
-                  dict(W_DTYPE=wdt, PTR_ALIGNED=True, CH=gt.ch, FB=N.finish_block(torch.device("cuda")), **sn),
-                  sn_launch))
+                  dict(W_DTYPE=wdt, PTR_ALIGNED=True, CH=gt.ch, FB=fb, **sn), sn_launch))
     specs.append(("sn_grad", N.sn_grad_kernel, {"GRAD": t, "GSIG": f32, "U_OUT": f32, "V_OUT": f32, **table,
                                                 "WOFF": i64}, dict(**sn), sn_launch))
     tiles_g = {k: i64 for k in ("TILE_MAT", "TILE_START", "ROWS", "COLS")}

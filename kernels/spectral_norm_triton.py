@@ -1,13 +1,15 @@
 """Triton power iteration for a whole list of weight matrices: two launches per iteration, one for the backward;
 and the whole spectral normalization W / sigma of the list in one more launch forward and two backward.
 
-Launch 1 tiles every matrix by columns: v_raw = W^T u (each program sums over all rows of its column tile, so no
-atomics and a deterministic result). Launch 2 tiles by rows and, for wide matrices (BigGAN-128's D has 1536 x 13824),
-by chunks of U_CHUNK columns: partial W v_raw into a (chunks, rows) buffer; the last program to finish a matrix (an
-integer atomic counter per matrix, acq_rel at GPU scope) sums the chunks in a fixed order, normalizes u and v and
-writes sigma = |W v|, which equals u^T W v. Tiles are ordered largest matrix first, so the longest programs start
-first. Weights are read through a table of data pointers, so nothing is packed or copied; the table is cached while
-the parameters stay where they are (they do across optimizer steps), so a step adds no host-to-device copy.
+Launch 1 tiles every matrix by columns and, for tall matrices (BigGAN-128's G begins with a 24576 x 20 linear
+layer), by chunks of rows: v_raw = W^T u, each program summing over its chunk's rows; a matrix of several chunks has
+its partials summed by its last program. Launch 2 tiles by rows and, for wide matrices (BigGAN-128's D has 1536 x
+13824), by chunks of columns: partial W v_raw into a (chunks, rows) buffer; the last program to finish a matrix
+sums the chunks, normalizes u and v and writes sigma = |W v|, which equals u^T W v. "Last program": an integer
+atomic counter per matrix, acq_rel at GPU scope; the partials are summed in a fixed order, so the result is
+deterministic and no float atomics are used. Tiles are ordered so that the programs that end last start first (see
+Plan). Weights are read through a table of data pointers, so nothing is packed or copied; the table is cached
+while the parameters stay where they are (they do across optimizer steps), so a step adds no host-to-device copy.
 
 Vector accesses: where every weight pointer is 16-byte aligned (checked on the host when the table is built:
 ``PTR_ALIGNED``) and a matrix's row length is a multiple of 4, its rows are loaded 4 elements at a time (128-bit for
@@ -39,15 +41,17 @@ from kernels.dispatch import interpreting, tl_dtype
 
 
 class Tiles(NamedTuple):
-    """How the kernels tile: rows and columns per tile, columns per u-pass chunk (a multiple of bc), and the
-    launches' warps and pipeline stages. The GPU default has run on an H100 and an H200, where the power-iteration
-    passes read the weights at ~1.1 TB/s, a quarter of the copy bandwidth: ``kernels.bench.bench_sn_tiles`` (the
-    check pack's sn stage) times others at BigGAN-128's shapes, to choose from on the next GPU run."""
+    """How the kernels tile: rows and columns per tile, columns per u-pass chunk (a multiple of bc), the launches'
+    warps and pipeline stages, and rows per v-pass chunk (a multiple of br). The GPU default has run on an H100 and
+    an H200, where the power-iteration passes read the weights at ~1.1 TB/s, a quarter of the copy bandwidth:
+    ``kernels.bench.bench_sn_tiles`` (the check pack's sn stage) times others at BigGAN-128's shapes, to choose
+    from on the next GPU run."""
     br: int
     bc: int
     ch: int
     warps: int = 4
     stages: int = 3
+    rch: int = 2048
 
     @property
     def fold(self) -> int:
@@ -56,7 +60,7 @@ class Tiles(NamedTuple):
 
 
 GPU_TILES = Tiles(32, 128, 4096)
-INTERPRETER_TILES = Tiles(32, 32, 64)  # small tiles: the interpreter's cost grows with the tile
+INTERPRETER_TILES = Tiles(32, 32, 64, rch=64)  # small tiles: the interpreter's cost grows with the tile
 
 
 def default_tiles(device: torch.device) -> Tiles:
@@ -133,7 +137,7 @@ def _from_table(PTRS, m, DTYPE: tl.constexpr, PTR_ALIGNED: tl.constexpr):
 
 @triton.jit
 def _flat(base, WOFF, m):
-    """Matrix m's place in a flat buffer: offsets are multiples of 4 elements (_Plan pads them)."""
+    """Matrix m's place in a flat buffer: offsets are multiples of 4 elements (Plan pads them)."""
     return base + (tl.load(WOFF + m) // 4) * 4
 
 
@@ -169,36 +173,61 @@ def _scale(base, n, factor, BLOCK: tl.constexpr):
 # and so programs per SM.
 
 @triton.jit
-def sn_v_kernel(W_PTRS, U_PTRS, U_FLAT, V_OUT, TILE_MAT, TILE_START, ROWS, COLS, UOFF, VOFF,
-                 U_FROM_FLAT: tl.constexpr, W_DTYPE: tl.constexpr, PTR_ALIGNED: tl.constexpr, BR: tl.constexpr,
-                 BC: tl.constexpr, FOLD: tl.constexpr):
-    """Column tile of a matrix: v_raw = W^T u over all its rows."""
+def sn_v_kernel(W_PTRS, U_PTRS, U_FLAT, V_OUT, V_PART, TILE_MAT, TILE_START, TILE_CHUNK, NTILES, COUNT, ROWS, COLS,
+                UOFF, VOFF, VPOFF, NCHUNK, U_FROM_FLAT: tl.constexpr, W_DTYPE: tl.constexpr,
+                PTR_ALIGNED: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, FOLD: tl.constexpr,
+                RCH: tl.constexpr, FB: tl.constexpr):
+    """Tile (matrix, column tile, row chunk): v_raw = W^T u over the chunk's RCH rows. A matrix of one chunk
+    writes v_raw; a taller one writes partials into V_PART[VPOFF + chunk * cols], and its last tile (an arrival
+    counter, as in sn_u_kernel) sums them in a fixed order, FB columns at a time. Without chunks, BigGAN-128's
+    first linear layer (24576 x 20) was one program walking 768 row tiles, one memory round trip each: the v pass
+    took 0.58 ms on the H200 against a 0.15 ms floor, ~0.75 us per trip."""
+    pid = tl.program_id(0)
     m, c0, n_rows, n_cols = _tile(TILE_MAT, TILE_START, ROWS, COLS)
+    chunk = tl.load(TILE_CHUNK + pid)
     w = _from_table(W_PTRS, m, W_DTYPE, PTR_ALIGNED)
     if U_FROM_FLAT:
         u_base = U_FLAT + tl.load(UOFF + m)
     else:
         u_base = tl.load(U_PTRS + m).to(tl.pointer_type(tl.float32))
     cs = _span(c0, BC)
+    r_lo = chunk * RCH
+    r_hi = tl.minimum(r_lo + RCH, n_rows)
     if n_cols % 4 == 0:
-        v = _v_rows(w, u_base, cs, n_rows, n_cols, True, BR, BC, FOLD)
+        v = _v_rows(w, u_base, cs, r_lo, r_hi, n_cols, True, BR, BC, FOLD)
     else:
-        v = _v_rows(w, u_base, cs, n_rows, n_cols, False, BR, BC, FOLD)
-    tl.store(V_OUT + tl.load(VOFF + m) + cs, v, mask=cs < n_cols)
+        v = _v_rows(w, u_base, cs, r_lo, r_hi, n_cols, False, BR, BC, FOLD)
+    vb = V_OUT + tl.load(VOFF + m)
+    n_chunks = tl.load(NCHUNK + m)
+    if n_chunks == 1:
+        tl.store(vb + cs, v, mask=cs < n_cols)
+    else:
+        part = V_PART + tl.load(VPOFF + m)
+        tl.store(part + chunk * n_cols + cs, v, mask=cs < n_cols)
+        tl.debug_barrier()  # this program's stores happen before its arrival is counted
+        arrived = tl.atomic_add(COUNT + m, 1, sem="acq_rel", scope="gpu")
+        if arrived == tl.load(NTILES + m) - 1:  # last tile of this matrix: sum the chunks, in a fixed order
+            for q0 in range(0, n_cols, FB):
+                qs = q0 + tl.arange(0, FB)
+                total = tl.zeros((FB,), tl.float32)
+                for k in range(0, n_chunks):
+                    total += tl.load(part + k * n_cols + qs, mask=qs < n_cols, other=0.0, cache_modifier=".cg")
+                tl.store(vb + qs, total, mask=qs < n_cols)
+            tl.atomic_xchg(COUNT + m, 0, sem="relaxed", scope="gpu")  # ready for the next launch
 
 
 @triton.jit
-def _v_rows(w, u_base, cs, n_rows, n_cols, ALIGNED: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
+def _v_rows(w, u_base, cs, r_lo, r_hi, n_cols, ALIGNED: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
             FOLD: tl.constexpr):
     # an accumulator reduced across rows once after the loop: a reduction across rows every trip costs a
     # shared-memory exchange and a barrier per tile, which serializes the loads (H100: 4.2x the bandwidth floor).
     # Each trip's products fold into FOLD rows (the warps along rows: rows r and r + FOLD are one thread's), a
     # thread's own adds, so the accumulator takes FOLD rows of registers, not BR: more programs per SM
     acc = tl.zeros((FOLD, BC), tl.float32)
-    for r0 in range(0, n_rows, BR):
+    for r0 in range(r_lo, r_hi, BR):
         rs = r0 + tl.arange(0, BR)
-        wt = _load_at(w, rs, cs, n_rows, n_cols, n_cols, ALIGNED)
-        u = tl.load(u_base + rs, mask=rs < n_rows, other=0.0)
+        wt = _load_at(w, rs, cs, r_hi, n_cols, n_cols, ALIGNED)
+        u = tl.load(u_base + rs, mask=rs < r_hi, other=0.0)
         acc += tl.sum(tl.reshape(wt.to(tl.float32) * u[:, None], (BR // FOLD, FOLD, BC)), axis=0)
     return tl.sum(acc, axis=0)
 
@@ -370,14 +399,16 @@ def _normalize_grad_cols(gb, db, vb, u, inv, rs, n_rows, n_cols, ALIGNED: tl.con
                   ALIGNED)
 
 
-class _Plan:
+class Plan:
     """Tile tables and offsets for one list of shapes on one device (built once, reused every step)."""
 
     def __init__(self, shapes: Tuple[Tuple[int, int], ...], device: torch.device, tiles: Tiles) -> None:
-        if tiles.ch % tiles.bc or tiles.bc % 4 or tiles.br % tiles.fold:
-            raise ValueError(f"SN tiles {tiles}: ch must be a multiple of bc, bc of 4, and br of warps (or less)")
+        if tiles.ch % tiles.bc or tiles.bc % 4 or tiles.br % tiles.fold or tiles.rch % tiles.br:
+            raise ValueError(f"SN tiles {tiles}: ch must be a multiple of bc, bc of 4, br of warps (or less), and "
+                             f"rch of br")
         self.shapes = shapes
-        self.br, self.bc, self.ch = tiles.br, tiles.bc, tiles.ch
+        self.br, self.bc, self.ch, self.rch = tiles.br, tiles.bc, tiles.ch, tiles.rch
+        self.fb = finish_block(device)
         self.launch = dict(num_warps=tiles.warps, num_stages=tiles.stages)
         self.fold = tiles.fold
         rows = [r for r, _ in shapes]
@@ -391,14 +422,32 @@ class _Plan:
         self.pads = [-n % 4 for n in sizes]
         self.w_off = off([n + p for n, p in zip(sizes, self.pads)])
         self.n_w = self.w_off[-1] + sizes[-1] + self.pads[-1]
-        chunks = [(c + self.ch - 1) // self.ch for c in cols]
+        cdiv = lambda a, b: (a + b - 1) // b  # noqa: E731
+        chunks = [cdiv(c, self.ch) for c in cols]
         self.max_chunks = max(chunks)
-        largest_first = sorted(range(len(shapes)), key=lambda m: -rows[m] * cols[m])
-        v_tiles = [(m, c0) for m in largest_first for c0 in range(0, cols[m], self.bc)]
-        u_tiles = [(m, r0, k) for m in largest_first for r0 in range(0, rows[m], self.br) for k in range(chunks[m])]
+        v_chunks = [cdiv(r, self.rch) for r in rows]
+        # partial v_raw of the matrices split into row chunks: v_chunks x cols each
+        self.vp_off = off([k * c if k > 1 else 0 for k, c in zip(v_chunks, cols)])
+        self.n_vp = max(1, sum(k * c for k, c in zip(v_chunks, cols) if k > 1))
+        # Programs are dispatched about in launch order, so those that end late go first. v pass: the longest
+        # programs (row tiles walked), then the largest matrices. u pass: the matrices whose last program has
+        # the longest finishing work after its tile (chunks summed and u scaled over all rows, v over all
+        # columns, FB elements a trip: BigGAN-128's 24576 x 20 linear layer has the longest), then the largest
+        size = lambda m: rows[m] * cols[m]  # noqa: E731
+        by_v_trips = sorted(range(len(shapes)), key=lambda m: (-cdiv(min(rows[m], self.rch), self.br), -size(m)))
+        by_finish = sorted(range(len(shapes)),
+                           key=lambda m: (-(cdiv(rows[m], self.fb) * (chunks[m] + 2) + 2 * cdiv(cols[m], self.fb)),
+                                          -size(m)))
+        largest_first = sorted(range(len(shapes)), key=lambda m: -size(m))
+        v_tiles = [(m, c0, k) for m in by_v_trips for k in range(v_chunks[m]) for c0 in range(0, cols[m], self.bc)]
+        u_tiles = [(m, r0, k) for m in by_finish for r0 in range(0, rows[m], self.br) for k in range(chunks[m])]
         grad_tiles = [(m, r0) for m in largest_first for r0 in range(0, rows[m], self.br)]
         i64 = lambda xs: torch.tensor(xs, dtype=torch.int64, device=device)  # noqa: E731
-        self.v_mat, self.v_start = i64([m for m, _ in v_tiles]), i64([s for _, s in v_tiles])
+        self.v_mat, self.v_start = i64([t[0] for t in v_tiles]), i64([t[1] for t in v_tiles])
+        self.v_chunk = i64([t[2] for t in v_tiles])
+        self.v_nchunk, self.vpoff = i64(v_chunks), i64(self.vp_off)
+        self.v_ntiles = i64([k * cdiv(c, self.bc) for k, c in zip(v_chunks, cols)])
+        self.v_count = torch.zeros(len(shapes), dtype=torch.int32, device=device)
         self.u_mat, self.u_start = i64([t[0] for t in u_tiles]), i64([t[1] for t in u_tiles])
         self.u_chunk = i64([t[2] for t in u_tiles])
         self.g_mat, self.g_start = i64([m for m, _ in grad_tiles]), i64([s for _, s in grad_tiles])
@@ -439,19 +488,20 @@ class _Plan:
         return [flat[o:o + r * c].view(r, c) for o, (r, c) in zip(self.w_off, self.shapes)]
 
 
-_PLANS: Dict[tuple, _Plan] = {}
+_PLANS: Dict[tuple, Plan] = {}
 
 
-def _plan(weights: List[torch.Tensor], tiles: Optional[Tiles] = None) -> _Plan:
+def plan_for(weights: List[torch.Tensor], tiles: Optional[Tiles] = None) -> Plan:
+    """The tile plan of a list of (rows, cols) weight matrices, built once per shapes, device and tiles."""
     device = weights[0].device
     tiles = tiles or default_tiles(device)
     key = (tuple(tuple(w.shape) for w in weights), device, tiles)
     if key not in _PLANS:
-        _PLANS[key] = _Plan(key[0], device, tiles)
+        _PLANS[key] = Plan(key[0], device, tiles)
     return _PLANS[key]
 
 
-def _power_iterate(plan: _Plan, ws: List[torch.Tensor], us: List[torch.Tensor], n_iters: int, eps: float
+def _power_iterate(plan: Plan, ws: List[torch.Tensor], us: List[torch.Tensor], n_iters: int, eps: float
                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Tuple[torch.Tensor, bool]]:
     """(sigmas, u_out, v_out, (the weights' pointer table, all aligned)): n_iters steps for every matrix, 2 launches
     each."""
@@ -460,30 +510,32 @@ def _power_iterate(plan: _Plan, ws: List[torch.Tensor], us: List[torch.Tensor], 
     wdt = tl_dtype(ws[0].dtype)
     u_out = torch.empty(plan.n_u, device=dev, dtype=torch.float32)
     u_part = torch.empty(plan.max_chunks, plan.n_u, device=dev, dtype=torch.float32)
-    v_out = torch.empty(plan.n_v, device=dev, dtype=torch.float32)
     debug = os.environ.get("HPC_GAN_KERNEL_DEBUG") == "1"
+    # debug: a v the v pass never wrote (a split matrix whose last program did not run) reaches sigma as NaN
+    v_out = torch.full((plan.n_v,), float("nan"), device=dev) if debug else torch.empty(plan.n_v, device=dev)
+    v_part = torch.empty(plan.n_vp, device=dev, dtype=torch.float32)
     n = len(ws)
     sigmas = torch.full((n,), float("nan"), device=dev) if debug else torch.empty(n, device=dev, dtype=torch.float32)
     for it in range(n_iters):
         sn_v_kernel[(plan.v_mat.numel(),)](
-            w_ptrs, u_ptrs, u_out, v_out, plan.v_mat, plan.v_start, plan.rows, plan.cols, plan.uoff, plan.voff,
+            w_ptrs, u_ptrs, u_out, v_out, v_part, plan.v_mat, plan.v_start, plan.v_chunk, plan.v_ntiles,
+            plan.v_count, plan.rows, plan.cols, plan.uoff, plan.voff, plan.vpoff, plan.v_nchunk,
             U_FROM_FLAT=it > 0, W_DTYPE=wdt, PTR_ALIGNED=aligned, BR=plan.br, BC=plan.bc, FOLD=plan.fold,
-            **plan.launch)
+            RCH=plan.rch, FB=plan.fb, **plan.launch)
         sn_u_kernel[(plan.u_mat.numel(),)](
             w_ptrs, u_out, u_part, v_out, sigmas, plan.u_mat, plan.u_start, plan.u_chunk, plan.ntiles,
             plan.count, plan.rows, plan.cols, plan.uoff, plan.voff, plan.nchunk, plan.n_u, eps, W_DTYPE=wdt,
-            PTR_ALIGNED=aligned, BR=plan.br, BC=plan.bc, CH=plan.ch, FB=finish_block(dev),
-            **plan.launch)
+            PTR_ALIGNED=aligned, BR=plan.br, BC=plan.bc, CH=plan.ch, FB=plan.fb, **plan.launch)
     if debug and torch.isnan(sigmas).any():  # a matrix whose last program never ran leaves its NaN
         missed = torch.isnan(sigmas).nonzero().flatten().tolist()
-        raise RuntimeError(f"sn_u_kernel: no last program ran for matrices {missed} of shapes "
-                           f"{[plan.shapes[i] for i in missed]}: the arrival counter is broken")
+        raise RuntimeError(f"sn_v_kernel / sn_u_kernel: no last program ran for matrices {missed} of shapes "
+                           f"{[plan.shapes[i] for i in missed]}: an arrival counter is broken")
     return sigmas, u_out, v_out, (w_ptrs, aligned)
 
 
 class _FusedSN(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, plan: _Plan, n_iters: int, eps: float, n: int, *tensors: torch.Tensor):
+    def forward(ctx, plan: Plan, n_iters: int, eps: float, n: int, *tensors: torch.Tensor):
         ws, us = tensors[:n], tensors[n:]
         sigmas, u_out, v_out, _ = _power_iterate(plan, list(ws), list(us), n_iters, eps)
         ctx.plan, ctx.w_dtype = plan, ws[0].dtype
@@ -493,7 +545,7 @@ class _FusedSN(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_sigma: torch.Tensor, _gu: torch.Tensor, _gv: torch.Tensor):
-        plan: _Plan = ctx.plan
+        plan: Plan = ctx.plan
         u_out, v_out = ctx.saved_tensors
         n = len(plan.shapes)
         grad = torch.empty(plan.n_w, device=u_out.device, dtype=ctx.w_dtype)
@@ -514,7 +566,7 @@ def fused_power_iteration(weights: List[torch.Tensor], us: List[torch.Tensor], n
                           tiles: Optional[Tiles] = None) -> Tuple[torch.Tensor, List[torch.Tensor], List[torch.Tensor]]:
     """(sigmas, us, vs) of every matrix; ``tiles``: the device's default unless given (benchmarks)."""
     _check_inputs(weights, us)
-    plan = _plan(weights, tiles)
+    plan = plan_for(weights, tiles)
     sigmas, u_out, v_out = _FusedSN.apply(plan, n_iters, eps, len(weights), *weights, *us)
     u_list = [u_out[o:o + r] for o, (r, _) in zip(plan.u_off, plan.shapes)]
     v_list = [v_out[o:o + c] for o, (_, c) in zip(plan.v_off, plan.shapes)]
@@ -529,7 +581,7 @@ class _FusedNormalize(torch.autograd.Function):
     backward at BigGAN-128 (seen in an op count)."""
 
     @staticmethod
-    def forward(ctx, plan: _Plan, n_iters: int, eps: float, out_dtype: torch.dtype, n: int, *tensors: torch.Tensor):
+    def forward(ctx, plan: Plan, n_iters: int, eps: float, out_dtype: torch.dtype, n: int, *tensors: torch.Tensor):
         ws, us = list(tensors[:n]), list(tensors[n:])
         sigmas, u_out, v_out, (w_ptrs, aligned) = _power_iterate(plan, ws, us, n_iters, eps)
         flat = torch.empty(plan.n_w, device=ws[0].device, dtype=out_dtype)
@@ -544,7 +596,7 @@ class _FusedNormalize(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, _gs, _gu, _gv, *grads: torch.Tensor):
-        plan: _Plan = ctx.plan
+        plan: Plan = ctx.plan
         sigmas, u_out, v_out, *ws = ctx.saved_tensors
         dev = sigmas.device
         # the kernels read the incoming gradients where they are, through a pointer table: the H200 profile showed
@@ -575,7 +627,7 @@ def fused_normalize(weights: List[torch.Tensor], us: List[torch.Tensor], n_iters
     the device's default unless given (benchmarks)."""
     mats = [w.view(w.shape[0], -1) for w in weights]
     _check_inputs(mats, us)
-    plan = _plan(mats, tiles)
+    plan = plan_for(mats, tiles)
     sigmas, u_out, v_out, *mats_sn = _FusedNormalize.apply(plan, n_iters, eps, out_dtype, len(mats), *mats, *us)
     normalized = [m.view(w.shape) for m, w in zip(mats_sn, weights)]
     u_list = [u_out[o:o + r] for o, (r, _) in zip(plan.u_off, plan.shapes)]

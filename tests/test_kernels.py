@@ -228,6 +228,27 @@ def test_spectral_normalize_runs_in_a_few_launches(interpreter_launches):
     assert bwd.ops == ["zeros"], bwd.ops  # the unused layer's gradient
 
 
+@pytest.mark.parametrize("counter", ["count", "v_count"])
+def test_kernel_debug_mode_catches_a_missed_last_program(counter, monkeypatch):
+    """HPC_GAN_KERNEL_DEBUG=1: a matrix whose last program never runs (its arrival counter corrupted for real: the
+    u pass's, or the v pass's of the matrices split into row chunks) is an error naming it, not a sigma read from
+    an uninitialized buffer; without the corruption the same call passes."""
+    from kernels.spectral_norm_triton import fused_power_iteration, plan_for
+    ws, us = sn_case(fresh_seed())
+    ws = [w.detach() for w in ws]
+    monkeypatch.setenv("HPC_GAN_KERNEL_DEBUG", "1")
+    fused_power_iteration(ws, us, 1, 1e-12)
+    plan = plan_for(ws)
+    assert int(plan.v_nchunk.max()) > 1  # SN_SHAPES has matrices taller than the interpreter's v-pass chunk
+    getattr(plan, counter).fill_(1000)  # no program's arrival is ever the last
+    try:
+        with pytest.raises(RuntimeError, match=r"no last program ran for matrices \[.*\(150, 36\)"):
+            fused_power_iteration(ws, us, 1, 1e-12)
+    finally:
+        getattr(plan, counter).zero_()
+    fused_power_iteration(ws, us, 1, 1e-12)
+
+
 @pytest.mark.parametrize("n,m,d", [(13, 5, 7), (1, 40, 33), (32, 32, 32)])
 def test_normalized_similarity_matches_torch(n, m, d):
     seed = fresh_seed()
@@ -252,7 +273,8 @@ def test_triton_backend_refuses_what_the_interpreter_cannot_run():
     assert d2d_ce(x.float(), x.float(), torch.tensor([0, 1, 0, 1]), 0.5, 0.9, backend="auto").requires_grad is False
 
 
-SN_SHAPES = [(5, 7), (33, 3), (1, 40), (17, 17), (70, 9), (4, 130)]
+# rows past the interpreter's 64-row v-pass chunk (70, 150: 2 and 3 chunks; 150 x 36 also two column tiles)
+SN_SHAPES = [(5, 7), (33, 3), (1, 40), (17, 17), (70, 9), (4, 130), (150, 36)]
 
 
 def sn_case(seed):
@@ -283,11 +305,12 @@ def test_sn_power_iteration_matches_torch_loop(n_iters, backend):
         close(a, b, f"d sigma / d W of matrix {i}", seed)
 
 
-@pytest.mark.parametrize("tiles", [(16, 32, 64, 4, 1), (8, 16, 16, 2, 3), (4, 8, 24, 1, 1)])
+@pytest.mark.parametrize("tiles", [(16, 32, 64, 4, 1), (8, 16, 16, 2, 3, 16), (4, 8, 24, 1, 1, 8)])
 def test_sn_kernels_agree_under_other_tilings(tiles):
     """The tilings the check pack's sweep times (kernels.bench.bench_sn_tiles) give the torch loop's W / sigma, u,
-    v and gradients: rows and columns per tile smaller and larger than the matrices, one-tile u-pass chunks. A
-    chunk that is not a multiple of the column tile is refused."""
+    v and gradients: rows and columns per tile smaller and larger than the matrices, one-tile u-pass chunks, no
+    v-pass row chunks (2048 rows) and many (8 or 16 rows). A u-pass chunk that is not a multiple of the column
+    tile, or a v-pass chunk not a multiple of the row tile, is refused."""
     from kernels.spectral_norm_triton import Tiles, fused_normalize
     seed = fresh_seed()
     ws, us = sn_case(seed)
@@ -306,6 +329,8 @@ def test_sn_kernels_agree_under_other_tilings(tiles):
         close(ws[i].grad, ref_ws[i].grad, f"gradient of matrix {i}", seed)
     with pytest.raises(ValueError, match="multiple of bc"):
         fused_normalize(ws, us, 1, 1e-12, torch.float32, Tiles(8, 16, 24))
+    with pytest.raises(ValueError, match="rch of br"):
+        fused_normalize(ws, us, 1, 1e-12, torch.float32, Tiles(8, 16, 16, rch=12))
 
 
 def test_spectral_normalize_matches_float64_autograd():
