@@ -70,7 +70,8 @@ def default_tiles(device: torch.device) -> Tiles:
 def finish_block(device: torch.device) -> int:
     """Elements per trip of the u pass's finishing work (the last program of each matrix sums the chunks, takes the
     norms and scales u and v). It runs serially, one memory round trip per trip: in tiles' widths (128 columns,
-    32 rows), BigGAN-128's 1536 x 13824 matrices took ~500 trips after their last tile."""
+    32 rows), BigGAN-128's 1536 x 13824 matrices took ~500 trips after their last tile, and its 24576 x 20 linear
+    layer 2,304 (~0.25 us each, from L2: the u pass's 0.589 ms on the H200)."""
     return 64 if device.type != "cuda" or interpreting() else 1024
 
 
