@@ -85,6 +85,16 @@ def test_info_counts_the_authors_parameters(preset):
         assert info["gflops_per_sample_iteration"] == pytest.approx(515, rel=0.1)
 
 
+def test_flops_are_the_models_not_the_padded_kernels():
+    """SDPA attention pads queries and keys with zeros to the values' width; MFU counts the model's FLOPs, so the
+    count is the same whichever attention runs (it was 1.5% higher with SDPA at BigGAN-128)."""
+    from hpc_gan.config import load
+    from hpc_gan.info import model_info
+    counts = {impl: model_info(load(ROOT / "configs" / "cifar10_reacgan.yaml", [f"model.attn_impl={impl}"]))
+              for impl in ("sdpa", "explicit")}
+    assert counts["sdpa"]["gflops_per_sample_iteration"] == counts["explicit"]["gflops_per_sample_iteration"]
+
+
 def test_an_internal_bug_shows_its_traceback():
     """Only UserError is a one-line error; anything else is a bug and keeps its traceback (exit 1)."""
     code = ("import sys, hpc_gan.cli as cli\n"
