@@ -509,14 +509,14 @@ def _power_iterate(plan: Plan, ws: List[torch.Tensor], us: List[torch.Tensor], n
     dev = ws[0].device
     (w_ptrs, aligned), (u_ptrs, _) = plan.pointers(ws), plan.pointers(us)
     wdt = tl_dtype(ws[0].dtype)
-    u_out = torch.empty(plan.n_u, device=dev, dtype=torch.float32)
-    u_part = torch.empty(plan.max_chunks, plan.n_u, device=dev, dtype=torch.float32)
+    f32 = dict(device=dev, dtype=torch.float32)
+    u_out = torch.empty(plan.n_u, **f32)
+    u_part = torch.empty(plan.max_chunks, plan.n_u, **f32)
+    v_part = torch.empty(plan.n_vp, **f32)
+    # debug: NaN where a last program should have written: sigma, and v (a split matrix's v pass)
     debug = os.environ.get("HPC_GAN_KERNEL_DEBUG") == "1"
-    # debug: a v the v pass never wrote (a split matrix whose last program did not run) reaches sigma as NaN
-    v_out = torch.full((plan.n_v,), float("nan"), device=dev) if debug else torch.empty(plan.n_v, device=dev)
-    v_part = torch.empty(plan.n_vp, device=dev, dtype=torch.float32)
-    n = len(ws)
-    sigmas = torch.full((n,), float("nan"), device=dev) if debug else torch.empty(n, device=dev, dtype=torch.float32)
+    empty = (lambda n: torch.full((n,), float("nan"), **f32)) if debug else (lambda n: torch.empty(n, **f32))
+    v_out, sigmas = empty(plan.n_v), empty(len(ws))
     for it in range(n_iters):
         sn_v_kernel[(plan.v_mat.numel(),)](
             w_ptrs, u_ptrs, u_out, v_out, v_part, plan.v_mat, plan.v_start, plan.v_chunk, plan.v_ntiles,
