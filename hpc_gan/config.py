@@ -34,7 +34,7 @@ Backbone = Literal["inception", "tiny"]
 NonFinite = Literal["stop", "skip"]
 OptimizerImpl = Literal["auto", "torch", "foreach", "fused", "apex"]
 OrthoImpl = Literal["auto", "autograd", "grad"]
-AttnImpl = Literal["sdpa", "explicit"]
+AttnImpl = Literal["sdpa", "sdpa_narrow", "explicit"]
 PoolImpl = Literal["auto", "nearest_grad", "reshape", "avg_pool2d"]
 UpsampleImpl = Literal["auto", "interpolate", "expand"]
 MemoryFormat = Literal["auto", "channels_last", "contiguous"]
@@ -92,7 +92,10 @@ class ModelConfig:
     out_bn_eps: Optional[float] = None     # G's output BatchNorm (None: bn_eps; BigGAN-PyTorch's is 1e-5)
     d_shortcut: DShortcut = "biggan"       # studiogan: D blocks' shortcuts see ReLU(x), as StudioGAN's (ReACGAN's) D
     sn_backend: SNBackend = "auto"         # auto: triton on CUDA, foreach elsewhere; torch: per layer (reference)
-    attn_impl: AttnImpl = "sdpa"           # self-attention: torch's scaled_dot_product_attention, explicit (reference)
+    attn_impl: AttnImpl = "sdpa"           # self-attention: torch's scaled_dot_product_attention with q/k padded to
+                                           # v's width (flash / cuDNN kernels), sdpa_narrow (q/k padded to a multiple
+                                           # of 8 only: the memory-efficient kernel, 3-4x fewer q.k FLOPs), explicit
+                                           # (the map itself, reference)
     pool_impl: PoolImpl = "auto"           # D's 2x2 average pool: nearest_grad (backward as an upsampling), reshape
                                            # (a mean over a view), avg_pool2d (reference); auto: reshape on CUDA,
                                            # nearest_grad elsewhere (H100 and CPU numbers: docs/benchmarks.md)

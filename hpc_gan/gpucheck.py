@@ -43,8 +43,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # to the next one, so the whole call stays within the sum; train runs last and gets all the short stages left
 # (~40-70 s): its compiled cases need minutes on a cold machine, and no other stage's time is as uncertain.
 STAGES: List[Tuple[str, int, int]] = [
-    ("env", 15, 60), ("accuracy", 45, 120), ("kernels", 60, 120), ("sn", 45, 120), ("layers", 20, 60),
-    ("tests", 70, 240), ("determinism", 25, 120), ("dali", 10, 60), ("deepspeed", 10, 60),
+    ("env", 15, 60), ("accuracy", 45, 120), ("kernels", 60, 120), ("sn", 45, 120), ("layers", 25, 60),
+    ("tests", 70, 240), ("determinism", 20, 120), ("dali", 10, 60), ("deepspeed", 10, 60),
     ("train", 180, 240),
 ]
 STAGE_DIR_ENV = "HPC_GAN_GPU_CHECK_STAGES"  # where the stages' own result files are, for the stages after them
@@ -270,21 +270,26 @@ def stage_layers(smoke: bool, deadline: float, save: Save) -> Dict[str, Any]:
     import torch
 
     from hpc_gan.config import load
+    from hpc_gan.models.attention_bench import bench_attention
     from hpc_gan.models.resample_bench import bench_resampling
     from kernels.bench import median_ms
     dev = _device(smoke)
     if dev.type == "cuda":
         from triton.testing import do_bench
 
-        def time_ms(fn: Callable[[], Any]) -> float:  # short: ~80 timings must fit the stage's box
+        def time_ms(fn: Callable[[], Any]) -> float:  # short: ~100 timings must fit the stage's box
             return float(do_bench(fn, warmup=5, rep=20, return_mode="median"))
         cfg, batch, dtype = load(ROOT / "configs" / "imagenet128_reacgan_b2048.yaml"), 256, torch.bfloat16
     else:
         def time_ms(fn: Callable[[], Any]) -> float:
             return median_ms(fn, dev, reps=3)
-        cfg, batch, dtype = load(ROOT / "configs" / "demo.yaml"), 4, torch.float32
-    out = bench_resampling(cfg, batch, dev, dtype, time_ms, _copy_gb_per_s(dev), deadline - 2)
-    return {**out, "batch": batch, "dtype": str(dtype)[6:], "device": dev.type}
+        # the demo's nets with an attention block in each, so that the attention bench runs too
+        cfg, batch, dtype = load(ROOT / "configs" / "demo.yaml", ["model.g_attn_res=8", "model.d_attn_res=8"]), 4, \
+            torch.float32
+    out = bench_resampling(cfg, batch, dev, dtype, time_ms, _copy_gb_per_s(dev), deadline - 12)
+    attn = bench_attention(cfg, batch, dev, dtype, time_ms, deadline - 2)
+    return {**out, "attention_rows": attn["rows"], "attention_ms_per_iteration": attn["ms_per_iteration"],
+            "attention_best": attn["best"], "batch": batch, "dtype": str(dtype)[6:], "device": dev.type}
 
 
 TRAIN_KEYS = ("sec_per_step", "samples_per_s_per_device", "tflops_per_device", "mfu", "gpu_busy", "host_bound",
@@ -297,15 +302,15 @@ def train_cases(smoke: bool, wanted: Optional[List[str]] = None) -> Tuple[Path, 
     """(preset, overrides for all, [(batch per GPU, label, overrides)]): the most telling first. Eager at 256 (MFU
     of the defaults), CUDA graphs at 256 (the best MFU: 41.8% on the H200, compile's 40.9%), CUDA graphs at 32 (the
     operating point: host time), eager at 32, compile at 256 and at 32; then, if time is left, the layers stage's
-    fastest pooling and upsampling where "auto" runs others, and cuDNN's heuristics in place of its benchmarked
-    algorithms (train.cudnn_benchmark). On a fresh H200 an eager case at 256 takes ~45 s and a compiled or
+    fastest pooling, upsampling and attention where the defaults run others, and cuDNN's heuristics in place of its
+    benchmarked algorithms (train.cudnn_benchmark). On a fresh H200 an eager case at 256 takes ~45 s and a compiled or
     CUDA-graph one ~100 s, ~80 s of it the first step (2026-11-27), so the stage (180 s plus what the stages before
     it left) ends within the first three: a second call, ``--stages train --cases ... --seconds ...``, runs the
     others. All channels-last (auto's choice on CUDA; NCHW ran 12% slower in both runs of the first H100 session).
     ``wanted``: the keys to run (default: ``--cases``, as the train stage's process gets them; [] for all)."""
-    fastest = _fastest_resampling()
+    fastest = _fastest_layers()
     if smoke:
-        cases = [(8, "eager", [])] + ([(8, "eager fastest resampling", fastest)] if fastest else [])
+        cases = [(8, "eager", [])] + ([(8, "eager fastest layers", fastest)] if fastest else [])
         return ROOT / "configs" / "demo.yaml", ["model.g_ch=8", "model.d_ch=8", "run.device=cpu"], \
             _pick_cases(cases, wanted)
     nhwc = ["model.memory_format=channels_last"]
@@ -313,7 +318,7 @@ def train_cases(smoke: bool, wanted: Optional[List[str]] = None) -> Tuple[Path, 
     graphs = ["train.cuda_graphs=true", *nhwc]
     cases = [(256, "eager", nhwc), (256, "cuda_graphs", graphs), (32, "cuda_graphs", graphs), (32, "eager", nhwc),
              (256, "compile", compiled), (32, "compile", compiled)] + \
-        ([(256, "eager fastest resampling", [*fastest, *nhwc])] if fastest else []) + \
+        ([(256, "eager fastest layers", [*fastest, *nhwc])] if fastest else []) + \
         [(256, "eager no cudnn benchmark", ["train.cudnn_benchmark=false", *nhwc])]
     return ROOT / "configs" / "imagenet128_reacgan_b2048.yaml", ["train.precision=bf16"], _pick_cases(cases, wanted)
 
@@ -334,10 +339,11 @@ def _pick_cases(cases: List[Case], wanted: Optional[List[str]]) -> List[Case]:
     return [by_key[k] for k in wanted]
 
 
-def _fastest_resampling() -> List[str]:
-    """Overrides that put the layers stage's fastest pooling and upsampling in place of what "auto" runs on the
-    device, so one eager step case checks the op-level winner at the step level; [] when auto's choices won or the
-    stage did not run."""
+def _fastest_layers() -> List[str]:
+    """Overrides that put the layers stage's fastest pooling, upsampling and attention in place of what the
+    defaults run on the device ("auto"'s resampling, "sdpa"), so one eager step case checks the op-level winners at
+    the step level; [] when the defaults won or the stage did not run."""
+    from hpc_gan.config import ModelConfig
     from hpc_gan.models.layers import auto_resample
     stage_dir = os.environ.get(STAGE_DIR_ENV)
     path = Path(stage_dir) / "stage-layers.json" if stage_dir else None
@@ -345,9 +351,14 @@ def _fastest_resampling() -> List[str]:
         return []
     stage = json.loads(path.read_text())
     best, device = stage.get("best", {}), stage.get("device", "cuda")
-    if all(best.get(k) in (None, auto_resample(k, device)) for k in ("pool", "upsample")):
+    wins = {f"{k}_impl": v for k, v in best.items() if v not in (None, auto_resample(k, device))}
+    if stage.get("attention_best") not in (None, ModelConfig.attn_impl):
+        wins["attn_impl"] = stage["attention_best"]
+    if not wins:
         return []
-    return [f"model.{k}_impl={v}" for k, v in best.items() if v is not None]
+    # the winners with the rest of the fastest (a resampling that auto already runs is named, harmlessly)
+    return [f"model.{k}_impl={v}" for k, v in best.items() if v is not None] + \
+        ([f"model.attn_impl={wins['attn_impl']}"] if "attn_impl" in wins else [])
 
 
 def stage_train(smoke: bool, deadline: float, save: Save) -> Dict[str, Any]:
@@ -522,7 +533,7 @@ def write_report(out_dir: Path, report: Dict[str, Any]) -> None:
         keep = {k: v for k, v in s.items() if k not in ("name", "status", "seconds", "rows", "runs", "traceback",
                                                         "d2d_ce", "sn", "speedup_vs_best_torch", "output_tail",
                                                         "graph_speedup_vs_best_torch", "ms_per_iteration",
-                                                        "graph_speedup_fused_vs_best_torch",
+                                                        "graph_speedup_fused_vs_best_torch", "attention_rows",
                                                         "tiles", "best_tiles")}
         summary = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in keep.items())
         lines.append(f"| {s['name']} | {s['status']} | {s['seconds']} | {summary[:300]} |")
@@ -607,7 +618,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         p.error(f"--stages {' '.join(x for x in args.stages if x not in names)}: no such stage; "
                 f"the stages are {' '.join(names)}")
     _, _, cases = train_cases(smoke, wanted=[])  # all of them, to check --cases against
-    keys = [case_key(b, label) for b, label, _ in cases] + [case_key(cases[0][0], "eager fastest resampling")]
+    keys = [case_key(b, label) for b, label, _ in cases] + [case_key(cases[0][0], "eager fastest layers")]
     if set(args.cases) - set(keys):
         p.error(f"--cases {' '.join(x for x in args.cases if x not in keys)}: no such train case here; "
                 f"the cases are {' '.join(dict.fromkeys(keys))}")

@@ -290,10 +290,15 @@ def test_the_gpu_check_pack_runs_every_stage_in_smoke_mode(tmp_path):
                                                             ("pool", "avg_pool2d"), ("upsample", "interpolate"),
                                                             ("upsample", "expand")}
     assert all(v > 0 for per in layers["ms_per_iteration"].values() for v in per.values())
-    # where the layers stage's fastest are not what "auto" runs on the CPU, one training case runs them
-    wanted = [k for k in ("pool", "upsample") if layers["best"][k] != auto_resample(k, "cpu")]
+    # every attention implementation at G's block and at D's (its D-step and G-step batches)
+    assert sorted((r["net"], r["impl"], r["shape"][0]) for r in layers["attention_rows"]) == sorted(
+        (net, impl, b) for impl in ("sdpa", "sdpa_narrow", "explicit") for net, b in (("G", 4), ("D", 8), ("D", 4)))
+    assert set(layers["attention_ms_per_iteration"]) == {"sdpa", "sdpa_narrow", "explicit"}
+    # where the layers stage's fastest are not what the defaults run on the CPU, one training case runs them
+    wanted = [k for k in ("pool", "upsample") if layers["best"][k] != auto_resample(k, "cpu")] + \
+        (["attention"] if layers["attention_best"] != "sdpa" else [])
     modes = [r["mode"] for r in stages["train"]["runs"]]
-    assert modes == ["eager"] + (["eager fastest resampling"] if wanted else []), (modes, layers["best"])
+    assert modes == ["eager"] + (["eager fastest layers"] if wanted else []), (modes, layers["best"])
     assert sorted(p.name for p in out.iterdir()) == ["report.json", "report.md"]  # stage files stay out of DIR
     md = (out / "report.md").read_text()
     assert all(f"| {name} |" in md for name in stages)
@@ -314,7 +319,7 @@ def test_the_gpu_check_runs_the_train_cases_asked_for(monkeypatch, capsys):
     assert [gpucheck.case_key(b, label) for b, label, _ in cases][:4] == ["256:eager", "256:cuda_graphs",
                                                                           "32:cuda_graphs", "32:eager"]
     for argv, said in ((["--smoke", "--cases", "256:turbo"], "--cases 256:turbo: no such train case here; the cases "
-                                                                "are 8:eager 8:eager_fastest_resampling"),
+                                                                "are 8:eager 8:eager_fastest_layers"),
                        (["--smoke", "--stages", "train", "bench"], "--stages bench: no such stage; the stages are env")):
         with pytest.raises(SystemExit):
             gpucheck.main(argv)

@@ -142,15 +142,17 @@ def test_named_batch_splits_d_output_by_part():
             torch.testing.assert_close(split[name][key], alone[key], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("ch,h,w", [(16, 8, 8), (24, 6, 10), (8, 4, 2)])
-def test_sdpa_attention_equals_the_explicit_map(ch, h, w):
-    """SelfAttention through scaled_dot_product_attention(scale=1.0) against the explicit softmax(theta^T phi) map,
+@pytest.mark.parametrize("impl", ["sdpa", "sdpa_narrow"])
+@pytest.mark.parametrize("ch,h,w", [(16, 8, 8), (24, 6, 10), (8, 4, 2), (192, 4, 4)])
+def test_sdpa_attention_equals_the_explicit_map(ch, h, w, impl):
+    """SelfAttention through scaled_dot_product_attention(scale=1.0), queries and keys padded to v's width or to a
+    multiple of 8 (wider than v at ch 8; none at G's ch 192: 24), against the explicit softmax(theta^T phi) map,
     outputs and gradients, on fresh random inputs (odd shapes included)."""
     from functools import partial
     seed = int(torch.randint(0, 2 ** 31, (1,)))
     torch.manual_seed(seed)
     which_conv = partial(SNConv2d, kernel_size=3, padding=1)
-    fast = SelfAttention(ch, which_conv, "sdpa").eval()
+    fast = SelfAttention(ch, which_conv, impl).eval()
     ref = SelfAttention(ch, which_conv, "explicit").eval()
     ref.load_state_dict(fast.state_dict())
     with torch.no_grad():

@@ -177,7 +177,8 @@ def test_periodic_actions_run_at_their_own_intervals_and_are_timed(tiny_cfg, tmp
 @pytest.mark.parametrize("knob,fast,ref", [
     ("train.optimizer_impl", "fused", "torch"), ("train.optimizer_impl", "foreach", "torch"),
     ("loss.ortho_impl", "grad", "autograd"), ("model.sn_backend", "foreach", "torch"),
-    ("model.attn_impl", "sdpa", "explicit"), ("model.memory_format", "channels_last", "contiguous"),
+    ("model.attn_impl", "sdpa", "explicit"), ("model.attn_impl", "sdpa_narrow", "explicit"),
+    ("model.memory_format", "channels_last", "contiguous"),
     ("model.pool_impl", "nearest_grad", "avg_pool2d"), ("model.pool_impl", "reshape", "avg_pool2d"),
     ("model.upsample_impl", "expand", "interpolate")])
 def test_fast_paths_train_like_their_reference(tiny_cfg, knob, fast, ref):

@@ -226,18 +226,25 @@ class ConditionalBatchNorm2d(nn.Module):
         return self.bn(x) * gain + bias
 
 
+ATTENTIONS = ("sdpa", "sdpa_narrow", "explicit")
+
+
 class SelfAttention(nn.Module):
     """SA-GAN's non-local block: keys and values max-pooled 2x, channels reduced 8x (query/key) and 2x (value);
     the output is added with a learned scale that starts at 0. ``impl``: "sdpa" computes softmax(theta^T phi) g^T
     with torch's scaled_dot_product_attention (unscaled logits, scale=1.0), "explicit" builds the (hw x hw/4) map
-    (the reference). The fused attention kernels want one head dim for queries, keys and values: theta and phi
-    (c/8) are zero-padded to g's c/2, which leaves every logit as it is (measured on the 2-core CPU, 8 x 64x64,
-    c 32, forward + backward: 98 ms against 531 ms for the explicit map, 422 ms for SDPA's unpadded fallback)."""
+    (the reference). Zero channels appended to theta and phi leave every logit as it is, so:
+    - "sdpa" pads them (c/8) to g's c/2: the flash and cuDNN kernels want one head dim for queries, keys and values
+      (measured on the 2-core CPU, 8 x 64x64, c 32, forward + backward: 98 ms against 531 ms for the explicit map,
+      422 ms for SDPA's unpadded fallback). At BigGAN-128 that is 4x the q.k products of G's attention (24 -> 96).
+    - "sdpa_narrow" pads them only to a multiple of 8 (G 24, D 12 -> 16), which CUDA's memory-efficient kernel
+      takes beside a wider v; elsewhere SDPA falls back to its math path. The check pack's layers stage times the
+      three at BigGAN-128's shapes."""
 
     def __init__(self, ch: int, which_conv: Callable[..., nn.Module], impl: str = "sdpa") -> None:
         super().__init__()
-        if impl not in ("sdpa", "explicit"):
-            raise ValueError(f"SelfAttention: impl={impl!r} is not sdpa or explicit")
+        if impl not in ATTENTIONS:
+            raise ValueError(f"SelfAttention: impl={impl!r} is not one of {ATTENTIONS}")
         self.ch, self.impl = ch, impl
         self.theta = which_conv(ch, ch // 8, kernel_size=1, padding=0, bias=False)
         self.phi = which_conv(ch, ch // 8, kernel_size=1, padding=0, bias=False)
@@ -250,10 +257,11 @@ class SelfAttention(nn.Module):
         theta = self.theta(x).flatten(2)                                   # (n, c/8, hw)
         phi = F.max_pool2d(self.phi(x), 2).flatten(2)                     # (n, c/8, hw/4)
         g = F.max_pool2d(self.g(x), 2).flatten(2)                         # (n, c/2, hw/4)
-        if self.impl == "sdpa":
-            pad = (0, c // 2 - c // 8)
-            q = F.pad(theta.transpose(1, 2), pad)[:, None]                 # (n, 1, hw, c/2), contiguous
-            k = F.pad(phi.transpose(1, 2), pad)[:, None]                   # (n, 1, hw/4, c/2)
+        if self.impl != "explicit":
+            width = c // 2 if self.impl == "sdpa" else -(-(c // 8) // 8) * 8
+            pad = (0, width - c // 8)
+            q = F.pad(theta.transpose(1, 2), pad).contiguous()[:, None]    # (n, 1, hw, width)
+            k = F.pad(phi.transpose(1, 2), pad).contiguous()[:, None]      # (n, 1, hw/4, width)
             v = g.transpose(1, 2).contiguous()[:, None]                    # (n, 1, hw/4, c/2)
             o = F.scaled_dot_product_attention(q, k, v, scale=1.0)[:, 0]   # (n, hw, c/2)
             o = o.transpose(1, 2).reshape(n, c // 2, h, w)
