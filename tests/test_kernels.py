@@ -233,20 +233,21 @@ def test_kernel_debug_mode_catches_a_missed_last_program(counter, monkeypatch):
     """HPC_GAN_KERNEL_DEBUG=1: a matrix whose last program never runs (its arrival counter corrupted for real: the
     u pass's, or the v pass's of the matrices split into row chunks) is an error naming it, not a sigma read from
     an uninitialized buffer; without the corruption the same call passes."""
-    from kernels.spectral_norm_triton import fused_power_iteration, plan_for
+    from kernels.spectral_norm_triton import Tiles, fused_power_iteration, plan_for
     ws, us = sn_case(fresh_seed())
     ws = [w.detach() for w in ws]
+    tiles = Tiles(32, 32, 64, rch=64)  # the interpreter's, on a GPU too: matrices of 70 and 150 rows split
     monkeypatch.setenv("HPC_GAN_KERNEL_DEBUG", "1")
-    fused_power_iteration(ws, us, 1, 1e-12)
-    plan = plan_for(ws)
-    assert int(plan.v_nchunk.max()) > 1  # SN_SHAPES has matrices taller than the interpreter's v-pass chunk
+    fused_power_iteration(ws, us, 1, 1e-12, tiles)
+    plan = plan_for(ws, tiles)
+    assert int(plan.v_nchunk.max()) > 1
     getattr(plan, counter).fill_(1000)  # no program's arrival is ever the last
     try:
         with pytest.raises(RuntimeError, match=r"no last program ran for matrices \[.*\(150, 36\)"):
-            fused_power_iteration(ws, us, 1, 1e-12)
+            fused_power_iteration(ws, us, 1, 1e-12, tiles)
     finally:
         getattr(plan, counter).zero_()
-    fused_power_iteration(ws, us, 1, 1e-12)
+    fused_power_iteration(ws, us, 1, 1e-12, tiles)
 
 
 @pytest.mark.parametrize("n,m,d", [(13, 5, 7), (1, 40, 33), (32, 32, 32)])
