@@ -548,7 +548,7 @@ def write_report(out_dir: Path, report: Dict[str, Any]) -> None:
                       + " |" for k, v in s["speedup_vs_best_torch"].items()]
         for t in s.get("tiles") or []:
             tiles = "/".join(str(v) for v in t["tiles"].values())
-            lines.append(f"- SN power iteration, tiles {tiles} (rows/cols/chunk/warps/stages): " +
+            lines.append(f"- SN power iteration, tiles {tiles} ({'/'.join(t['tiles'])}): " +
                          (f"{t['ms']:.3f} ms (v pass {t.get('sn_v_ms', float('nan')):.3f}, u pass "
                           f"{t.get('sn_u_ms', float('nan')):.3f}), weights read at {t['read_tb_per_s']:.2f} TB/s, "
                           f"sigma within {t['sigma_max_rel_diff']:.1e} of the first" if "ms" in t
@@ -557,6 +557,10 @@ def write_report(out_dir: Path, report: Dict[str, Any]) -> None:
             impls = ", ".join(f"{k} {v:.1f}" for k, v in per.items() if k != "floor_ms")
             lines.append(f"- {op}, ms per iteration at batch {s.get('batch')} ({s.get('dtype')}): {impls}; "
                          f"floor {per['floor_ms']:.1f}; fastest: {s['best'].get(op, 'n/a')}")
+        if s.get("attention_ms_per_iteration"):
+            impls = ", ".join(f"{k} {v:.1f}" for k, v in s["attention_ms_per_iteration"].items())
+            lines.append(f"- attention, ms per iteration at batch {s.get('batch')} ({s.get('dtype')}): {impls}; "
+                         f"fastest: {s.get('attention_best')}")
         for r in s.get("runs", []):
             if "sec_per_step" in r:
                 mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "n/a"
