@@ -6,13 +6,14 @@ a distributed run can swap in cross-replica BN, or a kernel build a fused spectr
 from __future__ import annotations
 
 import contextlib
-
+import typing
 from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from hpc_gan.config import AttnImpl
 from kernels import sn_power_iteration
 
 
@@ -226,7 +227,7 @@ class ConditionalBatchNorm2d(nn.Module):
         return self.bn(x) * gain + bias
 
 
-ATTENTIONS = ("sdpa", "sdpa_narrow", "explicit")
+ATTENTIONS = typing.get_args(AttnImpl)  # model.attn_impl's choices, defined in the config
 
 
 class SelfAttention(nn.Module):
