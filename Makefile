@@ -8,7 +8,7 @@ $(VENV)/.installed: setup.py scripts/bootstrap.sh
 	bash scripts/bootstrap.sh $(VENV)
 	touch $@
 
-demo: env            ## train the CPU demo (embedded data, ~10 min on 2 cores); re-running continues/finishes it
+demo: env            ## train the CPU demo (embedded data, 6-12 min on 2 cores); re-running continues/finishes it
 	$(VENV)/bin/hpc-gan train --config configs/demo.yaml --resume auto
 
 test: env            ## the whole test suite (CPU only)
