@@ -1,6 +1,7 @@
 """Model size and cost of a config: parameter counts and FLOPs of one training step per sample."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Dict
 
 import torch
@@ -9,7 +10,6 @@ from torch.utils.flop_counter import FlopCounterMode
 from hpc_gan.config import Config
 from hpc_gan.losses import cond_loss, d_adv_loss, g_adv_loss, has_cond_loss
 from hpc_gan.models import build_models
-from hpc_gan.models.layers import SelfAttention
 
 
 def _count(fn) -> int:
@@ -24,15 +24,12 @@ def model_info(cfg: Config, batch: int = 2) -> Dict[str, Any]:
     to its input only (D is frozen). Counted with
     torch.utils.flop_counter on a batch of ``batch`` (convolutions and matmuls; 2 FLOPs per multiply-add)."""
     torch.manual_seed(0)
-    G, D = build_models(cfg)
+    # The model's FLOPs, not the kernels': attention through SDPA pads queries and keys with zeros (to the values'
+    # width, c/8 -> c/2: 1.5% more FLOPs at BigGAN-128) that an MFU must not count. The explicit map is the same
+    # function at its own widths, with the same parameters.
+    G, D = build_models(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attn_impl="explicit")))
     g_params = sum(p.numel() for p in G.parameters())
     d_params = sum(p.numel() for p in D.parameters())
-    # The model's FLOPs, not the kernels': attention through SDPA pads queries and keys with zeros to the values'
-    # width (c/8 -> c/2), 1.5% more FLOPs at BigGAN-128 that an MFU must not count. The explicit map is the same
-    # function at its own widths.
-    for m in (*G.modules(), *D.modules()):
-        if isinstance(m, SelfAttention):
-            m.impl = "explicit"
     # FLOPs depend on shapes only: count on the meta device, so BigGAN-256 costs no compute here
     G, D = G.to("meta"), D.to("meta")
     nc, zd, res = cfg.data.num_classes, cfg.model.z_dim, cfg.model.resolution

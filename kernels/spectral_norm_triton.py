@@ -151,6 +151,27 @@ def _tile(TILE_MAT, TILE_START, ROWS, COLS):
 
 
 @triton.jit
+def _last_to_arrive(COUNT, NTILES, m):
+    """Counts this program's arrival at matrix m, after its stores (the barrier orders them before it), and says
+    whether it is the matrix's last tile: an integer counter, acq_rel at GPU scope. The last resets it when done."""
+    tl.debug_barrier()
+    arrived = tl.atomic_add(COUNT + m, 1, sem="acq_rel", scope="gpu")
+    return arrived == tl.load(NTILES + m) - 1
+
+
+@triton.jit
+def _sum_chunks(part, stride, n_chunks, dst, n, scale, FB: tl.constexpr):
+    """dst[i] = scale * sum_k part[k * stride + i] for i < n, FB at a time; k in a fixed order (bitwise
+    reproducible), loads .cg (the partials were written by other programs)."""
+    for q0 in range(0, n, FB):
+        qs = q0 + tl.arange(0, FB)
+        total = tl.zeros((FB,), tl.float32)
+        for k in range(0, n_chunks):
+            total += tl.load(part + k * stride + qs, mask=qs < n, other=0.0, cache_modifier=".cg")
+        tl.store(dst + qs, total * scale, mask=qs < n)
+
+
+@triton.jit
 def _sum_squares(base, n, BLOCK: tl.constexpr):
     ss = tl.zeros((BLOCK,), tl.float32)
     for i0 in range(0, n, BLOCK):
@@ -205,15 +226,8 @@ def sn_v_kernel(W_PTRS, U_PTRS, U_FLAT, V_OUT, V_PART, TILE_MAT, TILE_START, TIL
     else:
         part = V_PART + tl.load(VPOFF + m)
         tl.store(part + chunk * n_cols + cs, v, mask=cs < n_cols)
-        tl.debug_barrier()  # this program's stores happen before its arrival is counted
-        arrived = tl.atomic_add(COUNT + m, 1, sem="acq_rel", scope="gpu")
-        if arrived == tl.load(NTILES + m) - 1:  # last tile of this matrix: sum the chunks, in a fixed order
-            for q0 in range(0, n_cols, FB):
-                qs = q0 + tl.arange(0, FB)
-                total = tl.zeros((FB,), tl.float32)
-                for k in range(0, n_chunks):
-                    total += tl.load(part + k * n_cols + qs, mask=qs < n_cols, other=0.0, cache_modifier=".cg")
-                tl.store(vb + qs, total, mask=qs < n_cols)
+        if _last_to_arrive(COUNT, NTILES, m):  # last tile of this matrix: sum the chunks
+            _sum_chunks(part, n_cols, n_chunks, vb, n_cols, 1.0, FB)
             tl.atomic_xchg(COUNT + m, 0, sem="relaxed", scope="gpu")  # ready for the next launch
 
 
@@ -250,19 +264,11 @@ def sn_u_kernel(W_PTRS, U_OUT, U_PART, V_OUT, SIGMA, TILE_MAT, TILE_START, TILE_
     c_lo = chunk * CH
     c_hi = tl.minimum(c_lo + CH, n_cols)
     part = _u_cols(w, vb, rs, n_rows, n_cols, c_lo, c_hi, PTR_ALIGNED, BR, BC)
-    tl.store(U_PART + chunk * n_u + tl.load(UOFF + m) + rs, part, mask=rs < n_rows)
-    tl.debug_barrier()  # this program's stores happen before its arrival is counted
-    arrived = tl.atomic_add(COUNT + m, 1, sem="acq_rel", scope="gpu")
-    if arrived == tl.load(NTILES + m) - 1:  # last tile of this matrix: sum the chunks, normalize u, v; sigma
+    u_part = U_PART + tl.load(UOFF + m)
+    tl.store(u_part + chunk * n_u + rs, part, mask=rs < n_rows)
+    if _last_to_arrive(COUNT, NTILES, m):  # last tile of this matrix: sum the chunks, normalize u, v; sigma
         inv_v = 1.0 / tl.maximum(tl.sqrt(_sum_squares(vb, n_cols, FB)), eps)
-        n_chunks = tl.load(NCHUNK + m)
-        for q0 in range(0, n_rows, FB):
-            qs = q0 + tl.arange(0, FB)
-            total = tl.zeros((FB,), tl.float32)
-            for k in range(0, n_chunks):  # a fixed order: bitwise reproducible
-                total += tl.load(U_PART + k * n_u + tl.load(UOFF + m) + qs, mask=qs < n_rows, other=0.0,
-                                 cache_modifier=".cg")
-            tl.store(ub + qs, total * inv_v, mask=qs < n_rows)
+        _sum_chunks(u_part, n_u, tl.load(NCHUNK + m), ub, n_rows, inv_v, FB)
         tl.debug_barrier()
         sq = _sum_squares(ub, n_rows, FB)
         norm_u = tl.maximum(tl.sqrt(sq), eps)
