@@ -70,16 +70,21 @@ def short_kernel_name(name: str) -> str:
     return name[:160]
 
 
-# what a CUDA kernel is, by its name (first match wins): where a step's device time goes, in a few lines
+# what a CUDA kernel is, by its name (first match wins): where a step's device time goes, in a few lines. Inductor's
+# and hpc-gan's Triton kernels first (inductor names a fused kernel by its ops: "..._convolution_backward_40" is a
+# reduction, not a convolution), attention before convolution (cuDNN's flash kernels say "fprop" too), and cuDNN's
+# CUTLASS convolutions ("s16816fprop", mangled "ImplicitGemmConvolution") before matmul's "cutlass"
 KERNEL_KINDS = (
-    ("convolution", r"implicit_gemm|xmma_(fprop|dgrad|wgrad)|convolution|conv2d|winograd"),
-    ("attention", r"sdpa|flash|fmha|attention"),
-    ("matmul", r"nvjet|gemm|cutlass|cublas"),
-    ("hpc-gan Triton", r"^(sn_|d2d_|neg_lse|cosine_)"),
     ("inductor Triton", r"^triton_"),
+    ("hpc-gan Triton", r"^(sn_|d2d_|neg_lse|cosine_|inv_norms)"),
+    ("attention", r"sdpa|flash|fmha|attention"),
+    ("convolution", r"implicit_gemm|ImplicitGemmConvolution|xmma_(fprop|dgrad|wgrad)|s16816(fprop|dgrad|wgrad)"
+                    r"|convolution|conv2d|winograd|nhwcAddPadding"),
+    ("matmul", r"nvjet|gemm|cutlass|cublas"),
     ("optimizer", r"FusedAdam|multi_tensor_apply|Adam"),
     ("copy", r"copy|Memcpy|CatArray|Memset"),
     ("normalization", r"batch_norm|layer_norm|welford"),
+    ("resampling", r"pool|upsample|interpolat"),
     ("reduction", r"reduce_kernel"),
     ("elementwise", r"elementwise_kernel|vectorized|unrolled"),
 )
@@ -92,9 +97,9 @@ def kernel_kind(name: str) -> str:
 
 def profile_cuda(fn: Callable[[], object], top: int = 12) -> Dict[str, Any]:
     """The CUDA kernels one call of fn launches (the profiler's device events): their count, their summed device
-    time, that time by kind (``KERNEL_KINDS``), the ``top`` kernels by device time (name, ms, calls), and the
-    ``top`` aten ops by the device time of the kernels they launched themselves (op, ms, calls): which op a
-    generic elementwise kernel belongs to."""
+    time, that time by kind (``KERNEL_KINDS``) with each kind's 6 longest kernels, the ``top`` kernels by device
+    time (name, ms, calls), and the ``top`` aten ops by the device time of the kernels they launched themselves
+    (op, ms, calls): which op a generic elementwise kernel belongs to."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         fn()
@@ -110,15 +115,26 @@ def profile_cuda(fn: Callable[[], object], top: int = 12) -> Dict[str, Any]:
 
     def self_device_us(e: Any) -> float:  # named self_cuda_time_total before torch 2.4
         return float(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)))
-    ops = sorted((e for e in prof.key_averages() if self_device_us(e) > 0), key=lambda e: -self_device_us(e))
+    # per launching op: host-side events only, each kernel counted once, under the innermost op or range that
+    # launched it ("## Call CompiledFxGraph ... ##" for inductor's own kernels). key_averages() mixed in the kernels
+    # themselves and the ranges on the GPU's timeline, and summed to more than the device time (the H200, 2026-11-27)
+    by_op: Dict[str, List[float]] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CPU and self_device_us(e) > 0:
+            by_op.setdefault(e.name, []).append(self_device_us(e) / 1e3)
+    ops = sorted(by_op.items(), key=lambda kv: -sum(kv[1]))[:top]
     kinds: Dict[str, float] = {}
-    for name, ms in by_name.items():
+    by_kind: Dict[str, List[Tuple[str, float, int]]] = {}  # each kind's own top kernels, past the overall top
+    for name, ms in sorted(by_name.items(), key=lambda kv: -sum(kv[1])):
         kind = kernel_kind(name)
         kinds[kind] = kinds.get(kind, 0.0) + sum(ms)
+        if len(by_kind.setdefault(kind, [])) < 6:
+            by_kind[kind].append((short_kernel_name(name), round(sum(ms), 4), len(ms)))
     return {"count": len(kernels), "device_ms": sum(sum(v) for v in by_name.values()),
             "kinds": {k: round(v, 4) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+            "top_by_kind": by_kind,
             "top": [(short_kernel_name(name), round(sum(ms), 4), len(ms)) for name, ms in ranked],
-            "top_ops": [(e.key, round(self_device_us(e) / 1e3, 4), e.count) for e in ops[:top]]}
+            "top_ops": [(name, round(sum(ms), 4), len(ms)) for name, ms in ops]}
 
 
 def launch_profile(fn: Callable[[], object], device: torch.device) -> Dict[str, Any]:
