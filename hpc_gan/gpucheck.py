@@ -224,15 +224,19 @@ def stage_kernels(smoke: bool, deadline: float, save: Save) -> Dict[str, Any]:
         return {k: (min(v[x] for x in ("eager", "torch_bf16", "compile") if v.get(x)) / v[variant])
                 for k, v in best.items() if v.get(variant) and any(v.get(x) for x in ("eager", "torch_bf16"))}
 
+    seconds: Dict[str, float] = {}  # per shape, compiling and autotuning included: what sizes the stage's box
+
     def result() -> Dict[str, Any]:  # wall time with launches, and device time alone (replayed CUDA graphs)
         return {"rows": rows, "speedup_vs_best_torch": speedups("median_ms"),
                 "graph_speedup_vs_best_torch": speedups("graph_ms"),
-                "graph_speedup_fused_vs_best_torch": speedups("graph_ms", "triton_fused")}
+                "graph_speedup_fused_vs_best_torch": speedups("graph_ms", "triton_fused"), "shape_seconds": seconds}
     for shape in shapes:
         if time.time() > deadline - 5:
             rows.append({"shape": list(shape[:3]), "dtype": str(shape[3])[6:], "skipped": "out of time"})
             continue
+        t0 = time.time()
         rows.extend(bench_d2d(dev, [shape], variants))
+        seconds[f"{shape[0]}x{shape[1]}x{shape[2]} {str(shape[3])[6:]}"] = round(time.time() - t0, 1)
         save(result())
     return result()
 
@@ -549,7 +553,7 @@ def write_report(out_dir: Path, report: Dict[str, Any]) -> None:
                                                         "d2d_ce", "sn", "speedup_vs_best_torch", "output_tail",
                                                         "graph_speedup_vs_best_torch", "ms_per_iteration",
                                                         "graph_speedup_fused_vs_best_torch", "attention_rows",
-                                                        "tiles", "best_tiles")}
+                                                        "tiles", "best_tiles", "shape_seconds")}
         summary = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in keep.items())
         lines.append(f"| {s['name']} | {s['status']} | {s['seconds']} | {summary[:300]} |")
     for s in report["stages"]:
