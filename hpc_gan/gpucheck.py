@@ -315,7 +315,8 @@ def train_cases(smoke: bool, wanted: Optional[List[str]] = None) -> Tuple[Path, 
     benchmarked algorithms (train.cudnn_benchmark). On a fresh H200 an eager case at 256 takes ~45 s and a compiled or
     CUDA-graph one ~100 s, ~80 s of it the first step (2026-11-27), so the stage (140 s plus what the stages before
     it left) runs the first two and skips any case that cannot finish (``CASE_SECONDS``): a second call,
-    ``--stages train --cases ... --seconds ...``, runs the others. All channels-last (auto's choice on CUDA; NCHW ran 12% slower in both runs of the first H100 session).
+    ``--stages train --cases ... --seconds ...``, runs the others. All channels-last (auto's choice on CUDA; NCHW
+    ran 12% slower in both runs of the first H100 session).
     ``wanted``: the keys to run (default: ``--cases``, as the train stage's process gets them; [] for all)."""
     fastest = _fastest_layers()
     if smoke:

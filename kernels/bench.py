@@ -111,7 +111,7 @@ def profile_cuda(fn: Callable[[], object], top: int = 12) -> Dict[str, Any]:
     by_name: Dict[str, List[float]] = {}
     for e in kernels:
         by_name.setdefault(e.name, []).append(e.time_range.elapsed_us() / 1e3)  # a kernel: its own span
-    ranked = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:top]
+    ranked = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))  # longest first
 
     def self_device_us(e: Any) -> float:  # named self_cuda_time_total before torch 2.4
         return float(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)))
@@ -125,7 +125,7 @@ def profile_cuda(fn: Callable[[], object], top: int = 12) -> Dict[str, Any]:
     ops = sorted(by_op.items(), key=lambda kv: -sum(kv[1]))[:top]
     kinds: Dict[str, float] = {}
     by_kind: Dict[str, List[Tuple[str, float, int]]] = {}  # each kind's own top kernels, past the overall top
-    for name, ms in sorted(by_name.items(), key=lambda kv: -sum(kv[1])):
+    for name, ms in ranked:
         kind = kernel_kind(name)
         kinds[kind] = kinds.get(kind, 0.0) + sum(ms)
         if len(by_kind.setdefault(kind, [])) < 6:
@@ -133,7 +133,7 @@ def profile_cuda(fn: Callable[[], object], top: int = 12) -> Dict[str, Any]:
     return {"count": len(kernels), "device_ms": sum(sum(v) for v in by_name.values()),
             "kinds": {k: round(v, 4) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
             "top_by_kind": by_kind,
-            "top": [(short_kernel_name(name), round(sum(ms), 4), len(ms)) for name, ms in ranked],
+            "top": [(short_kernel_name(name), round(sum(ms), 4), len(ms)) for name, ms in ranked[:top]],
             "top_ops": [(name, round(sum(ms), 4), len(ms)) for name, ms in ops]}
 
 
