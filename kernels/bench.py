@@ -113,8 +113,9 @@ def profile_cuda(fn: Callable[[], object], top: int = 12) -> Dict[str, Any]:
         by_name.setdefault(e.name, []).append(e.time_range.elapsed_us() / 1e3)  # a kernel: its own span
     ranked = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))  # longest first
 
-    def self_device_us(e: Any) -> float:  # named self_cuda_time_total before torch 2.4
-        return float(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)))
+    def self_device_us(e: Any) -> float:  # named self_cuda_time_total before torch 2.4 (deprecated, warns, since)
+        us = getattr(e, "self_device_time_total", None)
+        return float(us if us is not None else getattr(e, "self_cuda_time_total", 0.0))
     # per launching op: host-side events only, each kernel counted once, under the innermost op or range that
     # launched it ("## Call CompiledFxGraph ... ##" for inductor's own kernels). key_averages() mixed in the kernels
     # themselves and the ranges on the GPU's timeline, and summed to more than the device time (the H200, 2026-11-27)
