@@ -45,8 +45,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # The kernels stage's 100 s hold its 16 shapes (60 s held 11 on the H200, 2026-11-27: fp32 at 32 rows and more went
 # unmeasured); train's 140 s plus the ~40 s the short stages leave hold its two goal cases at 256 per GPU.
 STAGES: List[Tuple[str, int, int]] = [
-    ("env", 15, 60), ("accuracy", 45, 120), ("kernels", 100, 120), ("sn", 45, 120), ("layers", 25, 60),
-    ("tests", 70, 240), ("determinism", 20, 120), ("dali", 10, 60), ("deepspeed", 10, 60),
+    ("env", 15, 60), ("accuracy", 45, 120), ("kernels", 100, 120), ("sn", 45, 120), ("layers", 30, 60),
+    ("tests", 65, 240), ("determinism", 20, 120), ("dali", 10, 60), ("deepspeed", 10, 60),
     ("train", 140, 240),
 ]
 STAGE_DIR_ENV = "HPC_GAN_GPU_CHECK_STAGES"  # where the stages' own result files are, for the stages after them
@@ -281,6 +281,7 @@ def stage_layers(smoke: bool, deadline: float, save: Save) -> Dict[str, Any]:
     from hpc_gan.config import load
     from hpc_gan.models.attention_bench import bench_attention
     from hpc_gan.models.resample_bench import bench_resampling
+    from hpc_gan.models.rgb_conv_bench import bench_rgb_convs
     from kernels.bench import median_ms
     dev = _device(smoke)
     if dev.type == "cuda":
@@ -295,16 +296,21 @@ def stage_layers(smoke: bool, deadline: float, save: Save) -> Dict[str, Any]:
         # the demo's nets with an attention block in each, so that the attention bench runs too
         cfg, batch, dtype = load(ROOT / "configs" / "demo.yaml", ["model.g_attn_res=8", "model.d_attn_res=8"]), 4, \
             torch.float32
-    out = bench_resampling(cfg, batch, dev, dtype, time_ms, _copy_gb_per_s(dev), deadline - 12)
-    attn = bench_attention(cfg, batch, dev, dtype, time_ms, deadline - 2)
+    copy_gb_per_s = _copy_gb_per_s(dev)
+    out = bench_resampling(cfg, batch, dev, dtype, time_ms, copy_gb_per_s, deadline - 17)
+    attn = bench_attention(cfg, batch, dev, dtype, time_ms, deadline - 7)
+    rgb = bench_rgb_convs(cfg, batch, dev, dtype, time_ms, copy_gb_per_s, deadline - 2)
     return {**out, "attention_rows": attn["rows"], "attention_ms_per_iteration": attn["ms_per_iteration"],
-            "attention_best": attn["best"], "batch": batch, "dtype": str(dtype)[6:], "device": dev.type}
+            "attention_best": attn["best"], "rgb_conv_rows": rgb["rows"],
+            "rgb_conv_ms_per_iteration": rgb["ms_per_iteration"], "rgb_conv_best": rgb["best"], "batch": batch,
+            "dtype": str(dtype)[6:], "device": dev.type}
 
 
 TRAIN_KEYS = ("sec_per_step", "samples_per_s_per_device", "tflops_per_device", "mfu", "gpu_busy", "host_bound",
               "aten_ops_per_iteration", "cuda_kernels_per_iteration", "kernel_device_ms_per_iteration",
               "first_step_seconds", "peak_memory_gib", "peak_reserved_gib", "phase_ms_per_step",
-              "phase_host_ms_per_step", "kernel_ms_by_kind", "top_kernels_by_kind", "top_kernels", "top_ops")
+              "phase_host_ms_per_step", "kernel_ms_by_kind", "top_kernels_by_kind", "top_kernels", "top_ops",
+              "top_op_shapes")
 
 
 def train_cases(smoke: bool, wanted: Optional[List[str]] = None) -> Tuple[Path, List[str], List[Case]]:
@@ -554,7 +560,8 @@ def write_report(out_dir: Path, report: Dict[str, Any]) -> None:
                                                         "d2d_ce", "sn", "speedup_vs_best_torch", "output_tail",
                                                         "graph_speedup_vs_best_torch", "ms_per_iteration",
                                                         "graph_speedup_fused_vs_best_torch", "attention_rows",
-                                                        "tiles", "best_tiles", "shape_seconds")}
+                                                        "tiles", "best_tiles", "shape_seconds", "rgb_conv_rows",
+                                                        "rgb_conv_ms_per_iteration")}
         summary = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in keep.items())
         lines.append(f"| {s['name']} | {s['status']} | {s['seconds']} | {summary[:300]} |")
     for s in report["stages"]:
@@ -581,6 +588,10 @@ def write_report(out_dir: Path, report: Dict[str, Any]) -> None:
             impls = ", ".join(f"{k} {v:.1f}" for k, v in s["attention_ms_per_iteration"].items())
             lines.append(f"- attention, ms per iteration at batch {s.get('batch')} ({s.get('dtype')}): {impls}; "
                          f"fastest: {s.get('attention_best')}")
+        for conv, per in (s.get("rgb_conv_ms_per_iteration") or {}).items():
+            impls = ", ".join(f"{k} {v:.2f}" for k, v in per.items() if k != "floor_ms")
+            lines.append(f"- RGB convolution {conv}, ms per iteration at batch {s.get('batch')}: {impls}; "
+                         f"floor {per['floor_ms']:.2f}; fastest: {(s.get('rgb_conv_best') or {}).get(conv, 'n/a')}")
         for r in s.get("runs", []):
             if "sec_per_step" in r:
                 mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "n/a"

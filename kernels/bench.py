@@ -99,9 +99,10 @@ def profile_cuda(fn: Callable[[], object], top: int = 12) -> Dict[str, Any]:
     """The CUDA kernels one call of fn launches (the profiler's device events): their count, their summed device
     time, that time by kind (``KERNEL_KINDS``) with each kind's 6 longest kernels, the ``top`` kernels by device
     time (name, ms, calls), and the ``top`` aten ops by the device time of the kernels they launched themselves
-    (op, ms, calls): which op a generic elementwise kernel belongs to."""
+    (op, ms, calls): which op a generic elementwise kernel belongs to; and the same by op and input shapes (op,
+    shapes, ms, calls): which of a step's convolutions a slow kernel serves."""
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         fn()
         torch.cuda.synchronize()
     # kernels and copies, not the ranges that record_function draws on the GPU's timeline (the optimizer's
@@ -120,10 +121,13 @@ def profile_cuda(fn: Callable[[], object], top: int = 12) -> Dict[str, Any]:
     # launched it ("## Call CompiledFxGraph ... ##" for inductor's own kernels). key_averages() mixed in the kernels
     # themselves and the ranges on the GPU's timeline, and summed to more than the device time (the H200, 2026-11-27)
     by_op: Dict[str, List[float]] = {}
+    by_op_shape: Dict[Tuple[str, str], List[float]] = {}  # which convolution, say, of the many one op name covers
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CPU and self_device_us(e) > 0:
             by_op.setdefault(e.name, []).append(self_device_us(e) / 1e3)
+            by_op_shape.setdefault((e.name, str(e.input_shapes)[:200]), []).append(self_device_us(e) / 1e3)
     ops = sorted(by_op.items(), key=lambda kv: -sum(kv[1]))[:top]
+    op_shapes = sorted(by_op_shape.items(), key=lambda kv: -sum(kv[1]))[:top]
     kinds: Dict[str, float] = {}
     by_kind: Dict[str, List[Tuple[str, float, int]]] = {}  # each kind's own top kernels, past the overall top
     for name, ms in ranked:
@@ -135,7 +139,8 @@ def profile_cuda(fn: Callable[[], object], top: int = 12) -> Dict[str, Any]:
             "kinds": {k: round(v, 4) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
             "top_by_kind": by_kind,
             "top": [(short_kernel_name(name), round(sum(ms), 4), len(ms)) for name, ms in ranked[:top]],
-            "top_ops": [(name, round(sum(ms), 4), len(ms)) for name, ms in ops]}
+            "top_ops": [(name, round(sum(ms), 4), len(ms)) for name, ms in ops],
+            "top_op_shapes": [(name, shapes, round(sum(ms), 4), len(ms)) for (name, shapes), ms in op_shapes]}
 
 
 def launch_profile(fn: Callable[[], object], device: torch.device) -> Dict[str, Any]:

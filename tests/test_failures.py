@@ -305,6 +305,7 @@ def test_the_gpu_check_pack_runs_every_stage_in_smoke_mode(tmp_path):
     assert "Speed goals" in md and "| not host-bound at 32 per GPU" in md
     assert "| shape | wall | device | fused, device |" in md  # D2D-CE's two modes side by side
     assert "- attention, ms per iteration at batch 4" in md and "(br/bc/ch/warps/stages/rch)" in md
+    assert "- RGB convolution D 3->" in md and "- RGB convolution G " in md
 
 
 def test_the_gpu_check_runs_the_train_cases_asked_for(monkeypatch, capsys):

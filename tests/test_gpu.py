@@ -70,14 +70,20 @@ def test_cudnn_benchmark_follows_the_config(tiny_cfg, on):
 
 def test_the_profiled_step_names_the_ops_behind_its_kernels(tiny_cfg):
     """hpc-gan bench's profile: the kernels' device time is also told per aten op (the H100 reports' generic
-    elementwise kernels could not be traced to their op), and a kernel's name keeps its functor."""
+    elementwise kernels could not be traced to their op), each kernel once (the H200's fourth run summed the kernels
+    and the GPU-side ranges too: 2.46 ms of ops for 2.29 of kernels), and per op and input shapes; a kernel's name
+    keeps its functor."""
     from kernels.bench import profile_cuda
     trainer = Trainer(tiny_cfg("run.device=cuda", "train.precision=bf16"), CUDA)
     trainer.train_step()
-    prof = profile_cuda(trainer.train_step)
+    prof = profile_cuda(trainer.train_step, top=100_000)  # every kernel, op and shape: the sums below are whole
     ops = dict((name, ms) for name, ms, _ in prof["top_ops"])
     assert any(name.startswith("aten::") for name in ops), ops
     assert 0 < sum(ops.values()) <= prof["device_ms"] * 1.01
+    # and by op and input shapes: which convolution a slow kernel serves
+    convs = [(shapes, ms) for name, shapes, ms, _ in prof["top_op_shapes"] if "convolution" in name]
+    assert convs and all(shapes.startswith("[[") for shapes, _ in convs), prof["top_op_shapes"]
+    assert sum(ms for _, _, ms, _ in prof["top_op_shapes"]) == pytest.approx(sum(ops.values()))
     assert not any(name.startswith(("void ", "at::native::")) for name, _, _ in prof["top"]), prof["top"]
     # kernels only: record_function's ranges on the GPU timeline overlap them (the H200's report counted the
     # optimizer's range as a kernel, and its GPU busy came out above 100%)

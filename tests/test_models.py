@@ -1,6 +1,7 @@
 """Shapes, parameter counts against the BigGAN paper, and D's output dict per conditioning method."""
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from hpc_gan.errors import UserError
@@ -266,7 +267,6 @@ def test_g_block_shortcut_conv_before_the_upsampling_is_the_same_function():
     """GBlock runs its 1x1 shortcut conv before the nearest upsampling (a quarter of the pixels): the same function
     as BigGAN's upsample-then-conv, outputs and gradients, and its upsampling stays in the activations' dtype under
     autocast (CUDA's autocast would run it in fp32)."""
-    import torch.nn.functional as F
 
     from hpc_gan.models.layers import upsample2x
     torch.manual_seed(int(torch.randint(0, 2 ** 31, (1,))))
@@ -307,3 +307,60 @@ def test_resample_bench_records_the_shapes_biggan_resamples_at():
             want_pool += [(n, cout * d_ch, res, res), (n, 3 if i == 0 else cout * d_ch, res, res)]
             res //= 2
     assert sorted(got["upsample"]) == sorted(want_up) and sorted(got["pool"]) == sorted(want_pool)
+
+
+@pytest.mark.parametrize("n, cin, cout, hw, k", [(2, 3, 5, (9, 7), 3), (3, 5, 3, (6, 6), 3), (2, 3, 4, (5, 8), 1)])
+def test_rgb_conv_formulations_equal_the_convolution(n, cin, cout, hw, k):
+    """Every candidate of the layers stage's RGB bench (NCHW, im2col + one batched product, zero-padded output
+    channels) computes F.conv2d, forward and all three gradients, in float64 on fresh channels-last inputs at odd
+    sizes; each formulation that applies returns NCHW-shaped output."""
+    from hpc_gan.models.rgb_conv_bench import RGB_CONVS
+    x = torch.randn(n, cin, *hw, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(cout, cin, k, k, dtype=torch.float64), torch.randn(cout, dtype=torch.float64)
+    g = torch.randn(n, cout, *hw, dtype=torch.float64)
+    ref = [t.detach().requires_grad_() for t in (x, w, b)]
+    want = F.conv2d(ref[0], ref[1], ref[2], padding=k // 2)
+    want_grads = torch.autograd.grad(want, ref, g)
+    ran = []
+    for name, (fn, applies) in RGB_CONVS.items():
+        if not applies(cin, cout, k):
+            continue
+        ins = [t.detach().requires_grad_() for t in (x, w, b)]
+        got = fn(*ins, k // 2)
+        assert got.shape == want.shape, name
+        torch.testing.assert_close(got, want.detach(), rtol=1e-12, atol=1e-12, msg=name)
+        for a, c in zip(torch.autograd.grad(got, ins, g), want_grads):
+            torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-12, msg=name)
+        ran.append(name)
+    assert "cudnn" in ran and "nchw" in ran and ("pad_out" in ran) == (cout % 8 != 0) and "unfold_mm" in ran
+
+
+def test_rgb_conv_bench_finds_biggans_rgb_convolutions_and_times_them():
+    """The RGB bench records, on the meta device, D's first block's two convolutions that read the image (3x3 at
+    full size, the 1x1 shortcut after the pool) and G's output convolution, and on this CPU times each formulation
+    that applies with the backward each step asks: D's on the joined real + fake batch with weight gradients (D
+    steps) and on one batch with the input's (G step), G's forward alone (D steps) and with both (G step). Every
+    label gets a per-iteration total for each formulation, a floor and a fastest."""
+    from pathlib import Path
+
+    from hpc_gan.config import load
+    from hpc_gan.models.rgb_conv_bench import bench_rgb_convs
+    cfg = load(Path(__file__).parents[1] / "configs" / "imagenet128_reacgan_b2048.yaml",
+               ["model.g_ch=8", "model.d_ch=8", "model.embed_dim=8"])
+    d_out, g_in = 8 * biggan.D_ARCH[128]["out"][0], 8 * biggan.G_ARCH[128]["out"][-1]
+    got = bench_rgb_convs(cfg, 1, torch.device("cpu"), torch.float32, lambda fn: (fn(), 1.0)[1], 10.0)
+    calls = {(r["conv"], r["impl"], tuple(r["input"]), r["input_grad"], r["weight_grad"]): r["calls_per_iteration"]
+             for r in got["rows"]}
+    n_dis, k3, g = cfg.train.n_dis, f"D 3->{d_out} k3 at 128", f"G {g_in}->3 k3 at 128"
+    assert calls[(k3, "cudnn", (2, 3, 128, 128), False, True)] == n_dis
+    assert calls[(k3, "unfold_mm", (1, 3, 128, 128), True, False)] == 1
+    assert calls[(g, "pad_out", (1, g_in, 128, 128), False, False)] == n_dis
+    assert calls[(g, "nchw", (1, g_in, 128, 128), True, True)] == 1
+    labels = {k3, f"D 3->{d_out} k1 at 64", g}
+    assert set(got["ms_per_iteration"]) == labels and set(got["best"]) == labels
+    # each timed call took "1 ms": the totals count the calls per iteration
+    assert {k: v for k, v in got["ms_per_iteration"][g].items() if k != "floor_ms"} == {
+        "cudnn": n_dis + 1, "nchw": n_dis + 1, "pad_out": n_dis + 1}
+    assert set(got["ms_per_iteration"][k3]) == {"floor_ms", "cudnn", "nchw", "unfold_mm"}
+    assert all(0 < v["floor_ms"] for v in got["ms_per_iteration"].values())
+    assert max(r["rel_error"] for r in got["rows"]) < 1e-5

@@ -141,6 +141,7 @@ def bench_train(cfg: Config, steps: int = 10, warmup: int = 2, info: Optional[Di
         "top_kernels": prof["top"] if prof else None, "top_ops": prof["top_ops"] if prof else None,
         "kernel_ms_by_kind": prof["kinds"] if prof else None,
         "top_kernels_by_kind": prof["top_by_kind"] if prof else None,
+        "top_op_shapes": prof["top_op_shapes"] if prof else None,
         "compile": trainer.compile_mode or "off",
         "allreduce_all_grads_ms": _allreduce_ms(trainer),
         "images_per_s_per_device": images_s, "gflops_per_sample_iteration": gflop, "peak_tflops": peak,
