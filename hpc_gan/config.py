@@ -37,6 +37,8 @@ OrthoImpl = Literal["auto", "autograd", "grad"]
 AttnImpl = Literal["sdpa", "sdpa_narrow", "explicit"]
 PoolImpl = Literal["auto", "nearest_grad", "reshape", "avg_pool2d"]
 UpsampleImpl = Literal["auto", "interpolate", "expand"]
+DRgbConv = Literal["conv2d", "nchw", "unfold_mm"]
+GRgbConv = Literal["conv2d", "nchw", "pad_out"]
 MemoryFormat = Literal["auto", "channels_last", "contiguous"]
 CompileMode = Literal["off", "default", "max-autotune", "reduce-overhead"]
 NegBackward = Literal["reduce_scatter", "all_reduce"]
@@ -101,6 +103,12 @@ class ModelConfig:
                                            # nearest_grad elsewhere (H100 and CPU numbers: docs/benchmarks.md)
     upsample_impl: UpsampleImpl = "auto"   # G's 2x nearest upsampling: interpolate (torch's, reference), expand (a
                                            # broadcast copy); auto: expand on CUDA, interpolate elsewhere
+    d_rgb_conv_impl: DRgbConv = "conv2d"   # D's convolutions on the 3-channel image: conv2d (reference), nchw
+                                           # (cuDNN's NCHW kernels, output back to the activations' layout),
+                                           # unfold_mm (im2col + one batched product writing NHWC)
+    g_rgb_conv_impl: GRgbConv = "conv2d"   # G's convolution to 3 channels: conv2d (reference), nchw, pad_out
+                                           # (outputs zero-padded to 8, sliced); both timed by the check pack's
+                                           # layers stage (hpc_gan.models.rgb_conv)
     memory_format: MemoryFormat = "auto"   # of activations; auto: channels_last (measured faster on CPUs, 1.3-1.8x,
                                            # and on an H100, 12%: docs/benchmarks.md)
 

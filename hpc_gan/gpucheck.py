@@ -359,9 +359,9 @@ def _pick_cases(cases: List[Case], wanted: Optional[List[str]]) -> List[Case]:
 
 
 def _fastest_layers() -> List[str]:
-    """Overrides that put the layers stage's fastest pooling, upsampling and attention in place of what the
-    defaults run on the device ("auto"'s resampling, "sdpa"), so one eager step case checks the op-level winners at
-    the step level; [] when the defaults won or the stage did not run."""
+    """Overrides that put the layers stage's fastest pooling, upsampling, attention and RGB convolutions in place of
+    what the defaults run on the device ("auto"'s resampling, "sdpa", "conv2d"), so one eager step case checks the
+    op-level winners at the step level; [] when the defaults won or the stage did not run."""
     from hpc_gan.config import ModelConfig
     from hpc_gan.models.layers import auto_resample
     stage_dir = os.environ.get(STAGE_DIR_ENV)
@@ -373,11 +373,14 @@ def _fastest_layers() -> List[str]:
     wins = {f"{k}_impl": v for k, v in best.items() if v not in (None, auto_resample(k, device))}
     if stage.get("attention_best") not in (None, ModelConfig.attn_impl):
         wins["attn_impl"] = stage["attention_best"]
-    if not wins:
+    rgb = {f"{side}_rgb_conv_impl": v for side, v in (stage.get("rgb_conv_best") or {}).items()
+           if v != getattr(ModelConfig, f"{side}_rgb_conv_impl")}
+    if not wins and not rgb:
         return []
     # the winners with the rest of the fastest (a resampling that auto already runs is named, harmlessly)
     return [f"model.{k}_impl={v}" for k, v in best.items() if v is not None] + \
-        ([f"model.attn_impl={wins['attn_impl']}"] if "attn_impl" in wins else [])
+        ([f"model.attn_impl={wins['attn_impl']}"] if "attn_impl" in wins else []) + \
+        [f"model.{k}={v}" for k, v in rgb.items()]
 
 
 def stage_train(smoke: bool, deadline: float, save: Save) -> Dict[str, Any]:
@@ -591,7 +594,10 @@ def write_report(out_dir: Path, report: Dict[str, Any]) -> None:
         for conv, per in (s.get("rgb_conv_ms_per_iteration") or {}).items():
             impls = ", ".join(f"{k} {v:.2f}" for k, v in per.items() if k != "floor_ms")
             lines.append(f"- RGB convolution {conv}, ms per iteration at batch {s.get('batch')}: {impls}; "
-                         f"floor {per['floor_ms']:.2f}; fastest: {(s.get('rgb_conv_best') or {}).get(conv, 'n/a')}")
+                         f"floor {per['floor_ms']:.2f}")
+        if s.get("rgb_conv_best"):
+            lines.append("- RGB convolutions, fastest over each network's: " + ", ".join(
+                f"{side}_rgb_conv_impl {v}" for side, v in s["rgb_conv_best"].items()))
         for r in s.get("runs", []):
             if "sec_per_step" in r:
                 mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "n/a"

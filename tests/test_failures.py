@@ -296,7 +296,12 @@ def test_the_gpu_check_pack_runs_every_stage_in_smoke_mode(tmp_path):
     assert set(layers["attention_ms_per_iteration"]) == {"sdpa", "sdpa_narrow", "explicit"}
     # where the layers stage's fastest are not what the defaults run on the CPU, one training case runs them
     wanted = [k for k in ("pool", "upsample") if layers["best"][k] != auto_resample(k, "cpu")] + \
-        (["attention"] if layers["attention_best"] != "sdpa" else [])
+        (["attention"] if layers["attention_best"] != "sdpa" else []) + \
+        [side for side, v in layers["rgb_conv_best"].items() if v != "conv2d"]
+    # D's image convolutions (3x3, 1x1 shortcut) and G's output convolution under every formulation of their side
+    assert {(r["conv"][0], r["impl"]) for r in layers["rgb_conv_rows"]} == {
+        ("D", "conv2d"), ("D", "nchw"), ("D", "unfold_mm"), ("G", "conv2d"), ("G", "nchw"), ("G", "pad_out")}
+    assert set(layers["rgb_conv_best"]) == {"d", "g"}
     modes = [r["mode"] for r in stages["train"]["runs"]]
     assert modes == ["eager"] + (["eager fastest layers"] if wanted else []), (modes, layers["best"])
     assert sorted(p.name for p in out.iterdir()) == ["report.json", "report.md"]  # stage files stay out of DIR

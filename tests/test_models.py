@@ -311,36 +311,71 @@ def test_resample_bench_records_the_shapes_biggan_resamples_at():
 
 @pytest.mark.parametrize("n, cin, cout, hw, k", [(2, 3, 5, (9, 7), 3), (3, 5, 3, (6, 6), 3), (2, 3, 4, (5, 8), 1)])
 def test_rgb_conv_formulations_equal_the_convolution(n, cin, cout, hw, k):
-    """Every candidate of the layers stage's RGB bench (NCHW, im2col + one batched product, zero-padded output
-    channels) computes F.conv2d, forward and all three gradients, in float64 on fresh channels-last inputs at odd
-    sizes; each formulation that applies returns NCHW-shaped output."""
-    from hpc_gan.models.rgb_conv_bench import RGB_CONVS
+    """Every formulation of model.d_rgb_conv_impl and model.g_rgb_conv_impl (NCHW, im2col + one batched product,
+    zero-padded output channels) computes F.conv2d, forward and all three gradients, in float64 on fresh
+    channels-last inputs at odd sizes (3 input channels, 3 output channels, neither, 1x1)."""
+    from hpc_gan.models.rgb_conv import D_RGB_CONVS, G_RGB_CONVS
     x = torch.randn(n, cin, *hw, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
     w, b = torch.randn(cout, cin, k, k, dtype=torch.float64), torch.randn(cout, dtype=torch.float64)
     g = torch.randn(n, cout, *hw, dtype=torch.float64)
     ref = [t.detach().requires_grad_() for t in (x, w, b)]
     want = F.conv2d(ref[0], ref[1], ref[2], padding=k // 2)
     want_grads = torch.autograd.grad(want, ref, g)
-    ran = []
-    for name, (fn, applies) in RGB_CONVS.items():
-        if not applies(cin, cout, k):
-            continue
+    for name, fn in {**D_RGB_CONVS, **G_RGB_CONVS}.items():
         ins = [t.detach().requires_grad_() for t in (x, w, b)]
         got = fn(*ins, k // 2)
         assert got.shape == want.shape, name
         torch.testing.assert_close(got, want.detach(), rtol=1e-12, atol=1e-12, msg=name)
         for a, c in zip(torch.autograd.grad(got, ins, g), want_grads):
             torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-12, msg=name)
-        ran.append(name)
-    assert "cudnn" in ran and "nchw" in ran and ("pad_out" in ran) == (cout % 8 != 0) and "unfold_mm" in ran
+
+
+@pytest.mark.parametrize("d_impl, g_impl", [("unfold_mm", "pad_out"), ("nchw", "nchw")])
+def test_models_with_other_rgb_convolutions_compute_the_same(d_impl, g_impl):
+    """model.d_rgb_conv_impl / g_rgb_conv_impl reach exactly the convolutions on RGB (D's first block's two, G's
+    last), and G and D built with them equal the reference's outputs and every parameter's gradient, in fp32 and
+    under bf16 autocast (D's im2col columns made in autocast's dtype), channels-last."""
+    import dataclasses
+    from pathlib import Path
+
+    from hpc_gan.config import load
+    from hpc_gan.models.build import build_discriminator, build_generator
+    from hpc_gan.models.rgb_conv import rgb_convs
+    cfg = load(Path(__file__).parents[1] / "configs" / "demo.yaml")
+    other = dataclasses.replace(cfg.model, d_rgb_conv_impl=d_impl, g_rgb_conv_impl=g_impl)
+    n = cfg.data.num_classes
+    nets = {}
+    for key, m in (("ref", cfg.model), ("other", other)):
+        torch.manual_seed(0)
+        G, D = build_generator(m, n), build_discriminator(m, n, cfg.loss.cond)
+        nets[key] = [net.to(memory_format=torch.channels_last) for net in (G, D)]
+    G, D = nets["other"]
+    assert [c.conv_fn is not None for c in rgb_convs(D, "in")] == [True, True] and len(rgb_convs(G, "out")) == 1
+    assert sum(getattr(c, "conv_fn", None) is not None for c in D.modules()) == 2
+    assert sum(getattr(c, "conv_fn", None) is not None for c in G.modules()) == 1
+    z, y = torch.randn(4, cfg.model.z_dim), torch.randint(0, n, (4,))
+    for autocast in (False, True):
+        got = {}
+        for key, (G, D) in nets.items():
+            G.zero_grad(), D.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                x = G(z, y)
+                out = D(x, y)
+            (out["adv"].float().sum() + x.float().square().mean()).backward()
+            got[key] = [x.float(), out["adv"].float()] + [p.grad for net in (G, D) for p in net.parameters()
+                                                         if p.grad is not None]
+        assert len(got["ref"]) == len(got["other"])
+        tol = dict(rtol=2e-2, atol=2e-2) if autocast else dict(rtol=1e-4, atol=1e-5)
+        for a, b in zip(got["other"], got["ref"]):
+            torch.testing.assert_close(a, b, **tol)
 
 
 def test_rgb_conv_bench_finds_biggans_rgb_convolutions_and_times_them():
     """The RGB bench records, on the meta device, D's first block's two convolutions that read the image (3x3 at
     full size, the 1x1 shortcut after the pool) and G's output convolution, and on this CPU times each formulation
-    that applies with the backward each step asks: D's on the joined real + fake batch with weight gradients (D
+    of its side with the backward each step asks: D's on the joined real + fake batch with weight gradients (D
     steps) and on one batch with the input's (G step), G's forward alone (D steps) and with both (G step). Every
-    label gets a per-iteration total for each formulation, a floor and a fastest."""
+    label gets a per-iteration total for each formulation and a floor, and each side a fastest."""
     from pathlib import Path
 
     from hpc_gan.config import load
@@ -352,15 +387,14 @@ def test_rgb_conv_bench_finds_biggans_rgb_convolutions_and_times_them():
     calls = {(r["conv"], r["impl"], tuple(r["input"]), r["input_grad"], r["weight_grad"]): r["calls_per_iteration"]
              for r in got["rows"]}
     n_dis, k3, g = cfg.train.n_dis, f"D 3->{d_out} k3 at 128", f"G {g_in}->3 k3 at 128"
-    assert calls[(k3, "cudnn", (2, 3, 128, 128), False, True)] == n_dis
+    assert calls[(k3, "conv2d", (2, 3, 128, 128), False, True)] == n_dis
     assert calls[(k3, "unfold_mm", (1, 3, 128, 128), True, False)] == 1
     assert calls[(g, "pad_out", (1, g_in, 128, 128), False, False)] == n_dis
     assert calls[(g, "nchw", (1, g_in, 128, 128), True, True)] == 1
-    labels = {k3, f"D 3->{d_out} k1 at 64", g}
-    assert set(got["ms_per_iteration"]) == labels and set(got["best"]) == labels
+    assert set(got["ms_per_iteration"]) == {k3, f"D 3->{d_out} k1 at 64", g} and set(got["best"]) == {"d", "g"}
     # each timed call took "1 ms": the totals count the calls per iteration
     assert {k: v for k, v in got["ms_per_iteration"][g].items() if k != "floor_ms"} == {
-        "cudnn": n_dis + 1, "nchw": n_dis + 1, "pad_out": n_dis + 1}
-    assert set(got["ms_per_iteration"][k3]) == {"floor_ms", "cudnn", "nchw", "unfold_mm"}
+        "conv2d": n_dis + 1, "nchw": n_dis + 1, "pad_out": n_dis + 1}
+    assert set(got["ms_per_iteration"][k3]) == {"floor_ms", "conv2d", "nchw", "unfold_mm"}
     assert all(0 < v["floor_ms"] for v in got["ms_per_iteration"].values())
     assert max(r["rel_error"] for r in got["rows"]) < 1e-5

@@ -7,24 +7,31 @@ import torch
 import torch.nn as nn
 
 from hpc_gan.models import biggan
+from hpc_gan.models.rgb_conv import set_rgb_conv
 
 
 def build_generator(m: Any, n_classes: int) -> nn.Module:
     if m.arch == "biggan_deep":
         from hpc_gan.models import biggan_deep
-        return biggan_deep.Generator(m.resolution, m.g_ch, n_classes, m.z_dim, m.shared_dim, m.g_attn_res,
-                                     m.sn_eps, m.bn_eps, m.attn_impl, m.upsample_impl)
-    return biggan.Generator(m.resolution, m.g_ch, n_classes, m.z_dim, m.shared_dim, m.g_attn_res, m.sn_eps, m.bn_eps,
-                            m.attn_impl, m.out_bn_eps, m.upsample_impl)
+        G = biggan_deep.Generator(m.resolution, m.g_ch, n_classes, m.z_dim, m.shared_dim, m.g_attn_res,
+                                  m.sn_eps, m.bn_eps, m.attn_impl, m.upsample_impl)
+    else:
+        G = biggan.Generator(m.resolution, m.g_ch, n_classes, m.z_dim, m.shared_dim, m.g_attn_res, m.sn_eps,
+                             m.bn_eps, m.attn_impl, m.out_bn_eps, m.upsample_impl)
+    set_rgb_conv(G, "out", m.g_rgb_conv_impl)
+    return G
 
 
 def build_discriminator(m: Any, n_classes: int, cond: str) -> nn.Module:
     if m.arch == "biggan_deep":
         from hpc_gan.models import biggan_deep
-        return biggan_deep.Discriminator(m.resolution, m.d_ch, n_classes, cond, m.embed_dim, m.d_attn_res, m.sn_eps,
-                                         m.attn_impl, m.pool_impl)
-    return biggan.Discriminator(m.resolution, m.d_ch, n_classes, cond, m.embed_dim, m.d_attn_res, m.sn_eps,
-                                m.attn_impl, m.d_shortcut, m.pool_impl)
+        D = biggan_deep.Discriminator(m.resolution, m.d_ch, n_classes, cond, m.embed_dim, m.d_attn_res, m.sn_eps,
+                                      m.attn_impl, m.pool_impl)
+    else:
+        D = biggan.Discriminator(m.resolution, m.d_ch, n_classes, cond, m.embed_dim, m.d_attn_res, m.sn_eps,
+                                 m.attn_impl, m.d_shortcut, m.pool_impl)
+    set_rgb_conv(D, "in", m.d_rgb_conv_impl)
+    return D
 
 
 def build_models(cfg: Any) -> Tuple[nn.Module, nn.Module]:

@@ -177,11 +177,17 @@ class SpectralNormMixin:
 
 
 class SNConv2d(nn.Conv2d, SpectralNormMixin):
+    # (x, W / sigma, bias, padding) -> output in place of F.conv2d: the RGB convolutions' other formulations
+    # (rgb_conv.set_rgb_conv); None: F.conv2d
+    conv_fn: Optional[Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor], int], torch.Tensor]] = None
+
     def __init__(self, *args, sn_iters: int = 1, sn_eps: float = 1e-6, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._init_sn(sn_iters, sn_eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.conv_fn is not None:
+            return self.conv_fn(x, self.sn_weight(), self.bias, self.padding[0])
         return self._conv_forward(x, self.sn_weight(), self.bias)
 
 
