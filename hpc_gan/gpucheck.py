@@ -43,10 +43,12 @@ ROOT = Path(__file__).resolve().parents[1]
 # to the next one, so the whole call stays within the sum; train runs last and gets all the short stages left
 # (~40-70 s): its compiled cases need minutes on a cold machine, and no other stage's time is as uncertain.
 # The kernels stage's 100 s hold its 16 shapes (60 s held 11 on the H200, 2026-11-27: fp32 at 32 rows and more went
-# unmeasured); train's 140 s plus the ~40 s the short stages leave hold its two goal cases at 256 per GPU.
+# unmeasured); layers' 40 s its RGB convolutions besides (it took 34.5 s without them); train's 140 s plus the ~40 s
+# the short stages leave hold its two goal cases at 256 per GPU. Stage times on that H200: sn 28.5 s, tests 51.7,
+# determinism 14.3, dali and deepspeed ~5 each (skipped: not installed).
 STAGES: List[Tuple[str, int, int]] = [
-    ("env", 15, 60), ("accuracy", 45, 120), ("kernels", 100, 120), ("sn", 45, 120), ("layers", 30, 60),
-    ("tests", 65, 240), ("determinism", 20, 120), ("dali", 10, 60), ("deepspeed", 10, 60),
+    ("env", 15, 60), ("accuracy", 45, 120), ("kernels", 100, 120), ("sn", 40, 120), ("layers", 40, 60),
+    ("tests", 65, 240), ("determinism", 20, 120), ("dali", 7, 60), ("deepspeed", 8, 60),
     ("train", 140, 240),
 ]
 STAGE_DIR_ENV = "HPC_GAN_GPU_CHECK_STAGES"  # where the stages' own result files are, for the stages after them

@@ -346,6 +346,15 @@ def test_the_gpu_check_gives_the_last_stage_what_seconds_leaves(tmp_path, capsys
     assert stage["status"] == "skip" and "out of time" in stage["why"]
 
 
+def test_the_gpu_check_fits_one_call_of_eight_minutes():
+    """The stages' GPU boxes add up to 480 s (issue 15: one call of at most 8 minutes on one GPU; what a stage leaves
+    goes to the next, so the call ends within the sum), and each train case's estimate fits the train box alone."""
+    from hpc_gan import gpucheck
+    boxes = {name: gpu_s for name, gpu_s, _ in gpucheck.STAGES}
+    assert sum(boxes.values()) == 480, boxes
+    assert max(gpucheck.CASE_SECONDS.values()) < boxes["train"]
+
+
 def test_the_train_stage_skips_a_case_that_cannot_finish(monkeypatch):
     """A train case is started only where what is left of the box holds it (gpucheck.CASE_SECONDS): the H200's
     first call, 2026-11-27, started the CUDA-graph case at 32 with ~70 s left, and its ~100 s of compiling were cut
