@@ -122,3 +122,31 @@ def test_narrow_attention_runs_the_memory_efficient_kernel(ch):
         got, exp = got.detach().float(), exp.detach()
         err = float((got - exp).norm() / exp.norm())
         assert err < 5e-2, f"sdpa_narrow {what} at {ch} channels: {err:.3g} from the fp32 explicit map"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rgb_conv_formulations_equal_the_convolution_on_cuda(dtype):
+    """model.d_rgb_conv_impl / g_rgb_conv_impl on CUDA (cuDNN's NCHW kernels, im2col + cuBLAS, padded outputs), at
+    D's 3 -> 96 and G's 96 -> 3 on channels-last inputs: outputs and all three gradients within rounding of the
+    float64 convolution (fp32 within TF32's rounding, which cuDNN's fp32 convolutions use by default; bf16 within
+    its own; a wrong formulation is O(1) off), channels-last out where the models expect it."""
+    import torch.nn.functional as F
+
+    from hpc_gan.models.rgb_conv import D_RGB_CONVS, G_RGB_CONVS
+    torch.manual_seed(0)
+    for cin, cout, table in ((3, 96, D_RGB_CONVS), (96, 3, G_RGB_CONVS)):
+        x = torch.randn(4, cin, 40, 36, device=CUDA).contiguous(memory_format=torch.channels_last)
+        w, b = torch.randn(cout, cin, 3, 3, device=CUDA) / (cin * 9) ** 0.5, torch.randn(cout, device=CUDA)
+        g = torch.randn(4, cout, 40, 36, device=CUDA)
+        ref = [t.detach().double().requires_grad_() for t in (x, w, b)]
+        want = F.conv2d(*ref, padding=1)
+        want_grads = torch.autograd.grad(want, ref, g.double())
+        for name, fn in table.items():
+            ins = [t.detach().to(dtype).requires_grad_() for t in (x, w, b)]
+            got = fn(*ins, 1)
+            grads = torch.autograd.grad(got, ins, g.to(dtype))
+            for a, e, what in ((got, want, "output"), *zip(grads, want_grads, ("x grad", "w grad", "b grad"))):
+                err = float((a.double() - e).norm() / e.norm())
+                assert err < (3e-2 if dtype == torch.bfloat16 else 5e-3), f"{name} {cin}->{cout} {what}: {err:.3g}"
+            if name != "pad_out":  # pad_out's output is a view of its 8 channels
+                assert got.is_contiguous(memory_format=torch.channels_last), name
