@@ -6,8 +6,9 @@ floor. The GPU check pack's ``layers`` stage runs it.
 Why: on the H200 (2026-11-27, BigGAN-128, bf16, channels-last, 256 per GPU) two forward kernels that run 3 times
 an iteration stood out, a CUTLASS fprop at ~2 ms a call (D's 3 -> 96 input convolution, after cuDNN pads the 3
 channels to 8) and an sm80 fprop with a 32-wide tile at ~0.9 ms a call (G's 96 -> 3 output convolution): ~9 ms
-of forward alone, where their bytes take under 2. Which calls they are is inferred from the kernels' names and counts;
-this bench measures them; the check pack's ``eager fastest layers`` train case runs the winners in a step.
+of forward alone, where their bytes take under 2. Which calls they are is inferred from the kernels' names and
+counts; this bench measures them, and the check pack's ``eager fastest layers`` train case runs the winners in a
+step.
 """
 from __future__ import annotations
 
@@ -42,11 +43,10 @@ def rgb_conv_shapes(cfg: Any, batch: int) -> Dict[str, List[Tuple[Shape, Shape, 
 
 
 def _plan(cfg: Any, batch: int) -> List[Tuple[str, str, Shape, Shape, int, List[Tuple[int, bool, bool]]]]:
-    """(side, label, input shape, weight shape, padding, [(calls per iteration, input grad?, weight grad?)]),
-    side "d" or "g", on the reference models (``conv2d``): each D step
-    runs D on the joined real + fake batch (2 x ``batch``) with weight gradients only (its inputs need none); the G
-    step runs D on ``batch`` with the input gradient only (D is frozen); G runs forward in each D step and forward
-    + both gradients in the G step."""
+    """(side "d" or "g", label, input shape, weight shape, padding, [(calls per iteration, input grad?, weight
+    grad?)]): each D step runs D on the joined real + fake batch (2 x ``batch``) with weight gradients only (its
+    inputs need none); the G step runs D on ``batch`` with the input gradient only (D is frozen); G runs forward in
+    each D step and forward + both gradients in the G step."""
     n_dis, plan = cfg.train.n_dis, []
     recorded = rgb_conv_shapes(cfg, batch)
     for x, w, p in recorded["D"]:
