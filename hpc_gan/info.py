@@ -25,9 +25,11 @@ def model_info(cfg: Config, batch: int = 2) -> Dict[str, Any]:
     torch.utils.flop_counter on a batch of ``batch`` (convolutions and matmuls; 2 FLOPs per multiply-add)."""
     torch.manual_seed(0)
     # The model's FLOPs, not the kernels': attention through SDPA pads queries and keys with zeros (to the values'
-    # width, c/8 -> c/2: 1.5% more FLOPs at BigGAN-128) that an MFU must not count. The explicit map is the same
-    # function at its own widths, with the same parameters.
-    G, D = build_models(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attn_impl="explicit")))
+    # width, c/8 -> c/2: 1.5% more FLOPs at BigGAN-128), and g_rgb_conv_impl=pad_out G's 3 output channels to 8,
+    # which an MFU must not count. The explicit map and conv2d are the same functions at their own widths, with the
+    # same parameters.
+    model = dataclasses.replace(cfg.model, attn_impl="explicit", d_rgb_conv_impl="conv2d", g_rgb_conv_impl="conv2d")
+    G, D = build_models(dataclasses.replace(cfg, model=model))
     g_params = sum(p.numel() for p in G.parameters())
     d_params = sum(p.numel() for p in D.parameters())
     # FLOPs depend on shapes only: count on the meta device, so BigGAN-256 costs no compute here
