@@ -54,9 +54,17 @@ STAGES: List[Tuple[str, int, int]] = [
 STAGE_DIR_ENV = "HPC_GAN_GPU_CHECK_STAGES"  # where the stages' own result files are, for the stages after them
 CASES_ENV = "HPC_GAN_GPU_CHECK_CASES"  # --cases, for the train stage's process
 Case = Tuple[int, str, List[str]]  # a train case: (batch per GPU, label, config overrides)
-# seconds a train case takes on a fresh H200 (2026-11-27), by its label's first word: most of it is the first step
-# (eager 28 s at 256: cuDNN's benchmark, Triton's autotuning; compiled 78-88 s: dynamo and inductor build 4 graphs)
-CASE_SECONDS = {"eager": 45, "compile": 100, "cuda_graphs": 100}
+# seconds a train case takes on a fresh H200 (2026-11-27), by its label's first word, at 256 per GPU and at 32: most
+# of it is the first step (eager 28 s at 256 and 7 s at 32: cuDNN's benchmark, Triton's autotuning; compiled 78-88 s
+# at either: dynamo and inductor build 4 graphs) and ~10 s of start-up
+CASE_SECONDS = {"eager": (45, 25), "compile": (100, 100), "cuda_graphs": (100, 100)}
+
+
+def case_seconds(batch: int, label: str) -> int:
+    """What a train case needs of the box on a GPU (``CASE_SECONDS``): the 256-per-GPU figure above 64 per GPU, the
+    32 one at or below."""
+    at_256, at_32 = CASE_SECONDS[label.split()[0]]
+    return at_256 if batch > 64 else at_32
 Save = Callable[[Dict[str, Any]], None]  # a looping stage's partial result, written after each case
 
 
@@ -322,7 +330,7 @@ def train_cases(smoke: bool, wanted: Optional[List[str]] = None) -> Tuple[Path, 
     fastest pooling, upsampling and attention where the defaults run others, and cuDNN's heuristics in place of its
     benchmarked algorithms (train.cudnn_benchmark). On a fresh H200 an eager case at 256 takes ~45 s and a compiled or
     CUDA-graph one ~100 s, ~80 s of it the first step (2026-11-27), so the stage (140 s plus what the stages before
-    it left) runs the first two and skips any case that cannot finish (``CASE_SECONDS``): a second call,
+    it left) runs the first two and skips any case that cannot finish (``case_seconds``): a second call,
     ``--stages train --cases ... --seconds ...``, runs the others. All channels-last (auto's choice on CUDA; NCHW
     ran 12% slower in both runs of the first H100 session).
     ``wanted``: the keys to run (default: ``--cases``, as the train stage's process gets them; [] for all)."""
@@ -394,7 +402,7 @@ def stage_train(smoke: bool, deadline: float, save: Save) -> Dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         for batch, label, flags in cases:
             left = deadline - time.time() - 5
-            need = 20 if smoke else CASE_SECONDS[label.split()[0]]
+            need = 20 if smoke else case_seconds(batch, label)
             if left < need:  # skipped, not started: a case cut off by the box reports nothing and spends the lease
                 results.append({"batch": batch, "mode": label, "status": "skip",
                                 "why": f"out of time (needs ~{need} s, {max(0, left):.0f} s left)"})
