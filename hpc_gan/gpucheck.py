@@ -380,18 +380,16 @@ def _fastest_layers() -> List[str]:
     if path is None or not path.exists():
         return []
     stage = json.loads(path.read_text())
-    best, device = stage.get("best", {}), stage.get("device", "cuda")
-    wins = {f"{k}_impl": v for k, v in best.items() if v not in (None, auto_resample(k, device))}
-    if stage.get("attention_best") not in (None, ModelConfig.attn_impl):
-        wins["attn_impl"] = stage["attention_best"]
-    rgb = {f"{side}_rgb_conv_impl": v for side, v in (stage.get("rgb_conv_best") or {}).items()
-           if v != getattr(ModelConfig, f"{side}_rgb_conv_impl")}
-    if not wins and not rgb:
+    device = stage.get("device", "cuda")
+    # (config key, fastest, what the defaults run there): a fastest that the defaults already run is named, harmlessly
+    fastest = [(f"{k}_impl", v, auto_resample(k, device)) for k, v in stage.get("best", {}).items()] + \
+        [("attn_impl", stage.get("attention_best"), ModelConfig.attn_impl)] + \
+        [(f"{side}_rgb_conv_impl", v, getattr(ModelConfig, f"{side}_rgb_conv_impl"))
+         for side, v in (stage.get("rgb_conv_best") or {}).items()]
+    fastest = [(k, v, default) for k, v, default in fastest if v is not None]
+    if all(v == default for _, v, default in fastest):
         return []
-    # the winners with the rest of the fastest (a resampling that auto already runs is named, harmlessly)
-    return [f"model.{k}_impl={v}" for k, v in best.items() if v is not None] + \
-        ([f"model.attn_impl={wins['attn_impl']}"] if "attn_impl" in wins else []) + \
-        [f"model.{k}={v}" for k, v in rgb.items()]
+    return [f"model.{k}={v}" for k, v, _ in fastest]
 
 
 def stage_train(smoke: bool, deadline: float, save: Save) -> Dict[str, Any]:

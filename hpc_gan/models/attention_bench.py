@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, List, Tuple
 import torch
 from torch import nn
 
-from hpc_gan.models.build import build_discriminator, build_generator
+from hpc_gan.models.build import forward_on_meta
 from hpc_gan.models.layers import ATTENTIONS, SelfAttention
 
 Shape = Tuple[int, ...]
@@ -22,16 +22,12 @@ def attention_shapes(cfg: Any, batch: int) -> Dict[str, List[Shape]]:
     """{"G": ..., "D": ...}: the inputs of each network's attention blocks in one forward on ``batch`` samples,
     recorded on the meta device."""
     shapes: Dict[str, List[Shape]] = {"G": [], "D": []}
-    n = cfg.data.num_classes
-    with torch.device("meta"):
-        G, D = build_generator(cfg.model, n), build_discriminator(cfg.model, n, cfg.loss.cond)
-        for name, net in (("G", G), ("D", D)):
-            for m in net.modules():
-                if isinstance(m, SelfAttention):
-                    m.register_forward_pre_hook(lambda mod, args, name=name: shapes[name].append(tuple(args[0].shape)))
-        z, y = torch.randn(batch, cfg.model.z_dim), torch.zeros(batch, dtype=torch.long)
-        with torch.no_grad():
-            D(G(z, y), y)
+
+    def hook(name: str, net: nn.Module) -> None:
+        for m in net.modules():
+            if isinstance(m, SelfAttention):
+                m.register_forward_pre_hook(lambda mod, args: shapes[name].append(tuple(args[0].shape)))
+    forward_on_meta(cfg, batch, hook=hook)
     return shapes
 
 

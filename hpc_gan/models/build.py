@@ -1,7 +1,8 @@
 """Build G and D from the model section of a config."""
 from __future__ import annotations
 
-from typing import Any, Tuple
+import contextlib
+from typing import Any, Callable, ContextManager, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -32,6 +33,23 @@ def build_discriminator(m: Any, n_classes: int, cond: str) -> nn.Module:
                                  m.attn_impl, m.d_shortcut, m.pool_impl)
     set_rgb_conv(D, "in", m.d_rgb_conv_impl)
     return D
+
+
+def forward_on_meta(cfg: Any, batch: int, model: Any = None, hook: Optional[Callable[[str, nn.Module], None]] = None,
+                    during: Callable[[], ContextManager] = contextlib.nullcontext) -> None:
+    """One D(G(z, y), y) on ``batch`` samples on the meta device (shapes, no compute), for the layers benches to
+    record the shapes their layers see: the networks of ``model`` (default ``cfg.model``), ``hook("G", G)`` and
+    ``hook("D", D)`` first (to register forward hooks), the forward inside ``during()``."""
+    m = model or cfg.model
+    n = cfg.data.num_classes
+    with torch.device("meta"):
+        G, D = build_generator(m, n), build_discriminator(m, n, cfg.loss.cond)
+        for name, net in (("G", G), ("D", D)):
+            if hook is not None:
+                hook(name, net)
+        z, y = torch.randn(batch, m.z_dim), torch.zeros(batch, dtype=torch.long)
+        with torch.no_grad(), during():
+            D(G(z, y), y)
 
 
 def build_models(cfg: Any) -> Tuple[nn.Module, nn.Module]:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from hpc_gan.models.build import build_discriminator, build_generator
+from hpc_gan.models.build import forward_on_meta
 from hpc_gan.models.layers import POOLS, UPSAMPLES
 
 Shape = Tuple[int, ...]
@@ -39,13 +39,9 @@ class _Record(TorchFunctionMode):
 def resample_shapes(cfg: Any, batch: int) -> Dict[str, List[Shape]]:
     """{"pool": D's pooling inputs, "upsample": G's upsampling inputs} for one forward of each network on
     ``batch`` samples, recorded on the meta device through the reference implementations."""
-    m = dataclasses.replace(cfg.model, pool_impl="avg_pool2d", upsample_impl="interpolate")
-    n = cfg.data.num_classes
-    with torch.device("meta"):
-        G, D = build_generator(m, n), build_discriminator(m, n, cfg.loss.cond)
-        z, y = torch.randn(batch, m.z_dim), torch.zeros(batch, dtype=torch.long)
-        with torch.no_grad(), _Record() as rec:
-            D(G(z, y), y)
+    rec = _Record()
+    forward_on_meta(cfg, batch, dataclasses.replace(cfg.model, pool_impl="avg_pool2d", upsample_impl="interpolate"),
+                    during=lambda: rec)
     return rec.shapes
 
 

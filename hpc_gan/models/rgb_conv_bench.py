@@ -18,8 +18,9 @@ import time
 from typing import Any, Callable, Dict, List, Tuple
 
 import torch
+from torch import nn
 
-from hpc_gan.models.build import build_discriminator, build_generator
+from hpc_gan.models.build import forward_on_meta
 from hpc_gan.models.rgb_conv import D_RGB_CONVS, G_RGB_CONVS, RgbConv, conv2d, rgb_convs
 
 Shape = Tuple[int, ...]
@@ -29,16 +30,13 @@ def rgb_conv_shapes(cfg: Any, batch: int) -> Dict[str, List[Tuple[Shape, Shape, 
     """{"G": ..., "D": ...}: (input shape, weight shape, padding) of each network's convolutions that read or write
     3 channels, in one forward on ``batch`` samples, recorded on the meta device."""
     found: Dict[str, List[Tuple[Shape, Shape, int]]] = {"G": [], "D": []}
-    n, m = cfg.data.num_classes, dataclasses.replace(cfg.model, d_rgb_conv_impl="conv2d", g_rgb_conv_impl="conv2d")
-    with torch.device("meta"):
-        G, D = build_generator(m, n), build_discriminator(m, n, cfg.loss.cond)
-        for name, net, side in (("G", G, "out"), ("D", D, "in")):
-            for conv in rgb_convs(net, side):
-                conv.register_forward_pre_hook(lambda mod, args, name=name: found[name].append(
-                    (tuple(args[0].shape), tuple(mod.weight.shape), int(mod.padding[0]))))
-        z, y = torch.randn(batch, m.z_dim), torch.zeros(batch, dtype=torch.long)
-        with torch.no_grad():
-            D(G(z, y), y)
+
+    def hook(name: str, net: nn.Module) -> None:
+        for conv in rgb_convs(net, "out" if name == "G" else "in"):
+            conv.register_forward_pre_hook(lambda mod, args: found[name].append(
+                (tuple(args[0].shape), tuple(mod.weight.shape), int(mod.padding[0]))))
+    forward_on_meta(cfg, batch, dataclasses.replace(cfg.model, d_rgb_conv_impl="conv2d", g_rgb_conv_impl="conv2d"),
+                    hook)
     return found
 
 
