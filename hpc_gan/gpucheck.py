@@ -37,6 +37,8 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from hpc_gan.train.inductor_sources import describe  # torch-free: the parent process stays light
+
 ROOT = Path(__file__).resolve().parents[1]
 # (name, seconds allowed on a GPU, seconds allowed in smoke mode): 480 s in all on one H100, under the 8 minutes
 # that one call may take (the H100 runs took 380 and 476 s, the H200 run 483 s). What a stage leaves of its box goes
@@ -317,27 +319,29 @@ def stage_layers(smoke: bool, deadline: float, save: Save) -> Dict[str, Any]:
             "dtype": str(dtype)[6:], "device": dev.type}
 
 
+FASTEST_LABELS = ("eager fastest layers", "cuda_graphs fastest layers")  # CUDA graphs: on a GPU only
 TRAIN_KEYS = ("sec_per_step", "samples_per_s_per_device", "tflops_per_device", "mfu", "gpu_busy", "host_bound",
               "aten_ops_per_iteration", "cuda_kernels_per_iteration", "kernel_device_ms_per_iteration",
               "first_step_seconds", "peak_memory_gib", "peak_reserved_gib", "phase_ms_per_step",
               "phase_host_ms_per_step", "kernel_ms_by_kind", "top_kernels_by_kind", "top_kernels", "top_ops",
-              "top_op_shapes")
+              "top_op_shapes", "inductor_kernels")
 
 
 def train_cases(smoke: bool, wanted: Optional[List[str]] = None) -> Tuple[Path, List[str], List[Case]]:
     """(preset, overrides for all, [(batch per GPU, label, overrides)]): the most telling first. Eager at 256 (MFU
     of the defaults), CUDA graphs at 256 (the best MFU: 41.8% on the H200, compile's 40.9%), CUDA graphs at 32 (the
     operating point: host time), eager at 32, compile at 256 and at 32; then, if time is left, the layers stage's
-    fastest pooling, upsampling and attention where the defaults run others, and cuDNN's heuristics in place of its
+    fastest pooling, upsampling, attention and RGB convolutions where the defaults run others (``FASTEST_LABELS``:
+    eager, and under CUDA graphs, where the MFU goal is measured), and cuDNN's heuristics in place of its
     benchmarked algorithms (train.cudnn_benchmark). On a fresh H200 an eager case at 256 takes ~45 s and a compiled or
     CUDA-graph one ~100 s, ~80 s of it the first step (2026-11-27), so the stage (140 s plus what the stages before
     it left) runs the first two and skips any case that cannot finish (``case_seconds``): a second call,
     ``--stages train --cases ... --seconds ...``, runs the others. All channels-last (auto's choice on CUDA; NCHW
     ran 12% slower in both runs of the first H100 session).
     ``wanted``: the keys to run (default: ``--cases``, as the train stage's process gets them; [] for all)."""
-    fastest = _fastest_layers()
+    fastest, fastest_compiled = _fastest_layers(), _fastest_layers(compiled=True)
     if smoke:
-        cases = [(8, "eager", [])] + ([(8, "eager fastest layers", fastest)] if fastest else [])
+        cases = [(8, "eager", [])] + ([(8, FASTEST_LABELS[0], fastest)] if fastest else [])
         return ROOT / "configs" / "demo.yaml", ["model.g_ch=8", "model.d_ch=8", "run.device=cpu"], \
             _pick_cases(cases, wanted)
     nhwc = ["model.memory_format=channels_last"]
@@ -345,7 +349,8 @@ def train_cases(smoke: bool, wanted: Optional[List[str]] = None) -> Tuple[Path, 
     graphs = ["train.cuda_graphs=true", *nhwc]
     cases = [(256, "eager", nhwc), (256, "cuda_graphs", graphs), (32, "cuda_graphs", graphs), (32, "eager", nhwc),
              (256, "compile", compiled), (32, "compile", compiled)] + \
-        ([(256, "eager fastest layers", [*fastest, *nhwc])] if fastest else []) + \
+        ([(256, FASTEST_LABELS[0], [*fastest, *nhwc])] if fastest else []) + \
+        ([(256, FASTEST_LABELS[1], [*fastest_compiled, *graphs])] if fastest_compiled else []) + \
         [(256, "eager no cudnn benchmark", ["train.cudnn_benchmark=false", *nhwc])]
     return ROOT / "configs" / "imagenet128_reacgan_b2048.yaml", ["train.precision=bf16"], _pick_cases(cases, wanted)
 
@@ -369,10 +374,12 @@ def _pick_cases(cases: List[Case], wanted: Optional[List[str]]) -> List[Case]:
     return [by_key[k] for k in wanted]
 
 
-def _fastest_layers() -> List[str]:
+def _fastest_layers(compiled: bool = False) -> List[str]:
     """Overrides that put the layers stage's fastest pooling, upsampling, attention and RGB convolutions in place of
-    what the defaults run on the device ("auto"'s resampling, "sdpa", "conv2d"), so one eager step case checks the
-    op-level winners at the step level; [] when the defaults won or the stage did not run."""
+    what the defaults run on the device ("auto"'s resampling, "sdpa", "conv2d"), so a step case checks the op-level
+    winners at the step level, eager and (``compiled``) under CUDA graphs, where the MFU goal is measured and
+    inductor may fuse a formulation differently; [] when the defaults won or the stage did not run. Compiled, a
+    winning pool_impl=nearest_grad is left out: it does not compile on CUDA (train.trainer.compile_mode)."""
     from hpc_gan.config import ModelConfig
     from hpc_gan.models.layers import auto_resample
     stage_dir = os.environ.get(STAGE_DIR_ENV)
@@ -386,7 +393,8 @@ def _fastest_layers() -> List[str]:
         [("attn_impl", stage.get("attention_best"), ModelConfig.attn_impl)] + \
         [(f"{side}_rgb_conv_impl", v, getattr(ModelConfig, f"{side}_rgb_conv_impl"))
          for side, v in (stage.get("rgb_conv_best") or {}).items()]
-    fastest = [(k, v, default) for k, v, default in fastest if v is not None]
+    fastest = [(k, v, default) for k, v, default in fastest
+               if v is not None and not (compiled and (k, v) == ("pool_impl", "nearest_grad"))]
     if all(v == default for _, v, default in fastest):
         return []
     return [f"model.{k}={v}" for k, v, _ in fastest]
@@ -620,6 +628,9 @@ def write_report(out_dir: Path, report: Dict[str, Any]) -> None:
                 if r.get("kernel_ms_by_kind"):
                     lines.append("  - device ms per iteration by kind: " + ", ".join(
                         f"{k} {v:.1f}" for k, v in r["kernel_ms_by_kind"].items()))
+                for k in r.get("inductor_kernels") or []:  # sources in report.json
+                    what = " | ".join(describe(d) for d in k["definitions"]) or "source not found"
+                    lines.append(f"  - inductor kernel {k['name']}: {k['ms']:.2f} ms in {k['calls']} calls ({what})")
             elif "batch" in r:
                 lines.append(f"- train, batch {r['batch']}, {r['mode']}: {r.get('status')} "
                              f"{r.get('why') or r.get('stderr', '')[-200:]}")
@@ -668,12 +679,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         p.error(f"--stages {' '.join(x for x in args.stages if x not in names)}: no such stage; "
                 f"the stages are {' '.join(names)}")
     _, _, cases = train_cases(smoke, wanted=[])  # all of them, to check --cases against
-    keys = [case_key(b, label) for b, label, _ in cases] + [case_key(cases[0][0], "eager fastest layers")]
+    # the fastest-layers cases exist once the layers stage has run: named before it, they are known here
+    fastest_keys = [case_key(cases[0][0], label) for label in FASTEST_LABELS[:1 if smoke else None]]
+    keys = [case_key(b, label) for b, label, _ in cases] + fastest_keys
     if set(args.cases) - set(keys):
         p.error(f"--cases {' '.join(x for x in args.cases if x not in keys)}: no such train case here; "
                 f"the cases are {' '.join(dict.fromkeys(keys))}")
-    if keys[-1] in args.cases and "layers" not in args.stages:  # the H200's second call, 2026-11-27, spent a start
-        p.error(f"--cases {keys[-1]} runs what the layers stage found fastest: add layers to --stages "
+    needs_layers = [k for k in args.cases if k in fastest_keys]
+    if needs_layers and "layers" not in args.stages:  # the H200's second call, 2026-11-27, spent a start on this
+        p.error(f"--cases {needs_layers[0]} runs what the layers stage found fastest: add layers to --stages "
                 f"(--stages layers train)")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)

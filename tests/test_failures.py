@@ -335,6 +335,34 @@ def test_the_gpu_check_runs_the_train_cases_asked_for(monkeypatch, capsys):
         assert said in capsys.readouterr().err
 
 
+def test_the_fastest_layers_run_eager_and_under_cuda_graphs(tmp_path, monkeypatch):
+    """The layers stage's winners run in two step cases on a GPU: eager, and under CUDA graphs (where the MFU goal
+    is measured, and where inductor may fuse a formulation differently). A winning pool_impl=nearest_grad stays out
+    of the compiled case, which would refuse it; with nothing else to change, that case is not run."""
+    from hpc_gan import gpucheck
+    monkeypatch.setenv(gpucheck.STAGE_DIR_ENV, str(tmp_path))
+    monkeypatch.delenv(gpucheck.CASES_ENV, raising=False)
+    stage = tmp_path / "stage-layers.json"
+
+    def cases(best, attention="sdpa", rgb=None):
+        stage.write_text(json.dumps({"device": "cuda", "best": best, "attention_best": attention,
+                                     "rgb_conv_best": rgb or {"d": "conv2d", "g": "conv2d"}}))
+        _, _, found = gpucheck.train_cases(smoke=False)
+        return {label: flags for batch, label, flags in found if "fastest" in label}
+
+    got = cases({"pool": "nearest_grad", "upsample": "expand"}, rgb={"d": "unfold_mm", "g": "conv2d"})
+    eager, graphs = got["eager fastest layers"], got["cuda_graphs fastest layers"]
+    assert "model.pool_impl=nearest_grad" in eager and "model.d_rgb_conv_impl=unfold_mm" in eager
+    assert "model.pool_impl=nearest_grad" not in graphs and "model.pool_impl=reshape" not in graphs
+    assert {"model.d_rgb_conv_impl=unfold_mm", "train.cuda_graphs=true"} <= set(graphs)
+    assert list(cases({"pool": "nearest_grad", "upsample": "expand"})) == ["eager fastest layers"]
+    assert cases({"pool": "reshape", "upsample": "expand"}) == {}  # the defaults won: nothing more to run
+    for _ in range(2):  # the defaults won, then no layers stage at all: asked for, the case is one clear line
+        with pytest.raises(ValueError, match="the fastest layers' case runs only where the layers stage found"):
+            gpucheck.train_cases(smoke=False, wanted=["256:cuda_graphs_fastest_layers"])
+        stage.unlink(missing_ok=True)
+
+
 def test_the_gpu_check_gives_the_last_stage_what_seconds_leaves(tmp_path, capsys):
     """--seconds is the whole call's time: a second call on a warm machine gives the train stage all of it; a stage
     with nothing left is reported as skipped, not run."""
@@ -390,6 +418,26 @@ def test_the_gpu_check_reads_its_goals_off_the_h200_run():
     assert rows["not host-bound at 32 per GPU with compile or CUDA graphs (GPU busy, best case)"] == ("101% busy", "met")
     assert rows["not host-bound at 256 per GPU with compile or CUDA graphs (GPU busy, best case)"] == ("97% busy", "met")
     assert rows["train step MFU >= 45% at 256 per GPU (best case)"] == ("41.8%", "missed")
+
+
+def test_the_report_says_what_the_longest_inductor_kernels_compute(tmp_path):
+    """A compiled case's longest inductor kernels get a line each in report.md: time, calls, and the sizes, hints
+    and aten ops of their definitions (the sources stay in report.json); a kernel whose source was not found says
+    so. On the H200's CUDA-graph case at 32 (run 4), given the definitions a GPU run would find."""
+    from hpc_gan.gpucheck import write_report
+    report = json.loads((ROOT / "docs" / "gpu-runs" / "2026-11-27-h200-run4.json").read_text())
+    run = next(r for s in report["stages"] for r in s.get("runs", []) if r.get("mode") == "cuda_graphs")
+    found = {"sizes": {"xnumel": 24576, "r0_numel": 16384}, "hints": ["reduction_hint=ReductionHint.OUTER"],
+             "aten": "aten.mul, aten.sum", "origin": "", "source": "def k(): pass", "file": "cab.py"}
+    run["inductor_kernels"] = [{"name": "triton_red_fused_mul_sum_19", "ms": 5.8514, "calls": 1,
+                                "definitions": [found]},
+                               {"name": "triton_poi_fused_relu_4", "ms": 1.5, "calls": 2, "definitions": []}]
+    write_report(tmp_path, report)
+    md = (tmp_path / "report.md").read_text()
+    assert ("  - inductor kernel triton_red_fused_mul_sum_19: 5.85 ms in 1 calls (xnumel 24576, r0_numel 16384; "
+            "reduction_hint=ReductionHint.OUTER; aten aten.mul, aten.sum)") in md
+    assert "  - inductor kernel triton_poi_fused_relu_4: 1.50 ms in 2 calls (source not found)" in md
+    assert "def k(): pass" not in md and "def k(): pass" in (tmp_path / "report.json").read_text()
 
 
 def test_every_shape_is_not_met_while_shapes_are_unmeasured():

@@ -92,6 +92,25 @@ def test_the_profiled_step_names_the_ops_behind_its_kernels(tiny_cfg):
     assert abs(sum(prof["kinds"].values()) - prof["device_ms"]) < 1e-3 and "optimizer" in prof["kinds"]
 
 
+def test_a_profiled_inductor_kernel_has_its_source_found():
+    """The compiled step's longest inductor kernels are reported with their sizes (hpc_gan.train.inductor_sources):
+    a CUDA compile's profiled Triton kernel is found by its profile name in this process's output code, with the
+    element count it states."""
+    from kernels.bench import kernel_kind, profile_cuda
+    from hpc_gan.train.inductor_sources import kernel_sources
+    x = torch.randn(8, 96, 32, 32, device=CUDA, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    gain = torch.randn(8, 96, device=CUDA, dtype=torch.bfloat16)
+    fn = torch.compile(lambda x, g: torch.relu(x * g[:, :, None, None]).sum((2, 3)))
+    fn(x, gain)
+    prof = profile_cuda(lambda: fn(x, gain))
+    names = [name for name, _, _ in prof["top_by_kind"].get("inductor Triton", [])]
+    assert names and all(kernel_kind(n) == "inductor Triton" for n in names), prof["top"]
+    found = kernel_sources(names)
+    assert set(found) == set(names), (names, list(found))
+    defs = [d for per_name in found.values() for d in per_name]
+    assert all("@triton.jit" in d["source"] for d in defs) and any(d["sizes"] for d in defs), found
+
+
 @pytest.mark.parametrize("ch", [192, 96])  # BigGAN-128's attention widths: G's (q, k 24) and D's (12 -> 16)
 def test_narrow_attention_runs_the_memory_efficient_kernel(ch):
     """model.attn_impl=sdpa_narrow on CUDA: queries and keys padded only to a multiple of 8, beside v's c/2, run on

@@ -329,6 +329,52 @@ def test_a_benchmark_reports_its_step_time_before_the_profiled_step(tiny_cfg):
     assert {k: r[k] for k in seen[1]} == seen[1] and seen[1]["sec_per_step"] > 0 and seen[1]["mfu"] > 0
 
 
+def test_inductor_sources_tell_what_a_compiled_kernel_computes(tmp_path):
+    """A profile names inductor's kernels by their ops only; kernel_sources finds a kernel's generated source in the
+    output code this process compiled (here a real CPU compile: a per-sample, per-channel gain summed over the
+    pixels of a channels-last tensor, CBN's gain gradient in form), and reads the sizes, autotuning hints and aten
+    ops that inductor's Triton output code states (written out below in that form)."""
+    from hpc_gan.train.inductor_sources import describe, kernel_definitions, kernel_sources, loaded_output_code
+    x = torch.randn(4, 16, 6, 6).contiguous(memory_format=torch.channels_last)
+    gain = torch.randn(4, 16)
+    fn = torch.compile(lambda x, g: (x * g[:, :, None, None]).sum((2, 3)))
+    assert torch.allclose(fn(x, gain), (x * gain[:, :, None, None]).sum((2, 3)), atol=1e-5)
+    found = {name: d for name, d in kernel_sources().items() if name.startswith("cpp_fused") and "mul" in name}
+    assert found, [p.name for p in loaded_output_code()]
+    (d,) = next(iter(found.values()))[:1]
+    assert "kernel(" in d["source"] and d["file"].endswith(".py") and "#include" in d["source"]
+    assert kernel_sources(["triton_poi_fused_not_compiled_here_0"]) == {}
+    text = "\n".join([
+        "import torch", "",
+        "# kernel path: /tmp/torchinductor_u/ab/cab.py",
+        "# Topologically Sorted Source Nodes: [], Original ATen: [aten.mul, aten.sum]",
+        "# Source node to ATen node mapping:",
+        "triton_red_fused_mul_sum_19 = async_compile.triton('triton_red_fused_mul_sum_19', '''",
+        "import triton", "import triton.language as tl",
+        "from torch._inductor.runtime import triton_helpers, triton_heuristics",
+        "triton_helpers.set_driver_to_gpu()", "",
+        "@triton_heuristics.reduction(", "    size_hints={'x': 32768, 'r0_': 16384},",
+        "    reduction_hint=ReductionHint.OUTER,", ")", "@triton.jit",
+        "def triton_red_fused_mul_sum_19(in_ptr0, out_ptr0, xnumel, r0_numel, XBLOCK, R0_BLOCK):",
+        "    xnumel = 24576", "    r0_numel = 16384",
+        "''', device_str='cuda')", "",
+        "triton_poi_fused_relu_3 = async_compile.triton('triton_poi_fused_relu_3', '''",
+        "def triton_poi_fused_relu_3(in_ptr0, xnumel, XBLOCK):", "    xnumel = 512", "''', device_str='cuda')"])
+    defs = kernel_definitions(text)
+    assert sorted(defs) == ["triton_poi_fused_relu_3", "triton_red_fused_mul_sum_19"]
+    red = defs["triton_red_fused_mul_sum_19"]
+    assert red["sizes"] == {"xnumel": 24576, "r0_numel": 16384} and red["aten"] == "aten.mul, aten.sum"
+    assert describe(red) == ("xnumel 24576, r0_numel 16384; size_hints={'x':32768,'r0_':16384}, "
+                             "reduction_hint=ReductionHint.OUTER; aten aten.mul, aten.sum")
+    assert not red["source"].startswith("import") and red["origin"].startswith("# kernel path")
+    assert defs["triton_poi_fused_relu_3"]["origin"] == "" and defs["triton_poi_fused_relu_3"]["sizes"] == {
+        "xnumel": 512}
+    path = tmp_path / "output_code.py"
+    path.write_text(text)
+    two = kernel_sources(["triton_poi_fused_relu_3"], files=[path, path], max_chars=40)  # one entry per file
+    assert [len(d["source"]) <= 40 for d in two["triton_poi_fused_relu_3"]] == [True, True]
+
+
 
 def test_a_training_step_makes_no_tensor_from_host_numbers(tiny_cfg):
     """The CPU's stand-in for tests/test_gpu.py's sync check. A tensor made from Python numbers inside the step

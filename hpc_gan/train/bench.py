@@ -23,6 +23,7 @@ from kernels.bench import profile_cuda
 from hpc_gan.config import Config
 from hpc_gan.dist import DistInfo
 from hpc_gan.peaks import PEAK_TFLOPS
+from hpc_gan.train.inductor_sources import kernel_sources
 from hpc_gan.train.timing import PhaseTimer
 from hpc_gan.train.trainer import Trainer, resolve_device
 
@@ -121,6 +122,13 @@ def bench_train(cfg: Config, steps: int = 10, warmup: int = 2, info: Optional[Di
     prof = profile_cuda(trainer.train_step, top=40) if device.type == "cuda" else None
     kernels = prof["count"] if prof else None
     trainer.pop_metrics()
+    # what the compiled step's longest fused kernels compute (their names say only their ops): sizes and sources
+    inductor = None
+    if prof and trainer.compile_mode:
+        top = prof["top_by_kind"].get("inductor Triton", [])
+        defs = kernel_sources(name for name, _, _ in top)
+        inductor = [{"name": name, "ms": ms, "calls": calls, "definitions": defs.get(name, [])}
+                    for name, ms, calls in top]
     images_s = samples_s * (2 * t.n_dis + 1)                       # through D: real + fake per D step, fakes in G
     mem = (torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda"
            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)
@@ -141,7 +149,7 @@ def bench_train(cfg: Config, steps: int = 10, warmup: int = 2, info: Optional[Di
         "top_kernels": prof["top"] if prof else None, "top_ops": prof["top_ops"] if prof else None,
         "kernel_ms_by_kind": prof["kinds"] if prof else None,
         "top_kernels_by_kind": prof["top_by_kind"] if prof else None,
-        "top_op_shapes": prof["top_op_shapes"] if prof else None,
+        "top_op_shapes": prof["top_op_shapes"] if prof else None, "inductor_kernels": inductor,
         "compile": trainer.compile_mode or "off",
         "allreduce_all_grads_ms": _allreduce_ms(trainer),
         "images_per_s_per_device": images_s, "gflops_per_sample_iteration": gflop, "peak_tflops": peak,
