@@ -161,6 +161,8 @@ class TrainConfig:
     optimizer_impl: OptimizerImpl = "auto"  # auto: torch's fused Adam where it runs, else foreach; torch: per tensor
     compile: CompileMode = "off"           # torch.compile of G's and D's forward (the first steps compile)
     cuda_graphs: bool = False              # CUDA graphs through torch.compile's reduce-overhead mode (CUDA only)
+    compile_tuning: bool = False           # inductor's coordinate-descent tuning of its fused kernels' launch
+                                           # configs (with compile or cuda_graphs; CUDA; longer first step)
     cudnn_benchmark: bool = True           # CUDA: cuDNN times its algorithms once per conv shape and keeps the
                                            # fastest (training shapes are fixed); false: its heuristics
     seed: int = 0
@@ -355,6 +357,9 @@ def validate(cfg: Config) -> None:
     if t.cuda_graphs and t.compile not in ("off", "reduce-overhead"):
         raise UserError(f"train.cuda_graphs=true captures through torch.compile's reduce-overhead mode; leave "
                         f"train.compile=off (or reduce-overhead), not {t.compile}")
+    if t.compile_tuning and t.compile == "off" and not t.cuda_graphs:
+        raise UserError("train.compile_tuning=true tunes the kernels torch.compile generates; set "
+                        "train.cuda_graphs=true or train.compile=default with it, or leave it false")
     if t.compile != "off" and cfg.dist.strategy != "ddp":
         raise UserError(f"train.compile={t.compile} is tested with dist.strategy=ddp only; use ddp or "
                         f"train.compile=off")

@@ -60,13 +60,14 @@ Case = Tuple[int, str, List[str]]  # a train case: (batch per GPU, label, config
 # of it is the first step (eager 28 s at 256 and 7 s at 32: cuDNN's benchmark, Triton's autotuning; compiled 78-88 s
 # at either: dynamo and inductor build 4 graphs) and ~10 s of start-up
 CASE_SECONDS = {"eager": (45, 25), "compile": (100, 100), "cuda_graphs": (100, 100)}
+TUNING_SECONDS = 60  # train.compile_tuning's benchmarking of each fused kernel's configs: a guess, not yet measured
 
 
 def case_seconds(batch: int, label: str) -> int:
     """What a train case needs of the box on a GPU (``CASE_SECONDS``): the 256-per-GPU figure above 64 per GPU, the
-    32 one at or below."""
+    32 one at or below; ``TUNING_SECONDS`` more for a tuned case."""
     at_256, at_32 = CASE_SECONDS[label.split()[0]]
-    return at_256 if batch > 64 else at_32
+    return (at_256 if batch > 64 else at_32) + (TUNING_SECONDS if "tuned" in label.split() else 0)
 Save = Callable[[Dict[str, Any]], None]  # a looping stage's partial result, written after each case
 
 
@@ -332,8 +333,8 @@ def train_cases(smoke: bool, wanted: Optional[List[str]] = None) -> Tuple[Path, 
     of the defaults), CUDA graphs at 256 (the best MFU: 41.8% on the H200, compile's 40.9%), CUDA graphs at 32 (the
     operating point: host time), eager at 32, compile at 256 and at 32; then, if time is left, the layers stage's
     fastest pooling, upsampling, attention and RGB convolutions where the defaults run others (``FASTEST_LABELS``:
-    eager, and under CUDA graphs, where the MFU goal is measured), and cuDNN's heuristics in place of its
-    benchmarked algorithms (train.cudnn_benchmark). On a fresh H200 an eager case at 256 takes ~45 s and a compiled or
+    eager, and under CUDA graphs, where the MFU goal is measured), CUDA graphs with inductor's kernels tuned
+    (train.compile_tuning), and cuDNN's heuristics in place of its benchmarked algorithms (train.cudnn_benchmark). On a fresh H200 an eager case at 256 takes ~45 s and a compiled or
     CUDA-graph one ~100 s, ~80 s of it the first step (2026-11-27), so the stage (140 s plus what the stages before
     it left) runs the first two and skips any case that cannot finish (``case_seconds``): a second call,
     ``--stages train --cases ... --seconds ...``, runs the others. All channels-last (auto's choice on CUDA; NCHW
@@ -351,7 +352,8 @@ def train_cases(smoke: bool, wanted: Optional[List[str]] = None) -> Tuple[Path, 
              (256, "compile", compiled), (32, "compile", compiled)] + \
         ([(256, FASTEST_LABELS[0], [*fastest, *nhwc])] if fastest else []) + \
         ([(256, FASTEST_LABELS[1], [*fastest_compiled, *graphs])] if fastest_compiled else []) + \
-        [(256, "eager no cudnn benchmark", ["train.cudnn_benchmark=false", *nhwc])]
+        [(256, "cuda_graphs tuned", ["train.compile_tuning=true", *graphs]),
+         (256, "eager no cudnn benchmark", ["train.cudnn_benchmark=false", *nhwc])]
     return ROOT / "configs" / "imagenet128_reacgan_b2048.yaml", ["train.precision=bf16"], _pick_cases(cases, wanted)
 
 

@@ -300,6 +300,29 @@ def test_cuda_graphs_are_refused_on_the_cpu(tiny_cfg):
         Trainer(tiny_cfg("train.cuda_graphs=true"), torch.device("cpu"))
 
 
+def test_compile_tuning_is_wired_to_inductor_and_refused_where_it_tunes_nothing(tiny_cfg, monkeypatch):
+    """train.compile_tuning turns on inductor's coordinate-descent tuning for the compiled forwards (its effect is
+    the GPU pack's 256:cuda_graphs_tuned case); without a compile it has nothing to tune, and on the CPU inductor's
+    C++ kernels have no launch configs: one line each, before anything is built."""
+    import torch._inductor.config as inductor_config
+
+    from hpc_gan.errors import UserError
+    from hpc_gan.train.trainer import compile_forwards, compile_mode
+    with pytest.raises(UserError, match="train.compile_tuning=true tunes the kernels torch.compile generates; set "
+                                        "train.cuda_graphs=true or train.compile=default"):
+        tiny_cfg("train.compile_tuning=true")
+    cfg = tiny_cfg("train.compile_tuning=true", "train.cuda_graphs=true")
+    assert compile_mode(cfg, torch.device("cuda")) == "reduce-overhead"
+    with pytest.raises(UserError, match="run on CUDA; leave it false on the CPU"):
+        Trainer(tiny_cfg("train.compile_tuning=true", "train.compile=default"), torch.device("cpu"))
+    monkeypatch.setattr(inductor_config, "coordinate_descent_tuning", False)
+    net = torch.nn.Linear(2, 2)
+    compile_forwards((net,), "default")
+    assert inductor_config.coordinate_descent_tuning is False
+    compile_forwards((net,), "default", tuning=True)
+    assert inductor_config.coordinate_descent_tuning is True
+
+
 @pytest.mark.parametrize("flag", ["train.compile=default", "train.cuda_graphs=true"])
 def test_nearest_grad_pooling_is_refused_where_it_does_not_compile(tiny_cfg, flag):
     """On CUDA (H100, torch 2.11) dynamo broke D's graph at nearest_grad's autograd.Function and recompiled its

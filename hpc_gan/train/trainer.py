@@ -65,6 +65,9 @@ def compile_mode(cfg: Config, device: torch.device) -> Optional[str]:
     t = cfg.train
     if t.cuda_graphs and device.type != "cuda":
         raise UserError("train.cuda_graphs=true needs a CUDA device; leave it false on the CPU")
+    if t.compile_tuning and device.type != "cuda":  # the CPU's C++ kernels have no launch configs to tune
+        raise UserError("train.compile_tuning=true tunes inductor's Triton kernels, which run on CUDA; leave it "
+                        "false on the CPU")
     mode = "reduce-overhead" if t.cuda_graphs else None if t.compile == "off" else t.compile
     if mode and device.type == "cuda" and cfg.model.pool_impl == "nearest_grad":
         # H100, torch 2.11 (2026-11-27): dynamo broke D's graph at this autograd.Function and compiled its frame
@@ -74,13 +77,20 @@ def compile_mode(cfg: Config, device: torch.device) -> Optional[str]:
     return mode
 
 
-def compile_forwards(nets: Tuple[nn.Module, ...], mode: str) -> None:
+def compile_forwards(nets: Tuple[nn.Module, ...], mode: str, tuning: bool = False) -> None:
     """torch.compile each net's forward with static shapes. Training shapes are fixed, and with the whole-network
     SN all nets' forwards are one code object (FusedSpectralNorm._forward), whose cache dynamo shares: its automatic
     dynamic shapes took D's inputs for a change of G's and compiled every later graph with symbolic sizes (conv
     kernel sizes included), slower to build and to run, and crashing inductor at BigGAN-128 on the CPU. A variant
-    past dynamo's recompile limit is an error, not a silent fall back to eager."""
+    past dynamo's recompile limit is an error, not a silent fall back to eager. ``tuning`` (train.compile_tuning):
+    inductor benchmarks each fused kernel's neighbouring launch configs and keeps the fastest (coordinate descent;
+    max-autotune's, without its GEMM and convolution templates, which would autotune every convolution shape): its
+    heuristics gave the H200's CUDA-graph step at 256 a reduction kernel of 5.9 ms (2026-11-27). A process-wide
+    inductor setting, as the recompile limit is."""
     torch._dynamo.config.fail_on_recompile_limit_hit = True
+    if tuning:
+        import torch._inductor.config as inductor_config
+        inductor_config.coordinate_descent_tuning = True
     for net in nets:
         net.forward = torch.compile(net.forward, mode=mode, dynamic=False)
 
@@ -127,7 +137,7 @@ class Trainer:
         # after the EMA copy: G_ema samples in eval mode, where every layer computes its own sigma
         self.fused_sn = [attach_fused_sn(net, cfg.model.sn_backend) for net in (G, D)]
         if self.compile_mode:  # the forward only: hooks (the whole-network SN) stay eager; G_ema stays eager
-            compile_forwards((G, D), self.compile_mode)
+            compile_forwards((G, D), self.compile_mode, tuning=t.compile_tuning)
         broadcast_state(G)
         broadcast_state(D)
         p = self.plan
