@@ -294,6 +294,7 @@ def stage_layers(smoke: bool, deadline: float, save: Save) -> Dict[str, Any]:
     from hpc_gan.config import load
     from hpc_gan.models.attention_bench import bench_attention
     from hpc_gan.models.resample_bench import bench_resampling
+    from hpc_gan.models.resample_conv_bench import bench_resample_convs
     from hpc_gan.models.rgb_conv_bench import bench_rgb_convs
     from kernels.bench import median_ms
     dev = _device(smoke)
@@ -310,14 +311,17 @@ def stage_layers(smoke: bool, deadline: float, save: Save) -> Dict[str, Any]:
         cfg, batch, dtype = load(ROOT / "configs" / "demo.yaml", ["model.g_attn_res=8", "model.d_attn_res=8"]), 4, \
             torch.float32
     copy_gb_per_s = _copy_gb_per_s(dev)
-    # the RGB convolutions first: the newest question (the fourth run decided the resampling and the attention)
-    rgb = bench_rgb_convs(cfg, batch, dev, dtype, time_ms, copy_gb_per_s, deadline - 17)
-    out = bench_resampling(cfg, batch, dev, dtype, time_ms, copy_gb_per_s, deadline - 7)
+    # the newest questions first, the resampling convolutions and then the RGB ones (the fourth run decided the
+    # resampling and the attention: they get what is left)
+    fused = bench_resample_convs(cfg, batch, dev, dtype, time_ms, copy_gb_per_s, deadline - 25)
+    rgb = bench_rgb_convs(cfg, batch, dev, dtype, time_ms, copy_gb_per_s, deadline - 14)
+    out = bench_resampling(cfg, batch, dev, dtype, time_ms, copy_gb_per_s, deadline - 6)
     attn = bench_attention(cfg, batch, dev, dtype, time_ms, deadline - 2)
     return {**out, "attention_rows": attn["rows"], "attention_ms_per_iteration": attn["ms_per_iteration"],
             "attention_best": attn["best"], "rgb_conv_rows": rgb["rows"],
-            "rgb_conv_ms_per_iteration": rgb["ms_per_iteration"], "rgb_conv_best": rgb["best"], "batch": batch,
-            "dtype": str(dtype)[6:], "device": dev.type}
+            "rgb_conv_ms_per_iteration": rgb["ms_per_iteration"], "rgb_conv_best": rgb["best"],
+            "resample_conv_rows": fused["rows"], "resample_conv_ms_per_iteration": fused["ms_per_iteration"],
+            "resample_conv_best": fused["best"], "batch": batch, "dtype": str(dtype)[6:], "device": dev.type}
 
 
 FASTEST_LABELS = ("eager fastest layers", "cuda_graphs fastest layers")  # CUDA graphs: on a GPU only
@@ -377,13 +381,15 @@ def _pick_cases(cases: List[Case], wanted: Optional[List[str]]) -> List[Case]:
 
 
 def _fastest_layers(compiled: bool = False) -> List[str]:
-    """Overrides that put the layers stage's fastest pooling, upsampling, attention and RGB convolutions in place of
-    what the defaults run on the device ("auto"'s resampling, "sdpa", "conv2d"), so a step case checks the op-level
-    winners at the step level, eager and (``compiled``) under CUDA graphs, where the MFU goal is measured and
-    inductor may fuse a formulation differently; [] when the defaults won or the stage did not run. Compiled, a
-    winning pool_impl=nearest_grad is left out: it does not compile on CUDA (train.trainer.compile_mode)."""
+    """Overrides that put the layers stage's fastest pooling, upsampling, attention, RGB and resampling
+    convolutions in place of what the defaults run on the device ("auto"'s choices, "sdpa", "conv2d"), so a step
+    case checks the op-level winners at the step level, eager and (``compiled``) under CUDA graphs, where the MFU
+    goal is measured and inductor may fuse a formulation differently; [] when the defaults won or the stage did not
+    run. Compiled, a winning pool_impl=nearest_grad is left out: it does not compile on CUDA
+    (train.trainer.compile_mode)."""
     from hpc_gan.config import ModelConfig
     from hpc_gan.models.layers import auto_resample
+    from hpc_gan.models.resample_conv import resolve
     stage_dir = os.environ.get(STAGE_DIR_ENV)
     path = Path(stage_dir) / "stage-layers.json" if stage_dir else None
     if path is None or not path.exists():
@@ -394,7 +400,10 @@ def _fastest_layers(compiled: bool = False) -> List[str]:
     fastest = [(f"{k}_impl", v, auto_resample(k, device)) for k, v in stage.get("best", {}).items()] + \
         [("attn_impl", stage.get("attention_best"), ModelConfig.attn_impl)] + \
         [(f"{side}_rgb_conv_impl", v, getattr(ModelConfig, f"{side}_rgb_conv_impl"))
-         for side, v in (stage.get("rgb_conv_best") or {}).items()]
+         for side, v in (stage.get("rgb_conv_best") or {}).items()] + \
+        [(key, v, resolve(getattr(ModelConfig, key), device))
+         for key, v in (("g_upconv_impl", (stage.get("resample_conv_best") or {}).get("g")),
+                        ("d_downconv_impl", (stage.get("resample_conv_best") or {}).get("d")))]
     fastest = [(k, v, default) for k, v, default in fastest
                if v is not None and not (compiled and (k, v) == ("pool_impl", "nearest_grad"))]
     if all(v == default for _, v, default in fastest):
@@ -583,7 +592,8 @@ def write_report(out_dir: Path, report: Dict[str, Any]) -> None:
                                                         "graph_speedup_vs_best_torch", "ms_per_iteration",
                                                         "graph_speedup_fused_vs_best_torch", "attention_rows",
                                                         "tiles", "best_tiles", "shape_seconds", "rgb_conv_rows",
-                                                        "rgb_conv_ms_per_iteration")}
+                                                        "rgb_conv_ms_per_iteration", "resample_conv_rows",
+                                                        "resample_conv_ms_per_iteration")}
         summary = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in keep.items())
         lines.append(f"| {s['name']} | {s['status']} | {s['seconds']} | {summary[:300]} |")
     for s in report["stages"]:
@@ -617,6 +627,14 @@ def write_report(out_dir: Path, report: Dict[str, Any]) -> None:
         if s.get("rgb_conv_best"):
             lines.append("- RGB convolutions, fastest over each network's: " + ", ".join(
                 f"{side}_rgb_conv_impl {v}" for side, v in s["rgb_conv_best"].items()))
+        for conv, per in (s.get("resample_conv_ms_per_iteration") or {}).items():
+            impls = ", ".join(f"{k} {v:.2f}" for k, v in per.items() if k != "floor_ms")
+            lines.append(f"- resampling convolution {conv}, ms per iteration at batch {s.get('batch')}: {impls}; "
+                         f"floor {per['floor_ms']:.2f}")
+        if s.get("resample_conv_best"):
+            names = {"g": "g_upconv_impl", "d": "d_downconv_impl"}
+            lines.append("- resampling convolutions, faster over each network's: " + ", ".join(
+                f"{names[side]} {v}" for side, v in s["resample_conv_best"].items()))
         for r in s.get("runs", []):
             if "sec_per_step" in r:
                 mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "n/a"

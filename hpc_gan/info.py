@@ -26,9 +26,11 @@ def model_info(cfg: Config, batch: int = 2) -> Dict[str, Any]:
     torch.manual_seed(0)
     # The model's FLOPs, not the kernels': attention through SDPA pads queries and keys with zeros (to the values'
     # width, c/8 -> c/2: 1.5% more FLOPs at BigGAN-128), and g_rgb_conv_impl=pad_out G's 3 output channels to 8,
-    # which an MFU must not count. The explicit map and conv2d are the same functions at their own widths, with the
-    # same parameters.
-    model = dataclasses.replace(cfg.model, attn_impl="explicit", d_rgb_conv_impl="conv2d", g_rgb_conv_impl="conv2d")
+    # which an MFU must not count; the fused resampling convolutions compute the same functions in 4/9 of their
+    # products, which an MFU must not take away (the model is what it computes, however it is computed). The
+    # explicit map, conv2d and the separate resampling are the model as written, with the same parameters.
+    model = dataclasses.replace(cfg.model, attn_impl="explicit", d_rgb_conv_impl="conv2d", g_rgb_conv_impl="conv2d",
+                                g_upconv_impl="separate", d_downconv_impl="separate")
     G, D = build_models(dataclasses.replace(cfg, model=model))
     g_params = sum(p.numel() for p in G.parameters())
     d_params = sum(p.numel() for p in D.parameters())

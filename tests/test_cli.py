@@ -87,13 +87,14 @@ def test_info_counts_the_authors_parameters(preset):
 
 def test_flops_are_the_models_not_the_padded_kernels():
     """SDPA attention pads queries and keys with zeros to the values' width, g_rgb_conv_impl=pad_out G's output
-    channels to 8; MFU counts the model's FLOPs, so the count is the same whichever runs (it was 1.5% higher with
-    SDPA at BigGAN-128)."""
+    channels to 8, and the fused resampling convolutions do 4/9 of the separate ops' products; MFU counts the
+    model's FLOPs, so the count is the same whichever runs (it was 1.5% higher with SDPA at BigGAN-128)."""
     from hpc_gan.config import load
     from hpc_gan.info import model_info
     counts = {o: model_info(load(ROOT / "configs" / "cifar10_reacgan.yaml", [o]))["gflops_per_sample_iteration"]
               for o in ("model.attn_impl=sdpa", "model.attn_impl=explicit", "model.g_rgb_conv_impl=pad_out",
-                        "model.d_rgb_conv_impl=unfold_mm")}
+                        "model.d_rgb_conv_impl=unfold_mm", "model.g_upconv_impl=fused",
+                        "model.d_downconv_impl=fused", "model.g_upconv_impl=separate")}
     assert len(set(counts.values())) == 1, counts
 
 

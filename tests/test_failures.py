@@ -270,6 +270,7 @@ def test_the_gpu_check_pack_runs_every_stage_in_smoke_mode(tmp_path):
     """scripts/gpu-check.sh --smoke: every stage at toy sizes on the CPU (kernels in Triton's interpreter), each
     reported in report.json and report.md, so the pack a GPU session runs cannot rot."""
     from hpc_gan.models.layers import auto_resample
+    from hpc_gan.models.resample_conv import resolve
     out = tmp_path / "gc"
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu-check.sh"), "--smoke", "--out", str(out)],
                           capture_output=True, text=True, env=env(), cwd=ROOT, timeout=900)
@@ -297,11 +298,17 @@ def test_the_gpu_check_pack_runs_every_stage_in_smoke_mode(tmp_path):
     # where the layers stage's fastest are not what the defaults run on the CPU, one training case runs them
     wanted = [k for k in ("pool", "upsample") if layers["best"][k] != auto_resample(k, "cpu")] + \
         (["attention"] if layers["attention_best"] != "sdpa" else []) + \
-        [side for side, v in layers["rgb_conv_best"].items() if v != "conv2d"]
+        [side for side, v in layers["rgb_conv_best"].items() if v != "conv2d"] + \
+        [side for side, v in layers["resample_conv_best"].items() if v != resolve("auto", "cpu")]
     # D's image convolutions (3x3, 1x1 shortcut) and G's output convolution under every formulation of their side
     assert {(r["conv"][0], r["impl"]) for r in layers["rgb_conv_rows"]} == {
         ("D", "conv2d"), ("D", "nchw"), ("D", "unfold_mm"), ("G", "conv2d"), ("G", "nchw"), ("G", "pad_out")}
     assert set(layers["rgb_conv_best"]) == {"d", "g"}
+    # G's upsampling convolutions and D's pooled ones, separate and fused, checked against each other as timed
+    assert {(r["conv"][0], r["impl"]) for r in layers["resample_conv_rows"]} == {
+        ("G", "separate"), ("G", "fused"), ("D", "separate"), ("D", "fused")}
+    assert set(layers["resample_conv_best"]) == {"d", "g"}
+    assert max(r["rel_error"] for r in layers["resample_conv_rows"]) < 1e-5
     modes = [r["mode"] for r in stages["train"]["runs"]]
     assert modes == ["eager"] + (["eager fastest layers"] if wanted else []), (modes, layers["best"])
     assert sorted(p.name for p in out.iterdir()) == ["report.json", "report.md"]  # stage files stay out of DIR
@@ -311,6 +318,7 @@ def test_the_gpu_check_pack_runs_every_stage_in_smoke_mode(tmp_path):
     assert "| shape | wall | device | fused, device |" in md  # D2D-CE's two modes side by side
     assert "- attention, ms per iteration at batch 4" in md and "(br/bc/ch/warps/stages/rch)" in md
     assert "- RGB convolution D 3->" in md and "- RGB convolution G " in md
+    assert "- resampling convolution G " in md and "- resampling convolutions, faster over each network's" in md
 
 
 def test_the_gpu_check_runs_the_train_cases_asked_for(monkeypatch, capsys):

@@ -330,44 +330,119 @@ def test_rgb_conv_formulations_equal_the_convolution(n, cin, cout, hw, k):
             torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-12, msg=name)
 
 
+def build_twins(cfg, **other: str) -> dict:
+    """G and D of cfg's model ("ref") and of the same model with the ``other`` settings ("other"), the same
+    weights, channels-last."""
+    import dataclasses
+
+    from hpc_gan.models.build import build_discriminator, build_generator
+    n, nets = cfg.data.num_classes, {}
+    for key, m in (("ref", cfg.model), ("other", dataclasses.replace(cfg.model, **other))):
+        torch.manual_seed(0)
+        G, D = build_generator(m, n), build_discriminator(m, n, cfg.loss.cond)
+        nets[key] = [net.to(memory_format=torch.channels_last) for net in (G, D)]
+    return nets
+
+
+def assert_twins_compute_the_same(cfg, nets: dict) -> None:
+    """build_twins' two G, D pairs: the same outputs and every parameter's gradient in fp32; under bf16 autocast,
+    each within 1.5x (plus 2%) of the reference's own distance to the float64 truth, in norm (bf16 rounds in
+    other places in another order: compared with each other, tiny nets' batch norms amplify that past any fixed
+    elementwise tolerance)."""
+    import copy
+    n = cfg.data.num_classes
+    z, y = torch.randn(4, cfg.model.z_dim), torch.randint(0, n, (4,))
+
+    def run(G, D, autocast: bool, dtype=torch.float32) -> list:
+        G.zero_grad(), D.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            x = G(z.to(dtype), y)
+            out = D(x, y)
+        (out["adv"].sum() + x.square().mean()).backward()
+        return [x, out["adv"]] + [p.grad for net in (G, D) for p in net.parameters() if p.grad is not None]
+
+    got = {key: run(G, D, False) for key, (G, D) in nets.items()}
+    assert len(got["ref"]) == len(got["other"])
+    for a, b in zip(got["other"], got["ref"]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    truth = run(*(copy.deepcopy(net).double() for net in nets["ref"]), False, torch.float64)
+    got = {key: run(G, D, True) for key, (G, D) in nets.items()}
+    # a floor under each tensor's norm: the gradients of conv biases that a batch norm follows are 0 in exact
+    # arithmetic, and rounding noise in bf16
+    floor = 1e-2 * torch.stack([t.norm() for t in truth]).median()
+    for i, (a, b, t) in enumerate(zip(got["other"], got["ref"], truth)):
+        err = {k: ((v.double() - t).norm() / torch.maximum(t.norm(), floor)).item() for k, v in (("other", a),
+                                                                                             ("ref", b))}
+        assert err["other"] <= 1.5 * err["ref"] + 2e-2, (i, err)
+
+
 @pytest.mark.parametrize("d_impl, g_impl", [("unfold_mm", "pad_out"), ("nchw", "nchw")])
 def test_models_with_other_rgb_convolutions_compute_the_same(d_impl, g_impl):
     """model.d_rgb_conv_impl / g_rgb_conv_impl reach exactly the convolutions on RGB (D's first block's two, G's
     last), and G and D built with them equal the reference's outputs and every parameter's gradient, in fp32 and
     under bf16 autocast (D's im2col columns made in autocast's dtype), channels-last."""
-    import dataclasses
     from pathlib import Path
 
     from hpc_gan.config import load
-    from hpc_gan.models.build import build_discriminator, build_generator
     from hpc_gan.models.rgb_conv import rgb_convs
     cfg = load(Path(__file__).parents[1] / "configs" / "demo.yaml")
-    other = dataclasses.replace(cfg.model, d_rgb_conv_impl=d_impl, g_rgb_conv_impl=g_impl)
-    n = cfg.data.num_classes
-    nets = {}
-    for key, m in (("ref", cfg.model), ("other", other)):
-        torch.manual_seed(0)
-        G, D = build_generator(m, n), build_discriminator(m, n, cfg.loss.cond)
-        nets[key] = [net.to(memory_format=torch.channels_last) for net in (G, D)]
+    nets = build_twins(cfg, d_rgb_conv_impl=d_impl, g_rgb_conv_impl=g_impl)
     G, D = nets["other"]
     assert [c.conv_fn is not None for c in rgb_convs(D, "in")] == [True, True] and len(rgb_convs(G, "out")) == 1
     assert sum(getattr(c, "conv_fn", None) is not None for c in D.modules()) == 2
     assert sum(getattr(c, "conv_fn", None) is not None for c in G.modules()) == 1
-    z, y = torch.randn(4, cfg.model.z_dim), torch.randint(0, n, (4,))
-    for autocast in (False, True):
-        got = {}
-        for key, (G, D) in nets.items():
-            G.zero_grad(), D.zero_grad()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-                x = G(z, y)
-                out = D(x, y)
-            (out["adv"].float().sum() + x.float().square().mean()).backward()
-            got[key] = [x.float(), out["adv"].float()] + [p.grad for net in (G, D) for p in net.parameters()
-                                                         if p.grad is not None]
-        assert len(got["ref"]) == len(got["other"])
-        tol = dict(rtol=2e-2, atol=2e-2) if autocast else dict(rtol=1e-4, atol=1e-5)
-        for a, b in zip(got["other"], got["ref"]):
-            torch.testing.assert_close(a, b, **tol)
+    assert_twins_compute_the_same(cfg, nets)
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("n, cin, cout, hw", [(2, 5, 7, (4, 6)), (1, 3, 4, (5, 3)), (3, 8, 8, (1, 1)),
+                                              (2, 4, 6, (7, 5))])
+def test_fused_resampling_convolutions_equal_the_separate_ops(n, cin, cout, hw, fmt):
+    """In float64 on fresh inputs (odd sizes: pooling drops a trailing row / column; 1 x 1 upsampled): upsample_conv
+    is conv3x3(nearest 2x upsampling) and conv_avgpool is 2x2 average pooling of conv3x3, values and the input's,
+    weight's and bias's gradients, each output in its input's layout; and they multiply-add 4/9 as often (the
+    upsampling's 2x2 grid is one pixel wider: (H+1)(W+1) / HW more; the pooling's fused form skips the row and
+    column that pooling drops)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from hpc_gan.models.resample_conv import conv_avgpool, upsample_conv
+    x = torch.randn(n, cin, *hw, dtype=torch.float64).contiguous(memory_format=fmt)
+    w, b = torch.randn(cout, cin, 3, 3, dtype=torch.float64), torch.randn(cout, dtype=torch.float64)
+    pairs = [(upsample_conv, lambda x, w, b: F.conv2d(F.interpolate(x, scale_factor=2.0), w, b, padding=1),
+              16 * (hw[0] + 1) * (hw[1] + 1) / (36 * hw[0] * hw[1]))]
+    if min(hw) >= 2:
+        pairs.append((conv_avgpool, lambda x, w, b: F.avg_pool2d(F.conv2d(x, w, b, padding=1), 2),
+                      16 * (hw[0] // 2) * (hw[1] // 2) / (9 * hw[0] * hw[1])))  # 4/9 at even sizes
+    for fused, separate, ratio in pairs:
+        ins = [t.detach().requires_grad_() for t in (x, w, b)]
+        ref = [t.detach().requires_grad_() for t in (x, w, b)]
+        with FlopCounterMode(display=False) as flops:
+            got = fused(*ins)
+        with FlopCounterMode(display=False) as ref_flops:
+            want = separate(*ref)
+        assert got.shape == want.shape and flops.get_total_flops() == pytest.approx(
+            ratio * ref_flops.get_total_flops()), fused.__name__
+        assert got.is_contiguous(memory_format=fmt) or min(hw) == 1, fused.__name__  # 1 x 1: both layouts
+        g = torch.randn_like(want)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=fused.__name__)
+        for a, c in zip(torch.autograd.grad(got, ins, g), torch.autograd.grad(want, ref, g)):
+            torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-12, msg=fused.__name__)
+
+
+@pytest.mark.parametrize("arch", ["biggan", "biggan_deep"])
+def test_models_with_fused_resampling_convolutions_compute_the_same(arch):
+    """model.g_upconv_impl / d_downconv_impl=fused against separate: G and D (BigGAN; BigGAN-deep's G, whose D
+    pools after a ReLU) give the same outputs and every parameter's gradient, in fp32 and under bf16 autocast (D's
+    pre-activation shortcuts pool before their 1x1 conv there)."""
+    from pathlib import Path
+
+    from hpc_gan.config import load
+    over = [] if arch == "biggan" else ["model.arch=biggan_deep", "model.resolution=128", "model.g_ch=4",
+                                       "model.d_ch=4", "model.z_dim=32", "model.shared_dim=16",
+                                       "model.g_attn_res=0", "model.d_attn_res=0"]
+    cfg = load(Path(__file__).parents[1] / "configs" / "demo.yaml",
+               over + ["model.g_upconv_impl=separate", "model.d_downconv_impl=separate"])
+    assert_twins_compute_the_same(cfg, build_twins(cfg, g_upconv_impl="fused", d_downconv_impl="fused"))
 
 
 def test_rgb_conv_bench_finds_biggans_rgb_convolutions_and_times_them():

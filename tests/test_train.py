@@ -181,7 +181,8 @@ def test_periodic_actions_run_at_their_own_intervals_and_are_timed(tiny_cfg, tmp
     ("model.memory_format", "channels_last", "contiguous"),
     ("model.pool_impl", "nearest_grad", "avg_pool2d"), ("model.pool_impl", "reshape", "avg_pool2d"),
     ("model.upsample_impl", "expand", "interpolate"), ("model.d_rgb_conv_impl", "unfold_mm", "conv2d"),
-    ("model.g_rgb_conv_impl", "pad_out", "conv2d")])
+    ("model.g_rgb_conv_impl", "pad_out", "conv2d"), ("model.g_upconv_impl", "fused", "separate"),
+    ("model.d_downconv_impl", "fused", "separate")])
 def test_fast_paths_train_like_their_reference(tiny_cfg, knob, fast, ref):
     """Three full steps with a fast path and with its reference twin give the same networks (adam_eps=1 keeps
     float-rounding differences from being blown up to +-lr by Adam; the non-saturating loss has no kink: under
@@ -300,7 +301,7 @@ def test_cuda_graphs_are_refused_on_the_cpu(tiny_cfg):
         Trainer(tiny_cfg("train.cuda_graphs=true"), torch.device("cpu"))
 
 
-def test_compile_tuning_is_wired_to_inductor_and_refused_where_it_tunes_nothing(tiny_cfg, monkeypatch):
+def test_compile_tuning_is_wired_to_inductor_and_refused_where_it_tunes_nothing(tiny_cfg):
     """train.compile_tuning turns on inductor's coordinate-descent tuning for the compiled forwards (its effect is
     the GPU pack's 256:cuda_graphs_tuned case); without a compile it has nothing to tune, and on the CPU inductor's
     C++ kernels have no launch configs: one line each, before anything is built."""
@@ -315,12 +316,13 @@ def test_compile_tuning_is_wired_to_inductor_and_refused_where_it_tunes_nothing(
     assert compile_mode(cfg, torch.device("cuda")) == "reduce-overhead"
     with pytest.raises(UserError, match="run on CUDA; leave it false on the CPU"):
         Trainer(tiny_cfg("train.compile_tuning=true", "train.compile=default"), torch.device("cpu"))
-    monkeypatch.setattr(inductor_config, "coordinate_descent_tuning", False)
     net = torch.nn.Linear(2, 2)
-    compile_forwards((net,), "default")
+    with inductor_config.patch(coordinate_descent_tuning=False):  # restored after: a process-wide setting
+        compile_forwards((net,), "default")
+        assert inductor_config.coordinate_descent_tuning is False
+        compile_forwards((net,), "default", tuning=True)
+        assert inductor_config.coordinate_descent_tuning is True
     assert inductor_config.coordinate_descent_tuning is False
-    compile_forwards((net,), "default", tuning=True)
-    assert inductor_config.coordinate_descent_tuning is True
 
 
 @pytest.mark.parametrize("flag", ["train.compile=default", "train.cuda_graphs=true"])

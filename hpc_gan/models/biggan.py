@@ -18,6 +18,7 @@ from hpc_gan.errors import UserError
 from hpc_gan.models.heads import ConditioningHead
 from hpc_gan.models.layers import (ConditionalBatchNorm2d, GOutput, SelfAttention, SNConv2d, SNLinear, make_bn,
                                    make_pool, make_upsample, orthogonal_init, run_blocks, upsample2x)
+from hpc_gan.models.resample_conv import check_conv3x3, conv_after_upsample, conv_then_pool, resolve
 
 # Channel multipliers per block: G blocks go in[i] -> out[i] and double the resolution, starting at 4x4.
 G_ARCH: Dict[int, Dict[str, List[int]]] = {
@@ -40,18 +41,21 @@ BOTTOM = 4  # G starts at 4x4
 
 class GBlock(nn.Module):
     def __init__(self, cin: int, cout: int, cond_dim: int, which_conv: Callable, which_linear: Callable,
-                 which_bn: Callable, which_upsample: Callable = upsample2x) -> None:
+                 which_bn: Callable, which_upsample: Callable = upsample2x, upconv_impl: str = "separate") -> None:
         super().__init__()
-        self.upsample = which_upsample
+        self.upsample, self.upconv_impl = which_upsample, upconv_impl
         self.bn1 = ConditionalBatchNorm2d(cin, cond_dim, which_linear, which_bn)
         self.conv1 = which_conv(cin, cout)
         self.bn2 = ConditionalBatchNorm2d(cout, cond_dim, which_linear, which_bn)
         self.conv2 = which_conv(cout, cout)
         self.conv_sc = which_conv(cin, cout, kernel_size=1, padding=0)
+        self.conv1.resampling = "up"  # for resampling_convs (benches): the conv that reads the upsampled input
+        if upconv_impl != "separate":
+            check_conv3x3(self.conv1)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        h = self.upsample(F.relu(self.bn1(x, cond)))
-        h = self.conv2(F.relu(self.bn2(self.conv1(h), cond)))
+        h = conv_after_upsample(self.conv1, F.relu(self.bn1(x, cond)), self.upsample, self.upconv_impl)
+        h = self.conv2(F.relu(self.bn2(h, cond)))
         # the 1x1 shortcut conv before the upsampling: the same function (a pointwise map commutes with copying
         # pixels), on a quarter of the pixels
         return h + self.upsample(self.conv_sc(x))
@@ -63,7 +67,7 @@ class Generator(nn.Module):
     def __init__(self, resolution: int, ch: int, n_classes: int, z_dim: int, shared_dim: int,
                  attn_res: int = 0, sn_eps: float = 1e-6, bn_eps: float = 1e-4,
                  attn_impl: str = "sdpa", out_bn_eps: Optional[float] = None,
-                 upsample_impl: str = "interpolate") -> None:
+                 upsample_impl: str = "interpolate", upconv_impl: str = "separate") -> None:
         super().__init__()
         if resolution not in G_ARCH:
             raise ValueError(f"BigGAN resolution {resolution} is not one of {sorted(G_ARCH)}")
@@ -86,7 +90,7 @@ class Generator(nn.Module):
         res = BOTTOM
         for i, (cin, cout) in enumerate(zip(arch["in"], arch["out"])):
             self.blocks.append(GBlock(cin * ch, cout * ch, cond_dim, which_conv, which_linear, which_bn,
-                                      make_upsample(upsample_impl)))
+                                      make_upsample(upsample_impl), upconv_impl))
             res *= 2
             if res == attn_res:
                 self.attn[str(i)] = SelfAttention(cout * ch, which_conv, attn_impl)
@@ -111,17 +115,24 @@ class DBlock(nn.Module):
     so the function behind the ReACGAN paper's numbers (model.d_shortcut=studiogan)."""
 
     def __init__(self, cin: int, cout: int, which_conv: Callable, preactivation: bool, downsample: bool,
-                 relu_shortcut: bool = False, which_pool: Callable = make_pool("avg_pool2d")) -> None:
+                 relu_shortcut: bool = False, which_pool: Callable = make_pool("avg_pool2d"),
+                 downconv_impl: str = "separate") -> None:
         super().__init__()
         self.preactivation, self.downsample, self.pool = preactivation, downsample, which_pool
         self.relu_shortcut = relu_shortcut and preactivation
+        self.downconv_impl = downconv_impl
         self.conv1 = which_conv(cin, cout)
         self.conv2 = which_conv(cout, cout)
         self.conv_sc = which_conv(cin, cout, kernel_size=1, padding=0) if (cin != cout or downsample) else None
+        if downsample:
+            self.conv2.resampling = "down"  # for resampling_convs (benches): the conv whose output is pooled
+        if downsample and downconv_impl != "separate":
+            check_conv3x3(self.conv2)
 
     def shortcut(self, x: torch.Tensor) -> torch.Tensor:
-        # Pooling before the 1x1 conv is cheaper and, without a preceding ReLU, equivalent.
-        if self.preactivation:
+        # The 1x1 conv and the pooling are both linear, so they commute: BigGAN's pre-activation blocks convolve
+        # first (the reference); pooling first is 4x cheaper, and the fused formulation does it
+        if self.preactivation and resolve(self.downconv_impl, x.device.type) == "separate":
             x = self.conv_sc(x) if self.conv_sc is not None else x
             return self.pool(x) if self.downsample else x
         x = self.pool(x) if self.downsample else x
@@ -129,9 +140,8 @@ class DBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = F.relu(x) if self.preactivation else x  # out of place: x feeds the shortcut unchanged (BigGAN)
-        h = self.conv2(F.relu(self.conv1(a)))
-        if self.downsample:
-            h = self.pool(h)
+        h = F.relu(self.conv1(a))
+        h = conv_then_pool(self.conv2, h, self.pool, self.downconv_impl) if self.downsample else self.conv2(h)
         return h + self.shortcut(a if self.relu_shortcut else x)
 
 
@@ -140,7 +150,7 @@ class Discriminator(nn.Module):
 
     def __init__(self, resolution: int, ch: int, n_classes: int, cond: str, embed_dim: int,
                  attn_res: int = 0, sn_eps: float = 1e-6, attn_impl: str = "sdpa", shortcut: str = "biggan",
-                 pool_impl: str = "nearest_grad") -> None:
+                 pool_impl: str = "nearest_grad", downconv_impl: str = "separate") -> None:
         super().__init__()
         if resolution not in D_ARCH:
             raise ValueError(f"BigGAN resolution {resolution} is not one of {sorted(D_ARCH)}")
@@ -153,7 +163,8 @@ class Discriminator(nn.Module):
         for i, (cin, cout, down) in enumerate(zip(arch["in"], arch["out"], arch["down"])):
             cin = 3 if cin is None else cin * ch
             self.blocks.append(DBlock(cin, cout * ch, which_conv, preactivation=i > 0, downsample=down,
-                                      relu_shortcut=shortcut == "studiogan", which_pool=pool))
+                                      relu_shortcut=shortcut == "studiogan", which_pool=pool,
+                                      downconv_impl=downconv_impl))
             res = res // 2 if down else res
             if res == attn_res and down:
                 self.attn[str(i)] = SelfAttention(cout * ch, which_conv, attn_impl)

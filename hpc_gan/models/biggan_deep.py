@@ -15,6 +15,7 @@ from hpc_gan.models.biggan import BOTTOM
 from hpc_gan.models.heads import ConditioningHead
 from hpc_gan.models.layers import (ConditionalBatchNorm2d, GOutput, SelfAttention, SNConv2d, SNLinear, make_bn,
                                    make_pool, make_upsample, orthogonal_init, run_blocks, upsample2x)
+from hpc_gan.models.resample_conv import check_conv3x3, conv_after_upsample
 
 G_ARCH = {128: {"in": [16, 16, 8, 4, 2], "out": [16, 8, 4, 2, 1]},
           256: {"in": [16, 16, 8, 8, 4, 2], "out": [16, 8, 8, 4, 2, 1]}}
@@ -25,24 +26,31 @@ DEPTH = 2
 
 class DeepGBlock(nn.Module):
     def __init__(self, cin: int, cout: int, cond_dim: int, which_conv: Callable, which_linear: Callable,
-                 which_bn: Callable, upsample: bool, which_upsample: Callable = upsample2x) -> None:
+                 which_bn: Callable, upsample: bool, which_upsample: Callable = upsample2x,
+                 upconv_impl: str = "separate") -> None:
         super().__init__()
         hidden, self.cout = cin // 4, cout
-        self.upsample = which_upsample if upsample else None
+        self.upsample, self.upconv_impl = (which_upsample if upsample else None), upconv_impl
         cbn = partial(ConditionalBatchNorm2d, cond_dim=cond_dim, which_linear=which_linear, which_bn=which_bn)
         self.bn1, self.bn2, self.bn3, self.bn4 = cbn(cin), cbn(hidden), cbn(hidden), cbn(hidden)
         self.conv1 = which_conv(cin, hidden, kernel_size=1, padding=0)
         self.conv2 = which_conv(hidden, hidden)
         self.conv3 = which_conv(hidden, hidden)
         self.conv4 = which_conv(hidden, cout, kernel_size=1, padding=0)
+        if upsample:
+            self.conv2.resampling = "up"  # for resampling_convs (benches): the conv that reads the upsampled input
+        if upsample and upconv_impl != "separate":
+            check_conv3x3(self.conv2)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.relu(self.bn1(x, cond)))
         h = F.relu(self.bn2(h, cond))
         x = x[:, :self.cout]  # identity skip: keep the first channels
         if self.upsample is not None:
-            h, x = self.upsample(h), self.upsample(x)
-        h = self.conv3(F.relu(self.bn3(self.conv2(h), cond)))
+            h, x = conv_after_upsample(self.conv2, h, self.upsample, self.upconv_impl), self.upsample(x)
+        else:
+            h = self.conv2(h)
+        h = self.conv3(F.relu(self.bn3(h, cond)))
         h = self.conv4(F.relu(self.bn4(h, cond)))
         return h + x
 
@@ -52,7 +60,7 @@ class Generator(nn.Module):
 
     def __init__(self, resolution: int, ch: int, n_classes: int, z_dim: int, shared_dim: int,
                  attn_res: int = 64, sn_eps: float = 1e-6, bn_eps: float = 1e-4,
-                 attn_impl: str = "sdpa", upsample_impl: str = "interpolate") -> None:
+                 attn_impl: str = "sdpa", upsample_impl: str = "interpolate", upconv_impl: str = "separate") -> None:
         super().__init__()
         if resolution not in G_ARCH:
             raise ValueError(f"BigGAN-deep resolution {resolution} is not one of {sorted(G_ARCH)}")
@@ -73,7 +81,8 @@ class Generator(nn.Module):
                 last = j == DEPTH - 1
                 self.blocks.append(DeepGBlock(cin * ch, (cout if last else cin) * ch, cond_dim, which_conv,
                                               which_linear, which_bn, upsample=last,
-                                              which_upsample=make_upsample(upsample_impl)))
+                                              which_upsample=make_upsample(upsample_impl),
+                                              upconv_impl=upconv_impl))
             res *= 2
             if res == attn_res:
                 self.attn[str(len(self.blocks) - 1)] = SelfAttention(cout * ch, which_conv, attn_impl)

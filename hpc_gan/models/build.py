@@ -15,10 +15,10 @@ def build_generator(m: Any, n_classes: int) -> nn.Module:
     if m.arch == "biggan_deep":
         from hpc_gan.models import biggan_deep
         G = biggan_deep.Generator(m.resolution, m.g_ch, n_classes, m.z_dim, m.shared_dim, m.g_attn_res,
-                                  m.sn_eps, m.bn_eps, m.attn_impl, m.upsample_impl)
+                                  m.sn_eps, m.bn_eps, m.attn_impl, m.upsample_impl, m.g_upconv_impl)
     else:
         G = biggan.Generator(m.resolution, m.g_ch, n_classes, m.z_dim, m.shared_dim, m.g_attn_res, m.sn_eps,
-                             m.bn_eps, m.attn_impl, m.out_bn_eps, m.upsample_impl)
+                             m.bn_eps, m.attn_impl, m.out_bn_eps, m.upsample_impl, m.g_upconv_impl)
     set_rgb_conv(G, "out", m.g_rgb_conv_impl)
     return G
 
@@ -30,7 +30,7 @@ def build_discriminator(m: Any, n_classes: int, cond: str) -> nn.Module:
                                       m.attn_impl, m.pool_impl)
     else:
         D = biggan.Discriminator(m.resolution, m.d_ch, n_classes, cond, m.embed_dim, m.d_attn_res, m.sn_eps,
-                                 m.attn_impl, m.d_shortcut, m.pool_impl)
+                                 m.attn_impl, m.d_shortcut, m.pool_impl, m.d_downconv_impl)
     set_rgb_conv(D, "in", m.d_rgb_conv_impl)
     return D
 
