@@ -155,13 +155,18 @@ CASES = [  # (conditioning, global negatives, global batch, micro-batch at 2 ran
 ]
 
 
+SEED = 2  # see case_overrides
+
+
 def case_overrides(strategy, cond, negatives, batch, micro, ranks):
     # The seed: G's fakes differ by float rounding (~1e-7) between cross-replica BN and one process's BN, and where a
     # ReLU pre-activation in D lies that close to 0 its gradient path flips, moving one sample's gradient by ~1%
     # (measured at seed 0 under hpc_gan.plan's streams: one unit at 1.6e-7 vs -8e-8). A seed whose cases have no such
-    # kink keeps the tolerance tight enough to catch a wrong gradient.
+    # kink keeps the tolerance tight enough to catch a wrong gradient. Seed 1 was one until the fused resampling
+    # convolutions (model.g_upconv_impl / d_downconv_impl) rounded G's fakes otherwise: its d2d_ce case then moved 8
+    # entries of G.linear.weight's update by ~1% (2026-11-27); seeds 2 and 3 have no kink.
     return BASE + [f"dist.strategy={strategy}", f"loss.cond={cond}", f"loss.global_negatives={str(negatives).lower()}",
-                   f"train.batch_size={batch}", f"train.micro_batch={micro * (2 // ranks)}", "train.seed=1"]
+                   f"train.batch_size={batch}", f"train.micro_batch={micro * (2 // ranks)}", f"train.seed={SEED}"]
 
 
 def single_process_step(overrides):

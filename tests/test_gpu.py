@@ -169,3 +169,31 @@ def test_rgb_conv_formulations_equal_the_convolution_on_cuda(dtype):
                 assert err < (3e-2 if dtype == torch.bfloat16 else 5e-3), f"{name} {cin}->{cout} {what}: {err:.3g}"
             if name != "pad_out":  # pad_out's output is a view of its 8 channels
                 assert got.is_contiguous(memory_format=torch.channels_last), name
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_resampling_convolutions_equal_the_separate_ops_on_cuda(dtype):
+    """model.g_upconv_impl / d_downconv_impl=fused on cuDNN (a 2x2 convolution over the four phases; a 4x4 one with
+    stride 2), at G's 192 -> 96 upsampling convolution and D's 96 -> 96 pooled one, channels-last: outputs and all
+    three gradients within rounding of the separate ops in float64, channels-last out."""
+    import torch.nn.functional as F
+
+    from hpc_gan.models.resample_conv import conv_avgpool, upsample_conv
+    torch.manual_seed(0)
+    cases = ((upsample_conv, 192, 96, (20, 18), lambda x, w, b: F.conv2d(F.interpolate(x, scale_factor=2.0), w, b,
+                                                                          padding=1)),
+             (conv_avgpool, 96, 96, (40, 36), lambda x, w, b: F.avg_pool2d(F.conv2d(x, w, b, padding=1), 2)))
+    for fused, cin, cout, hw, separate in cases:
+        x = torch.randn(4, cin, *hw, device=CUDA).contiguous(memory_format=torch.channels_last)
+        w, b = torch.randn(cout, cin, 3, 3, device=CUDA) / (cin * 9) ** 0.5, torch.randn(cout, device=CUDA)
+        ref = [t.detach().double().requires_grad_() for t in (x, w, b)]
+        want = separate(*ref)
+        g = torch.randn_like(want)
+        want_grads = torch.autograd.grad(want, ref, g)
+        ins = [t.detach().to(dtype).requires_grad_() for t in (x, w, b)]
+        got = fused(*ins)
+        grads = torch.autograd.grad(got, ins, g.to(dtype))
+        for a, e, what in ((got, want, "output"), *zip(grads, want_grads, ("x grad", "w grad", "b grad"))):
+            err = float((a.double() - e).norm() / e.norm())
+            assert err < (3e-2 if dtype == torch.bfloat16 else 5e-3), f"{fused.__name__} {what}: {err:.3g}"
+        assert got.is_contiguous(memory_format=torch.channels_last), fused.__name__
