@@ -21,24 +21,20 @@ reference; "auto" takes ``AUTO`` per device type.
 from __future__ import annotations
 
 import typing
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from hpc_gan.config import ResampleConvImpl
-from hpc_gan.models.layers import SpectralNormMixin, no_autocast
+from hpc_gan.models.layers import SpectralNormMixin
 
 # "auto" per device type: the 2-core CPU measured the fused forms faster (docs/benchmarks.md); on CUDA they do 4/9
 # of these convolutions' products and skip a full-resolution tensor: the GPU pack's layers stage times both. Other
 # devices (meta: FLOP counting, shape recording) run the separate ops.
 AUTO = {"cpu": "fused", "cuda": "fused"}
 IMPLS = typing.get_args(ResampleConvImpl)
-# the tap groups along one kernel axis: upsampling, the two phases' two taps each (even: w0 | w1+w2, odd: w0+w1 |
-# w2); pooling, the 4 taps of a 4-wide window (w0 | w0+w1 | w1+w2 | w2)
-_UP_TAPS: Sequence[Tuple[int, ...]] = ((0,), (1, 2), (0, 1), (2,))
-_POOL_TAPS: Sequence[Tuple[int, ...]] = ((0,), (0, 1), (1, 2), (2,))
 
 
 def resolve(impl: str, device_type: str) -> str:
@@ -48,49 +44,68 @@ def resolve(impl: str, device_type: str) -> str:
     return AUTO.get(device_type, "separate") if impl == "auto" else impl
 
 
-def _group_taps(w: torch.Tensor, dim: int, groups: Sequence[Tuple[int, ...]]) -> torch.Tensor:
-    taps = w.unbind(dim)
-    return torch.stack([taps[g[0]] if len(g) == 1 else taps[g[0]] + taps[g[1]] for g in groups], dim)
-
-
-def _wide(w: torch.Tensor) -> torch.Tensor:
-    """w in fp32 at least (bf16 / fp16 weights summed in fp32, rounded once after; fp64 stays fp64)."""
-    return w.to(torch.promote_types(w.dtype, torch.float32))
+def _box_sums(w: torch.Tensor) -> torch.Tensor:
+    """(..., 3, 3) -> (..., 4, 4): the 3x3 kernel's full convolution with a 2x2 box of ones, in fp32 at least
+    (bf16 / fp16 weights summed in fp32, rounded once after; fp64 stays fp64). Along each axis the taps become
+    (w0, w0 + w1, w1 + w2, w2): the 4-wide window of a pooled pair of 3x3 windows, and, rows 0 and 2 / 1 and 3, the
+    two taps of the even / odd phase of an upsampled input. Pads and adds (which autocast leaves in their dtype):
+    exact sums, where a convolution could run in TF32 on a GPU."""
+    if w.dtype not in (torch.float32, torch.float64):
+        w = w.float()
+    rows = F.pad(w, (0, 0, 0, 1)) + F.pad(w, (0, 0, 1, 0))
+    return F.pad(rows, (0, 1)) + F.pad(rows, (1, 0))
 
 
 def upsample_conv_weight(w: torch.Tensor) -> torch.Tensor:
     """(C_out, C_in, 3, 3) -> (4 C_out, C_in, 2, 2): the four phases' 2x2 kernels, phase (a, b) at outputs
-    (2a + b) C_out ... (2a + b + 1) C_out - 1. Summed in fp32 at least, returned in w's dtype."""
+    (2a + b) C_out ... (2a + b + 1) C_out - 1 (box-sum row 2y + a is phase a's tap y), in w's dtype."""
     o, i = w.shape[:2]
-    with no_autocast(w.device.type):
-        m = _group_taps(_group_taps(_wide(w), 2, _UP_TAPS), 3, _UP_TAPS)  # (O, I, 4, 4): rows (a, y), cols (b, x)
-        k = m.view(o, i, 2, 2, 2, 2).permute(2, 4, 0, 1, 3, 5).reshape(4 * o, i, 2, 2)
+    k = _box_sums(w).view(o, i, 2, 2, 2, 2).permute(3, 5, 0, 1, 2, 4).reshape(4 * o, i, 2, 2)
     return k.to(w.dtype)
 
 
 def conv_avgpool_weight(w: torch.Tensor) -> torch.Tensor:
     """(C_out, C_in, 3, 3) -> (C_out, C_in, 4, 4): the stride-2 kernel of conv3x3 then 2x2 average pooling."""
-    with no_autocast(w.device.type):
-        k = _group_taps(_group_taps(_wide(w), 2, _POOL_TAPS), 3, _POOL_TAPS) * 0.25
-    return k.to(w.dtype)
+    return (_box_sums(w) * 0.25).to(w.dtype)
 
 
 def _channels_last(x: torch.Tensor) -> bool:
     return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
+class _Interleave(torch.autograd.Function):
+    """The four phases of ``upsample_conv``'s (N, 4 O, H+1, W+1) grid, interleaved into an (N, 2H, 2W, O) NHWC
+    tensor: output (n, 2i + a, 2j + b, o) is the grid's (n, (a, b, o), i + a, j + b), an affine map of (n, i, a, j, b,
+    o), so one strided view of the grid copied once. The backward writes the gradient back through the same view
+    (autograd's own as_strided backward scatters through an index tensor the size of the grid)."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor) -> torch.Tensor:
+        ctx.geometry = (y.shape, y.stride())  # a convolution's output: dense, in its own layout
+        return _phases(y).reshape(y.shape[0], 2 * (y.shape[2] - 1), 2 * (y.shape[3] - 1), y.shape[1] // 4)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        shape, stride = ctx.geometry
+        out = grad.new_empty_strided(shape, stride).zero_()  # the row and column no phase reads stay 0
+        phases = _phases(out)
+        phases.copy_(grad.reshape(phases.shape))
+        return out
+
+
+def _phases(y: torch.Tensor) -> torch.Tensor:
+    """The (N, H, 2, W, 2, O) strided view of the phase grid y (see _Interleave)."""
+    n, c, h1, w1 = y.shape
+    o = c // 4
+    sn, sc, sh, sw = y.stride()
+    return y.as_strided((n, h1 - 1, 2, w1 - 1, 2, o), (sn, sh, sh + 2 * o * sc, sw, sw + o * sc, sc))
+
+
 def upsample_conv(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
     """conv2d(upsample_nearest_2x(x), w, b, padding=1) for a 3x3 w, as one 2x2 convolution of x (module
     docstring). The output is in x's memory layout."""
-    n, _, h, wd = x.shape
-    o = w.shape[0]
     y = F.conv2d(x, upsample_conv_weight(w), None if b is None else b.repeat(4), padding=1)  # (N, 4 O, H+1, W+1)
-    y = y.permute(0, 2, 3, 1).unflatten(3, (2, 2, o))                                       # (N, H+1, W+1, a, b, O)
-    out = y.new_empty(n, h, 2, wd, 2, o)  # NHWC memory, rows (i, a), columns (j, b): one pass over the output
-    for a in (0, 1):
-        for c in (0, 1):
-            out[:, :, a, :, c] = y[:, a:a + h, c:c + wd, a, c]
-    out = out.view(n, 2 * h, 2 * wd, o).permute(0, 3, 1, 2)
+    out = _Interleave.apply(y).permute(0, 3, 1, 2)
     return out if _channels_last(x) else out.contiguous()
 
 
