@@ -394,18 +394,21 @@ def test_models_with_other_rgb_convolutions_compute_the_same(d_impl, g_impl):
     assert_twins_compute_the_same(cfg, nets)
 
 
+@pytest.mark.parametrize("traced", [False, True], ids=["eager", "as_compiled"])
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("n, cin, cout, hw", [(2, 5, 7, (4, 6)), (1, 3, 4, (5, 3)), (3, 8, 8, (1, 1)),
                                               (2, 4, 6, (7, 5))])
-def test_fused_resampling_convolutions_equal_the_separate_ops(n, cin, cout, hw, fmt):
+def test_fused_resampling_convolutions_equal_the_separate_ops(n, cin, cout, hw, fmt, traced, monkeypatch):
     """In float64 on fresh inputs (odd sizes: pooling drops a trailing row / column; 1 x 1 upsampled): upsample_conv
     is conv3x3(nearest 2x upsampling) and conv_avgpool is 2x2 average pooling of conv3x3, values and the input's,
     weight's and bias's gradients, each output in its input's layout; and they multiply-add 4/9 as often (the
     upsampling's 2x2 grid is one pixel wider: (H+1)(W+1) / HW more; the pooling's fused form skips the row and
-    column that pooling drops)."""
+    column that pooling drops). Both interleavings of the phases: eager's (a strided view, its own backward) and
+    the slices torch.compile is given (run here eagerly; the compiled steps' tests compile them)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from hpc_gan.models.resample_conv import conv_avgpool, upsample_conv
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: traced)
     x = torch.randn(n, cin, *hw, dtype=torch.float64).contiguous(memory_format=fmt)
     w, b = torch.randn(cout, cin, 3, 3, dtype=torch.float64), torch.randn(cout, dtype=torch.float64)
     pairs = [(upsample_conv, lambda x, w, b: F.conv2d(F.interpolate(x, scale_factor=2.0), w, b, padding=1),

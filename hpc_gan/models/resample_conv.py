@@ -101,11 +101,22 @@ def _phases(y: torch.Tensor) -> torch.Tensor:
     return y.as_strided((n, h1 - 1, 2, w1 - 1, 2, o), (sn, sh, sh + 2 * o * sc, sw, sw + o * sc, sc))
 
 
+def _interleave_by_slices(y: torch.Tensor) -> torch.Tensor:
+    """_Interleave as torch.compile gets it: slices and stacks, which inductor turns into one indexed copy each way
+    (no autograd.Function for dynamo to trace: one of this project's broke D's compiled graph on CUDA alone, H100,
+    2026-11-27)."""
+    n, c, h1, w1 = y.shape
+    g = y.permute(0, 2, 3, 1).unflatten(3, (2, 2, c // 4))  # (N, H+1, W+1, a, b, O)
+    rows = [torch.stack([g[:, a:a + h1 - 1, b:b + w1 - 1, a, b] for b in (0, 1)], dim=3) for a in (0, 1)]
+    return torch.stack(rows, dim=2).reshape(n, 2 * (h1 - 1), 2 * (w1 - 1), c // 4)
+
+
 def upsample_conv(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
     """conv2d(upsample_nearest_2x(x), w, b, padding=1) for a 3x3 w, as one 2x2 convolution of x (module
     docstring). The output is in x's memory layout."""
     y = F.conv2d(x, upsample_conv_weight(w), None if b is None else b.repeat(4), padding=1)  # (N, 4 O, H+1, W+1)
-    out = _Interleave.apply(y).permute(0, 3, 1, 2)
+    nhwc = _interleave_by_slices(y) if torch.compiler.is_compiling() else _Interleave.apply(y)
+    out = nhwc.permute(0, 3, 1, 2)
     return out if _channels_last(x) else out.contiguous()
 
 
