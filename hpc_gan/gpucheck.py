@@ -336,9 +336,10 @@ def train_cases(smoke: bool, wanted: Optional[List[str]] = None) -> Tuple[Path, 
     """(preset, overrides for all, [(batch per GPU, label, overrides)]): the most telling first. Eager at 256 (MFU
     of the defaults), CUDA graphs at 256 (the best MFU: 41.8% on the H200, compile's 40.9%), CUDA graphs at 32 (the
     operating point: host time), eager at 32, compile at 256 and at 32; then, if time is left, the layers stage's
-    fastest pooling, upsampling, attention and RGB convolutions where the defaults run others (``FASTEST_LABELS``:
-    eager, and under CUDA graphs, where the MFU goal is measured), CUDA graphs with inductor's kernels tuned
-    (train.compile_tuning), and cuDNN's heuristics in place of its benchmarked algorithms (train.cudnn_benchmark). On a fresh H200 an eager case at 256 takes ~45 s and a compiled or
+    fastest pooling, upsampling, attention, RGB and resampling convolutions where the defaults run others
+    (``FASTEST_LABELS``: eager, and under CUDA graphs, where the MFU goal is measured), CUDA graphs with inductor's
+    kernels tuned (train.compile_tuning), and cuDNN's heuristics in place of its benchmarked algorithms
+    (train.cudnn_benchmark). On a fresh H200 an eager case at 256 takes ~45 s and a compiled or
     CUDA-graph one ~100 s, ~80 s of it the first step (2026-11-27), so the stage (140 s plus what the stages before
     it left) runs the first two and skips any case that cannot finish (``case_seconds``): a second call,
     ``--stages train --cases ... --seconds ...``, runs the others. All channels-last (auto's choice on CUDA; NCHW
@@ -395,15 +396,14 @@ def _fastest_layers(compiled: bool = False) -> List[str]:
     if path is None or not path.exists():
         return []
     stage = json.loads(path.read_text())
-    device = stage.get("device", "cuda")
+    device, resample_conv = stage.get("device", "cuda"), stage.get("resample_conv_best") or {}
     # (config key, fastest, what the defaults run there): a fastest that the defaults already run is named, harmlessly
     fastest = [(f"{k}_impl", v, auto_resample(k, device)) for k, v in stage.get("best", {}).items()] + \
         [("attn_impl", stage.get("attention_best"), ModelConfig.attn_impl)] + \
         [(f"{side}_rgb_conv_impl", v, getattr(ModelConfig, f"{side}_rgb_conv_impl"))
          for side, v in (stage.get("rgb_conv_best") or {}).items()] + \
-        [(key, v, resolve(getattr(ModelConfig, key), device))
-         for key, v in (("g_upconv_impl", (stage.get("resample_conv_best") or {}).get("g")),
-                        ("d_downconv_impl", (stage.get("resample_conv_best") or {}).get("d")))]
+        [(key, resample_conv.get(side), resolve(getattr(ModelConfig, key), device))
+         for key, side in (("g_upconv_impl", "g"), ("d_downconv_impl", "d"))]
     fastest = [(k, v, default) for k, v, default in fastest
                if v is not None and not (compiled and (k, v) == ("pool_impl", "nearest_grad"))]
     if all(v == default for _, v, default in fastest):
@@ -620,21 +620,18 @@ def write_report(out_dir: Path, report: Dict[str, Any]) -> None:
             impls = ", ".join(f"{k} {v:.1f}" for k, v in s["attention_ms_per_iteration"].items())
             lines.append(f"- attention, ms per iteration at batch {s.get('batch')} ({s.get('dtype')}): {impls}; "
                          f"fastest: {s.get('attention_best')}")
-        for conv, per in (s.get("rgb_conv_ms_per_iteration") or {}).items():
-            impls = ", ".join(f"{k} {v:.2f}" for k, v in per.items() if k != "floor_ms")
-            lines.append(f"- RGB convolution {conv}, ms per iteration at batch {s.get('batch')}: {impls}; "
-                         f"floor {per['floor_ms']:.2f}")
-        if s.get("rgb_conv_best"):
-            lines.append("- RGB convolutions, fastest over each network's: " + ", ".join(
-                f"{side}_rgb_conv_impl {v}" for side, v in s["rgb_conv_best"].items()))
-        for conv, per in (s.get("resample_conv_ms_per_iteration") or {}).items():
-            impls = ", ".join(f"{k} {v:.2f}" for k, v in per.items() if k != "floor_ms")
-            lines.append(f"- resampling convolution {conv}, ms per iteration at batch {s.get('batch')}: {impls}; "
-                         f"floor {per['floor_ms']:.2f}")
-        if s.get("resample_conv_best"):
-            names = {"g": "g_upconv_impl", "d": "d_downconv_impl"}
-            lines.append("- resampling convolutions, faster over each network's: " + ", ".join(
-                f"{names[side]} {v}" for side, v in s["resample_conv_best"].items()))
+        # the layers stage's convolution benches: per convolution, then each network's choice
+        for key, what, best, keys in (("rgb_conv", "RGB convolution", "fastest", {"d": "d_rgb_conv_impl",
+                                                                                 "g": "g_rgb_conv_impl"}),
+                                      ("resample_conv", "resampling convolution", "faster",
+                                       {"g": "g_upconv_impl", "d": "d_downconv_impl"})):
+            for conv, per in (s.get(f"{key}_ms_per_iteration") or {}).items():
+                impls = ", ".join(f"{k} {v:.2f}" for k, v in per.items() if k != "floor_ms")
+                lines.append(f"- {what} {conv}, ms per iteration at batch {s.get('batch')}: {impls}; "
+                             f"floor {per['floor_ms']:.2f}")
+            if s.get(f"{key}_best"):
+                lines.append(f"- {what}s, {best} over each network's: " + ", ".join(
+                    f"{keys[side]} {v}" for side, v in s[f"{key}_best"].items()))
         for r in s.get("runs", []):
             if "sec_per_step" in r:
                 mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "n/a"

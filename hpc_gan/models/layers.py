@@ -31,10 +31,15 @@ def upsample2x(x: torch.Tensor) -> torch.Tensor:
         return F.interpolate(x, scale_factor=2.0, mode="nearest")
 
 
+def is_channels_last(x: torch.Tensor) -> bool:
+    """x is 4-D and laid out NHWC, and not also NCHW (a 1 x 1 image or a single channel is both)."""
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
 def _pixels(x: torch.Tensor) -> Tuple[torch.Tensor, int]:
     """x (N, C, H, W) as the view whose dims follow its memory, and the dim of H in it: (N, H, W, C) when x is
     channels-last, else x itself. A reshape of that view touches memory in order, so it stays a view."""
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+    if is_channels_last(x):
         return x.permute(0, 2, 3, 1), 1
     return x, 2
 

@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hpc_gan.config import ResampleConvImpl
-from hpc_gan.models.layers import SpectralNormMixin
+from hpc_gan.models.layers import SpectralNormMixin, is_channels_last
 
 # "auto" per device type: the 2-core CPU measured the fused forms faster (docs/benchmarks.md); on CUDA they do 4/9
 # of these convolutions' products and skip a full-resolution tensor: the GPU pack's layers stage times both. Other
@@ -67,10 +67,6 @@ def upsample_conv_weight(w: torch.Tensor) -> torch.Tensor:
 def conv_avgpool_weight(w: torch.Tensor) -> torch.Tensor:
     """(C_out, C_in, 3, 3) -> (C_out, C_in, 4, 4): the stride-2 kernel of conv3x3 then 2x2 average pooling."""
     return (_box_sums(w) * 0.25).to(w.dtype)
-
-
-def _channels_last(x: torch.Tensor) -> bool:
-    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
 class _Interleave(torch.autograd.Function):
@@ -117,7 +113,7 @@ def upsample_conv(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -
     y = F.conv2d(x, upsample_conv_weight(w), None if b is None else b.repeat(4), padding=1)  # (N, 4 O, H+1, W+1)
     nhwc = _interleave_by_slices(y) if torch.compiler.is_compiling() else _Interleave.apply(y)
     out = nhwc.permute(0, 3, 1, 2)
-    return out if _channels_last(x) else out.contiguous()
+    return out if is_channels_last(x) else out.contiguous()
 
 
 def conv_avgpool(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:

@@ -34,18 +34,11 @@ def kernel_definitions(text: str) -> Dict[str, Dict[str, object]]:
     """The kernels one output-code file defines, by name: the comment lines just above the definition (graph
     nodes, aten ops), the aten ops alone (``aten``), the sizes its source states, and the source."""
     found: Dict[str, Dict[str, object]] = {}
-    lines_before = text.splitlines()
     for match in _DEFINITION.finditer(text):
         source = _SOURCE.search(text, match.end())
         if source is None:
             continue
-        row = text.count("\n", 0, match.start())
-        comments = []
-        for line in reversed(lines_before[:row]):
-            if not line.startswith("#"):
-                break
-            comments.append(line)
-        origin = "\n".join(reversed(comments))
+        origin = _comments_above(text, match.start())
         aten = _ATEN.search(origin)
         found[match.group(1)] = {
             "origin": origin, "aten": aten.group(1) if aten else "",
@@ -53,6 +46,20 @@ def kernel_definitions(text: str) -> Dict[str, Dict[str, object]]:
             "hints": [h.replace(" ", "") for h in _HINTS.findall(source.group(1))],
             "source": _PREAMBLE.sub("", source.group(1)).strip("\n")}
     return found
+
+
+def _comments_above(text: str, start: int) -> str:
+    """The run of comment lines that ends on the line before offset ``start`` (a line's start), walked back line by
+    line: an output-code file defines hundreds of kernels."""
+    lines: List[str] = []
+    end = start - 1  # the newline that ends the line above
+    while end > 0:
+        begin = text.rfind("\n", 0, end) + 1
+        if not text.startswith("#", begin):
+            break
+        lines.append(text[begin:end])
+        end = begin - 1
+    return "\n".join(reversed(lines))
 
 
 def kernel_sources(names: Optional[Iterable[str]] = None, files: Optional[Iterable[Path]] = None,
