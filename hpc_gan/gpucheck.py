@@ -402,8 +402,8 @@ def _fastest_layers(compiled: bool = False) -> List[str]:
         [("attn_impl", stage.get("attention_best"), ModelConfig.attn_impl)] + \
         [(f"{side}_rgb_conv_impl", v, getattr(ModelConfig, f"{side}_rgb_conv_impl"))
          for side, v in (stage.get("rgb_conv_best") or {}).items()] + \
-        [(key, resample_conv.get(side), resolve(getattr(ModelConfig, key), device))
-         for key, side in (("g_upconv_impl", "g"), ("d_downconv_impl", "d"))]
+        [(key, resample_conv.get(side), resolve(getattr(ModelConfig, key), kind, device))
+         for key, side, kind in (("g_upconv_impl", "g", "up"), ("d_downconv_impl", "d", "down"))]
     fastest = [(k, v, default) for k, v, default in fastest
                if v is not None and not (compiled and (k, v) == ("pool_impl", "nearest_grad"))]
     if all(v == default for _, v, default in fastest):

@@ -299,7 +299,8 @@ def test_the_gpu_check_pack_runs_every_stage_in_smoke_mode(tmp_path):
     wanted = [k for k in ("pool", "upsample") if layers["best"][k] != auto_resample(k, "cpu")] + \
         (["attention"] if layers["attention_best"] != "sdpa" else []) + \
         [side for side, v in layers["rgb_conv_best"].items() if v != "conv2d"] + \
-        [side for side, v in layers["resample_conv_best"].items() if v != resolve("auto", "cpu")]
+        [side for side, v in layers["resample_conv_best"].items()
+         if v != resolve("auto", {"g": "up", "d": "down"}[side], "cpu")]
     # D's image convolutions (3x3, 1x1 shortcut) and G's output convolution under every formulation of their side
     assert {(r["conv"][0], r["impl"]) for r in layers["rgb_conv_rows"]} == {
         ("D", "conv2d"), ("D", "nchw"), ("D", "unfold_mm"), ("G", "conv2d"), ("G", "nchw"), ("G", "pad_out")}

@@ -448,6 +448,40 @@ def test_models_with_fused_resampling_convolutions_compute_the_same(arch):
     assert_twins_compute_the_same(cfg, build_twins(cfg, g_upconv_impl="fused", d_downconv_impl="fused"))
 
 
+def test_auto_picks_each_sides_resampling_convolution_on_its_own(monkeypatch):
+    """``resample_conv.AUTO`` is per side: with D's "auto" turned back to the separate ops on this device, G still
+    runs its fused upsampling convolutions and D its separate ones (each net's executed FLOPs equal those of the
+    explicit setting), so a GPU run that finds one side's fused form slower can drop that side alone."""
+    from pathlib import Path
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from hpc_gan.config import load
+    from hpc_gan.models import resample_conv
+    from hpc_gan.models.build import build_discriminator, build_generator
+    cfg = load(Path(__file__).parents[1] / "configs" / "demo.yaml")
+    n = cfg.data.num_classes
+    z, y = torch.randn(2, cfg.model.z_dim), torch.randint(0, n, (2,))
+
+    def flops(g_impl: str, d_impl: str) -> tuple:
+        import dataclasses
+        m = dataclasses.replace(cfg.model, g_upconv_impl=g_impl, d_downconv_impl=d_impl)
+        G, D = build_generator(m, n), build_discriminator(m, n, cfg.loss.cond)
+        with FlopCounterMode(display=False) as g_count:
+            x = G(z, y)
+        with FlopCounterMode(display=False) as d_count:
+            D(x.detach(), y)
+        return g_count.get_total_flops(), d_count.get_total_flops()
+
+    (g_sep, d_sep), (g_fused, d_fused) = flops("separate", "separate"), flops("fused", "fused")
+    assert g_fused < g_sep and d_fused < d_sep  # the two settings differ on both sides, so the check below can fail
+    monkeypatch.setitem(resample_conv.AUTO, "down", {"cpu": "separate"})
+    assert flops("auto", "auto") == (g_fused, d_sep)
+    monkeypatch.setitem(resample_conv.AUTO, "down", {"cpu": "fused"})
+    monkeypatch.setitem(resample_conv.AUTO, "up", {"cpu": "separate"})
+    assert flops("auto", "auto") == (g_sep, d_fused)
+
+
 def test_rgb_conv_bench_finds_biggans_rgb_convolutions_and_times_them():
     """The RGB bench records, on the meta device, D's first block's two convolutions that read the image (3x3 at
     full size, the 1x1 shortcut after the pool) and G's output convolution, and on this CPU times each formulation

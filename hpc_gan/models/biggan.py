@@ -132,7 +132,7 @@ class DBlock(nn.Module):
     def shortcut(self, x: torch.Tensor) -> torch.Tensor:
         # The 1x1 conv and the pooling are both linear, so they commute: BigGAN's pre-activation blocks convolve
         # first (the reference); pooling first is 4x cheaper, and the fused formulation does it
-        if self.preactivation and resolve(self.downconv_impl, x.device.type) == "separate":
+        if self.preactivation and resolve(self.downconv_impl, "down", x.device.type) == "separate":
             x = self.conv_sc(x) if self.conv_sc is not None else x
             return self.pool(x) if self.downsample else x
         x = self.pool(x) if self.downsample else x

@@ -16,7 +16,7 @@ between the two.
 
 Every equality above is exact in real arithmetic; in floating point the sums of taps round once more (tests:
 float64 against the separate ops, and each network against its reference in fp32 and bf16). "separate" is the
-reference; "auto" takes ``AUTO`` per device type.
+reference; "auto" takes ``AUTO`` per side and device type.
 """
 from __future__ import annotations
 
@@ -30,18 +30,20 @@ import torch.nn.functional as F
 from hpc_gan.config import ResampleConvImpl
 from hpc_gan.models.layers import SpectralNormMixin, is_channels_last
 
-# "auto" per device type: the 2-core CPU measured the fused forms faster (docs/benchmarks.md); on CUDA they do 4/9
-# of these convolutions' products and skip a full-resolution tensor: the GPU pack's layers stage times both. Other
-# devices (meta: FLOP counting, shape recording) run the separate ops.
-AUTO = {"cpu": "fused", "cuda": "fused"}
+# "auto" per side ("up": G's upsampling convolutions, "down": D's pooled ones) and device type: the 2-core CPU
+# measured the fused forms faster (docs/benchmarks.md); on CUDA they do 4/9 of these convolutions' products and skip
+# a full-resolution tensor: the GPU pack's layers stage times both sides, and a side whose fused form loses there
+# goes back to "separate" here alone. Other devices (meta: FLOP counting, shape recording) run the separate ops.
+AUTO = {"up": {"cpu": "fused", "cuda": "fused"}, "down": {"cpu": "fused", "cuda": "fused"}}
 IMPLS = typing.get_args(ResampleConvImpl)
 
 
-def resolve(impl: str, device_type: str) -> str:
-    """The formulation ("separate" or "fused") that ``impl`` runs on ``device_type``."""
+def resolve(impl: str, kind: str, device_type: str) -> str:
+    """The formulation ("separate" or "fused") that ``impl`` runs for ``kind`` ("up" or "down") on
+    ``device_type``."""
     if impl not in IMPLS:
         raise ValueError(f"resampling convolution impl={impl!r} is not one of {IMPLS}")
-    return AUTO.get(device_type, "separate") if impl == "auto" else impl
+    return AUTO[kind].get(device_type, "separate") if impl == "auto" else impl
 
 
 def _box_sums(w: torch.Tensor) -> torch.Tensor:
@@ -141,7 +143,7 @@ def resampling_convs(net: nn.Module, kind: str) -> list:
 def conv_after_upsample(conv: nn.Module, x: torch.Tensor, upsample: Callable[[torch.Tensor], torch.Tensor],
                         impl: str) -> torch.Tensor:
     """conv(upsample(x)): G's block ``impl`` ("separate": the two ops; "fused": ``upsample_conv``)."""
-    if resolve(impl, x.device.type) == "separate":
+    if resolve(impl, "up", x.device.type) == "separate":
         return conv(upsample(x))
     return upsample_conv(x, _weight(conv), conv.bias)
 
@@ -149,6 +151,6 @@ def conv_after_upsample(conv: nn.Module, x: torch.Tensor, upsample: Callable[[to
 def conv_then_pool(conv: nn.Module, x: torch.Tensor, pool: Callable[[torch.Tensor], torch.Tensor],
                    impl: str) -> torch.Tensor:
     """pool(conv(x)): D's block ``impl`` ("separate": the two ops; "fused": ``conv_avgpool``)."""
-    if resolve(impl, x.device.type) == "separate":
+    if resolve(impl, "down", x.device.type) == "separate":
         return pool(conv(x))
     return conv_avgpool(x, _weight(conv), conv.bias)
