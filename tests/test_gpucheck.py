@@ -81,6 +81,11 @@ def test_the_gpu_check_pack_runs_every_stage_in_smoke_mode(tmp_path):
     assert "- attention, ms per iteration at batch 4" in md and "(br/bc/ch/warps/stages/rch)" in md
     assert "- RGB convolution D 3->" in md and "- RGB convolution G " in md
     assert "- resampling convolution G " in md and "- resampling convolutions, faster over each network's" in md
+    # where the host's time goes in one D2D-CE call: every piece timed (no direct launch in the interpreter)
+    host = stages["kernels"]["host_costs"]
+    assert all(host[k] > 0 for k in ("forward_backward_us", "forward_us", "jit_launch_us", "torch_mm_us",
+                                     "autograd_function_us")) and host["direct_launch_us"] is None
+    assert "- D2D-CE host time per call at 8x64x32 float32, us: forward + backward " in md
 
 
 def test_the_gpu_check_runs_the_train_cases_asked_for(monkeypatch, capsys):

@@ -60,7 +60,7 @@ def write_report(out_dir: Path, report: Dict[str, Any]) -> None:
                                                         "graph_speedup_fused_vs_best_torch", "attention_rows",
                                                         "tiles", "best_tiles", "shape_seconds", "rgb_conv_rows",
                                                         "rgb_conv_ms_per_iteration", "resample_conv_rows",
-                                                        "resample_conv_ms_per_iteration")}
+                                                        "resample_conv_ms_per_iteration", "host_costs")}
         summary = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in keep.items())
         lines.append(f"| {s['name']} | {s['status']} | {s['seconds']} | {summary[:300]} |")
     for s in report["stages"]:
@@ -72,6 +72,14 @@ def write_report(out_dir: Path, report: Dict[str, Any]) -> None:
                       "| shape | wall | device | fused, device |", "|---|---|---|---|"]
             lines += [f"| {k} | {v:.2f}x | " + " | ".join(f"{x[k]:.2f}x" if k in x else "n/a" for x in (graph, fused))
                       + " |" for k, v in s["speedup_vs_best_torch"].items()]
+        host = s.get("host_costs")
+        if host:  # where the host's time goes in one D2D-CE call (kernels.host_bench)
+            us = {k: (f"{v:.1f}" if isinstance(v, float) else "n/a") for k, v in host.items()}
+            lines.append(f"- D2D-CE host time per call at {'x'.join(map(str, host['shape']))} {host['dtype']}, us: "
+                         f"forward + backward {us['forward_backward_us']} (forward {us['forward_us']}); one Triton "
+                         f"launch {us['jit_launch_us']} through the JIT, {us['direct_launch_us']} compiled; "
+                         f"torch.mm {us['torch_mm_us']}, torch.empty {us['torch_empty_us']}, an autograd function "
+                         f"and its backward {us['autograd_function_us']}")
         for t in s.get("tiles") or []:
             tiles = "/".join(str(v) for v in t["tiles"].values())
             lines.append(f"- SN power iteration, tiles {tiles} ({'/'.join(t['tiles'])}): " +

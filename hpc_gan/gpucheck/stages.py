@@ -160,6 +160,7 @@ def stage_kernels(smoke: bool, deadline: float, save: Save) -> Dict[str, Any]:
     import torch
 
     from kernels.bench import D2D_GPU_SHAPES, D2D_GPU_VARIANTS, bench_d2d
+    from kernels.host_bench import d2d_host_costs
     dev = device_for(smoke)
     if smoke:
         shapes = [(8, 64, 32, torch.float32)]
@@ -178,11 +179,16 @@ def stage_kernels(smoke: bool, deadline: float, save: Save) -> Dict[str, Any]:
                 for k, v in best.items() if v.get(variant) and any(v.get(x) for x in ("eager", "torch_bf16"))}
 
     seconds: Dict[str, float] = {}  # per shape, compiling and autotuning included: what sizes the stage's box
+    # first, in a second or two: where the host's time goes in one call at the operating point (the kernel's wall
+    # time is host-bound: 13 launches, ~1 ms)
+    host = d2d_host_costs(dev, *((8, 64, 32, torch.float32) if smoke else (32, 2048, 512, torch.bfloat16)),
+                          reps=2 if smoke else 50)
 
     def result() -> Dict[str, Any]:  # wall time with launches, and device time alone (replayed CUDA graphs)
         return {"rows": rows, "speedup_vs_best_torch": speedups("median_ms"),
                 "graph_speedup_vs_best_torch": speedups("graph_ms"),
-                "graph_speedup_fused_vs_best_torch": speedups("graph_ms", "triton_fused"), "shape_seconds": seconds}
+                "graph_speedup_fused_vs_best_torch": speedups("graph_ms", "triton_fused"), "shape_seconds": seconds,
+                "host_costs": host}
     for shape in shapes:
         if time.time() > deadline - 5:
             rows.append({"shape": list(shape[:3]), "dtype": str(shape[3])[6:], "skipped": "out of time"})

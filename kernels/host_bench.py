@@ -1,0 +1,99 @@
+"""Where the host's time goes in one D2D-CE forward + backward on the Triton path (a benchmark, not a test).
+
+The GPU runs found the Triton path host-bound in wall time: 13 launches cost 0.98-1.60 ms of host time for
+0.04-0.10 ms of device work (H200, 2026-11-27), ~90 us per launch, where the eager torch reference's 115 launches cost
+~28 us each. Whether the cost is Triton's launcher (argument binding and specialization per call), torch's ops
+around the kernels, or autograd decides the fix: launching through cached compiled kernels, as inductor does, fewer
+torch ops, or neither. Each piece is timed the same way: ``reps`` calls queued back to back with no
+synchronization inside the timed loop, so that on a GPU, where each piece's device work is shorter than its launch,
+the loop's time is the host's alone (fewer than the launch queue's ~1,000 entries, so the host never waits on it).
+On a CPU the kernels run in Triton's interpreter and the numbers mean nothing; the smoke run only keeps this working.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Dict, Optional
+
+import torch
+import triton
+
+from kernels.similarity import d2d_ce
+
+
+def host_us(fn: Callable[[], object], device: torch.device, reps: int) -> float:
+    """Microseconds of host time per call of fn: ``reps`` calls queued without a synchronization, after one warm-up
+    call (compiling, autotuning, the allocator's first blocks)."""
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    took = time.perf_counter() - t0
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return took / reps * 1e6
+
+
+class _Identity(torch.autograd.Function):
+    """The least a custom autograd function costs: a forward and a backward that return their input."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:
+        return g
+
+
+def _direct_launch(kernel: Any, grid: tuple, args: tuple, consts: Dict[str, Any]) -> Optional[Callable[[], None]]:
+    """A launch of ``kernel``'s compiled binary without the JIT's per-call binding and cache lookup (what inductor
+    does), or None where this Triton has no such entry point (the interpreter; another API)."""
+    try:
+        compiled = kernel.warmup(*args, grid=grid, **consts)
+        runner = compiled[(*grid, 1, 1)[:3]]  # the runner reads three grid sizes
+        all_args = (*args, *consts.values())  # the compiled launcher takes every argument, constexprs included
+        runner(*all_args)
+        return lambda: runner(*all_args)
+    except Exception:  # noqa: BLE001 -- an API this probe does not know: report it as not measured
+        return None
+
+
+def d2d_host_costs(device: torch.device, n: int, m: int, d: int, dtype: torch.dtype,
+                   reps: int = 50) -> Dict[str, Optional[float]]:
+    """Host us per call of the Triton path's D2D-CE forward + backward (as the kernels stage times it: a slice of
+    the columns as the rows, the rest gathered), its forward alone, one Triton launch through the JIT and through
+    the compiled kernel, and the torch pieces around them: one torch.mm of the forward's size, one torch.empty, and
+    an identity autograd function's forward and a backward through it (with the sum that makes it a scalar)."""
+    from kernels.similarity_triton import NORM_EPS, inv_norms_kernel, scan_tiles
+    g = torch.Generator(device=device).manual_seed(0)
+    cols = torch.randn(m, d, device=device, dtype=dtype, generator=g).requires_grad_()
+    col_labels = torch.randint(0, 1000, (m,), device=device, generator=g)
+    proxy = torch.randn(n, d, device=device, dtype=dtype, generator=g).requires_grad_()
+    offset = (m - n) // 2
+    labels = col_labels[offset:offset + n]
+
+    def loss() -> torch.Tensor:
+        return d2d_ce(cols[offset:offset + n], proxy, labels, 0.5, 0.98, backend="triton",
+                      negatives=(cols, col_labels), row_offset=offset)
+
+    def forward_backward() -> None:
+        cols.grad = proxy.grad = None
+        loss().backward()
+
+    tiles = scan_tiles(device)
+    norms = torch.empty(m, device=device, dtype=torch.float32)
+    args, consts = (cols.detach(), norms, m, d, NORM_EPS), dict(BR=tiles["BR"], BD=tiles["BD"])
+    grid = (triton.cdiv(m, tiles["BR"]),)
+    direct = _direct_launch(inv_norms_kernel, grid, args, consts) if device.type == "cuda" else None
+    x = torch.zeros(4, device=device, requires_grad=True)
+    a, b = cols.detach()[:n], cols.detach()
+    return {"shape": [n, m, d], "dtype": str(dtype).replace("torch.", ""), "reps": reps,
+           "forward_backward_us": host_us(forward_backward, device, reps),
+           "forward_us": host_us(lambda: loss(), device, reps),
+           "jit_launch_us": host_us(lambda: inv_norms_kernel[grid](*args, **consts), device, 4 * reps),
+           "direct_launch_us": host_us(direct, device, 4 * reps) if direct is not None else None,
+           "torch_mm_us": host_us(lambda: torch.mm(a, b.t()), device, 4 * reps),
+           "torch_empty_us": host_us(lambda: torch.empty(n, m, device=device), device, 4 * reps),
+           "autograd_function_us": host_us(lambda: _Identity.apply(x).sum().backward(), device, 4 * reps)}
