@@ -130,10 +130,18 @@ def test_the_fastest_layers_run_eager_and_under_cuda_graphs(tmp_path, monkeypatc
     assert {"model.d_rgb_conv_impl=unfold_mm", "train.cuda_graphs=true"} <= set(graphs)
     assert list(cases({"pool": "nearest_grad", "upsample": "expand"})) == ["eager fastest layers"]
     assert cases({"pool": "reshape", "upsample": "expand"}) == {}  # the defaults won: nothing more to run
-    for _ in range(2):  # the defaults won, then no layers stage at all: asked for, the case is one clear line
-        with pytest.raises(ValueError, match="the fastest layers' case runs only where the layers stage found"):
-            train_cases(smoke=False, wanted=["256:cuda_graphs_fastest_layers"])
+    # the defaults won, then no layers stage result at all: asked for, the case is skipped, saying why, and the
+    # cases named after it still run (here: each skipped for time, so nothing starts)
+    monkeypatch.setenv(CASES_ENV, "256:cuda_graphs_fastest_layers 256:eager")
+    for _ in range(2):
+        _, _, found = train_cases(smoke=False)
+        assert found[0] == (256, "cuda_graphs fastest layers", None) and found[1][:2] == (256, "eager")
+        first, then = stage_train(False, time.time() + 20, lambda partial: None)["runs"]
+        assert first["status"] == "skip" and "found nothing faster than the defaults" in first["why"]
+        assert then["mode"] == "eager" and "out of time" in then["why"]
         stage.unlink(missing_ok=True)
+    with pytest.raises(ValueError, match="256:turbo: not a train case here"):
+        train_cases(smoke=False, wanted=["256:turbo"])
 
 
 def test_the_gpu_check_gives_the_last_stage_what_seconds_leaves(tmp_path, capsys):

@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from hpc_gan.gpucheck.common import CASES_ENV, ROOT, STAGE_DIR_ENV, Save, run_boxed
 
-Case = Tuple[int, str, List[str]]  # a train case: (batch per GPU, label, config overrides)
+Case = Tuple[int, str, Optional[List[str]]]  # a train case: (batch per GPU, label, config overrides or None)
 # seconds a train case takes on a fresh H200 (2026-11-27), by its label's first word, at 256 per GPU and at 32: most
 # of it is the first step (eager 28 s at 256 and 7 s at 32: cuDNN's benchmark, Triton's autotuning; compiled 78-88 s
 # at either: dynamo and inductor build 4 graphs) and ~10 s of start-up
@@ -71,18 +71,19 @@ def case_key(batch: int, label: str) -> str:
 
 
 def _pick_cases(cases: List[Case], wanted: Optional[List[str]]) -> List[Case]:
-    """The cases ``wanted`` names (as BATCH:MODE, in its order; None: those ``--cases`` named), else all."""
+    """The cases ``wanted`` names (as BATCH:MODE, in its order; None: those ``--cases`` named), else all. A
+    fastest-layers case named where the layers stage found nothing faster than the defaults (or left no result)
+    comes back with overrides None, for the stage to report as skipped: it would only repeat another case, and the
+    cases named after it still run (a call that named it must not lose them)."""
     wanted = os.environ.get(CASES_ENV, "").split() if wanted is None else wanted
     if not wanted:
         return cases
     by_key = {case_key(b, label): (b, label, flags) for b, label, flags in cases}
-    unknown = [k for k in wanted if k not in by_key]
+    fastest = {case_key(b, label): (b, label, None) for b in {b for b, _, _ in cases} for label in FASTEST_LABELS}
+    unknown = [k for k in wanted if k not in by_key and k not in fastest]
     if unknown:
-        hint = ("; the fastest layers' case runs only where the layers stage found layers faster than the defaults"
-                if any("fastest_layers" in k for k in unknown) else "")
-        raise ValueError(f"--cases {' '.join(unknown)}: not a train case here; the cases are {', '.join(by_key)}"
-                         f"{hint}")
-    return [by_key[k] for k in wanted]
+        raise ValueError(f"--cases {' '.join(unknown)}: not a train case here; the cases are {', '.join(by_key)}")
+    return [by_key.get(k) or fastest[k] for k in wanted]
 
 
 def fastest_layers_overrides(compiled: bool = False) -> List[str]:
@@ -123,6 +124,11 @@ def stage_train(smoke: bool, deadline: float, save: Save) -> Dict[str, Any]:
     results: List[Dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for batch, label, flags in cases:
+            if flags is None:  # a fastest-layers case with nothing faster to run (_pick_cases)
+                results.append({"batch": batch, "mode": label, "status": "skip",
+                                "why": "the layers stage found nothing faster than the defaults, or left no result: "
+                                       "it would repeat the defaults' case"})
+                continue
             left = deadline - time.time() - 5
             need = 20 if smoke else case_seconds(batch, label)
             if left < need:  # skipped, not started: a case cut off by the box reports nothing and spends the lease
