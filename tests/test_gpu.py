@@ -197,3 +197,35 @@ def test_fused_resampling_convolutions_equal_the_separate_ops_on_cuda(dtype):
             err = float((a.double() - e).norm() / e.norm())
             assert err < (3e-2 if dtype == torch.bfloat16 else 5e-3), f"{fused.__name__} {what}: {err:.3g}"
         assert got.is_contiguous(memory_format=torch.channels_last), fused.__name__
+
+
+@pytest.mark.parametrize("threshold_ms,tuned", [(0.0, True), (1e9, False)])
+def test_compile_tuning_tunes_only_the_kernels_slower_than_its_threshold(threshold_ms, tuned, monkeypatch):
+    """train.compile_tuning (hpc_gan.train.compile_tuning): inductor's coordinate-descent tuning runs for a fused
+    kernel slower than the threshold and not for one faster, and the compiled function still computes the same. A
+    kernel left untuned is marked decided: a second call asks no more."""
+    import torch._dynamo
+    import torch._inductor.config as inductor_config
+    from torch._inductor.runtime.triton_heuristics import CachingAutotuner
+
+    from hpc_gan.train import compile_tuning
+    original = CachingAutotuner.coordinate_descent_tuning
+    asked: list = []
+
+    def counting(self, launcher, *args, **kwargs):  # inductor's own tuning, counted; the filter wraps this
+        asked.append(self.inductor_meta.get("kernel_name"))
+        return original(self, launcher, *args, **kwargs)
+    monkeypatch.setattr(CachingAutotuner, "coordinate_descent_tuning", counting)
+    torch._dynamo.reset()  # the lambda below is one code object for both cases: compile it afresh
+    x = torch.randn(64, 96, 64, 64, device=CUDA, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    g = torch.randn(64, 96, device=CUDA, dtype=torch.bfloat16)
+    want = (x.float() * g.float()[:, :, None, None]).sum((2, 3))
+    with inductor_config.patch(force_disable_caches=True):  # no tuned config from an earlier compile
+        assert compile_tuning.enable(threshold_ms)
+        fn = torch.compile(lambda x, g: (x * g[:, :, None, None]).sum((2, 3)))
+        got = fn(x, g)
+        calls = len(asked)
+        fn(x, g)
+        assert len(asked) == calls  # decided once, tuned or not
+    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=0.5)
+    assert (calls > 0) == tuned, asked

@@ -301,11 +301,17 @@ def test_cuda_graphs_are_refused_on_the_cpu(tiny_cfg):
         Trainer(tiny_cfg("train.cuda_graphs=true"), torch.device("cpu"))
 
 
-def test_compile_tuning_is_wired_to_inductor_and_refused_where_it_tunes_nothing(tiny_cfg):
-    """train.compile_tuning turns on inductor's coordinate-descent tuning for the compiled forwards (its effect is
-    the GPU pack's 256:cuda_graphs_tuned case); without a compile it has nothing to tune, and on the CPU inductor's
+def test_compile_tuning_is_wired_to_inductor_and_refused_where_it_tunes_nothing(tiny_cfg, monkeypatch):
+    """train.compile_tuning turns on inductor's coordinate-descent tuning for the compiled forwards, for the kernels
+    slower than compile_tuning.TUNE_ABOVE_MS (its effect is the GPU pack's 256:cuda_graphs_tuned case; that only
+    the slow ones are tuned, tests/test_gpu.py); without a compile it has nothing to tune, and on the CPU inductor's
     C++ kernels have no launch configs: one line each, before anything is built."""
     import torch._inductor.config as inductor_config
+    from torch._inductor.runtime.triton_heuristics import CachingAutotuner
+
+    from hpc_gan.train import compile_tuning
+    # restored after the test: the filter wraps a method of inductor's, process-wide
+    monkeypatch.setattr(CachingAutotuner, "coordinate_descent_tuning", CachingAutotuner.coordinate_descent_tuning)
 
     from hpc_gan.errors import UserError
     from hpc_gan.train.trainer import compile_forwards, compile_mode
@@ -322,6 +328,8 @@ def test_compile_tuning_is_wired_to_inductor_and_refused_where_it_tunes_nothing(
         assert inductor_config.coordinate_descent_tuning is False
         compile_forwards((net,), "default", tuning=True)
         assert inductor_config.coordinate_descent_tuning is True
+        assert CachingAutotuner.coordinate_descent_tuning.slow_kernels_only == compile_tuning.TUNE_ABOVE_MS
+        assert compile_tuning.enable(5.0) and CachingAutotuner.coordinate_descent_tuning.slow_kernels_only == 5.0
     assert inductor_config.coordinate_descent_tuning is False
 
 

@@ -18,7 +18,9 @@ Case = Tuple[int, str, Optional[List[str]]]  # a train case: (batch per GPU, lab
 # of it is the first step (eager 28 s at 256 and 7 s at 32: cuDNN's benchmark, Triton's autotuning; compiled 78-88 s
 # at either: dynamo and inductor build 4 graphs) and ~10 s of start-up
 CASE_SECONDS = {"eager": (45, 25), "compile": (100, 100), "cuda_graphs": (100, 100)}
-TUNING_SECONDS = 60  # train.compile_tuning's benchmarking of each fused kernel's configs: a guess, not yet measured
+# train.compile_tuning: each fused kernel timed once (a few hundred, ~25 ms each), then the few slower than
+# compile_tuning.TUNE_ABOVE_MS tuned (~10 configs each, compiled one after another): a guess, not yet measured
+TUNING_SECONDS = 60
 
 
 def case_seconds(batch: int, label: str) -> int:

@@ -83,14 +83,15 @@ def compile_forwards(nets: Tuple[nn.Module, ...], mode: str, tuning: bool = Fals
     dynamic shapes took D's inputs for a change of G's and compiled every later graph with symbolic sizes (conv
     kernel sizes included), slower to build and to run, and crashing inductor at BigGAN-128 on the CPU. A variant
     past dynamo's recompile limit is an error, not a silent fall back to eager. ``tuning`` (train.compile_tuning):
-    inductor benchmarks each fused kernel's neighbouring launch configs and keeps the fastest (coordinate descent;
-    max-autotune's, without its GEMM and convolution templates, which would autotune every convolution shape): its
-    heuristics gave the H200's CUDA-graph step at 256 a reduction kernel of 5.9 ms (2026-11-27). A process-wide
-    inductor setting, as the recompile limit is."""
+    inductor benchmarks the neighbouring launch configs of each fused kernel slower than
+    ``compile_tuning.TUNE_ABOVE_MS`` and keeps the fastest (coordinate descent; max-autotune's, without its GEMM and
+    convolution templates, which would autotune every convolution shape): its heuristics gave the H200's CUDA-graph
+    step at 256 a reduction kernel of 5.9 ms (2026-11-27). A process-wide inductor setting, as the recompile limit
+    is."""
     torch._dynamo.config.fail_on_recompile_limit_hit = True
     if tuning:
-        import torch._inductor.config as inductor_config
-        inductor_config.coordinate_descent_tuning = True
+        from hpc_gan.train import compile_tuning
+        compile_tuning.enable()
     for net in nets:
         net.forward = torch.compile(net.forward, mode=mode, dynamic=False)
 
