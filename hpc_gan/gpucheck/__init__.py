@@ -10,11 +10,13 @@ cut off by its time box (or the lease) still reports its finished cases:
 
   env          GPU, versions, measured device-to-device copy bandwidth and bf16 matmul rate
   accuracy     the kernels against float64 at the real shapes, fp32 and bf16: |out - ref| / |ref|, gradients too
-  kernels      D2D-CE forward + backward: the kernel, the kernel before the column split, torch fp32, a torch bf16
-               path, torch.compile of the reference (medians of triton.testing.do_bench)
+  kernels      where the host's time goes in one D2D-CE call (kernels.host_bench); D2D-CE forward + backward:
+               the kernel in its modes, torch fp32, a torch bf16 path, torch.compile of the reference (medians of
+               triton.testing.do_bench, and device time alone from CUDA-graph replays)
   sn           spectral norm of BigGAN-128's 65 layers: per-layer loop, foreach, Triton, and the bandwidth floor
-  layers       D's poolings and G's upsamplings at BigGAN-128's shapes, batch 256, bf16, channels-last: each
-               model.pool_impl / model.upsample_impl forward and backward, ms per iteration against the floor
+  layers       at BigGAN-128's shapes, batch 256, bf16, channels-last, each formulation as the steps call it: the
+               resampling convolutions (separate, fused), the RGB convolutions, D's poolings and G's upsamplings,
+               the self-attention; ms per iteration against the floor, and the fastest of each
   tests        tests/test_gpu.py (no host sync in a training step) and tests/test_kernels.py on the GPU (less the
                ahead-of-time compile check, which needs no GPU)
   determinism  20 runs of each kernel, bitwise equal
