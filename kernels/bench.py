@@ -192,6 +192,17 @@ D2D_GPU_SHAPES = _FIRST + [(n, 2048, d, dt) for dt in (torch.bfloat16, torch.flo
                            for d in (512, 2048) if (n, 2048, d, dt) not in _FIRST]
 
 
+def d2d_inputs(device: torch.device, n: int, m: int, d: int, dtype: torch.dtype
+               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """(columns, their labels, proxies, offset) of a benchmark call: m gathered columns (leaves), n local rows that
+    are the columns from ``offset`` on (a slice, as a rank's own rows are among the gathered ones), their proxies."""
+    g = torch.Generator(device=device).manual_seed(0)
+    cols = torch.randn(m, d, device=device, dtype=dtype, generator=g).requires_grad_()
+    col_labels = torch.randint(0, 1000, (m,), device=device, generator=g)
+    proxy = torch.randn(n, d, device=device, dtype=dtype, generator=g).requires_grad_()
+    return cols, col_labels, proxy, (m - n) // 2
+
+
 def bench_d2d(device: torch.device, shapes: Sequence[Tuple[int, int, int, torch.dtype]],
               variants: Sequence[str] = D2D_VARIANTS) -> List[Dict]:
     """D2D-CE forward + backward at (local rows, gathered columns, d, dtype), per variant: "triton" (the kernels as
@@ -202,11 +213,7 @@ def bench_d2d(device: torch.device, shapes: Sequence[Tuple[int, int, int, torch.
     broadcast similarity."""
     rows = []
     for n_local, n_global, d, dtype in shapes:
-        g = torch.Generator(device=device).manual_seed(0)
-        cols = torch.randn(n_global, d, device=device, dtype=dtype, generator=g).requires_grad_()
-        col_labels = torch.randint(0, 1000, (n_global,), device=device, generator=g)
-        proxy = torch.randn(n_local, d, device=device, dtype=dtype, generator=g).requires_grad_()
-        offset = (n_global - n_local) // 2
+        cols, col_labels, proxy, offset = d2d_inputs(device, n_local, n_global, d, dtype)
         labels = col_labels[offset:offset + n_local]
 
         def make(variant: str) -> Callable[[], object]:

@@ -17,6 +17,7 @@ from typing import Any, Callable, Dict, Optional
 import torch
 import triton
 
+from kernels.bench import d2d_inputs
 from kernels.similarity import d2d_ce
 
 
@@ -67,11 +68,7 @@ def d2d_host_costs(device: torch.device, n: int, m: int, d: int, dtype: torch.dt
     the compiled kernel, and the torch pieces around them: one torch.mm of the forward's size, one torch.empty, and
     an identity autograd function's forward and a backward through it (with the sum that makes it a scalar)."""
     from kernels.similarity_triton import NORM_EPS, inv_norms_kernel, scan_tiles
-    g = torch.Generator(device=device).manual_seed(0)
-    cols = torch.randn(m, d, device=device, dtype=dtype, generator=g).requires_grad_()
-    col_labels = torch.randint(0, 1000, (m,), device=device, generator=g)
-    proxy = torch.randn(n, d, device=device, dtype=dtype, generator=g).requires_grad_()
-    offset = (m - n) // 2
+    cols, col_labels, proxy, offset = d2d_inputs(device, n, m, d, dtype)
     labels = col_labels[offset:offset + n]
 
     def loss() -> torch.Tensor:
