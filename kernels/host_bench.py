@@ -3,7 +3,7 @@
 The GPU runs found the Triton path host-bound in wall time: 13 launches cost 0.98-1.60 ms of host time for
 0.04-0.10 ms of device work (H200, 2026-11-27), ~90 us per launch, where the eager torch reference's 115 launches cost
 ~28 us each. Whether the cost is Triton's launcher (argument binding and specialization per call), torch's ops
-around the kernels, or autograd decides the fix: launching through cached compiled kernels, as inductor does, fewer
+around the kernels, or autograd decides the fix: launching through cached compiled kernels (kernels.launch.DIRECT), fewer
 torch ops, or neither. Each piece is timed the same way: ``reps`` calls queued back to back with no
 synchronization inside the timed loop, so that on a GPU, where each piece's device work is shorter than its launch,
 the loop's time is the host's alone (fewer than the launch queue's ~1,000 entries, so the host never waits on it).
@@ -18,6 +18,7 @@ import torch
 import triton
 
 from kernels.bench import d2d_inputs
+from kernels.launch import launch
 from kernels.similarity import d2d_ce
 
 
@@ -36,6 +37,19 @@ def host_us(fn: Callable[[], object], device: torch.device, reps: int) -> float:
     return took / reps * 1e6
 
 
+def direct_us(fn: Callable[[], object], device: torch.device, reps: int) -> Optional[float]:
+    """host_us of fn with kernels.launch.DIRECT on (its Triton kernels launched through their compiled kernels);
+    None where it does not apply (the interpreter)."""
+    import kernels.launch
+    if device.type != "cuda":
+        return None
+    kernels.launch.DIRECT = True
+    try:
+        return host_us(fn, device, reps)
+    finally:
+        kernels.launch.DIRECT = False
+
+
 class _Identity(torch.autograd.Function):
     """The least a custom autograd function costs: a forward and a backward that return their input."""
 
@@ -48,23 +62,11 @@ class _Identity(torch.autograd.Function):
         return g
 
 
-def _direct_launch(kernel: Any, grid: tuple, args: tuple, consts: Dict[str, Any]) -> Optional[Callable[[], None]]:
-    """A launch of ``kernel``'s compiled binary without the JIT's per-call binding and cache lookup (what inductor
-    does), or None where this Triton has no such entry point (the interpreter; another API)."""
-    try:
-        compiled = kernel.warmup(*args, grid=grid, **consts)
-        runner = compiled[(*grid, 1, 1)[:3]]  # the runner reads three grid sizes
-        all_args = (*args, *consts.values())  # the compiled launcher takes every argument, constexprs included
-        runner(*all_args)
-        return lambda: runner(*all_args)
-    except Exception:  # noqa: BLE001 -- an API this probe does not know: report it as not measured
-        return None
-
-
 def d2d_host_costs(device: torch.device, n: int, m: int, d: int, dtype: torch.dtype,
-                   reps: int = 50) -> Dict[str, Optional[float]]:
+                   reps: int = 50) -> Dict[str, Any]:
     """Host us per call of the Triton path's D2D-CE forward + backward (as the kernels stage times it: a slice of
-    the columns as the rows, the rest gathered), its forward alone, one Triton launch through the JIT and through
+    the columns as the rows, the rest gathered), the same with its kernels launched directly
+    (kernels.launch.DIRECT), its forward alone, one Triton launch through the JIT and through
     the compiled kernel, and the torch pieces around them: one torch.mm of the forward's size, one torch.empty, and
     an identity autograd function's forward and a backward through it (with the sum that makes it a scalar)."""
     from kernels.similarity_triton import NORM_EPS, inv_norms_kernel, scan_tiles
@@ -83,14 +85,17 @@ def d2d_host_costs(device: torch.device, n: int, m: int, d: int, dtype: torch.dt
     norms = torch.empty(m, device=device, dtype=torch.float32)
     args, consts = (cols.detach(), norms, m, d, NORM_EPS), dict(BR=tiles["BR"], BD=tiles["BD"])
     grid = (triton.cdiv(m, tiles["BR"]),)
-    direct = _direct_launch(inv_norms_kernel, grid, args, consts) if device.type == "cuda" else None
+
+    def one_launch() -> None:
+        launch(inv_norms_kernel, grid, *args, **consts)
     x = torch.zeros(4, device=device, requires_grad=True)
     a, b = cols.detach()[:n], cols.detach()
     return {"shape": [n, m, d], "dtype": str(dtype).replace("torch.", ""), "reps": reps,
            "forward_backward_us": host_us(forward_backward, device, reps),
+           "forward_backward_direct_us": direct_us(forward_backward, device, reps),
            "forward_us": host_us(lambda: loss(), device, reps),
-           "jit_launch_us": host_us(lambda: inv_norms_kernel[grid](*args, **consts), device, 4 * reps),
-           "direct_launch_us": host_us(direct, device, 4 * reps) if direct is not None else None,
+           "jit_launch_us": host_us(one_launch, device, 4 * reps),
+           "direct_launch_us": direct_us(one_launch, device, 4 * reps),
            "torch_mm_us": host_us(lambda: torch.mm(a, b.t()), device, 4 * reps),
            "torch_empty_us": host_us(lambda: torch.empty(n, m, device=device), device, 4 * reps),
            "autograd_function_us": host_us(lambda: _Identity.apply(x).sum().backward(), device, 4 * reps)}

@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 
 from kernels.dispatch import interpreting
+from kernels.launch import launch
 
 NORM_EPS = 1e-12  # F.normalize's default, which the reference uses
 
@@ -506,10 +507,10 @@ def _finish(x: torch.Tensor, acc: torch.Tensor, r: torch.Tensor, c: torch.Tensor
     tiles = row_tiles(x.device)
     acc2, r2, c2 = two if two is not None else (acc, r, c)
     v, rows, g, inv_n, _ = pos if pos is not None else (x, r, r, 0.0, False)
-    d2d_finish_kernel[(triton.cdiv(n, tiles["BR"]), triton.cdiv(d, tiles["BD"]))](
-        x, out, n, d, acc, r, c, c.shape[0], acc2, r2, c2, c2.shape[0], v, rows, g, out if dv is None else dv,
-        inv_n, TWO=two is not None, POS=pos is not None, WANT_DV=dv is not None,
-        BS=max(triton.next_power_of_2(max(c.shape[0], c2.shape[0])), 2), **tiles)
+    launch(d2d_finish_kernel, (triton.cdiv(n, tiles["BR"]), triton.cdiv(d, tiles["BD"])),
+           x, out, n, d, acc, r, c, c.shape[0], acc2, r2, c2, c2.shape[0], v, rows, g, out if dv is None else dv,
+           inv_n, TWO=two is not None, POS=pos is not None, WANT_DV=dv is not None,
+           BS=max(triton.next_power_of_2(max(c.shape[0], c2.shape[0])), 2), **tiles)
     return out, dv
 
 
@@ -542,10 +543,11 @@ class D2DCE(torch.autograd.Function):
         if mode == "matrix":
             raw = raw_products(a, b)
             tiles = scan_tiles(a.device)
-            inv_norms_kernel[(triton.cdiv(m, tiles["BR"]),)](b, rb, m, d, NORM_EPS, BR=tiles["BR"], BD=tiles["BD"])
-            d2d_rows_kernel[(triton.cdiv(n, tiles["BR"]),)](
-                raw, a, v, ra, rb, la, lb, rows, n, m, d, row_offset, m_p, m_n, 1.0 / t, NORM_EPS,
-                STUDIOGAN=studiogan, **tiles)
+            launch(inv_norms_kernel, (triton.cdiv(m, tiles["BR"]),), b, rb, m, d, NORM_EPS, BR=tiles["BR"],
+                   BD=tiles["BD"])
+            launch(d2d_rows_kernel, (triton.cdiv(n, tiles["BR"]),),
+                   raw, a, v, ra, rb, la, lb, rows, n, m, d, row_offset, m_p, m_n, 1.0 / t, NORM_EPS,
+                   STUDIOGAN=studiogan, **tiles)
         else:
             raw = None
             cs = split_cols or column_splits(n, m, a.device)
@@ -555,9 +557,9 @@ class D2DCE(torch.autograd.Function):
                 a, b, ra, rb, la, lb, partial[0], partial[1], partial[2], n, m, d, cs, row_offset, m_n, 1.0 / t,
                 NORM_EPS, STUDIOGAN=studiogan, PREC=prec)
             tiles = combine_tiles(a.device)
-            d2d_combine_kernel[(triton.cdiv(n, tiles["BR"]),)](
-                partial[0], partial[1], partial[2], a, v, ra, rows, n, splits, d, m_p, 1.0 / t, NORM_EPS,
-                STUDIOGAN=studiogan, BS=max(triton.next_power_of_2(splits), 2), **tiles)
+            launch(d2d_combine_kernel, (triton.cdiv(n, tiles["BR"]),),
+                   partial[0], partial[1], partial[2], a, v, ra, rows, n, splits, d, m_p, 1.0 / t, NORM_EPS,
+                   STUDIOGAN=studiogan, BS=max(triton.next_power_of_2(splits), 2), **tiles)
         ctx.save_for_backward(a, v, b, la, lb, ra, rb, rows, raw)
         ctx.same = same
         ctx.consts = (row_offset, m_n, 1.0 / t, prec)
@@ -587,9 +589,9 @@ class D2DCE(torch.autograd.Function):
             q = torch.empty(n, m, device=a.device, dtype=mm_dtype)
             crow = torch.empty(grid[1], n, device=a.device, dtype=torch.float32)
             ccol = torch.empty(grid[0], m, device=a.device, dtype=torch.float32)
-            d2d_grad_matrix_kernel[grid](a, b, a if raw is None else raw, *per_row, q, crow, ccol, *scal,
-                                         PREC=prec, BI=bl["BI"], BJ=bl["BJ"], BK=bl["BK"],
-                                         num_warps=bl["num_warps"], FROM_S=raw is not None)
+            launch(d2d_grad_matrix_kernel, grid, a, b, a if raw is None else raw, *per_row, q, crow, ccol, *scal,
+                   PREC=prec, BI=bl["BI"], BJ=bl["BJ"], BK=bl["BK"], num_warps=bl["num_warps"],
+                   FROM_S=raw is not None)
             with torch.autocast(a.device.type, enabled=False):  # Q's dtype, whatever the caller's context
                 acc_a = torch.mm(q, b.to(mm_dtype)) if need_a else None
                 acc_b = torch.mm(q.t(), a.to(mm_dtype)) if need_b or (ctx.same and need_a) else None
@@ -601,10 +603,12 @@ class D2DCE(torch.autograd.Function):
             ccol = torch.empty(1, m, device=a.device, dtype=torch.float32)
             if need_a or need_v:
                 acc_a = torch.empty(n, d, device=a.device, dtype=torch.float32)
-                d2d_stream_rows_kernel[(triton.cdiv(n, bl["BI"]),)](a, b, *per_row, acc_a, crow, *scal, PREC=prec, **bl)
+                launch(d2d_stream_rows_kernel, (triton.cdiv(n, bl["BI"]),), a, b, *per_row, acc_a, crow, *scal,
+                       PREC=prec, **bl)
             if need_b or (ctx.same and need_a):
                 acc_b = torch.empty(m, d, device=a.device, dtype=torch.float32)
-                d2d_stream_cols_kernel[(triton.cdiv(m, bl["BJ"]),)](a, b, *per_row, acc_b, ccol, *scal, PREC=prec, **bl)
+                launch(d2d_stream_cols_kernel, (triton.cdiv(m, bl["BJ"]),), a, b, *per_row, acc_b, ccol, *scal,
+                       PREC=prec, **bl)
         da = dv = db = None
         if need_a or need_v:
             if acc_a is None:  # only the proxy's gradient is wanted: the rows' terms are computed and dropped

@@ -3,6 +3,7 @@ torch's own spectral_norm): fresh random inputs every run, odd shapes, both D2D-
 without negatives, and the fused spectral norm inside a real model. On CPU through TRITON_INTERPRET=1 (fp32)."""
 import copy
 import importlib.util
+import inspect
 import math
 import re
 from pathlib import Path
@@ -673,3 +674,52 @@ def test_profiled_kernels_are_told_by_kind():
         seen = [k for n, k in kinds.items() if n.startswith(prefix)]
         assert seen and set(seen) == {kind}, (prefix, seen)
     assert kernel_kind("triton_poi_fused_add_relu_0") == "inductor Triton"
+
+
+def test_a_direct_launch_passes_every_argument_in_the_kernels_order():
+    """kernels.launch: the compiled launcher takes every parameter in order, constexprs included (from keywords or
+    their defaults) and launch options left out; a key changes with each thing the JIT specializes on (a tensor's
+    dtype and 16-byte alignment, an integer's value, True against 1) and not with a float's value; another kind of
+    argument is left to the JIT."""
+    from kernels.launch import arg_key, signature_args
+    from kernels.similarity_triton import d2d_grad_matrix_kernel as k
+    names = list(inspect.signature(k.fn).parameters)
+    n_pos = names.index("PREC")
+    consts = dict(FROM_S=True, BK=16, BJ=64, BI=16, PREC="tf32x3", num_warps=4)  # in no particular order
+    got = signature_args(k, tuple(range(n_pos)), consts)
+    assert got == list(range(n_pos)) + [consts[name] for name in names[n_pos:]] and len(got) == len(names)
+    x = torch.zeros(10)
+    assert arg_key(x[4:]) == arg_key(x) != arg_key(x[1:]) != arg_key(x.double())  # 16 bytes on, 4 bytes on
+    assert arg_key(1) != arg_key(True) and arg_key(16) != arg_key(17) and arg_key(0.5) == arg_key(2.0)
+    assert arg_key(None) is None and arg_key([1]) is None
+
+
+@pytest.mark.skipif(DEV.type != "cuda", reason="a direct launch needs compiled kernels: CUDA")
+@pytest.mark.parametrize("tmode", ["matrix", "fused", "stream"])
+def test_direct_launches_equal_the_jits_bitwise(tmode, monkeypatch):
+    """kernels.launch.DIRECT: D2D-CE with its kernels launched through their compiled kernels gives the JIT's
+    values and gradients bitwise, twice (the first call of a key goes through the JIT), with the rows a slice that
+    starts off 16-byte alignment and then on it (another key)."""
+    import kernels.launch
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    cols = torch.randn(131, 9, generator=g).to(DEV)
+    col_labels = torch.randint(0, 5, (131,), generator=g).to(DEV)
+    proxy = torch.randn(17, 9, generator=g).to(DEV)
+
+    def run(offset):
+        leaves = [proxy.clone().requires_grad_(), cols.clone().requires_grad_()]
+        rows = leaves[1][offset:offset + 17]  # a view of the columns: its alignment follows the offset
+        loss = d2d_ce(rows, leaves[0], col_labels[offset:offset + 17], 0.5, 0.9, backend="triton",
+                      negatives=(leaves[1], col_labels), row_offset=offset, triton_mode=tmode)
+        return [loss.detach(), *torch.autograd.grad(loss, leaves)]
+
+    for offset in (1, 16):  # 36 bytes in, then 576: off, then on 16-byte alignment
+        want = run(offset)
+        monkeypatch.setattr(kernels.launch, "DIRECT", True)
+        before = kernels.launch.direct_kernels()
+        for _ in range(2):
+            for a, b in zip(run(offset), want):
+                assert torch.equal(a, b), f"direct launch differs (seed {seed}, offset {offset})"
+        assert kernels.launch.direct_kernels() > before  # the direct path was taken, not the JIT's
+        monkeypatch.setattr(kernels.launch, "DIRECT", False)

@@ -76,7 +76,8 @@ def write_report(out_dir: Path, report: Dict[str, Any]) -> None:
         if host:  # where the host's time goes in one D2D-CE call (kernels.host_bench)
             us = {k: (f"{v:.1f}" if isinstance(v, float) else "n/a") for k, v in host.items()}
             lines.append(f"- D2D-CE host time per call at {'x'.join(map(str, host['shape']))} {host['dtype']}, us: "
-                         f"forward + backward {us['forward_backward_us']} (forward {us['forward_us']}); one Triton "
+                         f"forward + backward {us['forward_backward_us']} (forward {us['forward_us']}; with the "
+                         f"kernels launched directly {us['forward_backward_direct_us']}); one Triton "
                          f"launch {us['jit_launch_us']} through the JIT, {us['direct_launch_us']} compiled; "
                          f"torch.mm {us['torch_mm_us']}, torch.empty {us['torch_empty_us']}, an autograd function "
                          f"and its backward {us['autograd_function_us']}")
