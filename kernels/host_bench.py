@@ -62,13 +62,14 @@ class _Identity(torch.autograd.Function):
         return g
 
 
-def d2d_host_costs(device: torch.device, n: int, m: int, d: int, dtype: torch.dtype,
-                   reps: int = 50) -> Dict[str, Any]:
+def d2d_host_costs(device: torch.device, n: int, m: int, d: int, dtype: torch.dtype, reps: int = 50,
+                   direct: bool = False) -> Dict[str, Any]:
     """Host us per call of the Triton path's D2D-CE forward + backward (as the kernels stage times it: a slice of
-    the columns as the rows, the rest gathered), the same with its kernels launched directly
-    (kernels.launch.DIRECT), its forward alone, one Triton launch through the JIT and through
-    the compiled kernel, and the torch pieces around them: one torch.mm of the forward's size, one torch.empty, and
-    an identity autograd function's forward and a backward through it (with the sum that makes it a scalar)."""
+    the columns as the rows, the rest gathered), its forward alone, one Triton launch through the JIT, and the torch
+    pieces around them: one torch.mm of the forward's size, one torch.empty, and an identity autograd function's
+    forward and a backward through it (with the sum that makes it a scalar). ``direct``: instead, the forward +
+    backward and the one launch with kernels.launch.DIRECT on (through the compiled kernels; None off CUDA), kept
+    apart so that a caller can run them last (a direct launch has not yet run on a GPU)."""
     from kernels.similarity_triton import NORM_EPS, inv_norms_kernel, scan_tiles
     cols, col_labels, proxy, offset = d2d_inputs(device, n, m, d, dtype)
     labels = col_labels[offset:offset + n]
@@ -88,14 +89,16 @@ def d2d_host_costs(device: torch.device, n: int, m: int, d: int, dtype: torch.dt
 
     def one_launch() -> None:
         launch(inv_norms_kernel, grid, *args, **consts)
+
+    if direct:
+        return {"forward_backward_direct_us": direct_us(forward_backward, device, reps),
+                "direct_launch_us": direct_us(one_launch, device, 4 * reps)}
     x = torch.zeros(4, device=device, requires_grad=True)
     a, b = cols.detach()[:n], cols.detach()
     return {"shape": [n, m, d], "dtype": str(dtype).replace("torch.", ""), "reps": reps,
-           "forward_backward_us": host_us(forward_backward, device, reps),
-           "forward_backward_direct_us": direct_us(forward_backward, device, reps),
-           "forward_us": host_us(lambda: loss(), device, reps),
-           "jit_launch_us": host_us(one_launch, device, 4 * reps),
-           "direct_launch_us": direct_us(one_launch, device, 4 * reps),
-           "torch_mm_us": host_us(lambda: torch.mm(a, b.t()), device, 4 * reps),
-           "torch_empty_us": host_us(lambda: torch.empty(n, m, device=device), device, 4 * reps),
-           "autograd_function_us": host_us(lambda: _Identity.apply(x).sum().backward(), device, 4 * reps)}
+            "forward_backward_us": host_us(forward_backward, device, reps),
+            "forward_us": host_us(lambda: loss(), device, reps),
+            "jit_launch_us": host_us(one_launch, device, 4 * reps),
+            "torch_mm_us": host_us(lambda: torch.mm(a, b.t()), device, 4 * reps),
+            "torch_empty_us": host_us(lambda: torch.empty(n, m, device=device), device, 4 * reps),
+            "autograd_function_us": host_us(lambda: _Identity.apply(x).sum().backward(), device, 4 * reps)}

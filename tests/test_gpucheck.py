@@ -84,7 +84,8 @@ def test_the_gpu_check_pack_runs_every_stage_in_smoke_mode(tmp_path):
     # where the host's time goes in one D2D-CE call: every piece timed (no direct launch in the interpreter)
     host = stages["kernels"]["host_costs"]
     assert all(host[k] > 0 for k in ("forward_backward_us", "forward_us", "jit_launch_us", "torch_mm_us",
-                                     "autograd_function_us")) and host["direct_launch_us"] is None
+                                     "autograd_function_us"))
+    assert host["direct_launch_us"] is None and host["forward_backward_direct_us"] is None  # measured after the shapes
     assert "- D2D-CE host time per call at 8x64x32 float32, us: forward + backward " in md
 
 
@@ -241,3 +242,22 @@ def test_the_gpu_check_reads_its_goals_off_the_first_h100_run():
     assert rows["train step MFU >= 45% at 256 per GPU (best case)"] == ("18.6%", "missed")
     assert rows["SN, all layers, per forward: >= 5x the per-layer loop"] == ("n/a", "not measured")
     assert not any(verdict == "met" for _, verdict in rows.values())
+
+
+def test_the_report_keeps_a_failed_host_probe(tmp_path):
+    """The kernels stage's host probe is guarded: its failure is reported beside the stage's other results, the JIT
+    part's in place of its line, the direct launches' at its end."""
+    from hpc_gan.gpucheck.stages import guarded
+
+    def broken():
+        raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore")
+    assert guarded(broken) == {"error": "RuntimeError: CUDA error: an illegal memory access was encountered"}
+    us = dict.fromkeys(("forward_backward_us", "forward_us", "jit_launch_us", "torch_mm_us", "torch_empty_us",
+                        "autograd_function_us"), 10.0)
+    for host, said in (({"error": "RuntimeError: boom"}, "- D2D-CE host probe: {'error': 'RuntimeError: boom'}"),
+                       ({"shape": [32, 2048, 512], "dtype": "bfloat16", **us, "direct_error": "TypeError: args"},
+                        "torch.empty 10.0, an autograd function and its backward 10.0; direct_error: TypeError: args")):
+        report = {"started": "now", "command": "gpu-check", "stages": [
+            {"name": "kernels", "status": "ok", "seconds": 1.0, "rows": [], "host_costs": host}]}
+        write_report(tmp_path, report)
+        assert said in (tmp_path / "report.md").read_text()

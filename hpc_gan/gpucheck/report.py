@@ -72,15 +72,21 @@ def write_report(out_dir: Path, report: Dict[str, Any]) -> None:
                       "| shape | wall | device | fused, device |", "|---|---|---|---|"]
             lines += [f"| {k} | {v:.2f}x | " + " | ".join(f"{x[k]:.2f}x" if k in x else "n/a" for x in (graph, fused))
                       + " |" for k, v in s["speedup_vs_best_torch"].items()]
-        host = s.get("host_costs")
-        if host:  # where the host's time goes in one D2D-CE call (kernels.host_bench)
-            us = {k: (f"{v:.1f}" if isinstance(v, float) else "n/a") for k, v in host.items()}
+        host = s.get("host_costs") or {}
+        if "shape" in host:  # where the host's time goes in one D2D-CE call (kernels.host_bench)
+            us = {k: (f"{v:.1f}" if isinstance(v, float) else "n/a")
+                  for k, v in host.items() if k not in ("shape", "dtype")}
+            us.setdefault("forward_backward_direct_us", "n/a")
+            us.setdefault("direct_launch_us", "n/a")
             lines.append(f"- D2D-CE host time per call at {'x'.join(map(str, host['shape']))} {host['dtype']}, us: "
                          f"forward + backward {us['forward_backward_us']} (forward {us['forward_us']}; with the "
                          f"kernels launched directly {us['forward_backward_direct_us']}); one Triton "
                          f"launch {us['jit_launch_us']} through the JIT, {us['direct_launch_us']} compiled; "
                          f"torch.mm {us['torch_mm_us']}, torch.empty {us['torch_empty_us']}, an autograd function "
-                         f"and its backward {us['autograd_function_us']}")
+                         f"and its backward {us['autograd_function_us']}" +
+                         "".join(f"; {k}: {host[k]}" for k in ("direct_error", "direct") if k in host))
+        elif host:  # the probe failed: its error
+            lines.append(f"- D2D-CE host probe: {host}")
         for t in s.get("tiles") or []:
             tiles = "/".join(str(v) for v in t["tiles"].values())
             lines.append(f"- SN power iteration, tiles {tiles} ({'/'.join(t['tiles'])}): " +
