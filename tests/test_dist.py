@@ -3,7 +3,6 @@ launch detection (torchrun, mpiexec, a faked srun), cross-replica BN, one full s
 accumulation, and resuming at another world size."""
 import importlib.util
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from hpc_gan.errors import UserError
 from hpc_gan.dist import DistInfo, launch
 from hpc_gan.train import checkpoint
 from hpc_gan.train.trainer import Trainer
+from procenv import child_env
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "dist_worker.py"
@@ -35,16 +35,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def clean_env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SLURM_", "OMPI_", "PMI_", "PMIX_", "MPI_")) and k not in
-           ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **extra)
-    return env
-
-
 def run(cmd, timeout=600, **env):
-    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, env=clean_env(**env),
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, env=child_env(**env),
                           cwd=ROOT)
     assert proc.returncode == 0, f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n" \
                                  f"{proc.stderr[-6000:]}"
@@ -75,7 +67,7 @@ def test_mpiexec_initializes(tmp_path):
 
 def test_faked_srun_environment_initializes(tmp_path):
     port = free_port()
-    procs = [subprocess.Popen([sys.executable, str(WORKER), "init", str(tmp_path)], cwd=ROOT, env=clean_env(
+    procs = [subprocess.Popen([sys.executable, str(WORKER), "init", str(tmp_path)], cwd=ROOT, env=child_env(
         SLURM_PROCID=str(r), SLURM_LOCALID=str(r), SLURM_NTASKS="2", SLURM_STEP_ID="0", SLURM_JOB_ID="4242",
         SLURM_NNODES="1", SLURM_JOB_NODELIST="localhost", SLURM_NTASKS_PER_NODE="2", MASTER_PORT=str(port)),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]

@@ -19,6 +19,7 @@ from hpc_gan.errors import UserError
 from hpc_gan.train import checkpoint
 from hpc_gan.train.loop import train
 from hpc_gan.train.trainer import Trainer
+from procenv import child_env
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -35,11 +36,7 @@ def free_port() -> int:
 
 
 def env(**extra):
-    e = {k: v for k, v in os.environ.items()
-         if not k.startswith(("SLURM_", "OMPI_", "PMI_", "PMIX_", "MPI_", "TORCHELASTIC_"))
-         and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TRITON_INTERPRET")}
-    e.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), DS_ACCELERATOR="cpu", **extra)
-    return e
+    return child_env(drop=("TRITON_INTERPRET",), **extra)
 
 
 def faulty_torchrun(kind, rank, step, *args, timeout=300):

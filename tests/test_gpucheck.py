@@ -14,17 +14,10 @@ from hpc_gan.gpucheck.common import CASES_ENV, STAGE_DIR_ENV, run_boxed
 from hpc_gan.gpucheck.report import goal_rows, write_report
 from hpc_gan.gpucheck.runner import STAGES, main
 from hpc_gan.gpucheck.train_cases import CASE_SECONDS, case_key, stage_train, train_cases
+from procenv import child_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-def env():
-    """This environment without a launcher's variables or the Triton interpreter's switch (the pack sets it)."""
-    e = {k: v for k, v in os.environ.items()
-         if not k.startswith(("SLURM_", "OMPI_", "PMI_", "PMIX_", "MPI_", "TORCHELASTIC_"))
-         and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TRITON_INTERPRET")}
-    e.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), DS_ACCELERATOR="cpu")
-    return e
 
 
 def test_the_gpu_check_pack_runs_every_stage_in_smoke_mode(tmp_path):
@@ -34,7 +27,7 @@ def test_the_gpu_check_pack_runs_every_stage_in_smoke_mode(tmp_path):
     from hpc_gan.models.resample_conv import resolve
     out = tmp_path / "gc"
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu-check.sh"), "--smoke", "--out", str(out)],
-                          capture_output=True, text=True, env=env(), cwd=ROOT, timeout=900)
+                          capture_output=True, text=True, env=child_env(drop=("TRITON_INTERPRET",)), cwd=ROOT, timeout=900)
     report = json.loads((out / "report.json").read_text())
     stages = {s["name"]: s for s in report["stages"]}
     assert list(stages) == ["env", "accuracy", "kernels", "sn", "layers", "tests", "determinism", "dali",

@@ -309,12 +309,11 @@ def test_compile_tuning_is_wired_to_inductor_and_refused_where_it_tunes_nothing(
     import torch._inductor.config as inductor_config
     from torch._inductor.runtime.triton_heuristics import CachingAutotuner
 
+    from hpc_gan.errors import UserError
     from hpc_gan.train import compile_tuning
+    from hpc_gan.train.trainer import compile_forwards, compile_mode
     # restored after the test: the filter wraps a method of inductor's, process-wide
     monkeypatch.setattr(CachingAutotuner, "coordinate_descent_tuning", CachingAutotuner.coordinate_descent_tuning)
-
-    from hpc_gan.errors import UserError
-    from hpc_gan.train.trainer import compile_forwards, compile_mode
     with pytest.raises(UserError, match="train.compile_tuning=true tunes the kernels torch.compile generates; set "
                                         "train.cuda_graphs=true or train.compile=default"):
         tiny_cfg("train.compile_tuning=true")

@@ -19,7 +19,7 @@ from torch import nn
 from hpc_gan.models.build import forward_on_meta
 from hpc_gan.models.layers import make_pool, make_upsample
 from hpc_gan.models.resample_conv import conv_avgpool, resampling_convs, upsample_conv
-from hpc_gan.models.rgb_conv_bench import Plan, Shape, bench_formulations
+from hpc_gan.models.formulation_bench import Plan, Shape, bench_formulations
 
 
 def resample_conv_shapes(cfg: Any, batch: int) -> Dict[str, List[Tuple[Shape, Shape]]]:
@@ -75,6 +75,5 @@ def bench_resample_convs(cfg: Any, batch: int, device: torch.device, dtype: torc
     """Per resampling convolution and formulation: ms per call as each training step calls it, summed per iteration
     at ``cfg.train.n_dis`` beside the floor, each formulation's output checked against the separate ops'; and per
     side ("g", "d") the faster over all its convolutions. Past ``deadline`` (time.time()) the rest is skipped."""
-    with torch.backends.cudnn.flags(benchmark=cfg.train.cudnn_benchmark):  # the algorithms the trainer's get
-        return bench_formulations("resample_conv", _plan(cfg, batch), formulations(cfg), device, dtype, time_ms,
-                                  copy_gb_per_s, deadline)
+    return bench_formulations("resample_conv", _plan(cfg, batch), formulations(cfg), device, dtype, time_ms,
+                              copy_gb_per_s, deadline, cfg.train.cudnn_benchmark)
