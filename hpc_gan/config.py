@@ -39,7 +39,8 @@ PoolImpl = Literal["auto", "nearest_grad", "reshape", "avg_pool2d"]
 UpsampleImpl = Literal["auto", "interpolate", "expand"]
 DRgbConv = Literal["conv2d", "nchw", "unfold_mm"]
 GRgbConv = Literal["conv2d", "nchw", "pad_out"]
-ResampleConvImpl = Literal["auto", "separate", "fused"]
+UpConvImpl = Literal["auto", "separate", "fused", "transposed"]
+DownConvImpl = Literal["auto", "separate", "fused"]
 MemoryFormat = Literal["auto", "channels_last", "contiguous"]
 CompileMode = Literal["off", "default", "max-autotune", "reduce-overhead"]
 NegBackward = Literal["reduce_scatter", "all_reduce"]
@@ -110,11 +111,13 @@ class ModelConfig:
     g_rgb_conv_impl: GRgbConv = "conv2d"   # G's convolution to 3 channels: conv2d (reference), nchw, pad_out
                                            # (outputs zero-padded to 8, sliced); both timed by the check pack's
                                            # layers stage (hpc_gan.models.rgb_conv)
-    g_upconv_impl: ResampleConvImpl = "auto"    # G's upsample + 3x3 conv: separate (reference), fused (one 2x2
-                                                # conv over the 4 output phases: 4/9 of the products); auto: fused
-    d_downconv_impl: ResampleConvImpl = "auto"  # D's 3x3 conv + 2x2 avg pool: separate (reference), fused (one
-                                                # 4x4 conv, stride 2: 4/9 of the products); auto: fused
-                                                # (hpc_gan.models.resample_conv)
+    g_upconv_impl: UpConvImpl = "auto"     # G's upsample + 3x3 conv: separate (reference), fused (one 2x2
+                                           # conv over the 4 output phases: 4/9 of the products), transposed (one
+                                           # 4x4 transposed conv, stride 2: the same products, no interleave);
+                                           # auto: fused
+    d_downconv_impl: DownConvImpl = "auto"  # D's 3x3 conv + 2x2 avg pool: separate (reference), fused (one
+                                            # 4x4 conv, stride 2: 4/9 of the products); auto: fused
+                                            # (hpc_gan.models.resample_conv)
     memory_format: MemoryFormat = "auto"   # of activations; auto: channels_last (measured faster on CPUs, 1.3-1.8x,
                                            # and on an H100, 12%: docs/benchmarks.md)
 

@@ -173,15 +173,16 @@ def test_rgb_conv_formulations_equal_the_convolution_on_cuda(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_fused_resampling_convolutions_equal_the_separate_ops_on_cuda(dtype):
-    """model.g_upconv_impl / d_downconv_impl=fused on cuDNN (a 2x2 convolution over the four phases; a 4x4 one with
-    stride 2), at G's 192 -> 96 upsampling convolution and D's 96 -> 96 pooled one, channels-last: outputs and all
-    three gradients within rounding of the separate ops in float64, channels-last out."""
+    """model.g_upconv_impl=fused / transposed and d_downconv_impl=fused on cuDNN (a 2x2 convolution over the four
+    phases; a 4x4 transposed one with stride 2; a 4x4 one with stride 2), at G's 192 -> 96 upsampling convolution
+    and D's 96 -> 96 pooled one, channels-last: outputs and all three gradients within rounding of the separate ops
+    in float64, channels-last out."""
     import torch.nn.functional as F
 
-    from hpc_gan.models.resample_conv import conv_avgpool, upsample_conv
+    from hpc_gan.models.resample_conv import conv_avgpool, upsample_conv, upsample_conv_transposed
     torch.manual_seed(0)
-    cases = ((upsample_conv, 192, 96, (20, 18), lambda x, w, b: F.conv2d(F.interpolate(x, scale_factor=2.0), w, b,
-                                                                          padding=1)),
+    upsampled = lambda x, w, b: F.conv2d(F.interpolate(x, scale_factor=2.0), w, b, padding=1)  # noqa: E731
+    cases = ((upsample_conv, 192, 96, (20, 18), upsampled), (upsample_conv_transposed, 192, 96, (20, 18), upsampled),
              (conv_avgpool, 96, 96, (40, 36), lambda x, w, b: F.avg_pool2d(F.conv2d(x, w, b, padding=1), 2)))
     for fused, cin, cout, hw, separate in cases:
         x = torch.randn(4, cin, *hw, device=CUDA).contiguous(memory_format=torch.channels_last)
@@ -220,7 +221,9 @@ def test_compile_tuning_tunes_only_the_kernels_slower_than_its_threshold(thresho
     x = torch.randn(64, 96, 64, 64, device=CUDA, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
     g = torch.randn(64, 96, device=CUDA, dtype=torch.bfloat16)
     want = (x.float() * g.float()[:, :, None, None]).sum((2, 3))
-    with inductor_config.patch(force_disable_caches=True):  # no tuned config from an earlier compile
+    # no tuned config from an earlier compile; and tuning off again after the test (enable() turns it on for the
+    # process, and a later compile in this worker would tune every kernel)
+    with inductor_config.patch(force_disable_caches=True, coordinate_descent_tuning=False):
         assert compile_tuning.enable(threshold_ms)
         fn = torch.compile(lambda x, g: (x * g[:, :, None, None]).sum((2, 3)))
         got = fn(x, g)

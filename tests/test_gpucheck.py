@@ -59,9 +59,10 @@ def test_the_gpu_check_pack_runs_every_stage_in_smoke_mode(tmp_path):
     assert {(r["conv"][0], r["impl"]) for r in layers["rgb_conv_rows"]} == {
         ("D", "conv2d"), ("D", "nchw"), ("D", "unfold_mm"), ("G", "conv2d"), ("G", "nchw"), ("G", "pad_out")}
     assert set(layers["rgb_conv_best"]) == {"d", "g"}
-    # G's upsampling convolutions and D's pooled ones, separate and fused, checked against each other as timed
+    # G's upsampling convolutions (separate, fused, transposed) and D's pooled ones (separate, fused), checked
+    # against each other as timed
     assert {(r["conv"][0], r["impl"]) for r in layers["resample_conv_rows"]} == {
-        ("G", "separate"), ("G", "fused"), ("D", "separate"), ("D", "fused")}
+        ("G", "separate"), ("G", "fused"), ("G", "transposed"), ("D", "separate"), ("D", "fused")}
     assert set(layers["resample_conv_best"]) == {"d", "g"}
     assert max(r["rel_error"] for r in layers["resample_conv_rows"]) < 1e-5
     modes = [r["mode"] for r in stages["train"]["runs"]]
@@ -73,7 +74,7 @@ def test_the_gpu_check_pack_runs_every_stage_in_smoke_mode(tmp_path):
     assert "| shape | wall | device | fused, device |" in md  # D2D-CE's two modes side by side
     assert "- attention, ms per iteration at batch 4" in md and "(br/bc/ch/warps/stages/rch)" in md
     assert "- RGB convolution D 3->" in md and "- RGB convolution G " in md
-    assert "- resampling convolution G " in md and "- resampling convolutions, faster over each network's" in md
+    assert "- resampling convolution G " in md and "- resampling convolutions, fastest over each network's" in md
     # where the host's time goes in one D2D-CE call: every piece timed (no direct launch in the interpreter)
     host = stages["kernels"]["host_costs"]
     assert all(host[k] > 0 for k in ("forward_backward_us", "forward_us", "jit_launch_us", "torch_mm_us",

@@ -105,7 +105,7 @@ def write_report(out_dir: Path, report: Dict[str, Any]) -> None:
         # the layers stage's convolution benches: per convolution, then each network's choice
         for key, what, best, keys in (("rgb_conv", "RGB convolution", "fastest", {"d": "d_rgb_conv_impl",
                                                                                  "g": "g_rgb_conv_impl"}),
-                                      ("resample_conv", "resampling convolution", "faster",
+                                      ("resample_conv", "resampling convolution", "fastest",
                                        {"g": "g_upconv_impl", "d": "d_downconv_impl"})):
             for conv, per in (s.get(f"{key}_ms_per_iteration") or {}).items():
                 impls = ", ".join(f"{k} {v:.2f}" for k, v in per.items() if k != "floor_ms")

@@ -7,7 +7,10 @@ between the two.
   even rows, tap rows (w0, w1 + w2) at offsets (-1, 0); for the odd rows, (w0 + w1, w2) at (0, +1); the same along
   the columns. One 2x2 convolution with 4 x C_out outputs over x padded by 1 computes all four phases on an
   (H+1) x (W+1) grid; phase (a, b) is that grid shifted by (a, b), interleaved into the 2H x 2W output.
-  16 taps per input pixel against 36 (4 output pixels x 9).
+  16 taps per input pixel against 36 (4 output pixels x 9). Or ("transposed") one transposed convolution, stride 2,
+  padding 1, whose 4x4 kernel holds the same summed taps flipped (tap k along an axis: w2, w1 + w2, w0 + w1, w0):
+  the same 16 taps per input pixel, written straight to the 2H x 2W output, with no wider grid and no interleave;
+  cuDNN runs it as a strided convolution's data gradient.
 - D: avg_pool2x2(conv3x3(x)). The mean of the four 3x3 windows of a 2x2 block is one 4x4 window, stride 2, whose
   taps are the 3x3 kernel's summed over the block's offsets and divided by 4: 16 taps per output against 36.
   Padding 1 and a 2-stride keep the borders and the trailing odd row that pooling drops exactly as they were.
@@ -27,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hpc_gan.config import ResampleConvImpl
+from hpc_gan.config import DownConvImpl, UpConvImpl
 from hpc_gan.models.layers import SpectralNormMixin, is_channels_last
 
 # "auto" per side ("up": G's upsampling convolutions, "down": D's pooled ones) and device type: the 2-core CPU
@@ -35,14 +38,14 @@ from hpc_gan.models.layers import SpectralNormMixin, is_channels_last
 # a full-resolution tensor: the GPU pack's layers stage times both sides, and a side whose fused form loses there
 # goes back to "separate" here alone. Other devices (meta: FLOP counting, shape recording) run the separate ops.
 AUTO = {"up": {"cpu": "fused", "cuda": "fused"}, "down": {"cpu": "fused", "cuda": "fused"}}
-IMPLS = typing.get_args(ResampleConvImpl)
+IMPLS = {"up": typing.get_args(UpConvImpl), "down": typing.get_args(DownConvImpl)}
 
 
 def resolve(impl: str, kind: str, device_type: str) -> str:
-    """The formulation ("separate" or "fused") that ``impl`` runs for ``kind`` ("up" or "down") on
+    """The formulation (one of ``IMPLS[kind]`` but "auto") that ``impl`` runs for ``kind`` ("up" or "down") on
     ``device_type``."""
-    if impl not in IMPLS:
-        raise ValueError(f"resampling convolution impl={impl!r} is not one of {IMPLS}")
+    if impl not in IMPLS[kind]:
+        raise ValueError(f"resampling convolution impl={impl!r} for {kind!r} is not one of {IMPLS[kind]}")
     return AUTO[kind].get(device_type, "separate") if impl == "auto" else impl
 
 
@@ -64,6 +67,12 @@ def upsample_conv_weight(w: torch.Tensor) -> torch.Tensor:
     o, i = w.shape[:2]
     k = _box_sums(w).view(o, i, 2, 2, 2, 2).permute(3, 5, 0, 1, 2, 4).reshape(4 * o, i, 2, 2)
     return k.to(w.dtype)
+
+
+def upsample_conv_transposed_weight(w: torch.Tensor) -> torch.Tensor:
+    """(C_out, C_in, 3, 3) -> (C_in, C_out, 4, 4): the stride-2 transposed convolution's kernel, the box sums
+    flipped (a transposed convolution adds x[i] K[k] into output 2i + k - 1), in w's dtype."""
+    return _box_sums(w).flip(-2, -1).transpose(0, 1).to(w.dtype)
 
 
 def conv_avgpool_weight(w: torch.Tensor) -> torch.Tensor:
@@ -118,6 +127,13 @@ def upsample_conv(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -
     return out if is_channels_last(x) else out.contiguous()
 
 
+def upsample_conv_transposed(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
+    """conv2d(upsample_nearest_2x(x), w, b, padding=1) for a 3x3 w, as one 4x4 transposed convolution with stride 2
+    (module docstring). The output is in x's memory layout."""
+    out = F.conv_transpose2d(x, upsample_conv_transposed_weight(w), b, stride=2, padding=1)
+    return out.contiguous(memory_format=torch.channels_last if is_channels_last(x) else torch.contiguous_format)
+
+
 def conv_avgpool(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
     """avg_pool2d(conv2d(x, w, b, padding=1), 2) for a 3x3 w, as one 4x4 convolution with stride 2."""
     return F.conv2d(x, conv_avgpool_weight(w), b, stride=2, padding=1)
@@ -142,10 +158,12 @@ def resampling_convs(net: nn.Module, kind: str) -> list:
 
 def conv_after_upsample(conv: nn.Module, x: torch.Tensor, upsample: Callable[[torch.Tensor], torch.Tensor],
                         impl: str) -> torch.Tensor:
-    """conv(upsample(x)): G's block ``impl`` ("separate": the two ops; "fused": ``upsample_conv``)."""
-    if resolve(impl, "up", x.device.type) == "separate":
+    """conv(upsample(x)): G's block ``impl`` ("separate": the two ops; "fused": ``upsample_conv``; "transposed":
+    ``upsample_conv_transposed``)."""
+    form = resolve(impl, "up", x.device.type)
+    if form == "separate":
         return conv(upsample(x))
-    return upsample_conv(x, _weight(conv), conv.bias)
+    return (upsample_conv if form == "fused" else upsample_conv_transposed)(x, _weight(conv), conv.bias)
 
 
 def conv_then_pool(conv: nn.Module, x: torch.Tensor, pool: Callable[[torch.Tensor], torch.Tensor],

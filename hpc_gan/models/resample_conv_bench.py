@@ -1,11 +1,11 @@
-"""G's upsample + 3x3 conv and D's 3x3 conv + pool at a config's own shapes, separate and fused
-(hpc_gan.models.resample_conv), timed with the backward each training step asks of them and summed to device ms per
-training iteration beside the bandwidth floor. The GPU check pack's ``layers`` stage runs it.
+"""G's upsample + 3x3 conv and D's 3x3 conv + pool at a config's own shapes, separate and fused (G's also
+transposed; hpc_gan.models.resample_conv), timed with the backward each training step asks of them and summed to
+device ms per training iteration beside the bandwidth floor. The GPU check pack's ``layers`` stage runs it.
 
 Why: the fused forms do 4/9 of these convolutions' multiply-adds; at BigGAN-128 that is a third of the training
 step's FLOPs gone (G's five upsampling convolutions and D's five pooled ones; ``hpc-gan info`` counts the separate
-ops, the model's FLOPs). Whether cuDNN runs a 2x2 convolution and a 4x4 stride-2 one (and their gradients) as fast
-per FLOP as it runs the 3x3 ones is what a GPU has to say.
+ops, the model's FLOPs). Whether cuDNN runs a 2x2 convolution, a 4x4 stride-2 one and a 4x4 stride-2 transposed
+one (and their gradients) as fast per FLOP as it runs the 3x3 ones is what a GPU has to say.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from torch import nn
 
 from hpc_gan.models.build import forward_on_meta
 from hpc_gan.models.layers import make_pool, make_upsample
-from hpc_gan.models.resample_conv import conv_avgpool, resampling_convs, upsample_conv
+from hpc_gan.models.resample_conv import conv_avgpool, resampling_convs, upsample_conv, upsample_conv_transposed
 from hpc_gan.models.formulation_bench import Plan, Shape, bench_formulations
 
 
@@ -64,7 +64,8 @@ def formulations(cfg: Any) -> Dict[str, Dict[str, Callable[..., torch.Tensor]]]:
     runs: ``model.upsample_impl``, ``model.pool_impl``, "auto" resolved on the tensor's device)."""
     up, pool = make_upsample(cfg.model.upsample_impl), make_pool(cfg.model.pool_impl)
     return {"g": {"separate": lambda x, w, b, p: F.conv2d(up(x), w, b, padding=p),
-                  "fused": lambda x, w, b, p: upsample_conv(x, w, b)},
+                  "fused": lambda x, w, b, p: upsample_conv(x, w, b),
+                  "transposed": lambda x, w, b, p: upsample_conv_transposed(x, w, b)},
             "d": {"separate": lambda x, w, b, p: pool(F.conv2d(x, w, b, padding=p)),
                   "fused": lambda x, w, b, p: conv_avgpool(x, w, b)}}
 
@@ -74,6 +75,6 @@ def bench_resample_convs(cfg: Any, batch: int, device: torch.device, dtype: torc
                          deadline: float = float("inf")) -> Dict[str, Any]:
     """Per resampling convolution and formulation: ms per call as each training step calls it, summed per iteration
     at ``cfg.train.n_dis`` beside the floor, each formulation's output checked against the separate ops'; and per
-    side ("g", "d") the faster over all its convolutions. Past ``deadline`` (time.time()) the rest is skipped."""
+    side ("g", "d") the fastest over all its convolutions. Past ``deadline`` (time.time()) the rest is skipped."""
     return bench_formulations("resample_conv", _plan(cfg, batch), formulations(cfg), device, dtype, time_ms,
                               copy_gb_per_s, deadline, cfg.train.cudnn_benchmark)
