@@ -33,7 +33,7 @@ DistBackend = Literal["auto", "nccl", "gloo"]
 Backbone = Literal["inception", "tiny"]
 NonFinite = Literal["stop", "skip"]
 OptimizerImpl = Literal["auto", "torch", "foreach", "fused", "apex"]
-OrthoImpl = Literal["auto", "autograd", "grad"]
+OrthoImpl = Literal["auto", "autograd", "grad", "sharded"]
 AttnImpl = Literal["sdpa", "sdpa_narrow", "explicit"]
 PoolImpl = Literal["auto", "nearest_grad", "reshape", "avg_pool2d"]
 UpsampleImpl = Literal["auto", "interpolate", "expand"]
@@ -149,8 +149,11 @@ class LossConfig:
     backend: KernelBackend = "auto"        # fused kernels
     gp_lambda: float = 10.0                # gradient penalty weight, wasserstein only
     ortho_beta: float = 0.0                # BigGAN's off-diagonal orthogonal regularization in G (1e-4 in the paper)
-    ortho_impl: OrthoImpl = "auto"         # grad: its gradient added after the backward (few ops); autograd: in the
-                                           # loss (the reference; ZeRO and fp16 use it); auto: grad where it can
+    ortho_impl: OrthoImpl = "auto"         # grad: its gradient added after the backward (few ops); sharded: each
+                                           # DDP rank seeds its share of the gradient's rows before the backward,
+                                           # the all-reduce assembles them (1/world of the work); autograd: in the
+                                           # loss (the reference; ZeRO and fp16 use it); auto: sharded with DDP on
+                                           # several ranks, else grad where it can
     diffaug: str = ""                      # comma list of DIFFAUG_POLICIES ("" = off)
     cr_lambda: float = 0.0                 # consistency regularization on reals (flip + translation)
     global_negatives: bool = True          # d2d_ce: negatives from the whole global (micro-)batch across ranks
@@ -372,9 +375,9 @@ def validate(cfg: Config) -> None:
     if t.compile != "off" and cfg.dist.strategy != "ddp":
         raise UserError(f"train.compile={t.compile} is tested with dist.strategy=ddp only; use ddp or "
                         f"train.compile=off")
-    if cfg.loss.ortho_impl == "grad" and (cfg.dist.strategy != "ddp" or t.precision == "fp16"):
-        raise UserError("loss.ortho_impl=grad adds to gradients that ZeRO partitions and fp16 scales; use "
-                        "loss.ortho_impl=auto or autograd")
+    if cfg.loss.ortho_impl in ("grad", "sharded") and (cfg.dist.strategy != "ddp" or t.precision == "fp16"):
+        raise UserError(f"loss.ortho_impl={cfg.loss.ortho_impl} adds to gradients that ZeRO partitions and fp16 "
+                        f"scales; use loss.ortho_impl=auto or autograd")
     if t.nonfinite == "skip" and t.optimizer_impl in ("torch", "foreach", "apex"):
         raise UserError(f"train.nonfinite=skip skips updates on the device through fused Adam; use "
                         f"train.optimizer_impl=auto or fused (not {t.optimizer_impl})")

@@ -187,9 +187,14 @@ def test_two_ranks_equal_one_rank_with_twice_the_micro_batch(strategy, tmp_path)
     reference = case_overrides(strategy, "d2d_ce", True, 8, 4, ranks=2) + [
         "dist.dedicated_groups=false", "dist.negatives_backward=all_reduce", "dist.static_graph=false"]
     extra = [reference]
+    # BigGAN's orthogonal regularization, each rank seeding its rows of the gradient before the backward (with
+    # accumulation: the seed rides through the no_sync micro-steps), against the reference in the loss at 1 rank
+    ortho = ["loss.ortho_beta=0.1"]
     if strategy == "ddp":
         extra += [case_overrides(strategy, "d2d_ce", True, 8, 2, ranks=2) + ["train.compile=default"],
-                  case_overrides(strategy, "d2d_ce", True, 8, 4, ranks=2) + ["dist.grad_compression=bf16"]]
+                  case_overrides(strategy, "d2d_ce", True, 8, 4, ranks=2) + ["dist.grad_compression=bf16"],
+                  case_overrides(strategy, "d2d_ce", True, 8, 2, ranks=2) + ortho + ["loss.ortho_impl=sharded"],
+                  case_overrides(strategy, "d2d_ce", True, 8, 4, ranks=2) + ortho]  # auto; static graph, no accum
     torchrun(WORKER, "steps", tmp_path, json.dumps(cases + [fused, control] + extra))
     got = [torch.load(tmp_path / f"case-{i}.pt") for i in range(len(cases) + 2 + len(extra))]
     for i, c in enumerate(CASES + [("d2d_ce", True, 8, 2)]):
@@ -211,6 +216,15 @@ def test_two_ranks_equal_one_rank_with_twice_the_micro_batch(strategy, tmp_path)
             for k, w in want[net].items():
                 torch.testing.assert_close(got[i + 2][net][k].float(), w.float(), rtol=1e-3, atol=1e-4,
                                            msg=lambda m: f"bf16 compression: {net}.{k}: {m}")
+        without = single_process_step(case_overrides(strategy, "d2d_ce", True, 8, 2, ranks=1))
+        want = single_process_step(case_overrides(strategy, "d2d_ce", True, 8, 2, ranks=1) + ortho +
+                                   ["loss.ortho_impl=autograd"])
+        assert_same_nets(got[i + 3], want, "orthogonal regularization sharded over 2 ranks vs in the loss at 1")
+        with pytest.raises(AssertionError):  # the regularization moved the weights: the check above can fail
+            assert_same_nets(want, without, "with and without the orthogonal regularization")
+        want = single_process_step(case_overrides(strategy, "d2d_ce", True, 8, 4, ranks=1) + ortho +
+                                   ["loss.ortho_impl=autograd"])
+        assert_same_nets(got[i + 4], want, "orthogonal regularization, auto (sharded) at 2 ranks vs in the loss at 1")
 
 
 # ---- checkpoints are world-size (and strategy) independent -----------------------------------------------------

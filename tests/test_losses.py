@@ -126,3 +126,39 @@ def test_orthogonal_gradient_added_directly_equals_autograd():
     torch.testing.assert_close(got, value.detach())
     for w, a, s in zip(direct, auto, start):
         torch.testing.assert_close(w.grad, s + a)
+
+
+@pytest.mark.parametrize("gram_max", [None, 0], ids=["gram", "tall_form"])
+@pytest.mark.parametrize("world", [1, 2, 3, 7, 40])
+def test_orthogonal_gradient_sharded_over_ranks_sums_to_autograd(world, gram_max, monkeypatch):
+    """loss.ortho_impl=sharded: ortho_shards cuts the weights' rows into ``world`` runs of near-equal cost, every row
+    in exactly one (more ranks than rows included: some get none); each rank's seed_orthogonal_grad_ at scale
+    ``world`` onto its own copy of the weights, averaged over ranks as DDP's all-reduce does, equals autograd's
+    gradient of orthogonal_reg in float64, and the ranks' values averaged equal its value. Both forms of a tall
+    weight's rows (out > fan_in): through the Gram matrix, and (``GRAM_MAX`` 0) through its fan_in x fan_in W^T W."""
+    from hpc_gan.losses import ortho_shards, orthogonal_reg, regularizers, seed_orthogonal_grad_
+    if gram_max is not None:
+        monkeypatch.setattr(regularizers, "GRAM_MAX", gram_max)
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2 ** 31, (1,))))
+    shapes = [(6, 4, 3, 3), (5, 7), (9, 2), (1, 3), (12, 5)]
+    ws = [torch.randn(*s, generator=g, dtype=torch.float64, requires_grad=True) for s in shapes]
+    value = orthogonal_reg(ws, 1e-2)
+    auto = torch.autograd.grad(value, ws)
+    views = [(w.shape[0], w[0].numel()) for w in ws]
+    shards = ortho_shards(views, world)
+    rows = sorted((i, r) for shard in shards for i, r0, r1 in shard for r in range(r0, r1))
+    assert rows == [(i, r) for i, (o, _) in enumerate(views) for r in range(o)]  # each row once
+    assert any(regularizers.uses_tall_form(o, k) for o, k in views) == (gram_max == 0)  # the form under test
+    row_cost = [k * k if regularizers.uses_tall_form(o, k) else o * k for o, k in views]
+    costs = [sum((r1 - r0) * row_cost[i] for i, r0, r1 in shard) for shard in shards]
+    assert all(abs(c - sum(costs) / world) <= max(row_cost) for c in costs)  # equal within one row
+    grads, values = [torch.zeros_like(w) for w in ws], []
+    for shard in shards:
+        copies = [w.detach().clone().requires_grad_() for w in ws]  # this rank's G
+        values.append(seed_orthogonal_grad_(copies, 1e-2, shard, world))
+        for total, w in zip(grads, copies):
+            if w.grad is not None:
+                total += w.grad / world
+    torch.testing.assert_close(torch.stack(values).mean(), value.detach())
+    for got, want in zip(grads, auto):
+        torch.testing.assert_close(got, want)

@@ -176,7 +176,8 @@ def test_periodic_actions_run_at_their_own_intervals_and_are_timed(tiny_cfg, tmp
 
 @pytest.mark.parametrize("knob,fast,ref", [
     ("train.optimizer_impl", "fused", "torch"), ("train.optimizer_impl", "foreach", "torch"),
-    ("loss.ortho_impl", "grad", "autograd"), ("model.sn_backend", "foreach", "torch"),
+    ("loss.ortho_impl", "grad", "autograd"), ("loss.ortho_impl", "sharded", "autograd"),
+    ("model.sn_backend", "foreach", "torch"), ("model.g_upconv_impl", "transposed", "separate"),
     ("model.attn_impl", "sdpa", "explicit"), ("model.attn_impl", "sdpa_narrow", "explicit"),
     ("model.memory_format", "channels_last", "contiguous"),
     ("model.pool_impl", "nearest_grad", "avg_pool2d"), ("model.pool_impl", "reshape", "avg_pool2d"),

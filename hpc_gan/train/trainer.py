@@ -31,7 +31,7 @@ from hpc_gan.dist.engines import CommOptions, TorchNet, broadcast_state, build_n
 from hpc_gan.dist.gather import gather_negatives
 from hpc_gan.errors import UserError
 from hpc_gan.losses import (add_orthogonal_grad_, cond_loss, d_adv_loss, g_adv_loss, gradient_penalty, has_cond_loss,
-                            ortho_weights, orthogonal_reg)
+                            ortho_shards, ortho_weights, orthogonal_reg, seed_orthogonal_grad_)
 from hpc_gan.models import build_models, set_memory_format
 from hpc_gan.models.heads import NamedBatch
 from hpc_gan.models.sn_fused import attach_fused_sn, sn_sigmas
@@ -156,11 +156,16 @@ class Trainer:
         self.positions = self.plan.positions.to(device)  # this rank's rows of every global draw
         self.policies = comma_list(lc.diffaug)
         self.has_cond_loss = has_cond_loss(lc.cond)
-        # BigGAN's orthogonal regularization: its gradient added after G's backward where G's gradients are whole
-        # and unscaled (torch engine, not fp16); in the loss (the reference) otherwise
+        # BigGAN's orthogonal regularization: where G's gradients are whole and unscaled (torch engine, not fp16),
+        # its gradient without autograd: with DDP on several ranks each rank seeds its rows of it before G's
+        # backward and the all-reduce assembles them (every rank computing all of it is a fixed cost per GPU that
+        # more GPUs do not shrink), else added after the backward; in the loss (the reference) otherwise
         direct = isinstance(self.g, TorchNet) and t.precision != "fp16"
-        self.ortho_in_grad = lc.ortho_beta > 0 and (lc.ortho_impl == "grad" or (lc.ortho_impl == "auto" and direct))
-        self.ortho_in_loss = lc.ortho_beta > 0 and not self.ortho_in_grad
+        auto = ("sharded" if self.world > 1 else "grad") if direct else "autograd"
+        ortho = (auto if lc.ortho_impl == "auto" else lc.ortho_impl) if lc.ortho_beta > 0 else "off"
+        self.ortho_in_grad, self.ortho_in_loss = ortho == "grad", ortho == "autograd"
+        self.ortho_blocks = ortho_shards([(w.shape[0], w[0].numel()) for w in ortho_weights(G)],
+                                         self.world)[self.rank] if ortho == "sharded" else None
         self.step = 0
         self.timer: Optional[Any] = None  # a train.timing.PhaseTimer while benchmarking
         self.metrics = StepMetrics()
@@ -293,6 +298,10 @@ class Trainer:
         z, yf = self._latents(G_PHASE)
         D = self.d.module
         D.requires_grad_(False)  # frozen, and called as the plain module: D is only a function of the fakes
+        if self.ortho_blocks is not None:  # seeded before the synchronized backward, which averages over ranks
+            with self._phase("g_optimizer"):
+                self.metrics.add(g_ortho=seed_orthogonal_grad_(ortho_weights(self.g.module), self.cfg.loss.ortho_beta,
+                                                               self.ortho_blocks, self.world))
         losses = []
         for m in range(p.accum):
             last = m == p.accum - 1
