@@ -3,11 +3,12 @@
 The GPU runs found the Triton path host-bound in wall time: 13 launches cost 0.98-1.60 ms of host time for
 0.04-0.10 ms of device work (H200, 2026-11-27), ~90 us per launch, where the eager torch reference's 115 launches cost
 ~28 us each. Whether the cost is Triton's launcher (argument binding and specialization per call), torch's ops
-around the kernels, or autograd decides the fix: launching through cached compiled kernels (kernels.launch.DIRECT), fewer
-torch ops, or neither. Each piece is timed the same way: ``reps`` calls queued back to back with no
-synchronization inside the timed loop, so that on a GPU, where each piece's device work is shorter than its launch,
-the loop's time is the host's alone (fewer than the launch queue's ~1,000 entries, so the host never waits on it).
-On a CPU the kernels run in Triton's interpreter and the numbers mean nothing; the smoke run only keeps this working.
+around the kernels, or autograd decides the fix: launching through cached compiled kernels
+(kernels.launch.DIRECT), fewer torch ops, or neither. Each piece is timed the same way: ``reps`` calls queued back
+to back with no synchronization inside the timed loop, so that on a GPU, where each piece's device work is shorter
+than its launch, the loop's time is the host's alone (fewer than the launch queue's ~1,000 entries, so the host
+never waits on it). On a CPU the kernels run in Triton's interpreter and the numbers mean nothing; the smoke run
+only keeps this working.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from typing import Any, Callable, Dict, Optional
 import torch
 import triton
 
+import kernels.launch
 from kernels.bench import d2d_inputs
 from kernels.launch import launch
 from kernels.similarity import d2d_ce
@@ -40,7 +42,6 @@ def host_us(fn: Callable[[], object], device: torch.device, reps: int) -> float:
 def direct_us(fn: Callable[[], object], device: torch.device, reps: int) -> Optional[float]:
     """host_us of fn with kernels.launch.DIRECT on (its Triton kernels launched through their compiled kernels);
     None where it does not apply (the interpreter)."""
-    import kernels.launch
     if device.type != "cuda":
         return None
     kernels.launch.DIRECT = True

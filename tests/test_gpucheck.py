@@ -27,7 +27,8 @@ def test_the_gpu_check_pack_runs_every_stage_in_smoke_mode(tmp_path):
     from hpc_gan.models.resample_conv import resolve
     out = tmp_path / "gc"
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu-check.sh"), "--smoke", "--out", str(out)],
-                          capture_output=True, text=True, env=child_env(drop=("TRITON_INTERPRET",)), cwd=ROOT, timeout=900)
+                          capture_output=True, text=True, env=child_env(drop=("TRITON_INTERPRET",)), cwd=ROOT,
+                          timeout=900)
     report = json.loads((out / "report.json").read_text())
     stages = {s["name"]: s for s in report["stages"]}
     assert list(stages) == ["env", "accuracy", "kernels", "sn", "layers", "tests", "determinism", "dali",

@@ -164,7 +164,8 @@ class Trainer:
         auto = ("sharded" if self.world > 1 else "grad") if direct else "autograd"
         ortho = (auto if lc.ortho_impl == "auto" else lc.ortho_impl) if lc.ortho_beta > 0 else "off"
         self.ortho_in_grad, self.ortho_in_loss = ortho == "grad", ortho == "autograd"
-        self.ortho_blocks = ortho_shards([(w.shape[0], w[0].numel()) for w in ortho_weights(G)],
+        self.ortho_params = ortho_weights(self.g.module) if ortho != "off" else []  # once, not per G step
+        self.ortho_blocks = ortho_shards([(w.shape[0], w[0].numel()) for w in self.ortho_params],
                                          self.world)[self.rank] if ortho == "sharded" else None
         self.step = 0
         self.timer: Optional[Any] = None  # a train.timing.PhaseTimer while benchmarking
@@ -300,7 +301,7 @@ class Trainer:
         D.requires_grad_(False)  # frozen, and called as the plain module: D is only a function of the fakes
         if self.ortho_blocks is not None:  # seeded before the synchronized backward, which averages over ranks
             with self._phase("g_optimizer"):
-                self.metrics.add(g_ortho=seed_orthogonal_grad_(ortho_weights(self.g.module), self.cfg.loss.ortho_beta,
+                self.metrics.add(g_ortho=seed_orthogonal_grad_(self.ortho_params, self.cfg.loss.ortho_beta,
                                                                self.ortho_blocks, self.world))
         losses = []
         for m in range(p.accum):
@@ -314,7 +315,7 @@ class Trainer:
             losses.append(total.detach())
         with self._phase("g_optimizer"):
             if self.ortho_in_grad:
-                self.metrics.add(g_ortho=add_orthogonal_grad_(ortho_weights(self.g.module), self.cfg.loss.ortho_beta))
+                self.metrics.add(g_ortho=add_orthogonal_grad_(self.ortho_params, self.cfg.loss.ortho_beta))
             self.g.optimizer_step(self._update_flag(losses, self.g))
         D.requires_grad_(True)
 
@@ -339,7 +340,7 @@ class Trainer:
             loss = loss + lc.cond_lambda_g * loss_c
         total = loss / self.plan.accum
         if last and self.ortho_in_loss:
-            values["g_ortho"] = reg = orthogonal_reg(ortho_weights(self.g.module), lc.ortho_beta)
+            values["g_ortho"] = reg = orthogonal_reg(self.ortho_params, lc.ortho_beta)
             total = total + reg
         self.metrics.add(g_loss=loss, **values)
         return total
