@@ -83,7 +83,10 @@ def test_the_profiled_step_names_the_ops_behind_its_kernels(tiny_cfg):
     # and by op and input shapes: which convolution a slow kernel serves
     convs = [(shapes, ms) for name, shapes, ms, _ in prof["top_op_shapes"] if "convolution" in name]
     assert convs and all(shapes.startswith("[[") for shapes, _ in convs), prof["top_op_shapes"]
-    assert sum(ms for _, _, ms, _ in prof["top_op_shapes"]) == pytest.approx(sum(ops.values()))
+    # each entry is rounded to 4 decimals: the two sums may differ by half a unit per entry (the H200's fifth run:
+    # 2.7398 against 2.74)
+    rounding = 5e-5 * (len(prof["top_op_shapes"]) + len(ops))
+    assert sum(ms for _, _, ms, _ in prof["top_op_shapes"]) == pytest.approx(sum(ops.values()), abs=rounding)
     assert not any(name.startswith(("void ", "at::native::")) for name, _, _ in prof["top"]), prof["top"]
     # kernels only: record_function's ranges on the GPU timeline overlap them (the H200's report counted the
     # optimizer's range as a kernel, and its GPU busy came out above 100%)

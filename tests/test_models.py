@@ -489,6 +489,28 @@ def test_auto_picks_each_sides_resampling_convolution_on_its_own(monkeypatch):
     assert flops("auto", "auto") == (g_sep, d_fused)
 
 
+@pytest.mark.parametrize("benchmark", [False, True])
+def test_the_formulation_bench_times_with_cudnn_on_and_its_benchmark_as_the_trainer_sets_it(benchmark):
+    """``torch.backends.cudnn.flags(benchmark=...)`` also turns cuDNN off (its ``enabled`` defaults to False): the
+    H200's fifth run timed the resampling and RGB convolutions so, ~10x the step's own times, with the wrong
+    winners. Every timing sees cuDNN on and its benchmark flag as given, and the flags come back as they were."""
+    from hpc_gan.models.formulation_bench import bench_formulations
+    seen = []
+
+    def time_ms(fn):
+        fn()
+        seen.append((torch.backends.cudnn.enabled, torch.backends.cudnn.benchmark))
+        return 1.0
+    plan = [("g", "conv", (1, 2, 5, 5), (3, 2, 3, 3), 1, [(2, False, False), (1, True, True)])]
+    table = {"g": {"conv2d": lambda x, w, b, p: F.conv2d(x, w, b, padding=p)}}
+    before = (torch.backends.cudnn.enabled, torch.backends.cudnn.benchmark)
+    got = bench_formulations("t", plan, table, torch.device("cpu"), torch.float32, time_ms, 10.0, float("inf"),
+                             benchmark)
+    assert seen == [(True, benchmark)] * 2
+    assert (torch.backends.cudnn.enabled, torch.backends.cudnn.benchmark) == before
+    assert got["best"] == {"g": "conv2d"} and got["ms_per_iteration"]["conv"]["conv2d"] == 3.0
+
+
 def test_rgb_conv_bench_finds_biggans_rgb_convolutions_and_times_them():
     """The RGB bench records, on the meta device, D's first block's two convolutions that read the image (3x3 at
     full size, the 1x1 shortcut after the pool) and G's output convolution, and on this CPU times each formulation

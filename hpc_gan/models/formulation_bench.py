@@ -6,9 +6,10 @@ timed on, timed per call, summed per iteration beside the bandwidth floor, and t
 convolutions picked."""
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -25,7 +26,6 @@ def _floor_bytes(xin: int, out: int, input_grad: bool, weight_grad: bool, elem: 
     return elem * ((xin + out) + (out + xin if input_grad else 0) + (xin + out if weight_grad else 0))
 
 
-
 def bench_formulations(op: str, plan: Plan, tables: Dict[str, Dict[str, ConvFn]], device: torch.device,
                        dtype: torch.dtype, time_ms: Callable[[Callable[[], Any]], float], copy_gb_per_s: float,
                        deadline: float, cudnn_benchmark: bool) -> Dict[str, Any]:
@@ -36,7 +36,7 @@ def bench_formulations(op: str, plan: Plan, tables: Dict[str, Dict[str, ConvFn]]
     rows: List[Dict[str, Any]] = []
     per_iteration: Dict[str, Dict[str, float]] = {}
     sides: Dict[str, List[str]] = {side: [] for side in tables}
-    with torch.backends.cudnn.flags(benchmark=cudnn_benchmark):
+    with cudnn_benchmark_as(cudnn_benchmark):
         for side, label, x_shape, w_shape, pad, uses in plan:
             sides[side] += [label] if label not in sides[side] else []
             totals = per_iteration.setdefault(label, {"floor_ms": 0.0})
@@ -48,6 +48,19 @@ def bench_formulations(op: str, plan: Plan, tables: Dict[str, Dict[str, ConvFn]]
         if impls:
             best[side] = min(impls, key=lambda i: sum(per_iteration[label][i] for label in labels))
     return {"rows": rows, "ms_per_iteration": per_iteration, "best": best}
+
+
+@contextlib.contextmanager
+def cudnn_benchmark_as(on: bool) -> Iterator[None]:
+    """cuDNN's benchmark flag set as the trainer sets it, and nothing else. Not ``torch.backends.cudnn.flags``:
+    that sets every flag it is not given to its own default, ``enabled=False`` among them, so the H200's fifth run
+    timed these convolutions without cuDNN (~10x the step's own convolution times, and the wrong winners)."""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = on
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
 
 
 def time_formulations(op: str, label: str, table: Dict[str, ConvFn], x_shape: Shape, w_shape: Shape, pad: int,
