@@ -12,8 +12,9 @@ only keeps this working.
 """
 from __future__ import annotations
 
+import re
 import time
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import triton
@@ -51,6 +52,42 @@ def direct_us(fn: Callable[[], object], device: torch.device, reps: int) -> Opti
         kernels.launch.DIRECT = False
 
 
+def host_profile(fn: Callable[[], object], device: torch.device, reps: int, top: int = 20) -> List[Tuple[str, float,
+                                                                                                       float]]:
+    """Where fn's host time goes, by function: torch's profiler over ``reps`` calls (after one warm-up) with Python
+    stacks, each event's self CPU time summed per name. Its Python tracer registers with every thread the
+    interpreter knows when it starts, which should take in the thread autograd runs a CUDA backward on (cProfile
+    sees the calling thread alone); a GPU profile without the backward's own frames would say it did not.
+    Returns [(name, calls per call of fn, self us per call of fn)], the largest ``top``. The profiler's own cost
+    inflates every entry; the shares are what to read. Python frames are named by their file's last two path parts,
+    line and function (e.g. "kernels/similarity_triton.py(570): backward")."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CPU], with_stack=True) as prof:
+        for _ in range(reps):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    totals: Dict[str, List[float]] = {}
+    for event in prof.events():
+        entry = totals.setdefault(_short_frame(event.name), [0, 0.0])
+        entry[0] += 1
+        entry[1] += event.self_cpu_time_total
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1][1])[:top]
+    return [(name, round(calls / reps, 2), round(us / reps, 1)) for name, (calls, us) in ranked]
+
+
+def _short_frame(name: str) -> str:
+    """A Python frame's event name ("/a/b/c/file.py(12): fn") by its file's last two path parts; a built-in's
+    without its object's address; others as they are."""
+    path, sep, rest = name.partition("(")
+    if not sep or not path.endswith(".py"):
+        return re.sub(r" at 0x[0-9a-f]+>$", ">", name)
+    return "/".join(path.split("/")[-2:]) + sep + rest
+
+
 class _Identity(torch.autograd.Function):
     """The least a custom autograd function costs: a forward and a backward that return their input."""
 
@@ -68,7 +105,8 @@ def d2d_host_costs(device: torch.device, n: int, m: int, d: int, dtype: torch.dt
     """Host us per call of the Triton path's D2D-CE forward + backward (as the kernels stage times it: a slice of
     the columns as the rows, the rest gathered), its forward alone, one Triton launch through the JIT, and the torch
     pieces around them: one torch.mm of the forward's size, one torch.empty, and an identity autograd function's
-    forward and a backward through it (with the sum that makes it a scalar). ``direct``: instead, the forward +
+    forward and a backward through it (with the sum that makes it a scalar); and the forward + backward's
+    ``host_profile`` (``profile``). ``direct``: instead, the forward +
     backward and the one launch with kernels.launch.DIRECT on (through the compiled kernels; None off CUDA), kept
     apart so that a caller can run them last (a direct launch has not yet run on a GPU)."""
     from kernels.similarity_triton import NORM_EPS, inv_norms_kernel, scan_tiles
@@ -102,4 +140,5 @@ def d2d_host_costs(device: torch.device, n: int, m: int, d: int, dtype: torch.dt
             "jit_launch_us": host_us(one_launch, device, 4 * reps),
             "torch_mm_us": host_us(lambda: torch.mm(a, b.t()), device, 4 * reps),
             "torch_empty_us": host_us(lambda: torch.empty(n, m, device=device), device, 4 * reps),
-            "autograd_function_us": host_us(lambda: _Identity.apply(x).sum().backward(), device, 4 * reps)}
+            "autograd_function_us": host_us(lambda: _Identity.apply(x).sum().backward(), device, 4 * reps),
+            "profile": host_profile(forward_backward, device, max(1, reps // 5))}

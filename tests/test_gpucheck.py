@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from hpc_gan.gpucheck.common import CASES_ENV, STAGE_DIR_ENV, run_boxed
 from hpc_gan.gpucheck.report import goal_rows, write_report
@@ -82,6 +83,10 @@ def test_the_gpu_check_pack_runs_every_stage_in_smoke_mode(tmp_path):
                                      "autograd_function_us"))
     assert host["direct_launch_us"] is None and host["forward_backward_direct_us"] is None  # measured after the shapes
     assert "- D2D-CE host time per call at 8x64x32 float32, us: forward + backward " in md
+    # and by function (here the interpreter's own Python fills it), the largest first
+    spent = [us for _, calls, us in host["profile"] if calls > 0]
+    assert len(spent) == len(host["profile"]) > 0 and spent == sorted(spent, reverse=True)
+    assert "  - its forward + backward by function, self host us per call" in md
 
 
 def test_the_gpu_check_runs_the_train_cases_asked_for(monkeypatch, capsys):
@@ -141,6 +146,33 @@ def test_the_fastest_layers_run_eager_and_under_cuda_graphs(tmp_path, monkeypatc
     # the next lease's second call (docs/benchmarks.md) names cases that all exist on a GPU
     planned = ["256:cuda_graphs_fastest_layers", "256:cuda_graphs_tuned", "32:cuda_graphs"]
     assert [case_key(b, label) for b, label, _ in train_cases(smoke=False, wanted=planned)[2]] == planned
+
+
+def test_the_host_profile_names_the_functions_a_backward_spends_its_time_in():
+    """kernels.host_bench.host_profile: self host time per function and call of the profiled function, Python frames
+    by file and line, what a custom backward calls included (on a GPU that backward runs on autograd's device
+    thread, which cProfile would not see): the helper's 3 ms sleep per call comes first."""
+    from kernels.host_bench import host_profile
+
+    def slow_part(g):
+        time.sleep(0.003)
+        return 2 * g
+
+    class Twice(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return 2 * x
+
+        @staticmethod
+        def backward(ctx, g):
+            return slow_part(g)
+    x = torch.randn(5, requires_grad=True)
+    got = host_profile(lambda: Twice.apply(x).sum().backward(), torch.device("cpu"), reps=4, top=40)
+    (sleep, calls, us), *rest = got
+    assert "sleep" in sleep and calls == 1 and 2900 < us < 30_000, got
+    frames = [name for name, _, _ in got if "test_gpucheck.py(" in name]
+    assert any(name.endswith(": slow_part") for name in frames), got
+    assert not any(" at 0x" in name for name, _, _ in got), got  # built-ins by name, whatever their address
 
 
 def test_the_gpu_check_gives_the_last_stage_what_seconds_leaves(tmp_path, capsys):

@@ -85,6 +85,10 @@ def write_report(out_dir: Path, report: Dict[str, Any]) -> None:
                          f"torch.mm {us['torch_mm_us']}, torch.empty {us['torch_empty_us']}, an autograd function "
                          f"and its backward {us['autograd_function_us']}" +
                          "".join(f"; {k}: {host[k]}" for k in ("direct_error", "direct") if k in host))
+            if host.get("profile"):  # by function, self time: which Python the ~1 ms per call is
+                lines.append("  - its forward + backward by function, self host us per call (inflated by the "
+                             "profiler alike): " + ", ".join(f"{name} {us} ({calls}x)"
+                                                             for name, calls, us in host["profile"][:12]))
         elif host:  # the probe failed: its error
             lines.append(f"- D2D-CE host probe: {host}")
         for t in s.get("tiles") or []:
