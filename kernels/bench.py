@@ -73,16 +73,17 @@ def short_kernel_name(name: str) -> str:
 # what a CUDA kernel is, by its name (first match wins): where a step's device time goes, in a few lines. Inductor's
 # and hpc-gan's Triton kernels first (inductor names a fused kernel by its ops: "..._convolution_backward_40" is a
 # reduction, not a convolution), attention before convolution (cuDNN's flash kernels say "fprop" too), and cuDNN's
-# CUTLASS convolutions ("s16816fprop", mangled "ImplicitGemmConvolution") before matmul's "cutlass"
+# CUTLASS convolutions ("s16816fprop", mangled "ImplicitGemmConvolution") before matmul's "cutlass"; cuDNN's SDPA
+# backward helpers (compute_dot_do_o, convert_dq_to_16bits) are attention's, its layout transforms copies
 KERNEL_KINDS = (
     ("inductor Triton", r"^triton_"),
     ("hpc-gan Triton", r"^(sn_|d2d_|neg_lse|cosine_|inv_norms)"),
-    ("attention", r"sdpa|flash|fmha|attention"),
+    ("attention", r"sdpa|flash|fmha|attention|cudnn::fusion::(compute_dot_do_o|convert_dq)"),
     ("convolution", r"implicit_gemm|ImplicitGemmConvolution|xmma_(fprop|dgrad|wgrad)|s16816(fprop|dgrad|wgrad)"
                     r"|convolution|conv2d|winograd|nhwcAddPadding"),
     ("matmul", r"nvjet|gemm|cutlass|cublas"),
     ("optimizer", r"FusedAdam|multi_tensor_apply|Adam"),
-    ("copy", r"copy|Memcpy|CatArray|Memset"),
+    ("copy", r"copy|Memcpy|CatArray|[Mm]emset|tensorTransform|nchwToNhwc|nhwcToNchw"),
     ("normalization", r"batch_norm|layer_norm|welford"),
     ("resampling", r"pool|upsample|interpolat"),
     ("reduction", r"reduce_kernel"),
@@ -95,16 +96,43 @@ def kernel_kind(name: str) -> str:
     return next((kind for kind, pattern in KERNEL_KINDS if re.search(pattern, short)), "other")
 
 
+# CUDA runtime calls in which the host waits for the device (the profiler's CPU-side runtime events): the
+# synchronizations, and a blocking copy (cudaMemcpy; an async one that took this long waited too)
+HOST_WAIT = re.compile(r"^cu(da)?(Device|Stream|Event|Ctx)Synchronize|^cudaMemcpy(Async)?(_v\d+)?$")
+WAIT_MIN_MS = 0.5  # an async copy under this is its own cost, not a wait
+FINAL_SYNC_RANGE = "profile_cuda: the profiler's own final synchronize"
+
+
+def host_waits(events: Sequence[Any]) -> Tuple[float, List[Tuple[str, str, float, int]]]:
+    """Where the host waited for the device among a profile's events: (ms in all, [(runtime call, the innermost op
+    or range it was called under, ms, calls)], the longest first), ``profile_cuda``'s own final synchronize left
+    out. A CUDA-graph step that waits inside its phases is host-bound in a way kernel counts do not show."""
+    found: Dict[Tuple[str, str], List[float]] = {}
+    for e in events:
+        if e.device_type != torch.autograd.DeviceType.CPU or not HOST_WAIT.search(e.name):
+            continue
+        ms = e.time_range.elapsed_us() / 1e3
+        owner = e.cpu_parent.name if e.cpu_parent is not None else "(outside any op)"
+        if owner == FINAL_SYNC_RANGE or ("Synchronize" not in e.name and ms < WAIT_MIN_MS):
+            continue
+        found.setdefault((e.name, owner), []).append(ms)
+    ranked = sorted(found.items(), key=lambda kv: -sum(kv[1]))
+    return sum(sum(v) for v in found.values()), [(name, owner, round(sum(ms), 4), len(ms))
+                                                 for (name, owner), ms in ranked]
+
+
 def profile_cuda(fn: Callable[[], object], top: int = 12) -> Dict[str, Any]:
     """The CUDA kernels one call of fn launches (the profiler's device events): their count, their summed device
     time, that time by kind (``KERNEL_KINDS``) with each kind's 6 longest kernels, the ``top`` kernels by device
     time (name, ms, calls), and the ``top`` aten ops by the device time of the kernels they launched themselves
     (op, ms, calls): which op a generic elementwise kernel belongs to; and the same by op and input shapes (op,
-    shapes, ms, calls): which of a step's convolutions a slow kernel serves."""
-    from torch.profiler import ProfilerActivity, profile
+    shapes, ms, calls): which of a step's convolutions a slow kernel serves; and where the host waited for the
+    device (``host_waits``: ``host_wait_ms``, ``host_waits``)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         fn()
-        torch.cuda.synchronize()
+        with record_function(FINAL_SYNC_RANGE):
+            torch.cuda.synchronize()
     # kernels and copies, not the ranges that record_function draws on the GPU's timeline (the optimizer's
     # "Optimizer.step#Adam.step" overlaps its own kernels: counted, it put the H200's GPU busy above 100%)
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
@@ -135,7 +163,9 @@ def profile_cuda(fn: Callable[[], object], top: int = 12) -> Dict[str, Any]:
         kinds[kind] = kinds.get(kind, 0.0) + sum(ms)
         if len(by_kind.setdefault(kind, [])) < 6:
             by_kind[kind].append((short_kernel_name(name), round(sum(ms), 4), len(ms)))
+    wait_ms, waits = host_waits(prof.events())
     return {"count": len(kernels), "device_ms": sum(sum(v) for v in by_name.values()),
+            "host_wait_ms": round(wait_ms, 4), "host_waits": waits[:top],
             "kinds": {k: round(v, 4) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
             "top_by_kind": by_kind,
             "top": [(short_kernel_name(name), round(sum(ms), 4), len(ms)) for name, ms in ranked[:top]],

@@ -18,14 +18,20 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 CUDA = torch.device("cuda")
 
 
-def queue_gpu_work(ms: float) -> None:
-    """Queue about ``ms`` milliseconds of a spin kernel on the current stream (calibrated here, once)."""
+def spin_cycles(ms: float) -> int:
+    """The cycles a spin kernel (torch.cuda._sleep) takes for about ``ms`` milliseconds (calibrated here, waiting for
+    the device)."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     torch.cuda._sleep(10 ** 7)
     end.record()
     end.synchronize()
-    torch.cuda._sleep(int(10 ** 7 * ms / max(start.elapsed_time(end), 1e-3)))
+    return int(10 ** 7 * ms / max(start.elapsed_time(end), 1e-3))
+
+
+def queue_gpu_work(ms: float) -> None:
+    """Queue about ``ms`` milliseconds of a spin kernel on the current stream."""
+    torch.cuda._sleep(spin_cycles(ms))
 
 
 def test_the_data_stream_does_not_wait_for_the_gpu():
@@ -93,6 +99,24 @@ def test_the_profiled_step_names_the_ops_behind_its_kernels(tiny_cfg):
     names = [name for name, _, _ in prof["top"]]
     assert not any(name.startswith(("Optimizer.", "## ")) for name in names), names
     assert abs(sum(prof["kinds"].values()) - prof["device_ms"]) < 1e-3 and "optimizer" in prof["kinds"]
+
+
+def test_the_profile_says_where_the_host_waits_for_the_device():
+    """profile_cuda's host waits (the train cases' ``host_waits``): a ``.item()`` after ~20 ms of queued work is a
+    wait of about that long under the op that made it; the same work without it waits for nothing (the profiler's
+    own final synchronize is not counted)."""
+    from kernels.bench import profile_cuda
+    x, cycles = torch.ones(1, device=CUDA), spin_cycles(20)
+
+    def fn() -> float:
+        torch.cuda._sleep(cycles)
+        return (x * 2).item()
+    fn()
+    prof = profile_cuda(fn)
+    owners = {owner for _, owner, _, _ in prof["host_waits"]}
+    assert prof["host_wait_ms"] > 10 and owners & {"aten::item", "aten::_local_scalar_dense"}, prof["host_waits"]
+    calm = profile_cuda(lambda: torch.cuda._sleep(cycles))
+    assert calm["host_wait_ms"] < 1, calm["host_waits"]
 
 
 def test_a_profiled_inductor_kernel_has_its_source_found():

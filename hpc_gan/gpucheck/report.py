@@ -131,6 +131,10 @@ def write_report(out_dir: Path, report: Dict[str, Any]) -> None:
                 if r.get("kernel_ms_by_kind"):
                     lines.append("  - device ms per iteration by kind: " + ", ".join(
                         f"{k} {v:.1f}" for k, v in r["kernel_ms_by_kind"].items()))
+                if r.get("host_waits") is not None:
+                    lines.append(f"  - host waiting for the device: {r['host_wait_ms_per_iteration']:.1f} ms per "
+                                 "iteration" + "".join(f"; {name} under {owner} {ms:.2f} ms ({calls}x)"
+                                                       for name, owner, ms, calls in r["host_waits"][:6]))
                 for k in r.get("inductor_kernels") or []:  # sources in report.json
                     what = " | ".join(describe(d) for d in k["definitions"]) or "source not found"
                     lines.append(f"  - inductor kernel {k['name']}: {k['ms']:.2f} ms in {k['calls']} calls ({what})")

@@ -36,7 +36,7 @@ TRAIN_KEYS = ("sec_per_step", "samples_per_s_per_device", "tflops_per_device", "
               "aten_ops_per_iteration", "cuda_kernels_per_iteration", "kernel_device_ms_per_iteration",
               "first_step_seconds", "peak_memory_gib", "peak_reserved_gib", "phase_ms_per_step",
               "phase_host_ms_per_step", "kernel_ms_by_kind", "top_kernels_by_kind", "top_kernels", "top_ops",
-              "top_op_shapes", "inductor_kernels")
+              "top_op_shapes", "inductor_kernels", "host_wait_ms_per_iteration", "host_waits")
 
 
 def train_cases(smoke: bool, wanted: Optional[List[str]] = None) -> Tuple[Path, List[str], List[Case]]:
