@@ -40,6 +40,7 @@ UpsampleImpl = Literal["auto", "interpolate", "expand"]
 DRgbConv = Literal["conv2d", "nchw", "unfold_mm"]
 GRgbConv = Literal["conv2d", "nchw", "pad_out"]
 UpConvImpl = Literal["auto", "separate", "fused", "transposed"]
+AttnGamma = Literal["weight", "output"]
 DownConvImpl = Literal["auto", "separate", "fused"]
 MemoryFormat = Literal["auto", "channels_last", "contiguous"]
 CompileMode = Literal["off", "default", "max-autotune", "reduce-overhead"]
@@ -118,6 +119,10 @@ class ModelConfig:
     d_downconv_impl: DownConvImpl = "auto"  # D's 3x3 conv + 2x2 avg pool: separate (reference), fused (one
                                             # 4x4 conv, stride 2: 4/9 of the products); auto: fused
                                             # (hpc_gan.models.resample_conv)
+    attn_gamma: AttnGamma = "weight"       # self-attention's learned scale: folded into its output 1x1 conv's
+                                           # weight (gamma's gradient a sum over the weight), or on the conv's
+                                           # output (BigGAN's form, reference: a sum over the activation,
+                                           # 5.85 ms of the H200's CUDA-graph step at 256 per GPU)
     memory_format: MemoryFormat = "auto"   # of activations; auto: channels_last (measured faster on CPUs, 1.3-1.8x,
                                            # and on an H100, 12%: docs/benchmarks.md)
 

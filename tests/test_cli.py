@@ -94,7 +94,7 @@ def test_flops_are_the_models_not_the_padded_kernels():
     counts = {o: model_info(load(ROOT / "configs" / "cifar10_reacgan.yaml", [o]))["gflops_per_sample_iteration"]
               for o in ("model.attn_impl=sdpa", "model.attn_impl=explicit", "model.g_rgb_conv_impl=pad_out",
                         "model.d_rgb_conv_impl=unfold_mm", "model.g_upconv_impl=fused",
-                        "model.d_downconv_impl=fused", "model.g_upconv_impl=separate")}
+                        "model.d_downconv_impl=fused", "model.g_upconv_impl=separate", "model.attn_gamma=output")}
     assert len(set(counts.values())) == 1, counts
 
 

@@ -169,6 +169,36 @@ def test_sdpa_attention_equals_the_explicit_map(ch, h, w, impl):
         torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-5 * float(v.abs().max()), msg=f"seed {seed}")
 
 
+@pytest.mark.parametrize("impl", ["sdpa", "explicit"])
+@pytest.mark.parametrize("sn", [True, False])
+@pytest.mark.parametrize("ch,h,w", [(16, 8, 8), (24, 6, 10)])
+def test_attention_scale_in_the_weight_equals_the_scaled_output(ch, h, w, sn, impl):
+    """model.attn_gamma=weight (gamma folded into o's weight) against BigGAN's gamma * o(a) (the reference), in
+    float64 on fresh random inputs, in training mode (the SN's power iteration runs in both, from the same u):
+    the output and the gradients of the input and of every parameter, gamma's included, to 1e-12; an unknown choice
+    is refused."""
+    import copy
+    from functools import partial
+
+    from hpc_gan.models.layers import set_attn_gamma
+    which_conv = partial(SNConv2d if sn else torch.nn.Conv2d, kernel_size=3, padding=1)
+    fast = SelfAttention(ch, which_conv, impl).double().train()
+    with torch.no_grad():
+        fast.gamma.fill_(float(torch.rand(())) + 0.1)
+    ref = copy.deepcopy(fast)
+    set_attn_gamma(ref, "output")
+    assert (fast.gamma_in, ref.gamma_in) == ("weight", "output")
+    x = torch.randn(3, ch, h, w, dtype=torch.float64, requires_grad=True)
+    a, b = fast(x), ref(x)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    g = torch.randn_like(a)
+    for u, v in zip(torch.autograd.grad(a, [x, *fast.parameters()], g),
+                    torch.autograd.grad(b, [x, *ref.parameters()], g)):
+        torch.testing.assert_close(u, v, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="attn_gamma='input' is not one of"):
+        set_attn_gamma(ref, "input")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("shape", [(2, 5, 8, 8), (3, 4, 7, 10), (1, 6, 9, 5)])

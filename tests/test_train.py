@@ -183,7 +183,7 @@ def test_periodic_actions_run_at_their_own_intervals_and_are_timed(tiny_cfg, tmp
     ("model.pool_impl", "nearest_grad", "avg_pool2d"), ("model.pool_impl", "reshape", "avg_pool2d"),
     ("model.upsample_impl", "expand", "interpolate"), ("model.d_rgb_conv_impl", "unfold_mm", "conv2d"),
     ("model.g_rgb_conv_impl", "pad_out", "conv2d"), ("model.g_upconv_impl", "fused", "separate"),
-    ("model.d_downconv_impl", "fused", "separate")])
+    ("model.d_downconv_impl", "fused", "separate"), ("model.attn_gamma", "weight", "output")])
 def test_fast_paths_train_like_their_reference(tiny_cfg, knob, fast, ref):
     """Three full steps with a fast path and with its reference twin give the same networks (adam_eps=1 keeps
     float-rounding differences from being blown up to +-lr by Adam; the non-saturating loss has no kink: under

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from hpc_gan.models import biggan
+from hpc_gan.models.layers import set_attn_gamma
 from hpc_gan.models.rgb_conv import set_rgb_conv
 
 
@@ -20,6 +21,7 @@ def build_generator(m: Any, n_classes: int) -> nn.Module:
         G = biggan.Generator(m.resolution, m.g_ch, n_classes, m.z_dim, m.shared_dim, m.g_attn_res, m.sn_eps,
                              m.bn_eps, m.attn_impl, m.out_bn_eps, m.upsample_impl, m.g_upconv_impl)
     set_rgb_conv(G, "out", m.g_rgb_conv_impl)
+    set_attn_gamma(G, m.attn_gamma)
     return G
 
 
@@ -32,6 +34,7 @@ def build_discriminator(m: Any, n_classes: int, cond: str) -> nn.Module:
         D = biggan.Discriminator(m.resolution, m.d_ch, n_classes, cond, m.embed_dim, m.d_attn_res, m.sn_eps,
                                  m.attn_impl, m.d_shortcut, m.pool_impl, m.d_downconv_impl)
     set_rgb_conv(D, "in", m.d_rgb_conv_impl)
+    set_attn_gamma(D, m.attn_gamma)
     return D
 
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hpc_gan.config import AttnImpl
+from hpc_gan.config import AttnGamma, AttnImpl
 from kernels import sn_power_iteration
 
 
@@ -253,6 +253,14 @@ class SelfAttention(nn.Module):
       takes beside a wider v; elsewhere SDPA falls back to its math path. The check pack's layers stage times the
       three at BigGAN-128's shapes."""
 
+    # where gamma scales (model.attn_gamma; set_attn_gamma): "weight" folds it into o's weight, so that
+    # gamma * o(a) is o's convolution with gamma * W / sigma, and gamma's gradient is a sum over that weight (c/2 x c)
+    # and its gradient, which the backward computes anyway. "output" (BigGAN's form, the reference) scales o's
+    # output: an extra pass over the activation forward, and gamma's gradient a sum over two n x c x h x w tensors,
+    # which inductor read channels-last tensors for in NCHW order (5.85 ms of the H200's CUDA-graph step at 256 per
+    # GPU, its longest fused kernel, 2026-11-27)
+    gamma_in: str = "weight"
+
     def __init__(self, ch: int, which_conv: Callable[..., nn.Module], impl: str = "sdpa") -> None:
         super().__init__()
         if impl not in ATTENTIONS:
@@ -280,7 +288,22 @@ class SelfAttention(nn.Module):
         else:
             attn = torch.softmax(theta.transpose(1, 2) @ phi, dim=-1)     # (n, hw, hw/4)
             o = (g @ attn.transpose(1, 2)).reshape(n, c // 2, h, w)
-        return x + self.gamma * self.o(o)
+        if self.gamma_in == "output":
+            return x + self.gamma * self.o(o)
+        w = self.o.sn_weight() if isinstance(self.o, SpectralNormMixin) else self.o.weight
+        return x + F.conv2d(o, self.gamma * w)  # o: 1x1, no bias, no padding
+
+
+ATTN_GAMMAS = typing.get_args(AttnGamma)  # model.attn_gamma's choices, defined in the config
+
+
+def set_attn_gamma(net: nn.Module, where: str) -> None:
+    """Make every self-attention block of ``net`` apply its learned scale ``where`` (SelfAttention.gamma_in)."""
+    if where not in ATTN_GAMMAS:
+        raise ValueError(f"attn_gamma={where!r} is not one of {ATTN_GAMMAS}")
+    for m in net.modules():
+        if isinstance(m, SelfAttention):
+            m.gamma_in = where
 
 
 class GOutput(nn.Module):
