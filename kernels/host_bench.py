@@ -52,8 +52,10 @@ def direct_us(fn: Callable[[], object], device: torch.device, reps: int) -> Opti
         kernels.launch.DIRECT = False
 
 
-def host_profile(fn: Callable[[], object], device: torch.device, reps: int, top: int = 20) -> List[Tuple[str, float,
-                                                                                                       float]]:
+Spent = Tuple[str, float, float]  # (function or op, calls per call of the profiled function, self host us per call)
+
+
+def host_profile(fn: Callable[[], object], device: torch.device, reps: int, top: int = 20) -> List[Spent]:
     """Where fn's host time goes, by function: torch's profiler over ``reps`` calls (after one warm-up) with Python
     stacks, each event's self CPU time summed per name. Its Python tracer registers with every thread the
     interpreter knows when it starts, which should take in the thread autograd runs a CUDA backward on (cProfile
