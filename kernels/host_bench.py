@@ -58,8 +58,9 @@ Spent = Tuple[str, float, float]  # (function or op, calls per call of the profi
 def host_profile(fn: Callable[[], object], device: torch.device, reps: int, top: int = 20) -> List[Spent]:
     """Where fn's host time goes, by function: torch's profiler over ``reps`` calls (after one warm-up) with Python
     stacks, each event's self CPU time summed per name. Its Python tracer registers with every thread the
-    interpreter knows when it starts, which should take in the thread autograd runs a CUDA backward on (cProfile
-    sees the calling thread alone); a GPU profile without the backward's own frames would say it did not.
+    interpreter knows when it starts (another thread's frames show: tested), which should take in the thread
+    autograd runs a CUDA backward on (cProfile sees the calling thread alone); a GPU profile without the backward's
+    own frames would say it did not. Other threads' time is in it too (a waiting thread's ``wait``).
     Returns [(name, calls per call of fn, self us per call of fn)], the largest ``top``. The profiler's own cost
     inflates every entry; the shares are what to read. Python frames are named by their file's last two path parts,
     line and function (e.g. "kernels/similarity_triton.py(570): backward")."""
