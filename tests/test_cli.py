@@ -98,6 +98,31 @@ def test_flops_are_the_models_not_the_padded_kernels():
     assert len(set(counts.values())) == 1, counts
 
 
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+def test_executed_flops_count_what_the_formulations_compute(device):
+    """model_info(executed_on=...): the FLOPs that the config's formulations execute on that device, "auto"
+    resolved for it (the fused resampling convolutions on both: fewer than the model's; SDPA's padded heads: more),
+    for the bench's executed-FLOPs utilization beside MFU. The reference formulations execute the model's count
+    exactly; the fused ones at BigGAN-128 execute 334.0 of 504.7 GFLOP per sample (docs/benchmarks.md)."""
+    from hpc_gan.config import load
+    from hpc_gan.info import model_info
+    reference = ["model.attn_impl=explicit", "model.g_upconv_impl=separate", "model.d_downconv_impl=separate"]
+    cifar = ROOT / "configs" / "cifar10_reacgan.yaml"
+    same = model_info(load(cifar, reference), executed_on=device)
+    assert same["executed_gflops_per_sample_iteration"] == pytest.approx(same["gflops_per_sample_iteration"],
+                                                                         rel=1e-12)
+    fused = model_info(load(cifar, ["model.attn_impl=explicit"]), executed_on=device)
+    padded = model_info(load(cifar, reference[1:]), executed_on=device)
+    assert fused["gflops_per_sample_iteration"] == same["gflops_per_sample_iteration"]
+    assert fused["executed_gflops_per_sample_iteration"] < 0.75 * same["gflops_per_sample_iteration"]
+    assert padded["executed_gflops_per_sample_iteration"] > same["gflops_per_sample_iteration"]
+    assert "executed_gflops_per_sample_iteration" not in model_info(load(cifar))
+    if device == "cuda":
+        big = model_info(load(ROOT / "configs" / "imagenet128_reacgan_b2048.yaml", ["model.attn_impl=explicit"]),
+                         executed_on=device)
+        assert big["executed_gflops_per_sample_iteration"] == pytest.approx(334.0, abs=0.1)
+
+
 def test_an_internal_bug_shows_its_traceback():
     """Only UserError is a one-line error; anything else is a bug and keeps its traceback (exit 1)."""
     code = ("import sys, hpc_gan.cli as cli\n"

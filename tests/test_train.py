@@ -360,6 +360,9 @@ def test_a_benchmark_reports_its_step_time_before_the_profiled_step(tiny_cfg):
                     peak_tflops=1.0)
     assert [sorted(k) for k in seen][0] == ["first_step_seconds"] and len(seen) == 2
     assert {k: r[k] for k in seen[1]} == seen[1] and seen[1]["sec_per_step"] > 0 and seen[1]["mfu"] > 0
+    # beside MFU, the utilization of the FLOPs the formulations execute (the fused resampling convolutions: fewer)
+    ratio = r["executed_gflops_per_sample_iteration"] / r["gflops_per_sample_iteration"]
+    assert r["executed_flops_utilization"] == pytest.approx(r["mfu"] * ratio) and 0 < ratio < 1
 
 
 def test_inductor_sources_tell_what_a_compiled_kernel_computes(tmp_path):

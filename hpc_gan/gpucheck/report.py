@@ -121,6 +121,8 @@ def write_report(out_dir: Path, report: Dict[str, Any]) -> None:
         for r in s.get("runs", []):
             if "sec_per_step" in r:
                 mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "n/a"
+                if r.get("executed_flops_utilization"):  # of the FLOPs the formulations execute
+                    mfu += f" (executed FLOPs {100 * r['executed_flops_utilization']:.1f}%)"
                 busy = f", GPU busy {100 * r['gpu_busy']:.0f}%" if r.get("gpu_busy") else ""
                 graphs = f", {r['compiled_graphs']} compiled graphs" if r.get("compiled_graphs") else ""
                 cut = f" ({r['status']} after its timed steps)" if r.get("status") in ("timeout", "fail") else ""

@@ -32,8 +32,9 @@ def case_seconds(batch: int, label: str) -> int:
 
 
 FASTEST_LABELS = ("eager fastest layers", "cuda_graphs fastest layers")  # CUDA graphs: on a GPU only
-TRAIN_KEYS = ("sec_per_step", "samples_per_s_per_device", "tflops_per_device", "mfu", "gpu_busy", "host_bound",
-              "aten_ops_per_iteration", "cuda_kernels_per_iteration", "kernel_device_ms_per_iteration",
+TRAIN_KEYS = ("sec_per_step", "samples_per_s_per_device", "tflops_per_device", "mfu", "executed_flops_utilization",
+              "gpu_busy", "host_bound", "aten_ops_per_iteration", "cuda_kernels_per_iteration",
+              "kernel_device_ms_per_iteration",
               "first_step_seconds", "peak_memory_gib", "peak_reserved_gib", "phase_ms_per_step",
               "phase_host_ms_per_step", "kernel_ms_by_kind", "top_kernels_by_kind", "top_kernels", "top_ops",
               "top_op_shapes", "inductor_kernels", "host_wait_ms_per_iteration", "host_waits")
