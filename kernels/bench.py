@@ -135,7 +135,8 @@ def profile_cuda(fn: Callable[[], object], top: int = 12) -> Dict[str, Any]:
             torch.cuda.synchronize()
     # kernels and copies, not the ranges that record_function draws on the GPU's timeline (the optimizer's
     # "Optimizer.step#Adam.step" overlaps its own kernels: counted, it put the H200's GPU busy above 100%)
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+    events = prof.events()
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA
                and not getattr(e, "is_user_annotation", False)]
     by_name: Dict[str, List[float]] = {}
     for e in kernels:
@@ -150,7 +151,7 @@ def profile_cuda(fn: Callable[[], object], top: int = 12) -> Dict[str, Any]:
     # themselves and the ranges on the GPU's timeline, and summed to more than the device time (the H200, 2026-11-27)
     by_op: Dict[str, List[float]] = {}
     by_op_shape: Dict[Tuple[str, str], List[float]] = {}  # which convolution, say, of the many one op name covers
-    for e in prof.events():
+    for e in events:
         if e.device_type == torch.autograd.DeviceType.CPU and self_device_us(e) > 0:
             by_op.setdefault(e.name, []).append(self_device_us(e) / 1e3)
             by_op_shape.setdefault((e.name, str(e.input_shapes)[:200]), []).append(self_device_us(e) / 1e3)
@@ -163,7 +164,7 @@ def profile_cuda(fn: Callable[[], object], top: int = 12) -> Dict[str, Any]:
         kinds[kind] = kinds.get(kind, 0.0) + sum(ms)
         if len(by_kind.setdefault(kind, [])) < 6:
             by_kind[kind].append((short_kernel_name(name), round(sum(ms), 4), len(ms)))
-    wait_ms, waits = host_waits(prof.events())
+    wait_ms, waits = host_waits(events)
     return {"count": len(kernels), "device_ms": sum(sum(v) for v in by_name.values()),
             "host_wait_ms": round(wait_ms, 4), "host_waits": waits[:top],
             "kinds": {k: round(v, 4) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},

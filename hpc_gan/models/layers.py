@@ -259,7 +259,7 @@ class SelfAttention(nn.Module):
     # output: an extra pass over the activation forward, and gamma's gradient a sum over two n x c x h x w tensors,
     # which inductor read channels-last tensors for in NCHW order (5.85 ms of the H200's CUDA-graph step at 256 per
     # GPU, its longest fused kernel, 2026-11-27)
-    gamma_in: str = "weight"
+    gamma_in: AttnGamma = "weight"
 
     def __init__(self, ch: int, which_conv: Callable[..., nn.Module], impl: str = "sdpa") -> None:
         super().__init__()
