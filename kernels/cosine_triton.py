@@ -7,6 +7,7 @@ import triton
 import triton.language as tl
 
 from kernels.dispatch import interpreting
+from kernels.launch import cdiv
 from kernels.similarity_triton import NORM_EPS, dot_tile, gpu_tiles, precision
 
 
@@ -34,7 +35,7 @@ def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     # the interpreter pays per program and per loop trip, not per element: 32-wide tiles
     bl = cosine_tiles(a.dtype) if a.device.type == "cuda" and not interpreting() else dict(BI=32, BJ=32, BK=32,
                                                                                               num_warps=4)
-    grid = (triton.cdiv(n, bl["BI"]), triton.cdiv(m, bl["BJ"]))
+    grid = (cdiv(n, bl["BI"]), cdiv(m, bl["BJ"]))
     cosine_kernel[grid](a, b, s, n, m, d, NORM_EPS, PREC=precision(a.dtype), BI=bl["BI"], BJ=bl["BJ"], BK=bl["BK"],
                         num_warps=bl["num_warps"])
     return s

@@ -4,6 +4,7 @@ Triton runs on CUDA tensors, or on CPU tensors when TRITON_INTERPRET=1 was set b
 (the interpreter: fp32 only, slow; what the CPU tests use)."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 
@@ -47,6 +48,14 @@ def use_triton(backend: str, *tensors: torch.Tensor, op: str) -> bool:
             raise BackendUnavailable(f"{op}: the Triton CPU interpreter runs fp32 only, got {bad[0]}; cast to float32 or "
                                f"use backend='torch'")
     return True
+
+
+def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """A context with autocast off for ``device_type``: torch.autocast(enabled=False) where autocast is on, else a
+    null context (entering and leaving torch.autocast costs ~5 us of host time, twice per D2D-CE call)."""
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def tl_dtype(dtype: torch.dtype):  # -> triton.language.dtype

@@ -17,11 +17,10 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
-import triton
 
 import kernels.launch
 from kernels.bench import d2d_inputs
-from kernels.launch import launch
+from kernels.launch import cdiv, launch
 from kernels.similarity import d2d_ce
 
 
@@ -127,7 +126,7 @@ def d2d_host_costs(device: torch.device, n: int, m: int, d: int, dtype: torch.dt
     tiles = scan_tiles(device)
     norms = torch.empty(m, device=device, dtype=torch.float32)
     args, consts = (cols.detach(), norms, m, d, NORM_EPS), dict(BR=tiles["BR"], BD=tiles["BD"])
-    grid = (triton.cdiv(m, tiles["BR"]),)
+    grid = (cdiv(m, tiles["BR"]),)
 
     def one_launch() -> None:
         launch(inv_norms_kernel, grid, *args, **consts)

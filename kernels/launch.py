@@ -74,6 +74,18 @@ def launch(kernel: Any, grid: Tuple[int, ...], *args: Any, **kwargs: Any) -> Non
     compiled[(*grid, 1, 1)[:3]](*signature_args(kernel, args, kwargs))
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for a grid on the host. ``triton.cdiv`` is a constexpr function (Triton 3.6 and 3.9): ~1.7 us a
+    call on the development CPU, where this is ~0.05, and D2D-CE's forward + backward took ten of them."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The least power of 2 >= n (1 for n <= 1), on the host: ``triton.next_power_of_2`` without its per-call
+    cost (see ``cdiv``)."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
 def direct_kernels() -> int:
     """How many (kernel, key) pairs have a compiled kernel kept for direct launches in this process."""
     return len(_COMPILED)

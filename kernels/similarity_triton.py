@@ -36,8 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.dispatch import interpreting
-from kernels.launch import launch
+from kernels.dispatch import autocast_off, interpreting
+from kernels.launch import cdiv, launch, next_power_of_2
 
 NORM_EPS = 1e-12  # F.normalize's default, which the reference uses
 
@@ -107,10 +107,10 @@ def column_splits(n: int, m: int, device: torch.device) -> int:
     column tile is still right (the tile's columns past the split are masked); the autotuner, keyed on the
     split, weighs the waste."""
     if device.type != "cuda" or interpreting():
-        return max(SPLIT_COLS, triton.cdiv(m, 4 * SPLIT_COLS) * SPLIT_COLS)  # a few splits: exercised, cheap
+        return max(SPLIT_COLS, cdiv(m, 4 * SPLIT_COLS) * SPLIT_COLS)  # a few splits: exercised, cheap
     grain = SPLIT_GRAIN if n <= FEW_ROWS else SPLIT_COLS
-    splits = max(1, min(triton.cdiv(TARGET_PROGRAMS, triton.cdiv(n, 32)), triton.cdiv(m, grain)))
-    return triton.cdiv(triton.cdiv(m, splits), grain) * grain
+    splits = max(1, min(cdiv(TARGET_PROGRAMS, cdiv(n, 32)), cdiv(m, grain)))
+    return cdiv(cdiv(m, splits), grain) * grain
 
 
 def row_tiles(device: torch.device) -> dict:
@@ -153,7 +153,7 @@ def raw_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     before torch 2.8, fp32 copies of the inputs), fp32 follows torch's TF32 switch, as the reference's matmul does.
     Autocast is off: under it, fp32 inputs would be multiplied in bf16, and the kernels' precision would depend on
     the caller's context."""
-    with torch.autocast(a.device.type, enabled=False):
+    with autocast_off(a.device.type):
         if a.dtype == torch.float32:
             return torch.mm(a, b.t())
         if not MM_TO_FP32:
@@ -507,10 +507,10 @@ def _finish(x: torch.Tensor, acc: torch.Tensor, r: torch.Tensor, c: torch.Tensor
     tiles = row_tiles(x.device)
     acc2, r2, c2 = two if two is not None else (acc, r, c)
     v, rows, g, inv_n, _ = pos if pos is not None else (x, r, r, 0.0, False)
-    launch(d2d_finish_kernel, (triton.cdiv(n, tiles["BR"]), triton.cdiv(d, tiles["BD"])),
+    launch(d2d_finish_kernel, (cdiv(n, tiles["BR"]), cdiv(d, tiles["BD"])),
            x, out, n, d, acc, r, c, c.shape[0], acc2, r2, c2, c2.shape[0], v, rows, g, out if dv is None else dv,
            inv_n, TWO=two is not None, POS=pos is not None, WANT_DV=dv is not None,
-           BS=max(triton.next_power_of_2(max(c.shape[0], c2.shape[0])), 2), **tiles)
+           BS=max(next_power_of_2(max(c.shape[0], c2.shape[0])), 2), **tiles)
     return out, dv
 
 
@@ -543,23 +543,23 @@ class D2DCE(torch.autograd.Function):
         if mode == "matrix":
             raw = raw_products(a, b)
             tiles = scan_tiles(a.device)
-            launch(inv_norms_kernel, (triton.cdiv(m, tiles["BR"]),), b, rb, m, d, NORM_EPS, BR=tiles["BR"],
+            launch(inv_norms_kernel, (cdiv(m, tiles["BR"]),), b, rb, m, d, NORM_EPS, BR=tiles["BR"],
                    BD=tiles["BD"])
-            launch(d2d_rows_kernel, (triton.cdiv(n, tiles["BR"]),),
+            launch(d2d_rows_kernel, (cdiv(n, tiles["BR"]),),
                    raw, a, v, ra, rb, la, lb, rows, n, m, d, row_offset, m_p, m_n, 1.0 / t, NORM_EPS,
                    STUDIOGAN=studiogan, **tiles)
         else:
             raw = None
             cs = split_cols or column_splits(n, m, a.device)
-            splits = triton.cdiv(m, cs)
+            splits = cdiv(m, cs)
             partial = torch.empty(3, splits, n, **f32)
-            neg_lse_split_kernel[lambda meta: (triton.cdiv(n, meta["BI"]), splits)](
+            neg_lse_split_kernel[lambda meta: (cdiv(n, meta["BI"]), splits)](
                 a, b, ra, rb, la, lb, partial[0], partial[1], partial[2], n, m, d, cs, row_offset, m_n, 1.0 / t,
                 NORM_EPS, STUDIOGAN=studiogan, PREC=prec)
             tiles = combine_tiles(a.device)
-            launch(d2d_combine_kernel, (triton.cdiv(n, tiles["BR"]),),
+            launch(d2d_combine_kernel, (cdiv(n, tiles["BR"]),),
                    partial[0], partial[1], partial[2], a, v, ra, rows, n, splits, d, m_p, 1.0 / t, NORM_EPS,
-                   STUDIOGAN=studiogan, BS=max(triton.next_power_of_2(splits), 2), **tiles)
+                   STUDIOGAN=studiogan, BS=max(next_power_of_2(splits), 2), **tiles)
         ctx.save_for_backward(a, v, b, la, lb, ra, rb, rows, raw)
         ctx.same = same
         ctx.consts = (row_offset, m_n, 1.0 / t, prec)
@@ -582,7 +582,7 @@ class D2DCE(torch.autograd.Function):
             else:
                 bl = gpu_tiles(a.dtype, n) if a.is_cuda and not interpreting() else dict(BI=32, BJ=32, BK=32,
                                                                                         num_warps=4)
-            grid = (triton.cdiv(n, bl["BI"]), triton.cdiv(m, bl["BJ"]))
+            grid = (cdiv(n, bl["BI"]), cdiv(m, bl["BJ"]))
             # Q in the inputs' dtype for bf16 (bf16 products, fp32 accumulation in cuBLAS); fp32 otherwise (fp16's
             # range could overflow with large inverse norms)
             mm_dtype = a.dtype if a.dtype == torch.bfloat16 else torch.float32
@@ -592,9 +592,10 @@ class D2DCE(torch.autograd.Function):
             launch(d2d_grad_matrix_kernel, grid, a, b, a if raw is None else raw, *per_row, q, crow, ccol, *scal,
                    PREC=prec, BI=bl["BI"], BJ=bl["BJ"], BK=bl["BK"], num_warps=bl["num_warps"],
                    FROM_S=raw is not None)
-            with torch.autocast(a.device.type, enabled=False):  # Q's dtype, whatever the caller's context
-                acc_a = torch.mm(q, b.to(mm_dtype)) if need_a else None
-                acc_b = torch.mm(q.t(), a.to(mm_dtype)) if need_b or (ctx.same and need_a) else None
+            with autocast_off(a.device.type):  # Q's dtype, whatever the caller's context
+                bm, am = (b, a) if a.dtype == mm_dtype else (b.to(mm_dtype), a.to(mm_dtype))
+                acc_a = torch.mm(q, bm) if need_a else None
+                acc_b = torch.mm(q.t(), am) if need_b or (ctx.same and need_a) else None
         else:
             bl = stream_tiles(a.dtype) if a.is_cuda and not interpreting() else dict(BI=32, BJ=32, BK=32, BD=32,
                                                                                        num_warps=4)
@@ -603,11 +604,11 @@ class D2DCE(torch.autograd.Function):
             ccol = torch.empty(1, m, device=a.device, dtype=torch.float32)
             if need_a or need_v:
                 acc_a = torch.empty(n, d, device=a.device, dtype=torch.float32)
-                launch(d2d_stream_rows_kernel, (triton.cdiv(n, bl["BI"]),), a, b, *per_row, acc_a, crow, *scal,
+                launch(d2d_stream_rows_kernel, (cdiv(n, bl["BI"]),), a, b, *per_row, acc_a, crow, *scal,
                        PREC=prec, **bl)
             if need_b or (ctx.same and need_a):
                 acc_b = torch.empty(m, d, device=a.device, dtype=torch.float32)
-                launch(d2d_stream_cols_kernel, (triton.cdiv(m, bl["BJ"]),), a, b, *per_row, acc_b, ccol, *scal,
+                launch(d2d_stream_cols_kernel, (cdiv(m, bl["BJ"]),), a, b, *per_row, acc_b, ccol, *scal,
                        PREC=prec, **bl)
         da = dv = db = None
         if need_a or need_v:

@@ -28,16 +28,21 @@ from kernels.dispatch import use_triton
 SN_BACKENDS = ("auto", "torch", "foreach", "triton")  # auto: triton on CUDA tensors, foreach elsewhere
 
 
-def _check(weights: Sequence[torch.Tensor], us: Sequence[torch.Tensor], n_iters: int) -> None:
+def _check(weights: Sequence[torch.Tensor], us: Sequence[torch.Tensor], n_iters: int, matrices: bool = True) -> None:
+    """Raise on inputs the power iteration cannot take; ``matrices``: the weights must be 2-D (else each is taken
+    as an (out, everything else) matrix)."""
     if len(weights) != len(us) or not weights:
         raise ValueError(f"sn_power_iteration: need one u per weight and at least one; got {len(weights)} weights "
                          f"and {len(us)} us")
     if n_iters < 1:
         raise ValueError(f"sn_power_iteration: n_iters must be >= 1; got {n_iters}")
     for i, (w, u) in enumerate(zip(weights, us)):
-        if w.dim() != 2 or u.shape != (w.shape[0],):
-            raise ValueError(f"sn_power_iteration: weight {i} must be 2-D (out, in) with u of shape (out,); got "
-                             f"{tuple(w.shape)} and {tuple(u.shape)} (view conv weights as w.reshape(out, -1))")
+        if matrices and w.dim() != 2:
+            raise ValueError(f"sn_power_iteration: weight {i} must be 2-D (out, in); got {tuple(w.shape)} (view "
+                             f"conv weights as w.reshape(out, -1))")
+        if w.dim() < 1 or u.shape != (w.shape[0],):
+            raise ValueError(f"spectral norm: weight {i} of shape {tuple(w.shape)} needs u of shape "
+                             f"({w.shape[0] if w.dim() else '?'},); got {tuple(u.shape)}")
 
 
 def resolve_sn_backend(backend: str, *tensors: torch.Tensor) -> str:
@@ -89,13 +94,13 @@ def spectral_normalize(weights: Sequence[torch.Tensor], us: Sequence[torch.Tenso
     (default: the weights'; e.g. bf16 for layers under autocast, where the triton backend writes them in it rather
     than leaving a cast per layer to autocast), and are differentiable w.r.t. the weights, with torch's
     spectral_norm semantics (u, v constants)."""
-    mats = [w.reshape(w.shape[0], -1) for w in weights]
-    _check(mats, us, n_iters)
+    _check(weights, us, n_iters, matrices=False)
     which = resolve_sn_backend(backend, *weights)
     out_dtype = out_dtype or weights[0].dtype
-    if which == "triton":  # W / sigma, its cast and its backward in the kernels
+    if which == "triton":  # W / sigma, its cast and its backward in the kernels, on the weights as they are
         from kernels.spectral_norm_triton import fused_normalize
         return fused_normalize(list(weights), list(us), n_iters, eps, out_dtype)
+    mats = [w.reshape(w.shape[0], -1) for w in weights]
     if which == "foreach":
         out, n = _ForeachSN.apply(n_iters, eps, True, len(weights), *weights, *us), len(weights)
         normalized, u, v, sigmas = list(out[1 + 2 * n:]), list(out[1:1 + n]), list(out[1 + n:1 + 2 * n]), out[0]

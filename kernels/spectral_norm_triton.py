@@ -30,6 +30,7 @@ matrix's last program ran.
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
@@ -38,6 +39,7 @@ import triton
 import triton.language as tl
 
 from kernels.dispatch import interpreting, tl_dtype
+from kernels.launch import cdiv, next_power_of_2
 
 
 class Tiles(NamedTuple):
@@ -407,12 +409,15 @@ def _normalize_grad_cols(gb, db, vb, u, inv, rs, n_rows, n_cols, ALIGNED: tl.con
 
 
 class Plan:
-    """Tile tables and offsets for one list of shapes on one device (built once, reused every step)."""
+    """Tile tables and offsets for one list of weight shapes on one device (built once, reused every step). A
+    weight of shape (out, *rest) is the (out, prod(rest)) matrix of ``shapes``; ``views`` gives it back in its own
+    shape."""
 
-    def __init__(self, shapes: Tuple[Tuple[int, int], ...], device: torch.device, tiles: Tiles) -> None:
+    def __init__(self, weight_shapes: Tuple[Tuple[int, ...], ...], device: torch.device, tiles: Tiles) -> None:
         if tiles.ch % tiles.bc or tiles.bc % 4 or tiles.br % tiles.fold or tiles.rch % tiles.br:
             raise ValueError(f"SN tiles {tiles}: ch must be a multiple of bc, bc of 4, br of warps (or less), and "
                              f"rch of br")
+        shapes = tuple((s[0], math.prod(s[1:])) for s in weight_shapes)
         self.shapes = shapes
         self.br, self.bc, self.ch, self.rch = tiles.br, tiles.bc, tiles.ch, tiles.rch
         self.fb = finish_block(device)
@@ -422,6 +427,7 @@ class Plan:
         cols = [c for _, c in shapes]
         off = lambda xs: [sum(xs[:i]) for i in range(len(xs))]  # noqa: E731
         self.n_u, self.n_v = sum(rows), sum(cols)
+        self.u_sizes, self.v_sizes = rows, cols
         self.u_off, self.v_off = off(rows), off(cols)
         # each matrix's place in the flat W / sigma and gradient buffers starts at a multiple of 4 elements, so
         # its rows are 16-byte aligned (fp32) where their length is a multiple of 4: vector loads and stores
@@ -429,7 +435,6 @@ class Plan:
         self.pads = [-n % 4 for n in sizes]
         self.w_off = off([n + p for n, p in zip(sizes, self.pads)])
         self.n_w = self.w_off[-1] + sizes[-1] + self.pads[-1]
-        cdiv = lambda a, b: (a + b - 1) // b  # noqa: E731
         chunks = [cdiv(c, self.ch) for c in cols]
         self.max_chunks = max(chunks)
         v_chunks = [cdiv(r, self.rch) for r in rows]
@@ -471,6 +476,9 @@ class Plan:
         self.rows, self.cols = i64(rows), i64(cols)
         self.uoff, self.voff, self.woff = i64(self.u_off), i64(self.v_off), i64(self.w_off)
         self._ptrs: Dict[tuple, Tuple[torch.Tensor, bool, torch.Tensor]] = {}
+        # (shape, contiguous strides, offset) of each weight in a flat buffer: one as_strided per view, half the
+        # host time of a slice and a view (65 of them per forward and per backward at BigGAN-128)
+        self._views = [(tuple(s), _contiguous_strides(s), o) for s, o in zip(weight_shapes, self.w_off)]
 
     def pointers(self, tensors: List[torch.Tensor]) -> Tuple[torch.Tensor, bool]:
         """(the tensors' data pointers as a device table, whether all are 16-byte aligned: the kernels' hint).
@@ -491,15 +499,32 @@ class Plan:
         return hit[0], hit[1]
 
     def views(self, flat: torch.Tensor) -> List[torch.Tensor]:
-        """Each matrix's (rows, cols) view of a flat buffer."""
-        return [flat[o:o + r * c].view(r, c) for o, (r, c) in zip(self.w_off, self.shapes)]
+        """Each weight's view of a flat buffer, in the weight's own shape."""
+        base = flat.storage_offset()
+        return [flat.as_strided(shape, strides, base + o) for shape, strides, o in self._views]
+
+    def split_u(self, u_out: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """Each matrix's u from the flat u buffer (one split: a Python slice each cost twice the host time)."""
+        return u_out.split(self.u_sizes)
+
+    def split_v(self, v_out: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        return v_out.split(self.v_sizes)
+
+
+def _contiguous_strides(shape: Tuple[int, ...]) -> Tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
 
 
 _PLANS: Dict[tuple, Plan] = {}
 
 
 def plan_for(weights: List[torch.Tensor], tiles: Optional[Tiles] = None) -> Plan:
-    """The tile plan of a list of (rows, cols) weight matrices, built once per shapes, device and tiles."""
+    """The tile plan of a list of weights (each taken as an (out, everything else) matrix), built once per shapes,
+    device and tiles."""
     device = weights[0].device
     tiles = tiles or default_tiles(device)
     key = (tuple(tuple(w.shape) for w in weights), device, tiles)
@@ -542,8 +567,8 @@ def _power_iterate(plan: Plan, ws: List[torch.Tensor], us: List[torch.Tensor], n
 
 class _FusedSN(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, plan: Plan, n_iters: int, eps: float, n: int, *tensors: torch.Tensor):
-        ws, us = tensors[:n], tensors[n:]
+    def forward(ctx, plan: Plan, n_iters: int, eps: float, us: Tuple[torch.Tensor, ...], *ws: torch.Tensor):
+        # the u vectors ride in a tuple: constants, so autograd need not weigh them as inputs (host time)
         sigmas, u_out, v_out, _ = _power_iterate(plan, list(ws), list(us), n_iters, eps)
         ctx.plan, ctx.w_dtype = plan, ws[0].dtype
         ctx.save_for_backward(u_out, v_out)
@@ -554,12 +579,11 @@ class _FusedSN(torch.autograd.Function):
     def backward(ctx, g_sigma: torch.Tensor, _gu: torch.Tensor, _gv: torch.Tensor):
         plan: Plan = ctx.plan
         u_out, v_out = ctx.saved_tensors
-        n = len(plan.shapes)
         grad = torch.empty(plan.n_w, device=u_out.device, dtype=ctx.w_dtype)
         sn_grad_kernel[(plan.g_mat.numel(),)](
             grad, g_sigma.contiguous().float(), u_out, v_out, plan.g_mat, plan.g_start, plan.rows, plan.cols,
             plan.uoff, plan.voff, plan.woff, BR=plan.br, BC=plan.bc, **plan.launch)
-        return (None, None, None, None, *plan.views(grad), *([None] * n))
+        return (None, None, None, None, *plan.views(grad))
 
 
 def _check_inputs(weights: List[torch.Tensor], us: List[torch.Tensor]) -> None:
@@ -574,10 +598,8 @@ def fused_power_iteration(weights: List[torch.Tensor], us: List[torch.Tensor], n
     """(sigmas, us, vs) of every matrix; ``tiles``: the device's default unless given (benchmarks)."""
     _check_inputs(weights, us)
     plan = plan_for(weights, tiles)
-    sigmas, u_out, v_out = _FusedSN.apply(plan, n_iters, eps, len(weights), *weights, *us)
-    u_list = [u_out[o:o + r] for o, (r, _) in zip(plan.u_off, plan.shapes)]
-    v_list = [v_out[o:o + c] for o, (_, c) in zip(plan.v_off, plan.shapes)]
-    return sigmas, u_list, v_list
+    sigmas, u_out, v_out = _FusedSN.apply(plan, n_iters, eps, tuple(us), *weights)
+    return sigmas, list(plan.split_u(u_out)), list(plan.split_v(v_out))
 
 
 class _FusedNormalize(torch.autograd.Function):
@@ -588,9 +610,10 @@ class _FusedNormalize(torch.autograd.Function):
     backward at BigGAN-128 (seen in an op count)."""
 
     @staticmethod
-    def forward(ctx, plan: Plan, n_iters: int, eps: float, out_dtype: torch.dtype, n: int, *tensors: torch.Tensor):
-        ws, us = list(tensors[:n]), list(tensors[n:])
-        sigmas, u_out, v_out, (w_ptrs, aligned) = _power_iterate(plan, ws, us, n_iters, eps)
+    def forward(ctx, plan: Plan, n_iters: int, eps: float, out_dtype: torch.dtype, us: Tuple[torch.Tensor, ...],
+                *weights: torch.Tensor):
+        ws = list(weights)  # as the layers hold them (conv weights 4-D); the us: constants, as in _FusedSN
+        sigmas, u_out, v_out, (w_ptrs, aligned) = _power_iterate(plan, ws, list(us), n_iters, eps)
         flat = torch.empty(plan.n_w, device=ws[0].device, dtype=out_dtype)
         sn_scale_kernel[(plan.g_mat.numel(),)](
             w_ptrs, flat, sigmas, plan.g_mat, plan.g_start, plan.rows, plan.cols, plan.woff,
@@ -608,8 +631,8 @@ class _FusedNormalize(torch.autograd.Function):
         dev = sigmas.device
         # the kernels read the incoming gradients where they are, through a pointer table: the H200 profile showed
         # their concatenation into one buffer at 11% of the whole job (a layer whose output went unused: zeros)
-        gs = [g.contiguous() if g is not None else torch.zeros(r, c, device=dev, dtype=ctx.out_dtype)
-              for g, (r, c) in zip(grads, plan.shapes)]
+        gs = [g.contiguous() if g is not None else torch.zeros(w.shape, device=dev, dtype=ctx.out_dtype)
+              for g, w in zip(grads, ws)]
         (w_ptrs, w_aligned), (g_ptrs, g_aligned) = plan.pointers(ws), plan.pointers(gs)
         aligned = w_aligned and g_aligned
         g_dtype = tl_dtype(gs[0].dtype)
@@ -622,8 +645,8 @@ class _FusedNormalize(torch.autograd.Function):
         sn_normalize_grad_kernel[grid](
             grad, g_ptrs, part, sigmas, u_out, v_out, plan.g_mat, plan.g_start, plan.rows, plan.cols, plan.uoff,
             plan.voff, plan.woff, plan.g_first, plan.g_ntiles, G_DTYPE=g_dtype, PTR_ALIGNED=aligned, BR=plan.br,
-            BC=plan.bc, BT=max(triton.next_power_of_2(plan.max_g_tiles), 2), **plan.launch)
-        return (None, None, None, None, None, *plan.views(grad), *([None] * len(ws)))
+            BC=plan.bc, BT=max(next_power_of_2(plan.max_g_tiles), 2), **plan.launch)
+        return (None, None, None, None, None, *plan.views(grad))
 
 
 def fused_normalize(weights: List[torch.Tensor], us: List[torch.Tensor], n_iters: int, eps: float,
@@ -632,11 +655,7 @@ def fused_normalize(weights: List[torch.Tensor], us: List[torch.Tensor], n_iters
     """(W_i / sigma_i in ``out_dtype`` shaped as the weights, us, vs, sigmas): kernels.spectral_normalize on the
     Triton kernels. ``weights`` as the layers hold them (conv weights 4-D), each contiguous, one dtype; ``tiles``:
     the device's default unless given (benchmarks)."""
-    mats = [w.view(w.shape[0], -1) for w in weights]
-    _check_inputs(mats, us)
-    plan = plan_for(mats, tiles)
-    sigmas, u_out, v_out, *mats_sn = _FusedNormalize.apply(plan, n_iters, eps, out_dtype, len(mats), *mats, *us)
-    normalized = [m.view(w.shape) for m, w in zip(mats_sn, weights)]
-    u_list = [u_out[o:o + r] for o, (r, _) in zip(plan.u_off, plan.shapes)]
-    v_list = [v_out[o:o + c] for o, (_, c) in zip(plan.v_off, plan.shapes)]
-    return normalized, u_list, v_list, sigmas
+    _check_inputs(weights, us)
+    plan = plan_for(weights, tiles)
+    sigmas, u_out, v_out, *normalized = _FusedNormalize.apply(plan, n_iters, eps, out_dtype, tuple(us), *weights)
+    return normalized, list(plan.split_u(u_out)), list(plan.split_v(v_out)), sigmas

@@ -152,7 +152,7 @@ def test_d2d_ce_products_ignore_the_callers_autocast():
 # ---- launch counts in Triton's interpreter: Triton launches, and the aten ops that would be device kernels ---------
 # what the interpreter itself dispatches to move arguments in and out; allocations and views launch nothing
 HOST_SIDE = {"empty", "empty_like", "new_empty", "set_", "copy_", "select", "t", "detach", "view", "slice",
-             "_unsafe_view", "alias", "reshape", "lift_fresh"}
+             "_unsafe_view", "alias", "reshape", "lift_fresh", "as_strided", "split", "split_with_sizes"}
 
 
 @pytest.fixture
@@ -227,6 +227,25 @@ def test_spectral_normalize_runs_in_a_few_launches(interpreter_launches):
         torch.autograd.backward(normalized[:-1], grads)
     assert launches == ["sn_dot_kernel", "sn_normalize_grad_kernel"], launches
     assert bwd.ops == ["zeros"], bwd.ops  # the unused layer's gradient
+
+
+def test_spectral_normalize_is_one_autograd_node_whose_inputs_are_the_weights():
+    """W / sigma leaves the fused function in each weight's own shape (conv weights 4-D), and the u vectors ride
+    outside autograd's inputs: the whole network's job is one autograd node whose inputs are the weights alone, no
+    view node per layer. A view node per layer and the u vectors as inputs had been half the job's host time at
+    BigGAN-128's 65 layers (scripts/host_probe.py sn: 2.26 -> 1.1 ms on the development CPU)."""
+    g = torch.Generator().manual_seed(fresh_seed())
+    shapes = [(6, 5, 3, 3), (4, 9), (3, 2, 1, 1)]
+    ws = [torch.randn(*s, generator=g).to(DEV).requires_grad_() for s in shapes]
+    us = [torch.nn.functional.normalize(torch.randn(s[0], generator=g), dim=0).to(DEV) for s in shapes]
+    normalized = spectral_normalize(ws, us, 1, 1e-12, "triton")[0]
+    assert [x.shape for x in normalized] == [w.shape for w in ws]
+    nodes = {x.grad_fn for x in normalized}
+    assert len(nodes) == 1, [type(n).__name__ for n in nodes]
+    node = nodes.pop()
+    assert type(node).__name__ == "_FusedNormalizeBackward", type(node).__name__
+    inputs = [fn.variable for fn, _ in node.next_functions if fn is not None]
+    assert len(inputs) == len(ws) and all(a is b for a, b in zip(inputs, ws)), "the weights, and nothing else"
 
 
 @pytest.mark.parametrize("counter", ["count", "v_count"])
@@ -761,3 +780,15 @@ def test_direct_launches_equal_the_jits_bitwise(tmode, monkeypatch):
                 assert torch.equal(a, b), f"direct launch differs (seed {seed}, offset {offset})"
         assert kernels.launch.direct_kernels() > before  # the direct path was taken, not the JIT's
         monkeypatch.setattr(kernels.launch, "DIRECT", False)
+
+
+def test_the_host_grid_helpers_equal_tritons():
+    """kernels.launch.cdiv and next_power_of_2 are plain Python (Triton's are constexpr functions: ~1.7 us a call on
+    the host, ten per D2D-CE call) and give Triton's results."""
+    import triton
+    from kernels.launch import cdiv, next_power_of_2
+    for a in range(0, 2100, 7):
+        for b in (1, 2, 3, 16, 64, 127, 128, 512):
+            assert cdiv(a, b) == triton.cdiv(a, b), (a, b)
+    for n in range(1, 5000):
+        assert next_power_of_2(n) == triton.next_power_of_2(n), n

@@ -5,7 +5,6 @@ a distributed run can swap in cross-replica BN, or a kernel build a fused spectr
 """
 from __future__ import annotations
 
-import contextlib
 import typing
 from typing import Callable, Optional, Sequence, Tuple
 
@@ -15,11 +14,7 @@ import torch.nn.functional as F
 
 from hpc_gan.config import AttnGamma, AttnImpl
 from kernels import sn_power_iteration
-
-
-def no_autocast(device_type: str) -> contextlib.AbstractContextManager:
-    # autocast exists for cpu/cuda only; the meta device (FLOP counting) needs none
-    return torch.autocast(device_type, enabled=False) if device_type in ("cpu", "cuda") else contextlib.nullcontext()
+from kernels.dispatch import autocast_off
 
 
 def upsample2x(x: torch.Tensor) -> torch.Tensor:
@@ -27,7 +22,7 @@ def upsample2x(x: torch.Tensor) -> torch.Tensor:
     so under bf16 autocast every G block upsampled in fp32 and the next conv cast the 4x larger result back (H100,
     batch 256: 59 ms of a 725 ms iteration, docs/benchmarks.md). Nearest upsampling only copies values, so the
     dtype it runs in cannot change a result."""
-    with no_autocast(x.device.type):
+    with autocast_off(x.device.type):
         return F.interpolate(x, scale_factor=2.0, mode="nearest")
 
 
@@ -173,7 +168,7 @@ class SpectralNormMixin:
         if fused is not None:
             return fused
         # fp32 even under autocast: u, v and sigma lose too much in bf16 (the layer's conv may still run in bf16)
-        with no_autocast(self.weight.device.type):
+        with autocast_off(self.weight.device.type):
             if self.training:
                 sigma = self._sn_update(self.sn_iters)
             else:  # no iteration in eval mode; u, v cloned so a later update cannot alter a saved graph

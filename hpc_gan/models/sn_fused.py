@@ -21,8 +21,9 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from hpc_gan.models.layers import no_autocast, spectral_norm_layers
+from hpc_gan.models.layers import spectral_norm_layers
 from kernels import resolve_sn_backend, spectral_normalize
+from kernels.dispatch import autocast_off
 
 
 class FusedSpectralNorm:
@@ -55,7 +56,7 @@ class FusedSpectralNorm:
         normalized: list = [None] * len(self.layers)
         us: list = [None] * len(self.layers)
         vs: list = [None] * len(self.layers)
-        with no_autocast(device):
+        with autocast_off(device):
             for dtype, idx in groups:
                 if not idx:
                     continue
