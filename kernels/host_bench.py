@@ -90,7 +90,7 @@ def _short_frame(name: str) -> str:
     return "/".join(path.split("/")[-2:]) + sep + rest
 
 
-class _Identity(torch.autograd.Function):
+class IdentityFunction(torch.autograd.Function):
     """The least a custom autograd function costs: a forward and a backward that return their input."""
 
     @staticmethod
@@ -142,5 +142,5 @@ def d2d_host_costs(device: torch.device, n: int, m: int, d: int, dtype: torch.dt
             "jit_launch_us": host_us(one_launch, device, 4 * reps),
             "torch_mm_us": host_us(lambda: torch.mm(a, b.t()), device, 4 * reps),
             "torch_empty_us": host_us(lambda: torch.empty(n, m, device=device), device, 4 * reps),
-            "autograd_function_us": host_us(lambda: _Identity.apply(x).sum().backward(), device, 4 * reps),
+            "autograd_function_us": host_us(lambda: IdentityFunction.apply(x).sum().backward(), device, 4 * reps),
             "profile": host_profile(forward_backward, device, max(1, reps // 5))}

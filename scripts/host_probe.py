@@ -29,6 +29,7 @@ import torch  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 from kernels.bench import d2d_inputs  # noqa: E402
+from kernels.host_bench import IdentityFunction  # noqa: E402
 from kernels.similarity import d2d_ce  # noqa: E402
 from kernels.spectral_norm import spectral_normalize  # noqa: E402
 
@@ -37,16 +38,6 @@ LAUNCHES = [0]
 
 def _skip_launch(self, *args, **kwargs) -> None:
     LAUNCHES[0] += 1
-
-
-class _Identity(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g
 
 
 def per_call_us(fn, reps: int) -> float:
@@ -121,7 +112,7 @@ def main(argv=None) -> None:
         note = f" ({launched} Triton launches, skipped)" if launched else ""
         print(f"  {name}: {per_call_us(fn, reps):.1f} us{note}")
     print(f"  identity autograd function, forward + backward: "
-          f"{per_call_us(lambda: _Identity.apply(x).sum().backward(), 20 * reps):.1f} us")
+          f"{per_call_us(lambda: IdentityFunction.apply(x).sum().backward(), 20 * reps):.1f} us")
 
 
 if __name__ == "__main__":

@@ -792,3 +792,17 @@ def test_the_host_grid_helpers_equal_tritons():
             assert cdiv(a, b) == triton.cdiv(a, b), (a, b)
     for n in range(1, 5000):
         assert next_power_of_2(n) == triton.next_power_of_2(n), n
+
+
+@pytest.mark.parametrize("op, launches", [("d2d", 5), ("sn", 5)])
+def test_the_host_probe_runs(op, launches):
+    """scripts/host_probe.py (a benchmark: its numbers are not checked) runs each op's Triton path with the launches
+    skipped, and counts them: the kernels' launches per call, so a path that lost its kernels would show."""
+    import subprocess
+    import sys
+    from procenv import child_env
+    proc = subprocess.run([sys.executable, "scripts/host_probe.py", op, "--reps", "2"], capture_output=True,
+                          text=True, env=child_env(), cwd=str(ROOT), timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert f"({launches} Triton launches, skipped)" in proc.stdout and "identity autograd function" in proc.stdout, \
+        proc.stdout
