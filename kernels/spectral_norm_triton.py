@@ -619,6 +619,7 @@ class _FusedNormalize(torch.autograd.Function):
             w_ptrs, flat, sigmas, plan.g_mat, plan.g_start, plan.rows, plan.cols, plan.woff,
             W_DTYPE=tl_dtype(ws[0].dtype), PTR_ALIGNED=aligned, BR=plan.br, BC=plan.bc, **plan.launch)
         ctx.plan, ctx.w_dtype, ctx.out_dtype = plan, ws[0].dtype, out_dtype
+        ctx.w_table = (w_ptrs, aligned)  # the saved weights cannot move before the backward
         ctx.set_materialize_grads(False)  # no zero-filled gradients for sigma, u, v (never differentiated)
         ctx.save_for_backward(sigmas, u_out, v_out, *ws)
         ctx.mark_non_differentiable(sigmas, u_out, v_out)
@@ -633,7 +634,7 @@ class _FusedNormalize(torch.autograd.Function):
         # their concatenation into one buffer at 11% of the whole job (a layer whose output went unused: zeros)
         gs = [g.contiguous() if g is not None else torch.zeros(w.shape, device=dev, dtype=ctx.out_dtype)
               for g, w in zip(grads, ws)]
-        (w_ptrs, w_aligned), (g_ptrs, g_aligned) = plan.pointers(ws), plan.pointers(gs)
+        (w_ptrs, w_aligned), (g_ptrs, g_aligned) = ctx.w_table, plan.pointers(gs)
         aligned = w_aligned and g_aligned
         g_dtype = tl_dtype(gs[0].dtype)
         part = torch.empty(plan.g_mat.numel(), device=dev, dtype=torch.float32)
