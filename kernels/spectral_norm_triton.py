@@ -508,6 +508,7 @@ class Plan:
         return u_out.split(self.u_sizes)
 
     def split_v(self, v_out: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """Each matrix's v from the flat v buffer."""
         return v_out.split(self.v_sizes)
 
 
