@@ -4,7 +4,10 @@ The GPU runs found the Triton path host-bound in wall time: 13 launches cost 0.9
 0.04-0.10 ms of device work (H200, 2026-11-27), ~90 us per launch, where the eager torch reference's 115 launches cost
 ~28 us each. Whether the cost is Triton's launcher (argument binding and specialization per call), torch's ops
 around the kernels, or autograd decides the fix: launching through cached compiled kernels
-(kernels.launch.DIRECT), fewer torch ops, or neither. Each piece is timed the same way: ``reps`` calls queued back
+(kernels.launch.DIRECT), fewer torch ops, or neither. The H200's fifth run (2026-11-28) answered: a launch costs
+~23 us through the JIT and 20 through its compiled kernel, an autograd round trip ~180, and the rest is Python and
+torch work around the kernels, which ``scripts/host_probe.py`` weighs on any CPU (the GPU's host ran it ~4x slower
+than the development machine). Each piece is timed the same way: ``reps`` calls queued back
 to back with no synchronization inside the timed loop, so that on a GPU, where each piece's device work is shorter
 than its launch, the loop's time is the host's alone (fewer than the launch queue's ~1,000 entries, so the host
 never waits on it). On a CPU the kernels run in Triton's interpreter and the numbers mean nothing; the smoke run
