@@ -52,7 +52,8 @@ def use_triton(backend: str, *tensors: torch.Tensor, op: str) -> bool:
 
 def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
     """A context with autocast off for ``device_type``: torch.autocast(enabled=False) where autocast is on, else a
-    null context (entering and leaving torch.autocast costs ~5 us of host time, twice per D2D-CE call)."""
+    null context (entering and leaving torch.autocast took 2.8 us of host time on the development CPU, this 0.45;
+    twice per D2D-CE call, and once per G block's upsampling)."""
     if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
