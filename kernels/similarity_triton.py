@@ -593,7 +593,7 @@ class D2DCE(torch.autograd.Function):
                    PREC=prec, BI=bl["BI"], BJ=bl["BJ"], BK=bl["BK"], num_warps=bl["num_warps"],
                    FROM_S=raw is not None)
             with autocast_off(a.device.type):  # Q's dtype, whatever the caller's context
-                bm, am = (b, a) if a.dtype == mm_dtype else (b.to(mm_dtype), a.to(mm_dtype))
+                bm, am = (b, a) if a.dtype == b.dtype == mm_dtype else (b.to(mm_dtype), a.to(mm_dtype))
                 acc_a = torch.mm(q, bm) if need_a else None
                 acc_b = torch.mm(q.t(), am) if need_b or (ctx.same and need_a) else None
         else:
