@@ -478,7 +478,7 @@ class Plan:
         self._ptrs: Dict[tuple, Tuple[torch.Tensor, bool, torch.Tensor]] = {}
         # (shape, contiguous strides, offset) of each weight in a flat buffer: one as_strided per view, half the
         # host time of a slice and a view (65 of them per forward and per backward at BigGAN-128)
-        self._views = [(tuple(s), _contiguous_strides(s), o) for s, o in zip(weight_shapes, self.w_off)]
+        self._views = [(tuple(s), torch.empty(s, device="meta").stride(), o) for s, o in zip(weight_shapes, self.w_off)]
 
     def pointers(self, tensors: List[torch.Tensor]) -> Tuple[torch.Tensor, bool]:
         """(the tensors' data pointers as a device table, whether all are 16-byte aligned: the kernels' hint).
@@ -503,21 +503,10 @@ class Plan:
         base = flat.storage_offset()
         return [flat.as_strided(shape, strides, base + o) for shape, strides, o in self._views]
 
-    def split_u(self, u_out: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        """Each matrix's u from the flat u buffer (one split: a Python slice each cost twice the host time)."""
-        return u_out.split(self.u_sizes)
-
-    def split_v(self, v_out: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        """Each matrix's v from the flat v buffer."""
-        return v_out.split(self.v_sizes)
-
-
-def _contiguous_strides(shape: Tuple[int, ...]) -> Tuple[int, ...]:
-    strides, step = [], 1
-    for size in reversed(shape):
-        strides.append(step)
-        step *= max(size, 1)
-    return tuple(reversed(strides))
+    def per_matrix(self, u_out: torch.Tensor, v_out: torch.Tensor) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        """Each matrix's u and v from the flat buffers (one split each: a Python slice each cost twice the host
+        time)."""
+        return list(u_out.split(self.u_sizes)), list(v_out.split(self.v_sizes))
 
 
 _PLANS: Dict[tuple, Plan] = {}
@@ -600,7 +589,7 @@ def fused_power_iteration(weights: List[torch.Tensor], us: List[torch.Tensor], n
     _check_inputs(weights, us)
     plan = plan_for(weights, tiles)
     sigmas, u_out, v_out = _FusedSN.apply(plan, n_iters, eps, tuple(us), *weights)
-    return sigmas, list(plan.split_u(u_out)), list(plan.split_v(v_out))
+    return (sigmas, *plan.per_matrix(u_out, v_out))
 
 
 class _FusedNormalize(torch.autograd.Function):
@@ -660,4 +649,4 @@ def fused_normalize(weights: List[torch.Tensor], us: List[torch.Tensor], n_iters
     _check_inputs(weights, us)
     plan = plan_for(weights, tiles)
     sigmas, u_out, v_out, *normalized = _FusedNormalize.apply(plan, n_iters, eps, out_dtype, tuple(us), *weights)
-    return normalized, list(plan.split_u(u_out)), list(plan.split_v(v_out)), sigmas
+    return (normalized, *plan.per_matrix(u_out, v_out), sigmas)
