@@ -15,6 +15,7 @@ from typing import List, Optional
 from hpc_gan.config import METRICS, choices, dump, load
 from hpc_gan.dist import launch
 from hpc_gan.errors import UserError
+from hpc_gan.mkl_vml import warm_vml_dispatch
 from hpc_gan.peaks import H100_BF16_TFLOPS
 
 
@@ -447,6 +448,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.overrides = list(args.overrides or []) + extra
+    warm_vml_dispatch()  # every command, before its first threaded CPU math (hpc_gan.mkl_vml)
     try:
         return args.fn(args)
     except UserError as e:

@@ -19,6 +19,9 @@ sys.path.insert(0, str(ROOT))
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 from hpc_gan.config import load  # noqa: E402
+from hpc_gan.mkl_vml import warm_vml_dispatch  # noqa: E402
+
+warm_vml_dispatch()  # the tests' own CPU math, compared bitwise and at fp32 tolerances (hpc_gan.mkl_vml)
 
 
 @pytest.fixture

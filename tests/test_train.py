@@ -1,6 +1,7 @@
 """The training step: every conditioning method trains without NaN, resume is bit-identical, EMA, standing stats,
 truncation, and accumulation splits a batch without changing what is computed."""
 import math
+import re
 
 import pytest
 import torch
@@ -67,6 +68,23 @@ def test_resume_is_bit_identical(tiny_cfg, tmp_path):
         for name in a[key]:
             assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs after resume"
     assert a["data"] == b["data"]
+
+
+def test_the_vml_guard_covers_every_function_torch_sends_to_mkl():
+    """hpc_gan.mkl_vml settles MKL's kernel choice for the functions the installed torch sends to VML (its header
+    lists them); one left out could still race on its first threaded call and break bitwise resume."""
+    from pathlib import Path
+
+    from hpc_gan.mkl_vml import VML_OPS
+
+    header = Path(torch.__file__).parent / "include" / "ATen" / "cpu" / "vml.h"
+    if not header.is_file():
+        pytest.skip(f"this torch ships no {header.name} to read the list from")
+    sent = set(re.findall(r"^IMPLEMENT_VML_MKL\((\w+),", header.read_text(), flags=re.M))  # commented-out: skipped
+    assert len(sent) >= 10, f"no IMPLEMENT_VML_MKL lines read from {header}: has its format changed?"
+    assert sent <= set(VML_OPS), f"not warmed: {sorted(sent - set(VML_OPS))}"
+    missing = [name for name in VML_OPS if not callable(getattr(torch, name, None))]
+    assert not missing, f"not torch functions: {missing}"
 
 
 def test_checkpoints_are_atomic_and_pruned(tiny_cfg, tmp_path):

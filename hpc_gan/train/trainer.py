@@ -32,6 +32,7 @@ from hpc_gan.dist.gather import gather_negatives
 from hpc_gan.errors import UserError
 from hpc_gan.losses import (add_orthogonal_grad_, cond_loss, d_adv_loss, g_adv_loss, gradient_penalty, has_cond_loss,
                             ortho_shards, ortho_weights, orthogonal_reg, seed_orthogonal_grad_)
+from hpc_gan.mkl_vml import warm_vml_dispatch
 from hpc_gan.models import build_models, set_memory_format
 from hpc_gan.models.heads import NamedBatch
 from hpc_gan.models.sn_fused import attach_fused_sn, sn_sigmas
@@ -111,6 +112,7 @@ class Trainer:
     handles of G and D (hpc_gan.dist.engines.Net); ``.module`` is the plain network."""
 
     def __init__(self, cfg: Config, device: torch.device, info: Optional[DistInfo] = None) -> None:
+        warm_vml_dispatch()  # before the first threaded CPU math: a torch + MKL bug (hpc_gan.mkl_vml)
         info = info or DistInfo()
         self.cfg, self.device, self.info = cfg, device, info
         self.rank, self.world = info.rank, info.world
