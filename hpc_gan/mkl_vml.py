@@ -3,9 +3,10 @@
 ATen sends contiguous float32/float64 unary ops (tanh, exp, sqrt, ...) to MKL's VML, one call per intra-op thread
 on its chunk. oneMKL 2024.2, as bundled in the torch wheels, picks each VML function's kernel on that function's
 first call; when that call runs on several threads at once, one thread can run a low-accuracy kernel for its whole
-chunk (pytorch/pytorch#188792; the next call is correct). Seen here: the first ``tanh`` of G's output in a resumed
-tiny run was wrong by up to 5e-5 in exactly half its elements in 6 of 90 fresh processes on 2 threads, so the run
-continued off the straight run's trajectory; with this guard, 0 of 60 (docs/benchmarks.md, scripts/vml_race.py).
+chunk (pytorch/pytorch#188792; the next call is correct). Seen here: the first ``tanh`` of G's output after a
+resume was wrong by up to 5e-5 in the second thread's half of its elements in 2-9% of fresh processes on 2 threads,
+so resumed runs left the straight run's trajectory; with this guard, in none of 200 (scripts/vml_race.py,
+docs/benchmarks.md).
 
 One 1-element call per VML function and precision, on the calling thread before any parallel use, settles MKL's
 choice for the process (the fix the upstream pull request makes inside ATen). Forked workers inherit it."""
