@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import torch
 
-# ATen's IMPLEMENT_VML_MKL list (ATen/cpu/vml.h); a test checks it against the installed torch's header.
+# ATen's IMPLEMENT_VML_MKL list (ATen/cpu/vml.h; a test checks it against the installed torch's header), and
+# the five torch 2.13 leaves commented out there, in case another version sends them: a call costs ~2 us.
 VML_OPS = ("acos", "asin", "atan", "cos", "erf", "erfc", "erfinv", "exp", "log", "log10", "log2", "sin", "sqrt",
-           "tan", "tanh", "trunc")
+           "tan", "tanh", "trunc", "abs", "cosh", "expm1", "log1p", "sinh")
 
 _warmed = False
 
 
 def warm_vml_dispatch() -> None:
-    """Resolve MKL's kernel choice for every VML function ATen uses (idempotent; ~1.5 ms, once per process). Call
+    """Resolve MKL's kernel choice for every VML function ATen uses (idempotent; ~1.7 ms, once per process). Call
     before the process's first multithreaded CPU math: every entry point does (hpc_gan.cli, Trainer, the tests)."""
     global _warmed
     if _warmed:

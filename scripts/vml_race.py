@@ -71,7 +71,10 @@ def main() -> None:
                                              stdout=subprocess.PIPE, text=True, cwd=ROOT))
                     for _ in range(per) for guard in (False, True)]
             for guard, proc in wave:
-                first = json.loads(proc.communicate()[0].strip().splitlines()[-1])[0]
+                out = proc.communicate()[0]
+                if proc.returncode:
+                    sys.exit(f"vml_race.py: a child failed (exit {proc.returncode}); its traceback is above")
+                first = json.loads(out.strip().splitlines()[-1])[0]
                 bad[guard] += first > 1e-6
             done += per
             print(f"\r{done}/{args.procs} per arm: first tanh wrong in {bad[False]} without the guard, "

@@ -2,6 +2,7 @@
 truncation, and accumulation splits a batch without changing what is computed."""
 import math
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -73,8 +74,6 @@ def test_resume_is_bit_identical(tiny_cfg, tmp_path):
 def test_the_vml_guard_covers_every_function_torch_sends_to_mkl():
     """hpc_gan.mkl_vml settles MKL's kernel choice for the functions the installed torch sends to VML (its header
     lists them); one left out could still race on its first threaded call and break bitwise resume."""
-    from pathlib import Path
-
     from hpc_gan.mkl_vml import VML_OPS
 
     header = Path(torch.__file__).parent / "include" / "ATen" / "cpu" / "vml.h"
