@@ -24,7 +24,8 @@ _warmed = False
 
 def warm_vml_dispatch() -> None:
     """Resolve MKL's kernel choice for every VML function ATen uses (idempotent; ~1.7 ms, once per process). Call
-    before the process's first multithreaded CPU math: every entry point does (hpc_gan.cli, Trainer, the tests)."""
+    before the process's first multithreaded CPU math: every entry point does (hpc_gan.cli, Trainer,
+    the GPU pack's children, the tests)."""
     global _warmed
     if _warmed:
         return

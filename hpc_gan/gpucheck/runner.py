@@ -74,6 +74,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--child", nargs=3, metavar=("STAGE", "DEADLINE", "OUT"), help=argparse.SUPPRESS)
     p.add_argument("--train-case", nargs="+", help=argparse.SUPPRESS)  # PRESET OUT STEPS WARMUP OVERRIDES...
     args = p.parse_args(argv)
+    if args.train_case or args.child:  # the stages and train cases compute (on the CPU, in smoke mode)
+        from hpc_gan.mkl_vml import warm_vml_dispatch
+        warm_vml_dispatch()  # before their first threaded CPU math (hpc_gan.mkl_vml)
     if args.train_case:
         preset, out, steps, warmup, *overrides = args.train_case
         return train_case(preset, out, int(steps), int(warmup), overrides)
