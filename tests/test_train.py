@@ -53,6 +53,21 @@ def test_d_is_frozen_during_g_step(tiny_cfg):
     assert all(p.requires_grad for p in tr.d.module.parameters())
 
 
+def test_the_step_trains_every_module_and_freezes_d_for_g_alone(tiny_cfg):
+    """The step sets training mode and freezes D from lists taken at start-up (not a module walk per step): a
+    module left in eval mode is set back, and D's parameters stop requiring gradients for G's forward only."""
+    tr = Trainer(tiny_cfg(), torch.device("cpu"))
+    D = tr.d.module
+    seen = []
+    D.register_forward_pre_hook(lambda mod, args: seen.append(any(p.requires_grad for p in mod.parameters())))
+    tr.g.module.eval()
+    D.head.eval()
+    tr.train_step()
+    assert all(m.training for net in (tr.g.module, D) for m in net.modules())
+    assert seen == [True] * tiny_cfg().train.n_dis + [False]  # D steps, then the G step
+    assert all(p.requires_grad for p in D.parameters())
+
+
 def test_resume_is_bit_identical(tiny_cfg, tmp_path):
     """4 steps straight vs 2 steps, a new process-like Trainer from the checkpoint, 2 more steps."""
     straight = tiny_cfg(f"run.dir={tmp_path / 'a'}", "loss.diffaug=color,translation")

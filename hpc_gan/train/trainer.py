@@ -169,6 +169,10 @@ class Trainer:
         self.ortho_params = ortho_weights(self.g.module) if ortho != "off" else []  # once, not per G step
         self.ortho_blocks = ortho_shards([(w.shape[0], w[0].numel()) for w in self.ortho_params],
                                          self.world)[self.rank] if ortho == "sharded" else None
+        # walked once here, not per step: Module.train() and requires_grad_() walk the module tree each call
+        # (~0.2 and ~0.08 ms of host time per step on the development CPU at BigGAN-128; benchmarks.md)
+        self.step_modules = [m for net in (self.g.module, self.d.module) for m in net.modules()]
+        self.d_params = list(self.d.module.parameters())
         self.step = 0
         self.timer: Optional[Any] = None  # a train.timing.PhaseTimer while benchmarking
         self.metrics = StepMetrics()
@@ -299,8 +303,7 @@ class Trainer:
         p = self.plan
         self._begin_graph_step()
         z, yf = self._latents(G_PHASE)
-        D = self.d.module
-        D.requires_grad_(False)  # frozen, and called as the plain module: D is only a function of the fakes
+        self._freeze_d(True)  # frozen, and called as the plain module: D is only a function of the fakes
         if self.ortho_blocks is not None:  # seeded before the synchronized backward, which averages over ranks
             with self._phase("g_optimizer"):
                 self.metrics.add(g_ortho=seed_orthogonal_grad_(self.ortho_params, self.cfg.loss.ortho_beta,
@@ -319,7 +322,12 @@ class Trainer:
             if self.ortho_in_grad:
                 self.metrics.add(g_ortho=add_orthogonal_grad_(self.ortho_params, self.cfg.loss.ortho_beta))
             self.g.optimizer_step(self._update_flag(losses, self.g))
-        D.requires_grad_(True)
+        self._freeze_d(False)
+
+    def _freeze_d(self, frozen: bool) -> None:
+        """D.requires_grad_(not frozen), over the parameter list taken at start-up."""
+        for p in self.d_params:
+            p.requires_grad_(not frozen)
 
     def _update_flag(self, losses: List[torch.Tensor], net: Any) -> Optional[torch.Tensor]:
         """The non-finite flag of one optimizer update (train.nonfinite); found_inf to skip it with, or None."""
@@ -348,8 +356,9 @@ class Trainer:
         return total
 
     def train_step(self, diagnostics: bool = False) -> None:
-        self.g.module.train()
-        self.d.module.train()
+        if not all(m.training for m in self.step_modules):  # set back after sampling or evaluation, say
+            self.g.module.train()
+            self.d.module.train()
         for k in range(self.cfg.train.n_dis):
             self.d_step(k, diagnostics and k == 0)
         self.g_step()
