@@ -1,12 +1,17 @@
 """Shapes, parameter counts against the BigGAN paper, and D's output dict per conditioning method."""
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from hpc_gan.config import load
 from hpc_gan.errors import UserError
-from hpc_gan.models import biggan, biggan_deep
+from hpc_gan.models import biggan, biggan_deep, build_models
 from hpc_gan.models.layers import SelfAttention, SNConv2d, SNLinear
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def count(m):
@@ -70,6 +75,29 @@ def test_projection_is_folded_into_adv():
 def test_bad_attention_resolution_is_a_clear_error():
     with pytest.raises(UserError, match="g_attn_res=48"):
         biggan.Generator(32, 4, 3, 16, 8, 48)
+
+
+@pytest.mark.parametrize("arch,overrides,key", [
+    ("biggan", ["model.g_ch=1", "model.g_attn_res=16"], "model.g_attn_res=16"),   # G's attention: 4 channels
+    ("biggan", ["model.d_ch=2", "model.d_attn_res=8"], None),                       # D's: 8 channels, fine
+    ("biggan", ["model.d_ch=1", "model.d_attn_res=8"], "model.d_attn_res=8"),      # 4 channels
+    ("biggan_deep", ["model.g_ch=1"], "model.g_ch=1"),                               # bottlenecks of 0 channels
+    ("biggan_deep", ["model.d_ch=1"], "model.d_ch=1"),
+    ("biggan_deep", ["model.d_ch=2", "model.d_attn_res=64"], "model.d_attn_res=64"),
+])
+def test_networks_too_narrow_for_their_layers_are_a_clear_error(arch, overrides, key):
+    """A channel multiplier that leaves a layer without channels (attention's query and key take 1/8, BigGAN-deep's
+    bottlenecks 1/4) is a one-line error naming the key to change, not a reshape error from deep inside a layer."""
+    res = "model.resolution=16" if arch == "biggan" else "model.resolution=128"
+    cfg = load(ROOT / "configs" / "demo.yaml", [f"model.arch={arch}", res, "model.z_dim=60" if arch == "biggan" else
+                                                 "model.z_dim=128", "model.g_attn_res=0", "model.d_attn_res=0",
+                                                 "model.g_ch=8", "model.d_ch=8", *overrides])
+    if key is None:
+        build_models(cfg)
+        return
+    with pytest.raises(UserError, match=key.replace(".", r"\.")) as e:
+        build_models(cfg)
+    assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("kind", ["conv", "linear"])

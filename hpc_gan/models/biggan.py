@@ -61,6 +61,16 @@ class GBlock(nn.Module):
         return h + self.upsample(self.conv_sc(x))
 
 
+def attention_block(ch: int, which_conv: Callable[..., nn.Module], impl: str, net: str, res: int) -> SelfAttention:
+    """The self-attention block over a block's ``ch`` output channels, or the one-line error that names the keys
+    to change: its query and key take ch // 8 channels, none below 8 (``net``: "g" or "d")."""
+    if ch < SelfAttention.MIN_CHANNELS:
+        raise UserError(f"model.{net}_attn_res={res}: the self-attention there would see {ch} channels, fewer than "
+                        f"its {SelfAttention.MIN_CHANNELS} (query and key take 1/8); raise model.{net}_ch or set "
+                        f"model.{net}_attn_res=0")
+    return SelfAttention(ch, which_conv, impl)
+
+
 class Generator(nn.Module):
     memory_format = torch.contiguous_format  # of the activations; torch.channels_last: NHWC (see model.memory_format)
 
@@ -93,7 +103,7 @@ class Generator(nn.Module):
                                       make_upsample(upsample_impl), upconv_impl))
             res *= 2
             if res == attn_res:
-                self.attn[str(i)] = SelfAttention(cout * ch, which_conv, attn_impl)
+                self.attn[str(i)] = attention_block(cout * ch, which_conv, attn_impl, "g", res)
         if attn_res and not len(self.attn):
             raise UserError(f"model.g_attn_res={attn_res} is not a G block resolution at {resolution} px")
         out_bn = which_bn if out_bn_eps is None else make_bn(out_bn_eps)
@@ -167,7 +177,7 @@ class Discriminator(nn.Module):
                                       downconv_impl=downconv_impl))
             res = res // 2 if down else res
             if res == attn_res and down:
-                self.attn[str(i)] = SelfAttention(cout * ch, which_conv, attn_impl)
+                self.attn[str(i)] = attention_block(cout * ch, which_conv, attn_impl, "d", res)
         if attn_res and not len(self.attn):
             raise UserError(f"model.d_attn_res={attn_res} is not a D block resolution at {resolution} px")
         feat = arch["out"][-1] * ch

@@ -11,9 +11,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hpc_gan.errors import UserError
-from hpc_gan.models.biggan import BOTTOM
+from hpc_gan.models.biggan import BOTTOM, attention_block
 from hpc_gan.models.heads import ConditioningHead
-from hpc_gan.models.layers import (ConditionalBatchNorm2d, GOutput, SelfAttention, SNConv2d, SNLinear, make_bn,
+from hpc_gan.models.layers import (ConditionalBatchNorm2d, GOutput, SNConv2d, SNLinear, make_bn,
                                    make_pool, make_upsample, orthogonal_init, run_blocks, upsample2x)
 from hpc_gan.models.resample_conv import check_conv3x3, conv_after_upsample
 
@@ -22,6 +22,14 @@ G_ARCH = {128: {"in": [16, 16, 8, 4, 2], "out": [16, 8, 4, 2, 1]},
 D_ARCH = {128: {"in": [1, 2, 4, 8, 16], "out": [2, 4, 8, 16, 16]},
           256: {"in": [1, 2, 4, 8, 8, 16], "out": [2, 4, 8, 8, 16, 16]}}
 DEPTH = 2
+
+
+def check_bottlenecks(ch: int, multipliers: list, net: str) -> None:
+    """Every block's bottleneck takes a quarter of the block's channels (``multipliers`` x ``ch``): none may be
+    empty. ``net``: "g" or "d"."""
+    if min(multipliers) * ch // 4 < 1:
+        raise UserError(f"model.{net}_ch={ch}: BigGAN-deep's bottleneck blocks take a quarter of a block's channels, "
+                        f"none at this width; use model.{net}_ch >= {-(-4 // min(multipliers))}")
 
 
 class DeepGBlock(nn.Module):
@@ -65,6 +73,7 @@ class Generator(nn.Module):
         if resolution not in G_ARCH:
             raise ValueError(f"BigGAN-deep resolution {resolution} is not one of {sorted(G_ARCH)}")
         arch = G_ARCH[resolution]
+        check_bottlenecks(ch, arch["in"], "g")  # DeepGBlock: a quarter of its input's channels
         self.resolution, self.n_classes, self.z_dim = resolution, n_classes, z_dim
         which_conv = partial(SNConv2d, kernel_size=3, padding=1, sn_eps=sn_eps)
         which_linear = partial(SNLinear, sn_eps=sn_eps)
@@ -85,7 +94,7 @@ class Generator(nn.Module):
                                               upconv_impl=upconv_impl))
             res *= 2
             if res == attn_res:
-                self.attn[str(len(self.blocks) - 1)] = SelfAttention(cout * ch, which_conv, attn_impl)
+                self.attn[str(len(self.blocks) - 1)] = attention_block(cout * ch, which_conv, attn_impl, "g", res)
         if attn_res and not len(self.attn):
             raise UserError(f"model.g_attn_res={attn_res} is not a G resolution at {resolution} px")
         self.out = GOutput(arch["out"][-1] * ch, which_conv, which_bn)
@@ -131,6 +140,7 @@ class Discriminator(nn.Module):
         if resolution not in D_ARCH:
             raise ValueError(f"BigGAN-deep resolution {resolution} is not one of {sorted(D_ARCH)}")
         arch = D_ARCH[resolution]
+        check_bottlenecks(ch, arch["out"], "d")  # DeepDBlock: a quarter of its output's channels
         which_conv = partial(SNConv2d, kernel_size=3, padding=1, sn_eps=sn_eps)
         self.input_conv = which_conv(3, arch["in"][0] * ch)
         pool = make_pool(pool_impl)
@@ -143,7 +153,7 @@ class Discriminator(nn.Module):
                                               downsample=j == 0, which_pool=pool))
             res //= 2
             if res == attn_res:
-                self.attn[str(len(self.blocks) - 1)] = SelfAttention(cout * ch, which_conv, attn_impl)
+                self.attn[str(len(self.blocks) - 1)] = attention_block(cout * ch, which_conv, attn_impl, "d", res)
         if attn_res and not len(self.attn):
             raise UserError(f"model.d_attn_res={attn_res} is not a D resolution at {resolution} px")
         feat = arch["out"][-1] * ch

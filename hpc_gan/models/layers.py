@@ -255,11 +255,14 @@ class SelfAttention(nn.Module):
     # which inductor read channels-last tensors for in NCHW order (5.85 ms of the H200's CUDA-graph step at 256 per
     # GPU, its longest fused kernel, 2026-11-27)
     gamma_in: AttnGamma = "weight"
+    MIN_CHANNELS = 8  # query and key take ch // 8
 
     def __init__(self, ch: int, which_conv: Callable[..., nn.Module], impl: str = "sdpa") -> None:
         super().__init__()
         if impl not in ATTENTIONS:
             raise ValueError(f"SelfAttention: impl={impl!r} is not one of {ATTENTIONS}")
+        if ch < self.MIN_CHANNELS:
+            raise ValueError(f"SelfAttention: needs at least {self.MIN_CHANNELS} channels, got {ch}")
         self.ch, self.impl = ch, impl
         self.theta = which_conv(ch, ch // 8, kernel_size=1, padding=0, bias=False)
         self.phi = which_conv(ch, ch // 8, kernel_size=1, padding=0, bias=False)
