@@ -21,6 +21,17 @@ def _array_ds(n=40):
     return ArrayDataset(images, labels)
 
 
+def test_an_in_memory_gather_equals_indexing():
+    """ArrayDataset.gather (rows of a flat view, index_select) against plain indexing, repeats and odd sizes."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (13, 7, 5, 3), generator=g, dtype=torch.uint8).numpy()
+    ds = ArrayDataset(images, torch.arange(13).numpy())
+    for n in (1, 5, 13, 20):
+        idx = torch.randint(0, 13, (n,), generator=g)
+        x, y = ds.gather(idx)
+        assert x.shape == (n, 3, 7, 5) and torch.equal(x, ds.images[idx]) and torch.equal(y, idx)
+
+
 def test_ranks_slice_the_same_global_batch():
     ds = _array_ds()
     one = RealStream(ds, StepPlan(8, seed=1), hflip=True, device=CPU)

@@ -67,8 +67,9 @@ class RealStream(StreamBase):
     def _iterator(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         sampler = RankBatches(len(self.dataset), self.plan, self.consumed)
         if isinstance(self.dataset, InMemoryDataset):  # one gather per batch, no workers needed
+            pin = self.device.type == "cuda"
             for idx in sampler:
-                yield self.dataset.gather(torch.as_tensor(idx))
+                yield self.dataset.gather(torch.as_tensor(idx), pin=pin)
         yield from DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.num_workers,
                               pin_memory=self.device.type == "cuda", persistent_workers=self.num_workers > 0)
 
