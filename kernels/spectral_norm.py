@@ -100,14 +100,19 @@ def spectral_normalize(weights: Sequence[torch.Tensor], us: Sequence[torch.Tenso
     if which == "triton":  # W / sigma, its cast and its backward in the kernels, on the weights as they are
         from kernels.spectral_norm_triton import fused_normalize
         return fused_normalize(list(weights), list(us), n_iters, eps, out_dtype)
-    mats = [w.reshape(w.shape[0], -1) for w in weights]
     if which == "foreach":
         out, n = _ForeachSN.apply(n_iters, eps, True, len(weights), *weights, *us), len(weights)
         normalized, u, v, sigmas = list(out[1 + 2 * n:]), list(out[1:1 + n]), list(out[1 + n:1 + 2 * n]), out[0]
     else:
+        mats = [w.reshape(w.shape[0], -1) for w in weights]
         sigmas, u, v = sn_power_iteration(mats, us, n_iters, eps, which)
         normalized, sigmas = [w / s for w, s in zip(weights, sigmas.unbind(0))], sigmas.detach()
-    return [w.to(out_dtype) for w in normalized], u, v, sigmas
+    return [_as(w, out_dtype) for w in normalized], u, v, sigmas
+
+
+def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x in ``dtype``, without dispatching a no-op cast (per layer and forward, they added up to ~200 ops a step)."""
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 # per list of weight shapes: (their data pointers, the views, their transposes), for the current layout only: views
@@ -145,7 +150,7 @@ class _ForeachSN(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, n_iters: int, eps: float, normalize: bool, n: int, *tensors: torch.Tensor):
-        weights, us = tensors[:n], [u.float() for u in tensors[n:]]
+        weights, us = tensors[:n], [_as(u, torch.float32) for u in tensors[n:]]
         mats, mats_t = _matrix_views(weights)
         for _ in range(n_iters):
             vs, _ = _normalized([torch.mv(mt, u) for mt, u in zip(mats_t, us)], eps)
@@ -158,7 +163,7 @@ class _ForeachSN(torch.autograd.Function):
         if not normalize:
             ctx.save_for_backward(*us, *vs, *weights)
             return (sigmas, *us, *vs)
-        w_sn = torch._foreach_div(list(weights), [s.to(w.dtype) for s, w in zip(sigmas.unbind(0), weights)])
+        w_sn = torch._foreach_div(list(weights), [_as(s, w.dtype) for s, w in zip(sigmas.unbind(0), weights)])
         ctx.mark_non_differentiable(sigmas)
         ctx.save_for_backward(*us, *vs, *weights, sigmas)
         return (sigmas, *us, *vs, *w_sn)
@@ -177,7 +182,7 @@ class _ForeachSN(torch.autograd.Function):
             coef = (_dots(g, list(weights)) / (sigmas * sigmas)).neg_()
             grads = torch._foreach_add(torch._foreach_div(g, list(sigmas.unbind(0))),
                                        torch._foreach_mul(outers, list(coef.unbind(0))))
-        return (None, None, None, None, *[gr.to(w.dtype) for gr, w in zip(grads, weights)], *([None] * n))
+        return (None, None, None, None, *[_as(gr, w.dtype) for gr, w in zip(grads, weights)], *([None] * n))
 
 
 def _dots(a: List[torch.Tensor], b: List[torch.Tensor]) -> torch.Tensor:

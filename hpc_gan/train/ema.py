@@ -47,7 +47,8 @@ class EMA:
             dst, src = self._frag_dst, self._frag_src
             self.stale = True
         else:
-            dst, src = self._dst, [p.float() for p in self._src]  # no copy for fp32 weights
+            # fp32 weights as they are: no cast dispatched per tensor and step
+            dst, src = self._dst, [p if p.dtype == torch.float32 else p.float() for p in self._src]
         if dst and step < self.start:
             torch._foreach_copy_(dst, src)
         elif dst:
