@@ -97,6 +97,9 @@ class ModelConfig:
     out_bn_eps: Optional[float] = None     # G's output BatchNorm (None: bn_eps; BigGAN-PyTorch's is 1e-5)
     d_shortcut: DShortcut = "biggan"       # studiogan: D blocks' shortcuts see ReLU(x), as StudioGAN's (ReACGAN's) D
     sn_backend: SNBackend = "auto"         # auto: triton on CUDA, foreach elsewhere; torch: per layer (reference)
+    sn_static_weights: bool = False        # triton SN: W / sigma written where they were the last forward and
+                                           # handed to train.cuda_graphs as static inputs, not copied in per replay
+                                           # (hpc_gan.models.sn_fused; not yet measured on a GPU)
     attn_impl: AttnImpl = "sdpa"           # self-attention: torch's scaled_dot_product_attention with q/k padded to
                                            # v's width (flash / cuDNN kernels), sdpa_narrow (q/k padded to a multiple
                                            # of 8 only: the memory-efficient kernel, 3-4x fewer q.k FLOPs), explicit
@@ -366,6 +369,9 @@ def validate(cfg: Config) -> None:
     if t.micro_batch and t.batch_size % t.micro_batch:
         raise UserError(f"train.micro_batch={t.micro_batch} does not divide train.batch_size={t.batch_size}; "
                         f"pick a divisor")
+    if cfg.model.sn_static_weights and cfg.loss.adv == "wasserstein":
+        raise UserError("model.sn_static_weights=true: the gradient penalty's second D forward would overwrite the "
+                        "weights the first one's backward reads; leave it false with loss.adv=wasserstein")
     if cfg.dist.strategy != "ddp" and cfg.loss.adv == "wasserstein":
         raise UserError(f"dist.strategy={cfg.dist.strategy}: the gradient penalty needs a second D forward, which "
                         f"ZeRO engines do not allow; use dist.strategy=ddp or another loss.adv")

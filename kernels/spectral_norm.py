@@ -87,19 +87,23 @@ def sn_power_iteration(weights: Sequence[torch.Tensor], us: Sequence[torch.Tenso
 
 
 def spectral_normalize(weights: Sequence[torch.Tensor], us: Sequence[torch.Tensor], n_iters: int = 1,
-                       eps: float = 1e-12, backend: str = "auto", out_dtype: Optional[torch.dtype] = None
+                       eps: float = 1e-12, backend: str = "auto", out_dtype: Optional[torch.dtype] = None,
+                       out: Optional[torch.Tensor] = None
                        ) -> Tuple[List[torch.Tensor], List[torch.Tensor], List[torch.Tensor], torch.Tensor]:
     """(W_i / sigma_i for every weight, us, vs, sigmas detached): what a spectrally normalized network needs per
     training forward, for all its layers at once. The normalized weights have each weight's shape, ``out_dtype``
     (default: the weights'; e.g. bf16 for layers under autocast, where the triton backend writes them in it rather
     than leaving a cast per layer to autocast), and are differentiable w.r.t. the weights, with torch's
-    spectral_norm semantics (u, v constants)."""
+    spectral_norm semantics (u, v constants). ``out`` (triton backend only): the flat buffer to write them into,
+    the same every call, so that they keep their addresses (kernels.spectral_norm_triton.fused_normalize)."""
     _check(weights, us, n_iters, matrices=False)
     which = resolve_sn_backend(backend, *weights)
     out_dtype = out_dtype or weights[0].dtype
+    if out is not None and which != "triton":
+        raise ValueError(f"spectral_normalize: out= needs the triton backend, not {which!r}")
     if which == "triton":  # W / sigma, its cast and its backward in the kernels, on the weights as they are
         from kernels.spectral_norm_triton import fused_normalize
-        return fused_normalize(list(weights), list(us), n_iters, eps, out_dtype)
+        return fused_normalize(list(weights), list(us), n_iters, eps, out_dtype, out=out)
     if which == "foreach":
         out, n = _ForeachSN.apply(n_iters, eps, True, len(weights), *weights, *us), len(weights)
         normalized, u, v, sigmas = list(out[1 + 2 * n:]), list(out[1:1 + n]), list(out[1 + n:1 + 2 * n]), out[0]

@@ -429,10 +429,11 @@ class Plan:
         self.n_u, self.n_v = sum(rows), sum(cols)
         self.u_sizes, self.v_sizes = rows, cols
         self.u_off, self.v_off = off(rows), off(cols)
-        # each matrix's place in the flat W / sigma and gradient buffers starts at a multiple of 4 elements, so
-        # its rows are 16-byte aligned (fp32) where their length is a multiple of 4: vector loads and stores
+        # each matrix's place in the flat W / sigma and gradient buffers starts at a multiple of 8 elements: its
+        # rows are 16-byte aligned (fp32) where their length is a multiple of 4 (vector loads and stores), and each
+        # view starts 16-byte aligned in bf16 too (what inductor wants of a static CUDA-graph input)
         sizes = [r * c for r, c in shapes]
-        self.pads = [-n % 4 for n in sizes]
+        self.pads = [-n % 8 for n in sizes]
         self.w_off = off([n + p for n, p in zip(sizes, self.pads)])
         self.n_w = self.w_off[-1] + sizes[-1] + self.pads[-1]
         chunks = [cdiv(c, self.ch) for c in cols]
@@ -600,11 +601,16 @@ class _FusedNormalize(torch.autograd.Function):
     backward at BigGAN-128 (seen in an op count)."""
 
     @staticmethod
-    def forward(ctx, plan: Plan, n_iters: int, eps: float, out_dtype: torch.dtype, us: Tuple[torch.Tensor, ...],
-                *weights: torch.Tensor):
+    def forward(ctx, plan: Plan, n_iters: int, eps: float, out_dtype: torch.dtype,
+                out_box: Tuple[Optional[torch.Tensor]], us: Tuple[torch.Tensor, ...], *weights: torch.Tensor):
         ws = list(weights)  # as the layers hold them (conv weights 4-D); the us: constants, as in _FusedSN
         sigmas, u_out, v_out, (w_ptrs, aligned) = _power_iterate(plan, ws, list(us), n_iters, eps)
-        flat = torch.empty(plan.n_w, device=ws[0].device, dtype=out_dtype)
+        out = out_box[0]  # in a tuple: not an input of the function, so its views are no views of an input
+        if out is None:
+            flat = torch.empty(plan.n_w, device=ws[0].device, dtype=out_dtype)
+        else:  # rewritten in place: a version bump, so that a backward still reading the last views fails loudly
+            flat = out
+            torch.autograd.graph.increment_version(flat)
         sn_scale_kernel[(plan.g_mat.numel(),)](
             w_ptrs, flat, sigmas, plan.g_mat, plan.g_start, plan.rows, plan.cols, plan.woff,
             W_DTYPE=tl_dtype(ws[0].dtype), PTR_ALIGNED=aligned, BR=plan.br, BC=plan.bc, **plan.launch)
@@ -637,16 +643,28 @@ class _FusedNormalize(torch.autograd.Function):
             grad, g_ptrs, part, sigmas, u_out, v_out, plan.g_mat, plan.g_start, plan.rows, plan.cols, plan.uoff,
             plan.voff, plan.woff, plan.g_first, plan.g_ntiles, G_DTYPE=g_dtype, PTR_ALIGNED=aligned, BR=plan.br,
             BC=plan.bc, BT=max(next_power_of_2(plan.max_g_tiles), 2), **plan.launch)
-        return (None, None, None, None, None, *plan.views(grad))
+        return (None, None, None, None, None, None, *plan.views(grad))
 
 
 def fused_normalize(weights: List[torch.Tensor], us: List[torch.Tensor], n_iters: int, eps: float,
-                    out_dtype: torch.dtype, tiles: Optional[Tiles] = None
+                    out_dtype: torch.dtype, tiles: Optional[Tiles] = None, out: Optional[torch.Tensor] = None
                     ) -> Tuple[List[torch.Tensor], List[torch.Tensor], List[torch.Tensor], torch.Tensor]:
     """(W_i / sigma_i in ``out_dtype`` shaped as the weights, us, vs, sigmas): kernels.spectral_normalize on the
     Triton kernels. ``weights`` as the layers hold them (conv weights 4-D), each contiguous, one dtype; ``tiles``:
-    the device's default unless given (benchmarks)."""
+    the device's default unless given (benchmarks). ``out``: a flat buffer (``flat_size`` elements of
+    ``out_dtype``) to write W / sigma into, the same every call (fixed addresses), instead of a new one: the caller
+    must run the backward of one call's results before the next call (a backward that reads overwritten results
+    fails: the buffer's version is bumped)."""
     _check_inputs(weights, us)
     plan = plan_for(weights, tiles)
-    sigmas, u_out, v_out, *normalized = _FusedNormalize.apply(plan, n_iters, eps, out_dtype, tuple(us), *weights)
+    if out is not None and (out.shape != (plan.n_w,) or out.dtype != out_dtype or out.device != weights[0].device):
+        raise ValueError(f"fused_normalize: out must be a flat {out_dtype} buffer of {plan.n_w} elements on "
+                         f"{weights[0].device}; got {tuple(out.shape)} {out.dtype} on {out.device}")
+    sigmas, u_out, v_out, *normalized = _FusedNormalize.apply(plan, n_iters, eps, out_dtype, (out,), tuple(us),
+                                                              *weights)
     return (normalized, *plan.per_matrix(u_out, v_out), sigmas)
+
+
+def flat_size(weights: List[torch.Tensor]) -> int:
+    """The elements of fused_normalize's flat W / sigma buffer for these weights (each matrix 16-byte aligned)."""
+    return plan_for(weights).n_w

@@ -211,10 +211,11 @@ def test_the_train_stage_skips_a_case_that_cannot_finish(monkeypatch):
     t0 = time.time()
     runs = stage_train(False, t0 + 25, lambda partial: None)["runs"]
     assert time.time() - t0 < 10  # nothing ran
-    assert [r["status"] for r in runs] == ["skip"] * len(runs) and len(runs) == 8
+    assert [r["status"] for r in runs] == ["skip"] * len(runs) and len(runs) == 9
     why = {case_key(r["batch"], r["mode"]): r["why"] for r in runs}
     assert "needs ~45 s" in why["256:eager"] and "needs ~125 s" in why["32:cuda_graphs"], why
     assert "needs ~25 s" in why["32:eager"] and "needs ~210 s" in why["256:cuda_graphs_tuned"], why
+    assert "needs ~125 s" in why["32:cuda_graphs_static_sn"], why
 
 
 def test_a_boxed_stage_stopped_by_its_box_keeps_what_it_said():

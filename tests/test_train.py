@@ -8,6 +8,7 @@ import pytest
 import torch
 import yaml
 
+from hpc_gan.errors import UserError
 from hpc_gan.eval.sampling import truncated_normal
 from hpc_gan.train import checkpoint
 from hpc_gan.train.ema import EMA, standing_stats
@@ -326,6 +327,61 @@ def test_sn_weights_enter_a_compiled_forward_as_ordinary_inputs():
     assert all(shape in plain for shape in weight_shapes) and len(plain) >= n_weights + 2, (plain, weight_shapes)
     assert static and not set(static) & set(weight_shapes), static  # biases, u / v buffers: static, as they should be
     torch._dynamo.reset()
+
+
+def test_static_sn_weights_enter_a_compiled_forward_as_static_inputs():
+    """model.sn_static_weights: W / sigma written into one buffer that stays where it is and handed on marked static,
+    so CUDA graphs read them in place instead of copying ~65 of them in at every replay. The same backend as above
+    (it reads each graph input's static mark); the triton backend in the interpreter."""
+    from hpc_gan.models.biggan import Discriminator
+    from hpc_gan.models.sn_fused import attach_fused_sn
+
+    torch._dynamo.reset()
+    D = Discriminator(16, 4, 10, "d2d_ce", 16)
+    fused = attach_fused_sn(D, "triton", static=True)
+    seen, ptrs = [], []
+    D.register_forward_pre_hook(lambda mod, args, kwargs: ptrs.append([w.data_ptr() for w in kwargs["sn_weights"]]),
+                                with_kwargs=True)  # after the SN hook: it sees the weights the forward gets
+
+    def backend(gm, example_inputs):
+        seen.append([(tuple(t.shape), getattr(t, "_dynamo_static_input_type", None)) for t in example_inputs
+                     if isinstance(t, torch.Tensor)])
+        return gm
+
+    D.forward = torch.compile(D.forward, backend=backend)
+    for _ in range(3):
+        D(torch.randn(2, 3, 16, 16), torch.randint(0, 10, (2,)))["adv"].sum().backward()
+    assert len(seen) == 1, f"recompiled: {len(seen)} graphs"
+    marks = dict(seen[0])
+    assert all(marks.get(tuple(m.weight.shape)) == "unguarded" for m in fused.layers), seen[0]
+    assert ptrs[0] == ptrs[1] == ptrs[2]  # the same addresses every forward
+    torch._dynamo.reset()
+
+
+def test_static_sn_weights_train_like_new_buffers(tiny_cfg):
+    """Writing W / sigma into the same buffer every forward changes no value: three steps bitwise equal to the
+    triton backend's new buffer per forward (and a second forward before the backward fails loudly: the gradient
+    penalty's is refused in the config)."""
+    base = ["model.sn_backend=triton", "loss.backend=torch", "model.g_attn_res=8", "model.d_attn_res=8"]
+    nets = []
+    for static in (True, False):
+        tr = Trainer(tiny_cfg(*base, f"model.sn_static_weights={str(static).lower()}"), torch.device("cpu"))
+        for _ in range(3):
+            tr.train_step()
+        nets.append([net.state_dict() for net in (tr.g.module, tr.d.module, tr.ema.model)])
+    for a, b in zip(*nets):
+        assert all(torch.equal(a[k], b[k]) for k in b), [k for k in b if not torch.equal(a[k], b[k])]
+    D = tr.d.module
+    tr.fused_sn[1].static = True  # the D of the run with new buffers, switched over: a second forward first
+    x, y = torch.randn(2, 3, 16, 16), torch.randint(0, 10, (2,))
+    first = D(x, y)["adv"].sum()
+    D(x, y)
+    with pytest.raises(RuntimeError, match="modified (by an )?inplace"):  # autograd's version check, either form
+        first.backward()
+    with pytest.raises(UserError, match="sn_static_weights"):
+        tiny_cfg("model.sn_static_weights=true", "loss.adv=wasserstein")
+    with pytest.raises(UserError, match="sn_static_weights=true writes into the triton"):
+        Trainer(tiny_cfg("model.sn_static_weights=true", "model.sn_backend=foreach"), torch.device("cpu"))
 
 
 def test_cuda_graphs_are_refused_on_the_cpu(tiny_cfg):

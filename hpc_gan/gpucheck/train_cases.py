@@ -46,7 +46,8 @@ def train_cases(smoke: bool, wanted: Optional[List[str]] = None) -> Tuple[Path, 
     graphs), CUDA graphs at 32 (the operating point: host time), eager at 32, compile at 256 and at 32; then, if time
     is left, the layers stage's fastest pooling, upsampling, attention, RGB and resampling convolutions where the
     defaults run others (``FASTEST_LABELS``: eager, and under CUDA graphs), CUDA graphs with inductor's kernels
-    tuned (train.compile_tuning), and cuDNN's heuristics in place of its benchmarked algorithms
+    tuned (train.compile_tuning), CUDA graphs at 32 with the SN weights as static inputs (model.sn_static_weights:
+    no copy into the graphs per replay), and cuDNN's heuristics in place of its benchmarked algorithms
     (train.cudnn_benchmark). On a fresh H200 an eager case at 256 takes ~45 s and a compiled or CUDA-graph one up to
     ~150 s, 120 s of it the first step, so the stage (155 s plus what the stages before it left) runs the first one
     or two and skips any case that cannot finish (``case_seconds``): a second call, ``--stages train --cases ...
@@ -66,6 +67,7 @@ def train_cases(smoke: bool, wanted: Optional[List[str]] = None) -> Tuple[Path, 
         ([(256, FASTEST_LABELS[0], [*fastest, *nhwc])] if fastest else []) + \
         ([(256, FASTEST_LABELS[1], [*fastest_compiled, *graphs])] if fastest_compiled else []) + \
         [(256, "cuda_graphs tuned", ["train.compile_tuning=true", *graphs]),
+         (32, "cuda_graphs static sn", ["model.sn_static_weights=true", *graphs]),
          (256, "eager no cudnn benchmark", ["train.cudnn_benchmark=false", *nhwc])]
     return ROOT / "configs" / "imagenet128_reacgan_b2048.yaml", ["train.precision=bf16"], _pick_cases(cases, wanted)
 

@@ -40,7 +40,7 @@ from hpc_gan.plan import G_PHASE, StepPlan, d_phase
 from hpc_gan.train.ema import EMA, sampling_standing_stats
 from hpc_gan.train.metrics import StepMetrics
 from hpc_gan.train.nonfinite import NonFiniteGuard
-from kernels import BackendUnavailable, use_triton
+from kernels import BackendUnavailable, resolve_sn_backend, use_triton
 
 Batch = Tuple[torch.Tensor, torch.Tensor]  # (images or z, labels) of one micro-batch
 
@@ -105,6 +105,11 @@ def check_kernel_backends(cfg: Config, device: torch.device) -> None:
             use_triton("auto" if backend == "foreach" else backend, probe, op=key)
         except BackendUnavailable as e:
             raise UserError(str(e)) from None
+    sn = resolve_sn_backend(cfg.model.sn_backend, probe)
+    if cfg.model.sn_static_weights and sn != "triton":
+        raise UserError(f"model.sn_static_weights=true writes into the triton SN backend's buffers, and "
+                        f"model.sn_backend={cfg.model.sn_backend} runs {sn} here; use it on CUDA (or with "
+                        f"TRITON_INTERPRET=1), or leave it false")
 
 
 class Trainer:
@@ -138,7 +143,7 @@ class Trainer:
             group = dist.new_group(list(range(self.world))) if d.dedicated_groups else None
             self.negatives = partial(gather_negatives, group=group, all_reduce=d.negatives_backward == "all_reduce")
         # after the EMA copy: G_ema samples in eval mode, where every layer computes its own sigma
-        self.fused_sn = [attach_fused_sn(net, cfg.model.sn_backend) for net in (G, D)]
+        self.fused_sn = [attach_fused_sn(net, cfg.model.sn_backend, cfg.model.sn_static_weights) for net in (G, D)]
         if self.compile_mode:  # the forward only: hooks (the whole-network SN) stay eager; G_ema stays eager
             compile_forwards((G, D), self.compile_mode, tuning=t.compile_tuning)
         broadcast_state(G)
