@@ -298,6 +298,22 @@ def test_compiled_forwards_have_static_shapes(tiny_cfg, resampling):
     torch._dynamo.reset()
 
 
+def compiled_input_marks(D, calls: int) -> list:
+    """Compile D's forward with a dynamo backend that records each graph's tensor inputs as (shape, static mark),
+    run ``calls`` training forwards and backwards of a 16 px batch, and return the records (one per graph)."""
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.append([(tuple(t.shape), getattr(t, "_dynamo_static_input_type", None)) for t in example_inputs
+                     if isinstance(t, torch.Tensor)])
+        return gm
+
+    D.forward = torch.compile(D.forward, backend=backend)
+    for _ in range(calls):
+        D(torch.randn(2, 3, 16, 16), torch.randint(0, 10, (2,)))["adv"].sum().backward()
+    return seen
+
+
 def test_sn_weights_enter_a_compiled_forward_as_ordinary_inputs():
     """CUDA graphs (train.cuda_graphs) take a compiled graph's static inputs to keep their addresses. The
     whole-network SN hands the layers new W / sigma tensors every forward, so they must not be static: dynamo marks
@@ -310,16 +326,7 @@ def test_sn_weights_enter_a_compiled_forward_as_ordinary_inputs():
     D = Discriminator(16, 4, 10, "d2d_ce", 16)
     fused = attach_fused_sn(D, "foreach")
     n_weights = len(fused.layers)
-    seen = []
-
-    def backend(gm, example_inputs):
-        seen.append([(tuple(t.shape), getattr(t, "_dynamo_static_input_type", None)) for t in example_inputs
-                     if isinstance(t, torch.Tensor)])
-        return gm
-
-    D.forward = torch.compile(D.forward, backend=backend)
-    for _ in range(2):
-        D(torch.randn(2, 3, 16, 16), torch.randint(0, 10, (2,)))["adv"].sum().backward()
+    seen = compiled_input_marks(D, 2)
     assert len(seen) == 1, f"recompiled: {len(seen)} graphs"
     weight_shapes = sorted(tuple(m.weight.shape) for m in fused.layers)
     plain = sorted(shape for shape, static in seen[0] if static is None)
@@ -339,18 +346,10 @@ def test_static_sn_weights_enter_a_compiled_forward_as_static_inputs():
     torch._dynamo.reset()
     D = Discriminator(16, 4, 10, "d2d_ce", 16)
     fused = attach_fused_sn(D, "triton", static=True)
-    seen, ptrs = [], []
+    ptrs = []
     D.register_forward_pre_hook(lambda mod, args, kwargs: ptrs.append([w.data_ptr() for w in kwargs["sn_weights"]]),
                                 with_kwargs=True)  # after the SN hook: it sees the weights the forward gets
-
-    def backend(gm, example_inputs):
-        seen.append([(tuple(t.shape), getattr(t, "_dynamo_static_input_type", None)) for t in example_inputs
-                     if isinstance(t, torch.Tensor)])
-        return gm
-
-    D.forward = torch.compile(D.forward, backend=backend)
-    for _ in range(3):
-        D(torch.randn(2, 3, 16, 16), torch.randint(0, 10, (2,)))["adv"].sum().backward()
+    seen = compiled_input_marks(D, 3)
     assert len(seen) == 1, f"recompiled: {len(seen)} graphs"
     marks = dict(seen[0])
     assert all(marks.get(tuple(m.weight.shape)) == "unguarded" for m in fused.layers), seen[0]
