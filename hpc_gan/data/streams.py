@@ -66,12 +66,12 @@ class RealStream(StreamBase):
 
     def _iterator(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         sampler = RankBatches(len(self.dataset), self.plan, self.consumed)
+        pin = self.device.type == "cuda"  # batches in pinned memory: copied to the GPU without a staging copy
         if isinstance(self.dataset, InMemoryDataset):  # one gather per batch, no workers needed
-            pin = self.device.type == "cuda"
             for idx in sampler:
                 yield self.dataset.gather(torch.as_tensor(idx), pin=pin)
-        yield from DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.num_workers,
-                              pin_memory=self.device.type == "cuda", persistent_workers=self.num_workers > 0)
+        yield from DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.num_workers, pin_memory=pin,
+                              persistent_workers=self.num_workers > 0)
 
     def next(self) -> Tuple[torch.Tensor, torch.Tensor]:
         if self._it is None:
