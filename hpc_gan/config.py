@@ -383,6 +383,10 @@ def validate(cfg: Config) -> None:
     if t.compile_tuning and t.compile == "off" and not t.cuda_graphs:
         raise UserError("train.compile_tuning=true tunes the kernels torch.compile generates; set "
                         "train.cuda_graphs=true or train.compile=default with it, or leave it false")
+    if cfg.loss.adv == "wasserstein" and (t.compile != "off" or t.cuda_graphs):
+        raise UserError("loss.adv=wasserstein: the gradient penalty differentiates D's gradient (a double backward), "
+                        "which torch.compile'd forwards do not support; use train.compile=off and "
+                        "train.cuda_graphs=false, or another loss.adv")
     if t.compile != "off" and cfg.dist.strategy != "ddp":
         raise UserError(f"train.compile={t.compile} is tested with dist.strategy=ddp only; use ddp or "
                         f"train.compile=off")

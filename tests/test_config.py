@@ -31,6 +31,8 @@ def test_every_preset_loads(path):
     (["loss.diffaug=color,blur"], "unknown policy 'blur'"),
     (["steps=3"], "must look like section.key=value"),
     (["model.arch=biggan_deep"], "biggan_deep is defined at 128 and 256"),
+    (["loss.adv=wasserstein", "train.compile=default"], "the gradient penalty differentiates D's gradient"),
+    (["loss.adv=wasserstein", "train.cuda_graphs=true"], "the gradient penalty differentiates D's gradient"),
 ])
 def test_bad_values_are_one_line_errors(override, match):
     with pytest.raises(UserError, match=match) as e:

@@ -36,6 +36,33 @@ def test_gradient_penalty_of_a_linear_critic():
     assert gp.item() == pytest.approx((w.norm().item() - 1) ** 2, rel=1e-5)
 
 
+@pytest.mark.parametrize("impl", ["sdpa", "sdpa_narrow"])
+def test_gradient_penalty_differentiates_through_fused_attention(impl):
+    """A critic with self-attention through scaled_dot_product_attention: the penalty and its gradients w.r.t. the
+    critic's weights (a double backward, which torch's fused attention kernels lack) equal those of the explicit
+    attention map with the same weights, on fresh random inputs."""
+    from functools import partial
+
+    from hpc_gan.models.layers import SelfAttention, SNConv2d
+    seed = int(torch.randint(0, 2 ** 31, (1,)))
+    torch.manual_seed(seed)
+    which_conv = partial(SNConv2d, kernel_size=3, padding=1)
+    fast, ref = SelfAttention(16, which_conv, impl).eval(), SelfAttention(16, which_conv, "explicit").eval()
+    ref.load_state_dict(fast.state_dict())
+    with torch.no_grad():
+        for m in (fast, ref):
+            m.gamma.fill_(0.7)  # 0 at init would hide the attention branch
+    w = torch.randn(16 * 6 * 10)
+    real, fake, alpha = torch.randn(3, 16, 6, 10), torch.randn(3, 16, 6, 10), torch.rand(3, 1, 1, 1)
+    gps = [gradient_penalty(lambda x, m=m: m(x).flatten(1) @ w, real, fake, alpha) for m in (fast, ref)]
+    torch.testing.assert_close(gps[0], gps[1], rtol=1e-5, atol=1e-6, msg=f"seed {seed}")
+    grads = [torch.autograd.grad(gp, list(m.parameters()), allow_unused=True) for gp, m in zip(gps, (fast, ref))]
+    for a, b in zip(*grads):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()), msg=f"seed {seed}")
+
+
 def test_orthogonal_reg_matches_formula():
     ws = [torch.randn(4, 3, 3, 3), torch.randn(6, 5)]
     want = 0.0

@@ -6,6 +6,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from hpc_gan.config import choices
 
@@ -37,7 +38,11 @@ def g_adv_loss(kind: str, fake: torch.Tensor) -> torch.Tensor:
 def gradient_penalty(d_adv: Callable[[torch.Tensor], torch.Tensor], real: torch.Tensor, fake: torch.Tensor,
                      alpha: torch.Tensor) -> torch.Tensor:
     """E[(||grad_x D(x_hat)|| - 1)^2] on interpolates x_hat = alpha * real + (1 - alpha) * fake (WGAN-GP);
-    alpha (N, 1, 1, 1) uniform in [0, 1), drawn by the caller so it follows the step's seeding."""
+    alpha (N, 1, 1, 1) uniform in [0, 1), drawn by the caller so it follows the step's seeding. D's
+    self-attention runs scaled_dot_product_attention's math kernel here: the penalty is differentiated again,
+    and the flash, memory-efficient and cuDNN kernels have no double backward."""
     x_hat = (alpha * real.detach() + (1.0 - alpha) * fake.detach()).requires_grad_(True)
-    (grad,) = torch.autograd.grad(d_adv(x_hat).sum(), x_hat, create_graph=True)
+    with sdpa_kernel(SDPBackend.MATH):
+        score = d_adv(x_hat).sum()
+    (grad,) = torch.autograd.grad(score, x_hat, create_graph=True)
     return ((grad.flatten(1).norm(dim=1) - 1.0) ** 2).mean()
