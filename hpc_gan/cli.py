@@ -10,7 +10,7 @@ import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional, Union
 
 from hpc_gan.config import METRICS, choices, dump, load
 from hpc_gan.dist import launch
@@ -310,6 +310,29 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def bounded(kind: type, low: float, strict: bool = False,
+            high: Optional[float] = None) -> Callable[[str], Union[int, float]]:
+    """An argparse type: ``kind`` (int or float) >= low (> low where ``strict``), <= high where given. argparse turns
+    its error into one line naming the option, e.g. ``argument --n: must be > 0, got -3``."""
+    def parse(text: str) -> Union[int, float]:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got "
+                                             f"{text!r}") from None
+        if value < low or (strict and value == low) or (high is not None and value > high):
+            want = f"{'>' if strict else '>='} {low:g}" + (f" and <= {high:g}" if high is not None else "")
+            raise argparse.ArgumentTypeError(f"must be {want}, got {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its own messages
+    return parse
+
+
+POSITIVE_INT, COUNT, POSITIVE, NON_NEGATIVE = bounded(int, 0, True), bounded(int, 0), bounded(float, 0, True), \
+    bounded(float, 0)
+FRACTION = bounded(float, 0, True, 1.0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hpc-gan", description="BigGAN + ReACGAN training from one CPU to many GPUs.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -323,10 +346,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sample", help="write a PNG sheet of G_ema samples from a run's checkpoint")
     s.add_argument("--run", required=True, help="run dir, its checkpoints/ or one checkpoint dir")
-    s.add_argument("--n", type=int, default=80, help="number of samples (spread over the classes)")
-    s.add_argument("--truncation", type=float, default=0.0, help="resample |z| above this (0: none)")
-    s.add_argument("--classes", type=int, nargs="*", help="class indices, one row each (default: first 10)")
-    s.add_argument("--standing-stats", type=int, default=None,
+    s.add_argument("--n", type=POSITIVE_INT, default=80, help="number of samples (spread over the classes)")
+    s.add_argument("--truncation", type=NON_NEGATIVE, default=0.0, help="resample |z| above this (0: none)")
+    s.add_argument("--classes", type=COUNT, nargs="*", help="class indices, one row each (default: first 10)")
+    s.add_argument("--standing-stats", type=COUNT, default=None,
                    help="forward passes for standing statistics (default: the run's train.standing_stats)")
     s.add_argument("--seed", type=int, default=None, help="z of the sheet (default: the run's sheet z)")
     s.add_argument("--out", default=None, help="PNG path (default: in the run dir)")
@@ -358,16 +381,16 @@ def build_parser() -> argparse.ArgumentParser:
     pn = sub.add_parser("plan", help="alpha-beta model of one iteration at each GPU count: compute, exposed "
                                      "gradient communication, BN and negatives collectives (docs/scaling.md)")
     pn.add_argument("--config")
-    pn.add_argument("--gpus", type=int, nargs="+", help="GPU counts, e.g. 8 64 256")
-    pn.add_argument("--gpus-per-node", type=int, default=8)
-    pn.add_argument("--link-gbps", type=float, default=400.0, help="inter-node Gbit/s per node (8 x 400: 3200)")
-    pn.add_argument("--nvlink-gbps", type=float, default=3600.0, help="NVLink Gbit/s per GPU, one direction")
-    pn.add_argument("--alpha-inter-us", type=float, default=10.0, help="latency of one inter-node ring step")
-    pn.add_argument("--alpha-intra-us", type=float, default=3.0, help="latency of one NVLink ring step")
-    pn.add_argument("--bus-efficiency", type=float, default=0.8, help="fraction of the link rate collectives reach")
+    pn.add_argument("--gpus", type=POSITIVE_INT, nargs="+", help="GPU counts, e.g. 8 64 256")
+    pn.add_argument("--gpus-per-node", type=POSITIVE_INT, default=8)
+    pn.add_argument("--link-gbps", type=POSITIVE, default=400.0, help="inter-node Gbit/s per node (8 x 400: 3200)")
+    pn.add_argument("--nvlink-gbps", type=POSITIVE, default=3600.0, help="NVLink Gbit/s per GPU, one direction")
+    pn.add_argument("--alpha-inter-us", type=NON_NEGATIVE, default=10.0, help="latency of one inter-node ring step")
+    pn.add_argument("--alpha-intra-us", type=NON_NEGATIVE, default=3.0, help="latency of one NVLink ring step")
+    pn.add_argument("--bus-efficiency", type=FRACTION, default=0.8, help="fraction of the link rate collectives reach")
     pn.add_argument("--bench", help="an hpc-gan bench JSON: compute time measured instead of peak x MFU")
-    pn.add_argument("--mfu", type=float, default=0.45)
-    pn.add_argument("--peak-tflops", type=float, default=H100_BF16_TFLOPS,
+    pn.add_argument("--mfu", type=FRACTION, default=0.45)
+    pn.add_argument("--peak-tflops", type=POSITIVE, default=H100_BF16_TFLOPS,
                     help=f"dense bf16 peak (H100 SXM: {H100_BF16_TFLOPS})")
     pn.add_argument("--json", action="store_true")
     pn.add_argument("--measure-allreduce", action="store_true",
@@ -378,11 +401,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="FID / IS / precision-recall of a run's G_ema (sharded under torchrun/srun)")
     e.add_argument("--run", required=True, help="run dir (newest checkpoint) or a checkpoint dir")
-    e.add_argument("--checkpoint", type=int, default=None, help="step of the checkpoint to evaluate")
+    e.add_argument("--checkpoint", type=COUNT, default=None, help="step of the checkpoint to evaluate")
     e.add_argument("--metrics", nargs="*", choices=METRICS, help="default: the run's eval.metrics")
     e.add_argument("--n", type=int, default=None, help="generated samples (50000 for published numbers)")
     e.add_argument("--truncation", type=float, default=None)
-    e.add_argument("--sweep", type=float, nargs="*", help="truncation thresholds: IS vs FID curve (JSON + PNG)")
+    e.add_argument("--sweep", type=NON_NEGATIVE, nargs="*", help="truncation thresholds: IS vs FID curve (JSON + PNG)")
     e.add_argument("--backbone", choices=choices("eval.backbone"), default=None)
     e.add_argument("--inception-path", default=None, help="pt_inception-2015-12-05-6726825d.pth")
     e.set_defaults(fn=_eval)
@@ -416,9 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("prepare-data", help="image tree / CIFAR pickles / .npz -> webdataset shards DALI reads")
     d.add_argument("--src", required=True, help="ImageNet-style tree (train/<class>/...), CIFAR dir, or .npz")
     d.add_argument("--out", required=True, help="output dir (shards, indexes, dataset.json); re-running resumes")
-    d.add_argument("--resolution", type=int, required=True, help="centre square crop + area resize to this")
-    d.add_argument("--shard-size", type=int, default=1000, help="images per shard")
-    d.add_argument("--workers", type=int, default=0, help="processes (0: one per CPU)")
+    d.add_argument("--resolution", type=POSITIVE_INT, required=True, help="centre square crop + area resize to this")
+    d.add_argument("--shard-size", type=POSITIVE_INT, default=1000, help="images per shard")
+    d.add_argument("--workers", type=COUNT, default=0, help="processes (0: one per CPU)")
     d.add_argument("--encoding", default="jpg", choices=("jpg", "png"), help="jpg (quality 95) or png (lossless)")
     d.set_defaults(fn=_prepare)
 
@@ -428,9 +451,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--data", action="store_true", help="img/s of the DALI and torch data pipelines")
     b.add_argument("--data-path", default=None, help="prepared shards for --data (default: generated 128 px set)")
     b.add_argument("--config", default=None, help="preset to time (for --kernels: whose SN layers; default BigGAN-128)")
-    b.add_argument("--steps", type=int, default=10, help="timed training steps")
-    b.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    b.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (known GPUs: automatic)")
+    b.add_argument("--steps", type=POSITIVE_INT, default=10, help="timed training steps")
+    b.add_argument("--warmup", type=POSITIVE_INT, default=2,
+                   help="untimed steps first (the first compiles and allocates)")
+    b.add_argument("--peak-tflops", type=POSITIVE, default=None, help="device peak for MFU (known GPUs: automatic)")
     b.add_argument("--scaling", nargs="*", help="bench JSONs of 1, 2, 4 ... nodes -> efficiency table (+ PNG)")
     b.add_argument("overrides", nargs="*")
     b.add_argument("--device", default="auto", choices=choices("run.device"))

@@ -63,6 +63,29 @@ def test_bad_input_is_one_line(args, needle, tmp_path):
     assert needle in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
+@pytest.mark.parametrize("argv,needle", [
+    (["plan", "--config", "configs/demo.yaml", "--gpus", "0"], "argument --gpus: must be > 0, got 0"),
+    (["plan", "--gpus", "8", "--gpus-per-node", "0"], "argument --gpus-per-node: must be > 0, got 0"),
+    (["plan", "--gpus", "8", "--mfu", "1.5"], "argument --mfu: must be > 0 and <= 1, got 1.5"),
+    (["plan", "--gpus", "8", "--bus-efficiency", "0"], "argument --bus-efficiency: must be > 0 and <= 1, got 0"),
+    (["plan", "--gpus", "8", "--alpha-inter-us", "-1"], "argument --alpha-inter-us: must be >= 0, got -1"),
+    (["sample", "--run", "r", "--n", "-3"], "argument --n: must be > 0, got -3"),
+    (["sample", "--run", "r", "--truncation", "x"], "argument --truncation: expected a number, got 'x'"),
+    (["sample", "--run", "r", "--standing-stats", "1.5"], "argument --standing-stats: expected an integer, got '1.5'"),
+    (["bench", "--steps", "0"], "argument --steps: must be > 0, got 0"),
+    (["bench", "--warmup", "0"], "argument --warmup: must be > 0, got 0"),
+    (["prepare-data", "--resolution", "64", "--shard-size", "0"], "argument --shard-size: must be > 0, got 0"),
+])
+def test_numeric_options_out_of_range_are_refused(argv, needle, capsys):
+    """Out-of-range numbers end in argparse's usage and one error line naming the option (before, --gpus 0 and
+    --mfu 0 were a ZeroDivisionError, --n -3 a sheet of one sample per class, --warmup 0 a TypeError)."""
+    from hpc_gan.cli import main
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(needle)
+
+
 def test_info_json():
     info = json.loads(hpc_gan("info", "--config", "configs/demo.yaml").stdout)
     assert {"g_params", "d_params", "gflops_per_sample_iteration"} <= set(info)

@@ -81,6 +81,8 @@ def bench_train(cfg: Config, steps: int = 10, warmup: int = 2, info: Optional[Di
     """One training benchmark. ``progress`` gets the numbers known so far after the warm-up and after the timed
     steps, so a run stopped later (in the profiled step, say) still tells its step time."""
     from hpc_gan.info import model_info
+    if warmup < 1 or steps < 1:  # the first step compiles and allocates: it is never timed
+        raise ValueError(f"bench_train: warmup ({warmup}) and steps ({steps}) must be at least 1")
     info = info or DistInfo()
     device = resolve_device(cfg.run.device, info)
     t = cfg.train
