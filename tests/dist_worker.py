@@ -68,6 +68,9 @@ def mode_bn(out: Path, info: launch.DistInfo, case: dict) -> None:
         torch.save(gathered, out / "bn.pt")
 
 
+BN_STATS = ("running_mean", "running_var")
+
+
 def mode_steps(out: Path, info: launch.DistInfo, cases: list) -> None:
     from hpc_gan.train.trainer import Trainer
     for i, overrides in enumerate(cases):
@@ -75,6 +78,10 @@ def mode_steps(out: Path, info: launch.DistInfo, cases: list) -> None:
         tr = Trainer(cfg, torch.device("cpu"), info)
         tr.train_step(diagnostics=True)
         sharded = tr.ema.stale  # ZeRO: each rank averaged only its own master slices
+        if not cfg.dist.sync_bn or 0 < cfg.dist.bn_group_size < info.world:  # each rank's own BN statistics,
+            # before the check averages them
+            torch.save({k: v.clone() for k, v in tr.g.module.state_dict().items() if k.endswith(BN_STATS)},
+                       out / f"case-{i}-bn-rank{info.rank}.pt")
         tr.check_replicas()     # assembles G_ema first
         state = {"G": tr.g.weights_state_dict(), "D": tr.d.weights_state_dict(),
                  "G_ema": tr.ema_model().state_dict(), "metrics": tr.pop_metrics(), "ema_sharded": sharded}

@@ -191,6 +191,10 @@ def test_two_ranks_equal_one_rank_with_twice_the_micro_batch(strategy, tmp_path)
     # accumulation: the seed rides through the no_sync micro-steps), against the reference in the loss at 1 rank
     ortho = ["loss.ortho_beta=0.1"]
     if strategy == "ddp":
+        # BN statistics per rank and per group of one rank (local negatives), each averaged over ranks where the
+        # replicas are checked and saved
+        extra += [case_overrides(strategy, "d2d_ce", False, 8, 4, ranks=2) + ["dist.sync_bn=false"],
+                  case_overrides(strategy, "d2d_ce", False, 8, 4, ranks=2) + ["dist.bn_group_size=1"]]
         extra += [case_overrides(strategy, "d2d_ce", True, 8, 2, ranks=2) + ["train.compile=default"],
                   case_overrides(strategy, "d2d_ce", True, 8, 4, ranks=2) + ["dist.grad_compression=bf16"],
                   case_overrides(strategy, "d2d_ce", True, 8, 2, ranks=2) + ortho + ["loss.ortho_impl=sharded"],
@@ -214,6 +218,21 @@ def test_two_ranks_equal_one_rank_with_twice_the_micro_batch(strategy, tmp_path)
     i = len(CASES) + 2
     assert_same_nets(got[i], want, f"{strategy}: default groups, all-reduced negatives' gradient")
     if strategy == "ddp":
+        kept = []
+        for k, what in ((i + 1, "per-rank BN statistics"), (i + 2, "BN groups of one rank")):
+            ranks = [torch.load(tmp_path / f"case-{k}-bn-rank{r}.pt") for r in range(2)]
+            assert any(not torch.equal(ranks[0][n], ranks[1][n]) for n in ranks[0]), what  # each rank's own
+            for net in ("G", "G_ema"):
+                for n, v in ranks[0].items():  # checked and saved: their mean over ranks, in G and G_ema alike
+                    torch.testing.assert_close(got[k][net][n], (v.double() + ranks[1][n].double()).div(2).float(),
+                                               msg=lambda m: f"{what}: {net}.{n}: {m}")
+            kept.append({net: {n: v for n, v in got[k][net].items() if n not in ranks[0]}
+                         for net in ("G", "D", "G_ema")})
+        # cross-replica BN over groups of one rank against its reference twin, torch's BatchNorm2d on each rank (one
+        # process accumulating over the same micro-batches is no reference: it runs SN's power iteration per
+        # micro-batch)
+        assert_same_nets(*kept, "BN groups of one rank vs per-rank BatchNorm2d")
+        i += 2
         want = single_process_step(case_overrides(strategy, "d2d_ce", True, 8, 2, ranks=1) + ["train.compile=default"])
         assert_same_nets(got[i + 1], want, "compiled, 2 ranks vs 1")
         # bf16 gradient all-reduce: gradients carry 8 mantissa bits (relative error <= 2^-8 per element); with

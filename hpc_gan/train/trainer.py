@@ -136,6 +136,9 @@ class Trainer:
         self.channels_last = set_memory_format(cfg.model.memory_format, device, G, D)
         self.ema = EMA(G, t.ema_decay, t.ema_start)  # before the BN swap: G_ema samples on one rank alone
         d = cfg.dist
+        # G's BN statistics per rank (dist.sync_bn=false) or per group of ranks: replicas agree on them only once
+        # averaged, which checks and saves do first
+        self.local_bn_stats = self.world > 1 and (not d.sync_bn or 0 < d.bn_group_size < self.world)
         if self.world > 1 and d.sync_bn:  # communicators are created collectively, in this order, on every rank
             convert_cross_replica_bn(G, bn_process_group(d.bn_group_size, self.rank, self.world, d.dedicated_groups))
         self.negatives = None
@@ -390,16 +393,22 @@ class Trainer:
         return G
 
     # ---- state ---------------------------------------------------------------------------------------------
+    def agree_on_bn_stats(self) -> None:
+        """Every rank's G and G_ema running BN statistics replaced by their mean over ranks where they are kept per
+        rank or per BN group (collective); the EMA assembled first where it is sharded."""
+        self.sync_ema()
+        if self.local_bn_stats:
+            average_running_stats(self.g.module)
+            average_running_stats(self.ema_model())
+
     def check_replicas(self) -> None:
         """Raise if any rank's G, D or G_ema differs from rank 0's (collective)."""
-        self.sync_ema()
+        self.agree_on_bn_stats()
         check_replicas({"G": self.g.module, "D": self.d.module, "G_ema": self.ema_model()})
 
     def state_dict(self) -> Dict[str, Any]:
         """The full, world-size independent state (collective under ZeRO: every rank must call it)."""
-        if self.world > 1 and not self.cfg.dist.sync_bn:
-            average_running_stats(self.g.module)  # per-rank BN statistics: agree on their mean before saving
-        self.sync_ema()
+        self.agree_on_bn_stats()
         return {"step": self.step, "G": self.g.weights_state_dict(), "D": self.d.weights_state_dict(),
                 "G_ema": self.ema_model().state_dict(), "g_opt": self.g.optimizer_state_dict(),
                 "d_opt": self.d.optimizer_state_dict(), "data": self.real.state_dict(),
