@@ -199,6 +199,9 @@ def test_two_ranks_equal_one_rank_with_twice_the_micro_batch(strategy, tmp_path)
                   case_overrides(strategy, "d2d_ce", True, 8, 4, ranks=2) + ["dist.grad_compression=bf16"],
                   case_overrides(strategy, "d2d_ce", True, 8, 2, ranks=2) + ortho + ["loss.ortho_impl=sharded"],
                   case_overrides(strategy, "d2d_ce", True, 8, 4, ranks=2) + ortho]  # auto; static graph, no accum
+    # self-attention, whose 0-dim gamma DeepSpeed's start-up broadcast cannot take (checked last)
+    attention = ["model.g_attn_res=8", "model.d_attn_res=8"]
+    extra.append(case_overrides(strategy, "d2d_ce", True, 8, 4, ranks=2) + attention)
     torchrun(WORKER, "steps", tmp_path, json.dumps(cases + [fused, control] + extra))
     got = [torch.load(tmp_path / f"case-{i}.pt") for i in range(len(cases) + 2 + len(extra))]
     memo: dict = {}
@@ -251,6 +254,8 @@ def test_two_ranks_equal_one_rank_with_twice_the_micro_batch(strategy, tmp_path)
         want = single_process_step(case_overrides(strategy, "d2d_ce", True, 8, 4, ranks=1) + ortho +
                                    ["loss.ortho_impl=autograd"])
         assert_same_nets(got[i + 4], want, "orthogonal regularization, auto (sharded) at 2 ranks vs in the loss at 1")
+    want = single_process_step(case_overrides("ddp", "d2d_ce", True, 8, 4, ranks=1) + attention)
+    assert_same_nets(got[-1], want, f"{strategy} with self-attention, 2 ranks vs one plain process")
 
 
 # ---- checkpoints are world-size (and strategy) independent -----------------------------------------------------

@@ -211,6 +211,12 @@ class DeepSpeedNet(Net):
                             f"DS_BUILD_OPS=0 pip install -e .[deepspeed], or dist.strategy=ddp") from None
         config = zero_config(stage, micro, accum, world, bf16, comm, next(module.parameters()).device.type == "cuda")
         self.module = module
+        # DeepSpeed broadcasts rank 0's parameters as bytes (p.view(torch.uint8)), which fails for a 0-dim one
+        # (self-attention's gamma). Replicas hold rank 0's weights already (broadcast_state, or the checkpoint
+        # every rank loads), and DeepSpeed skips parameters it marks ds_optim_param in that broadcast only.
+        for p in module.parameters():
+            if p.dim() == 0:
+                p.ds_optim_param = True
         self.engine, self.opt, _, _ = deepspeed.initialize(model=module, optimizer=opt, config=config,
                                                            dist_init_required=False)
         if bf16:  # the engine casts the module, buffers included: SN vectors and BN statistics stay fp32
