@@ -350,7 +350,9 @@ def zero_config(stage: int, micro: int, accum: int, world: int, bf16: bool, comm
     """DeepSpeed's config for one network. Under bf16 DeepSpeed would otherwise reduce and accumulate gradients in
     bf16 (8 mantissa bits: a sum over 256 ranks drops the small terms); here both are fp32 unless
     dist.zero_comm_dtype says bf16. overlap_comm runs the reduce-scatter on a side stream (CUDA only)."""
-    bucket = int(comm.zero_bucket_mb * 2 ** 20 / 4)  # DeepSpeed counts bucket sizes in elements
+    # DeepSpeed counts bucket sizes in elements, and asserts they are even (its 4-byte alignment of 2-byte
+    # elements); at least one alignment unit
+    bucket = max(2, int(comm.zero_bucket_mb * 2 ** 20 / 4) // 2 * 2)
     config: Dict[str, Any] = {
         "train_batch_size": micro * accum * world, "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accum,
