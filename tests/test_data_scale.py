@@ -164,6 +164,23 @@ def test_dali_cpu_pipeline_equals_torch_loader_per_rank(prepared, tree, source, 
     assert all(len(s) == 5 for s in seen.values())
 
 
+@pytest.mark.parametrize("reader", ["torch-workers", pytest.param("dali", marks=needs_dali),
+                                    pytest.param("dali-workers", marks=needs_dali)])
+def test_a_damaged_image_is_one_line_naming_it(tree, reader):
+    """A raw folder's damaged file, met in a DataLoader worker (which re-raises errors with its traceback as the
+    message) or by DALI's decoder (whose error names no file): one line that names the file."""
+    from hpc_gan.data.dali import DaliStream
+    ds = FolderDataset(str(tree / "train"), 16)
+    plan = StepPlan(6, seed=4)
+    stream = RealStream(ds, plan, hflip=False, device=CPU, num_workers=2) if reader == "torch-workers" else \
+        DaliStream(ds, plan, hflip=False, device=CPU, decoder="cpu", threads=1, resize=16,
+                   workers=2 if reader == "dali-workers" else 0)
+    with pytest.raises(UserError) as e:
+        for _ in range(4):  # 16 files, batches of 6: the damaged one comes within the first epoch
+            stream.next()
+    assert str(e.value).count("\n") == 0 and "dog/broken.jpg: unreadable image" in str(e.value), str(e.value)
+
+
 @needs_dali
 def test_dali_ranks_are_disjoint_cover_the_epoch_and_resume(prepared):
     from hpc_gan.data.dali import DaliStream
@@ -214,6 +231,11 @@ def test_clear_errors_for_missing_dali_and_gpu_only_options(prepared, tree, tiny
         FolderDataset(str(tree / "train"), 16)[5]
     with pytest.raises(UserError, match="prepared at 16px"):
         ShardDataset(str(prepared[0]), 32)
+    for name, path in (("shards", prepared[0]), ("folder", tree / "train")):  # named classes: the count is exact
+        for n in (2, 5):
+            cfg = tiny_cfg(f"data.name={name}", f"data.path={path}", f"data.num_classes={n}")
+            with pytest.raises(UserError, match=f"has 3 classes but data.num_classes={n}; set data.num_classes=3"):
+                build_dataset(cfg.data, 16, 0)
 
 
 def test_encoded_datasets_declare_what_they_are(prepared, tree):

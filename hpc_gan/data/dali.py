@@ -117,6 +117,22 @@ class DaliStream(StreamBase):
         p.build()
         return p
 
+    def _decode_failure(self, error: RuntimeError) -> str:
+        """One line for DALI's failure to decode an image (its own message names no file): the first sample of the
+        batches DALI may have been decoding (this one and those read ahead) that the torch path cannot read
+        either, in that dataset's words."""
+        for k in range(self.consumed, self.consumed + 3 + self.workers):  # prefetch depth 2, + the workers' queue
+            for i in self.plan.rank_indices(len(self.dataset), k):
+                try:
+                    self.dataset[int(i)]
+                except UserError as e:
+                    return f"DALI could not decode an image: {e}"
+                except OSError as e:
+                    return f"DALI could not decode sample {int(i)} of data.path ({e}); prepare the data again"
+        reason = next((line.strip() for line in str(error).splitlines() if "failure" in line.lower()), "")
+        return (f"DALI could not decode an image ({reason or 'see its log'}), which the torch path reads; try "
+                f"data.backend=torch")
+
     def _iterator(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
         it = DALIGenericIterator([self._pipeline()], ["images", "labels"], auto_reset=False)
@@ -126,6 +142,11 @@ class DaliStream(StreamBase):
     def next(self) -> Tuple[torch.Tensor, torch.Tensor]:
         if self._it is None:
             self._it = self._iterator()
-        images, labels = next(self._it)
+        try:
+            images, labels = next(self._it)
+        except RuntimeError as e:
+            if "decoders.image" not in str(e):
+                raise
+            raise UserError(self._decode_failure(e)) from None
         self.consumed += 1
         return to_device(images, self.device), to_device(labels, self.device).long()

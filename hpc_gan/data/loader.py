@@ -137,6 +137,10 @@ def build_dataset(data_cfg: Any, resolution: int, seed: int, world: int = 1) -> 
         ds = ShardDataset(data_cfg.path, resolution)
     else:
         ds = FolderDataset(data_cfg.path, resolution)
+    named = getattr(ds, "classes", None)  # folders and shards name their classes: the count is exact
+    if named is not None and len(named) != data_cfg.num_classes:
+        raise UserError(f"data.path={data_cfg.path} has {len(named)} classes but data.num_classes="
+                        f"{data_cfg.num_classes}; set data.num_classes={len(named)}")
     n_labels = int(ds.labels.max()) + 1
     if n_labels > data_cfg.num_classes:
         raise UserError(f"data.path={data_cfg.path} has {n_labels} classes but data.num_classes="

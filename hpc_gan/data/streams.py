@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from hpc_gan.data.loader import EncodedDataset, InMemoryDataset
+from hpc_gan.errors import UserError
 from hpc_gan.plan import StepPlan
 
 
@@ -76,7 +77,10 @@ class RealStream(StreamBase):
     def next(self) -> Tuple[torch.Tensor, torch.Tensor]:
         if self._it is None:
             self._it = self._iterator()
-        images, labels = next(self._it)
+        try:
+            images, labels = next(self._it)
+        except UserError as e:  # from a DataLoader worker, which re-raises it with its traceback as the message
+            raise UserError(str(e).strip().splitlines()[-1].split("UserError: ", 1)[-1]) from None
         flip = self.plan.flips(self.consumed) if self.hflip else None
         self.consumed += 1
         images = to_device(images, self.device).float().div_(127.5).sub_(1.0)
