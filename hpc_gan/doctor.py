@@ -146,12 +146,18 @@ def _data(cfg: Config) -> Check:
         if info.get("resolution") != cfg.model.resolution:
             return Check("data", "fail", f"shards are {info.get('resolution')} px but model.resolution="
                          f"{cfg.model.resolution}; prepare them at that resolution")
+        if info["num_classes"] != d.num_classes:
+            return Check("data", "fail", f"shards hold {info['num_classes']} classes but data.num_classes="
+                         f"{d.num_classes}; set data.num_classes={info['num_classes']}")
         return Check("data", "ok", f"{info['num_images']} images in {len(info['shards'])} complete shards, "
                      f"{info['num_classes']} classes")
     if d.name == "folder":
         classes = [p for p in path.iterdir() if p.is_dir()] if path.is_dir() else []
         if not classes:
             return Check("data", "fail", f"{path} has no class folders; point data.path at train/ of ImageNet")
+        if len(classes) != d.num_classes:
+            return Check("data", "fail", f"{path} has {len(classes)} class folders but data.num_classes="
+                         f"{d.num_classes}; set data.num_classes={len(classes)}")
         return Check("data", "warn", f"{len(classes)} class folders: every rank walks the tree at start-up and reads "
                      f"files one by one; prepare shards for multi-node runs (hpc-gan prepare-data)")
     return Check("data", "ok", f"{d.name}: {path}")

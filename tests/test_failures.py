@@ -253,6 +253,20 @@ def test_doctor_checks_this_node_and_compiles_the_kernels():
     assert lines["gpus"] in ("ok", "skip") and lines["disk"] == "ok"
 
 
+def test_doctor_fails_on_a_class_count_the_data_does_not_have(tmp_path):
+    from hpc_gan.config import load
+    from hpc_gan.doctor import run_checks
+    for c in ("cat", "dog", "eel"):
+        (tmp_path / c).mkdir()
+    found = {}
+    for n in (5, 3):
+        cfg = load(ROOT / "configs" / "demo.yaml", ["data.name=folder", f"data.path={tmp_path}", f"data.num_classes={n}"])
+        found[n] = next(c for c in run_checks(cfg, compile_kernels=False) if c.name == "data")
+    assert found[5].status == "fail" and found[5].detail.endswith("3 class folders but data.num_classes=5; set "
+                                                                  "data.num_classes=3"), found[5]
+    assert found[3].status == "warn", found[3]  # right count; raw folders on many ranks are slow
+
+
 def test_doctor_fails_on_missing_data_and_a_batch_the_job_cannot_make(tmp_path):
     proc = doctor("--config", "configs/demo.yaml", "--skip-compile", "data.name=shards", f"data.path={tmp_path}",
                   "train.batch_size=12", SLURM_JOB_ID="77", SLURM_JOB_NUM_NODES="2", SLURM_NTASKS_PER_NODE="4",
