@@ -260,7 +260,8 @@ def test_doctor_fails_on_a_class_count_the_data_does_not_have(tmp_path):
         (tmp_path / c).mkdir()
     found = {}
     for n in (5, 3):
-        cfg = load(ROOT / "configs" / "demo.yaml", ["data.name=folder", f"data.path={tmp_path}", f"data.num_classes={n}"])
+        cfg = load(ROOT / "configs" / "demo.yaml",
+                   ["data.name=folder", f"data.path={tmp_path}", f"data.num_classes={n}"])
         found[n] = next(c for c in run_checks(cfg, compile_kernels=False) if c.name == "data")
     assert found[5].status == "fail" and found[5].detail.endswith("3 class folders but data.num_classes=5; set "
                                                                   "data.num_classes=3"), found[5]
