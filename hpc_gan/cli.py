@@ -328,9 +328,11 @@ def bounded(kind: type, low: float, strict: bool = False,
     return parse
 
 
-POSITIVE_INT, COUNT, POSITIVE, NON_NEGATIVE = bounded(int, 0, True), bounded(int, 0), bounded(float, 0, True), \
-    bounded(float, 0)
-FRACTION = bounded(float, 0, True, 1.0)
+POSITIVE_INT = bounded(int, 0, strict=True)
+COUNT = bounded(int, 0)
+POSITIVE = bounded(float, 0, strict=True)
+NON_NEGATIVE = bounded(float, 0)
+FRACTION = bounded(float, 0, strict=True, high=1.0)
 
 
 def build_parser() -> argparse.ArgumentParser:
