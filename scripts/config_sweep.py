@@ -3,13 +3,15 @@ command: every outcome must be a run that finishes or a one-line error, never a 
 
     python scripts/config_sweep.py [--ranks 1|2] [--n N] [--seed S] [--compile-fraction F]
 
-- ``--ranks 1``: in this process, one config after another (~0.5 s each with the tiny nets; ~60-110 s where
-  ``train.compile=default`` is drawn). Every choice in hpc_gan.config (``Literal`` keys) is drawn, half of them at a
-  time, plus resolutions, attention resolutions, batch / micro-batch, regularizers, truncation and diagnostics.
-  Choices that need what this machine may lack (CUDA, a Triton interpreter, DALI, apex) are left at their defaults.
-- ``--ranks 2``: torchrun with 2 gloo ranks (~8 s each): DDP / ZeRO-1 / ZeRO-2, BN over ranks, groups or each rank
-  alone, the negatives' paths, buckets, static graph, gradient compression, replica checks every step; then each
-  run is resumed on one rank under DDP for a third step (another world size and strategy).
+- ``--ranks 1``: in this process, one config after another (~0.5 s each with the tiny nets, ~10 s at BigGAN-deep's
+  128 px; ~60-110 s where ``train.compile=default`` is drawn). Every choice in hpc_gan.config (``Literal`` keys)
+  is drawn, half of them at a time, plus architecture, resolutions, attention resolutions, batch / micro-batch,
+  regularizers, truncation and diagnostics. Choices that need what this machine may lack (CUDA, a Triton
+  interpreter, DALI, apex) are left at their defaults.
+- ``--ranks 2``: torchrun with 2 gloo ranks (~8 s each, minutes where compiled): DDP / ZeRO-1 / ZeRO-2, BN over
+  ranks, groups or each rank alone, the negatives' paths, buckets, static graph, gradient compression, replica
+  checks every step, now and then train.compile; then each run is resumed on one rank under DDP for a third step
+  (another world size and strategy).
 
 Prints one line per config, and for a failure its overrides and the end of its output. Exit status 1 where any
 config ended in a traceback. The 2026-11-28 sweep (docs/failures.md) found seven such bugs; all are now fixed.
@@ -49,8 +51,9 @@ def single_rank_overrides(rng: random.Random, compile_fraction: float) -> List[s
         if value == "triton" or value == "apex":  # need the interpreter or apex: the default stands in
             value = "auto"
         out.append(f"{key}={value}")
-    res = rng.choice([16, 32, 64])
-    out += [f"model.resolution={res}", f"model.g_ch={rng.choice([8, 16])}", f"model.d_ch={rng.choice([8, 16])}",
+    deep = rng.random() < 0.15  # BigGAN-deep exists at 128 px and up: ~10 s a config with these widths
+    res = 128 if deep else rng.choice([16, 32, 64])
+    out += [f"model.arch={'biggan_deep' if deep else 'biggan'}", f"model.resolution={res}", f"model.g_ch={rng.choice([8, 16])}", f"model.d_ch={rng.choice([8, 16])}",
             f"model.g_attn_res={rng.choice([0, res // 2])}", f"model.d_attn_res={rng.choice([0, res // 2])}",
             f"model.z_dim={rng.choice([60, 120])}", f"data.num_classes={rng.choice([3, 10])}",
             f"train.batch_size={rng.choice([4, 6, 8])}", f"train.micro_batch={rng.choice([0, 0, 2])}",
@@ -74,7 +77,7 @@ def two_rank_overrides(rng: random.Random) -> List[str]:
              "loss.ortho_beta": [0, 1e-4], "loss.ortho_impl": ["auto", "autograd", "grad", "sharded"],
              "train.nonfinite": ["stop", "skip"], "train.optimizer_impl": ["auto", "foreach"],
              "loss.cr_lambda": [0, 1.0], "model.d_attn_res": [0, 8], "model.g_attn_res": [0, 8],
-             "train.diag_every": [0, 1]}
+             "train.diag_every": [0, 1], "train.compile": ["off"] * 5 + ["default"]}
     return [f"{k}={rng.choice(v)}" for k, v in draws.items() if rng.random() < 0.7]
 
 
