@@ -53,7 +53,8 @@ def single_rank_overrides(rng: random.Random, compile_fraction: float) -> List[s
         out.append(f"{key}={value}")
     deep = rng.random() < 0.15  # BigGAN-deep exists at 128 px and up: ~10 s a config with these widths
     res = 128 if deep else rng.choice([16, 32, 64])
-    out += [f"model.arch={'biggan_deep' if deep else 'biggan'}", f"model.resolution={res}", f"model.g_ch={rng.choice([8, 16])}", f"model.d_ch={rng.choice([8, 16])}",
+    out += [f"model.arch={'biggan_deep' if deep else 'biggan'}", f"model.resolution={res}",
+            f"model.g_ch={rng.choice([8, 16])}", f"model.d_ch={rng.choice([8, 16])}",
             f"model.g_attn_res={rng.choice([0, res // 2])}", f"model.d_attn_res={rng.choice([0, res // 2])}",
             f"model.z_dim={rng.choice([60, 120])}", f"data.num_classes={rng.choice([3, 10])}",
             f"train.batch_size={rng.choice([4, 6, 8])}", f"train.micro_batch={rng.choice([0, 0, 2])}",
