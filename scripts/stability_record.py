@@ -72,9 +72,11 @@ def series(run: Path, key: str):
 def diversity(run: Path):
     """Mean per-pixel std over 16 samples of each class, per checkpoint (G_ema, standing statistics as sampled)."""
     from hpc_gan.config import apply_overrides, from_dict
+    from hpc_gan.mkl_vml import warm_vml_dispatch
     from hpc_gan.models import build_generator
     from hpc_gan.train.checkpoint import complete_checkpoints, load_consolidated
     from hpc_gan.train.ema import sampling_standing_stats
+    warm_vml_dispatch()  # before G's first threaded tanh (hpc_gan.mkl_vml): samples as every entry point draws them
     xs, ys = [], []
     for ckpt in complete_checkpoints(run / "checkpoints"):
         state = load_consolidated(ckpt)
