@@ -387,6 +387,10 @@ def validate(cfg: Config) -> None:
         raise UserError("loss.adv=wasserstein: the gradient penalty differentiates D's gradient (a double backward), "
                         "which torch.compile'd forwards do not support; use train.compile=off and "
                         "train.cuda_graphs=false, or another loss.adv")
+    if (t.compile != "off" or t.cuda_graphs) and cfg.dist.bucket_cap_mb < 1.0:
+        raise UserError(f"dist.bucket_cap_mb={cfg.dist.bucket_cap_mb}: torch.compile splits a DDP graph at buckets "
+                        f"and asserts they are at least DDP's 1 MB first bucket; use dist.bucket_cap_mb>=1 with "
+                        f"train.compile or train.cuda_graphs")
     if t.compile != "off" and cfg.dist.strategy != "ddp":
         raise UserError(f"train.compile={t.compile} is tested with dist.strategy=ddp only; use ddp or "
                         f"train.compile=off")

@@ -33,6 +33,7 @@ def test_every_preset_loads(path):
     (["model.arch=biggan_deep"], "biggan_deep is defined at 128 and 256"),
     (["loss.adv=wasserstein", "train.compile=default"], "the gradient penalty differentiates D's gradient"),
     (["loss.adv=wasserstein", "train.cuda_graphs=true"], "the gradient penalty differentiates D's gradient"),
+    (["dist.bucket_cap_mb=0.5", "train.compile=default"], "at least DDP's 1 MB first bucket"),
 ])
 def test_bad_values_are_one_line_errors(override, match):
     with pytest.raises(UserError, match=match) as e:
