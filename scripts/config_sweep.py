@@ -6,8 +6,9 @@ command: every outcome must be a run that finishes or a one-line error, never a 
 - ``--ranks 1``: in this process, one config after another (~0.5 s each with the tiny nets, ~10 s at BigGAN-deep's
   128 px; ~60-110 s where ``train.compile=default`` is drawn). Every choice in hpc_gan.config (``Literal`` keys)
   is drawn, half of them at a time, plus architecture, resolutions, attention resolutions, batch / micro-batch,
-  regularizers, truncation and diagnostics. Choices that need what this machine may lack (CUDA, a Triton
-  interpreter, DALI, apex) are left at their defaults.
+  regularizers, truncation and diagnostics, and the data: the embedded set, or a small .npz or class-folder tree
+  written for the config (images in several sizes and modes), with or without DataLoader workers. Choices that
+  need what this machine may lack (CUDA, a Triton interpreter, DALI, apex) are left at their defaults.
 - ``--ranks 2``: torchrun with 2 gloo ranks (~8 s each, minutes where compiled): DDP / ZeRO-1 / ZeRO-2, BN over
   ranks, groups or each rank alone, the negatives' paths, buckets, static graph, gradient compression, replica
   checks every step, now and then train.compile; then each run is resumed on one rank under DDP for a third step
@@ -42,7 +43,28 @@ TINY = ["data.synthetic_size=64", "train.demo_classifier=false", "run.tensorboar
         "train.log_every=1", "train.sample_every=2", "train.checkpoint_every=2", "train.standing_stats=1"]
 
 
-def single_rank_overrides(rng: random.Random, compile_fraction: float) -> List[str]:
+def write_data(rng: random.Random, where: Path, name: str, res: int, classes: int) -> List[str]:
+    """A small data set of kind ``name`` under ``where``, and the overrides that train on it: an .npz at the
+    model's resolution, or class folders of images in several sizes and modes (PIL converts and crops them)."""
+    import numpy as np
+    from PIL import Image
+    pixels = np.random.default_rng(rng.randrange(2 ** 32))
+    if name == "npz":
+        path = where / "data.npz"
+        np.savez(path, images=pixels.integers(0, 256, (24, res, res, 3), dtype=np.uint8),
+                 labels=pixels.integers(0, classes, 24))
+    else:
+        path = where / "folders"
+        for c in range(classes):
+            (path / f"class{c}").mkdir(parents=True)
+            for k, mode in enumerate(("RGB", "L", "RGBA")):
+                h, w = pixels.integers(res // 2, 2 * res, 2)
+                image = Image.fromarray(pixels.integers(0, 256, (h, w, 3), dtype=np.uint8)).convert(mode)
+                image.save(path / f"class{c}" / f"{k}.{'jpg' if mode != 'RGBA' else 'png'}")
+    return [f"data.name={name}", f"data.path={path}", f"data.num_workers={rng.choice([0, 2])}"]
+
+
+def single_rank_overrides(rng: random.Random, compile_fraction: float, where: Path) -> List[str]:
     from hpc_gan.config import CHOICES
     out = []
     for key, values in CHOICES.items():
@@ -54,15 +76,19 @@ def single_rank_overrides(rng: random.Random, compile_fraction: float) -> List[s
         out.append(f"{key}={value}")
     deep = rng.random() < 0.15  # BigGAN-deep exists at 128 px and up: ~10 s a config with these widths
     res = 128 if deep else rng.choice([16, 32, 64])
+    classes = rng.choice([3, 10])
     out += [f"model.arch={'biggan_deep' if deep else 'biggan'}", f"model.resolution={res}",
             f"model.g_ch={rng.choice([8, 16])}", f"model.d_ch={rng.choice([8, 16])}",
             f"model.g_attn_res={rng.choice([0, res // 2])}", f"model.d_attn_res={rng.choice([0, res // 2])}",
-            f"model.z_dim={rng.choice([60, 120])}", f"data.num_classes={rng.choice([3, 10])}",
+            f"model.z_dim={rng.choice([60, 120])}", f"data.num_classes={classes}",
             f"train.batch_size={rng.choice([4, 6, 8])}", f"train.micro_batch={rng.choice([0, 0, 2])}",
             f"train.n_dis={rng.choice([1, 2])}", f"train.ema_start={rng.choice([0, 1, 5])}",
             f"loss.diffaug={rng.choice(['', 'color,translation,cutout', 'translation'])}",
             f"loss.cr_lambda={rng.choice([0, 1.0])}", f"loss.ortho_beta={rng.choice([0, 1e-4])}",
             f"train.truncation={rng.choice([0, 1.0])}", f"train.diag_every={rng.choice([0, 1])}"]
+    source = rng.choice(["synthetic"] * 3 + ["npz", "folder"])
+    if source != "synthetic":
+        out += write_data(rng, where, source, res, classes)
     if rng.random() < compile_fraction:
         out.append("train.compile=default")
     return out
@@ -140,8 +166,9 @@ def main() -> int:
     rng = random.Random(args.seed)
     counts = {"ok": 0, "user": 0, "BUG": 0}
     for i in range(args.n):
-        overrides = two_rank_overrides(rng) if args.ranks == 2 else single_rank_overrides(rng, args.compile_fraction)
         tmp = Path(tempfile.mkdtemp(prefix="hpc-gan-sweep-"))
+        overrides = two_rank_overrides(rng) if args.ranks == 2 else \
+            single_rank_overrides(rng, args.compile_fraction, tmp)
         t0 = time.time()
         try:
             rc, output = (run_two_ranks if args.ranks == 2 else run_in_process)(overrides, tmp / "run")
