@@ -383,11 +383,12 @@ def validate(cfg: Config) -> None:
     if t.compile_tuning and t.compile == "off" and not t.cuda_graphs:
         raise UserError("train.compile_tuning=true tunes the kernels torch.compile generates; set "
                         "train.cuda_graphs=true or train.compile=default with it, or leave it false")
-    if cfg.loss.adv == "wasserstein" and (t.compile != "off" or t.cuda_graphs):
+    compiled = t.compile != "off" or t.cuda_graphs
+    if cfg.loss.adv == "wasserstein" and compiled:
         raise UserError("loss.adv=wasserstein: the gradient penalty differentiates D's gradient (a double backward), "
                         "which torch.compile'd forwards do not support; use train.compile=off and "
                         "train.cuda_graphs=false, or another loss.adv")
-    if (t.compile != "off" or t.cuda_graphs) and cfg.dist.bucket_cap_mb < 1.0:
+    if compiled and cfg.dist.bucket_cap_mb < 1.0:
         raise UserError(f"dist.bucket_cap_mb={cfg.dist.bucket_cap_mb}: torch.compile splits a DDP graph at buckets "
                         f"and asserts they are at least DDP's 1 MB first bucket; use dist.bucket_cap_mb>=1 with "
                         f"train.compile or train.cuda_graphs")
